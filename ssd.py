@@ -36,3 +36,389 @@ COCO_CLASSES = [
     "teddy bear", "hair drier", "toothbrush",
 ]
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+MEAN = (123.0, 117.0, 104.0)  # RGB mean on the 0-255 scale; the caffe-style VGG16 every SSD starts from
+
+# -----------------------------------------------------------------------------------------------
+# Presets (facts §1, §4). Anchor sizes come from the Caffe/mmdetection integer-percentage rule.
+
+# input size -> feature map sides, anchor steps (strides) and extra aspect ratios per level
+GEOMETRY = {
+    300: dict(feature_maps=[38, 19, 10, 5, 3, 1], steps=[8, 16, 32, 64, 100, 300],
+              ratios=[[2], [2, 3], [2, 3], [2, 3], [2], [2]]),
+    512: dict(feature_maps=[64, 32, 16, 8, 4, 2, 1], steps=[8, 16, 32, 64, 128, 256, 512],
+              ratios=[[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]]),
+}
+# (size, dataset) -> (min_ratio %, first level min %, first level max %); max_ratio is 90 everywhere
+SIZE_RULE = {
+    (300, "voc"): (20, 10, 20), (300, "coco"): (15, 7, 15),
+    (512, "voc"): (15, 7, 15), (512, "coco"): (10, 4, 10),
+}
+
+
+def anchor_sizes(size, dataset):
+    """Per-level (min_sizes, max_sizes) in pixels by the Caffe rule (facts §4.1): the integer
+    percentage step floor((90 - min_ratio) / (levels - 2)); sizes truncated to int as Caffe's
+    PriorBox layer and mmdetection do. SSD300-VOC: 30, 60, 111, 162, 213, 264 / 60 ... 315."""
+    min_ratio, first_min, first_max = SIZE_RULE[(size, dataset)]
+    levels = len(GEOMETRY[size]["feature_maps"])
+    step = (90 - min_ratio) // (levels - 2)
+    ratios = range(min_ratio, 91, step)
+    min_sizes = [size * first_min // 100] + [size * r // 100 for r in ratios]
+    max_sizes = [size * first_max // 100] + [size * (r + step) // 100 for r in ratios]
+    return min_sizes, max_sizes
+
+
+def make_config(size, num_classes, anchors="voc", clip="none", width=1.0, class_names=None,
+                mean=MEAN):
+    """The plain-types dict that fully describes a model; it travels in every checkpoint."""
+    assert size in GEOMETRY, f"size must be 300 or 512, got {size}"
+    assert anchors in ("voc", "coco"), f"anchors must be 'voc' or 'coco', got {anchors!r}"
+    assert clip in ("none", "wh", "all"), f"clip must be 'none', 'wh' or 'all', got {clip!r}"
+    if class_names is None:
+        class_names = (VOC_CLASSES if num_classes == 20 else COCO_CLASSES if num_classes == 80
+                       else [f"class{i}" for i in range(1, num_classes + 1)])
+    assert len(class_names) == num_classes, "need one class name per object class"
+    return dict(size=size, width=float(width), num_classes=int(num_classes),
+                class_names=list(class_names), anchors=anchors, clip=clip,
+                mean=[float(m) for m in mean])
+
+
+# -----------------------------------------------------------------------------------------------
+# Network (facts §2, §3)
+
+class L2Norm(nn.Module):
+    """Channel-wise L2 normalisation of conv4_3 with a learned per-channel scale (init 20):
+    conv4_3 activations are much larger than the deeper ones, this evens the heads' inputs."""
+
+    def __init__(self, channels, scale=20.0, eps=1e-10):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels,), scale))
+        self.eps = eps
+
+    def forward(self, x):
+        # the norm in float32: under fp16 the sum of squares of 512 channels overflows
+        norm = x.float().pow(2).sum(1, keepdim=True).sqrt() + self.eps  # [B, 1, H, W]
+        return (x.float() / norm * self.weight.view(1, -1, 1, 1)).to(x.dtype)
+
+
+def vgg16_layers(c):
+    """VGG16 cut for SSD as a flat list; indices match torchvision's vgg16().features (0-30),
+    amdegroot's `vgg.N` and mmdetection's `features.N`: 22 is conv4_3's ReLU (first source),
+    30 the 3x3/s1 pool5, 31 conv6 (3x3, dilation 6, from fc6), 33 conv7 (1x1, from fc7), 34 its
+    ReLU (second source). `c` maps a paper channel count to this model's width."""
+    layers, cin = [], 3
+    for i, v in enumerate([64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M",
+                           512, 512, 512]):
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        elif v == "C":  # pool3 rounds up so 75 -> 38 (floor would give 37)
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+        else:
+            layers += [nn.Conv2d(cin, c(v), 3, padding=1), nn.ReLU(inplace=True)]
+            cin = c(v)
+    layers += [nn.MaxPool2d(3, 1, padding=1),
+               nn.Conv2d(cin, c(1024), 3, padding=6, dilation=6), nn.ReLU(inplace=True),
+               nn.Conv2d(c(1024), c(1024), 1), nn.ReLU(inplace=True)]
+    return layers
+
+
+def extra_layers(size, c):
+    """Extra feature layers after conv7 (facts §2.2), ReLU after each conv. Each level is a 1x1
+    reduction then a 3x3 conv; SSD300's last two levels are unpadded stride 1 (5 -> 3 -> 1), SSD512
+    strides all of them and ends with a 4x4 pad-1 conv (2 -> 1)."""
+    # (in, mid, out, kernel, stride, padding) per level
+    spec = [(1024, 256, 512, 3, 2, 1), (512, 128, 256, 3, 2, 1)]
+    if size == 300:
+        spec += [(256, 128, 256, 3, 1, 0), (256, 128, 256, 3, 1, 0)]
+    else:
+        spec += [(256, 128, 256, 3, 2, 1), (256, 128, 256, 3, 2, 1), (256, 128, 256, 4, 1, 1)]
+    layers = []
+    for cin, mid, cout, k, s, p in spec:
+        layers += [nn.Conv2d(c(cin), c(mid), 1), nn.Conv2d(c(mid), c(cout), k, stride=s, padding=p)]
+    return layers
+
+
+class SSD(nn.Module):
+    """SSD300/SSD512 on VGG16. forward(x [B,3,S,S] normalised) -> (cls_logits [B,A,C+1],
+    box_deltas [B,A,4]); anchor order = level, row, column, then the anchors of a location."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        size, width, nc = config["size"], config["width"], config["num_classes"]
+        c = lambda ch: max(1, int(round(ch * width)))  # noqa: E731  (channel width multiplier)
+        self.vgg = nn.ModuleList(vgg16_layers(c))
+        self.l2norm = L2Norm(c(512))
+        self.extras = nn.ModuleList(extra_layers(size, c))
+        source_channels = [c(512), c(1024)] + [m.out_channels for m in self.extras[1::2]]
+        per_location = [2 + 2 * len(r) for r in GEOMETRY[size]["ratios"]]  # 4 or 6
+        self.cls_heads = nn.ModuleList(nn.Conv2d(ch, k * (nc + 1), 3, padding=1)
+                                       for ch, k in zip(source_channels, per_location))
+        self.box_heads = nn.ModuleList(nn.Conv2d(ch, k * 4, 3, padding=1)
+                                       for ch, k in zip(source_channels, per_location))
+        self.register_buffer("anchors", anchors(config), persistent=False)  # [A, 4] cx,cy,w,h
+        for m in [*self.vgg, *self.extras, *self.cls_heads, *self.box_heads]:
+            if isinstance(m, nn.Conv2d):  # Xavier-uniform, bias 0 (mmdetection, torchvision)
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x):
+        """The 6 (SSD300) or 7 (SSD512) source feature maps, largest first."""
+        for layer in self.vgg[:23]:
+            x = layer(x)
+        sources = [self.l2norm(x)]  # conv4_3: [B, 512, 38, 38] for SSD300
+        for layer in self.vgg[23:]:
+            x = layer(x)
+        sources.append(x)  # conv7: [B, 1024, 19, 19]
+        for i, layer in enumerate(self.extras):
+            x = F.relu(layer(x))
+            if i % 2 == 1:
+                sources.append(x)
+        return sources
+
+    def forward(self, x):
+        cls, box = [], []
+        for f, cls_head, box_head in zip(self.features(x), self.cls_heads, self.box_heads):
+            b = f.shape[0]
+            # channel = anchor * K + k, so NCHW -> NHWC -> [B, H*W*anchors, K] keeps the anchor order
+            cls.append(cls_head(f).permute(0, 2, 3, 1).reshape(b, -1, self.config["num_classes"] + 1))
+            box.append(box_head(f).permute(0, 2, 3, 1).reshape(b, -1, 4))
+        return torch.cat(cls, 1), torch.cat(box, 1)  # [B, A, C+1], [B, A, 4]
+
+
+def build_model(config):
+    return SSD(config)
+
+
+def ssd300(num_classes, **preset):
+    """SSD300 (8,732 anchors). preset: anchors="voc"|"coco", clip="none"|"wh"|"all", width=1.0,
+    class_names, mean. torchvision's ssd300_vgg16 is ssd300(90, anchors="coco", clip="wh")."""
+    return SSD(make_config(300, num_classes, **preset))
+
+
+def ssd512(num_classes, **preset):
+    """SSD512 (24,564 anchors); same preset keywords as ssd300."""
+    return SSD(make_config(512, num_classes, **preset))
+
+
+# -----------------------------------------------------------------------------------------------
+# Anchors (facts §4)
+
+def anchors(config):
+    """Default boxes [A, 4] as (cx, cy, w, h) normalised to the input. Order: level, row (y),
+    column (x), then per location [s, sqrt(s*s'), 2:1, 1:2, 3:1, 1:3] (Caffe/torchvision order,
+    which the heads' channel layout must follow). Centres at (i + 0.5) * step / size. clip: "wh"
+    clamps w, h to 1 (torchvision), "all" clamps cx, cy, w, h to [0, 1] (amdegroot), "none" keeps
+    them (Caffe, mmdetection)."""
+    size = config["size"]
+    geo = GEOMETRY[size]
+    min_sizes, max_sizes = anchor_sizes(size, config["anchors"])
+    out = []
+    for f, step, ratios, s, s2 in zip(geo["feature_maps"], geo["steps"], geo["ratios"],
+                                      min_sizes, max_sizes):
+        wh = [(s, s), (math.sqrt(s * s2),) * 2]
+        for r in ratios:
+            wh += [(s * math.sqrt(r), s / math.sqrt(r)), (s / math.sqrt(r), s * math.sqrt(r))]
+        wh = torch.tensor(wh, dtype=torch.float64) / size  # [k, 2]
+        centres = (torch.arange(f, dtype=torch.float64) + 0.5) * step / size  # [f]
+        cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+        cxcy = torch.stack([cx, cy], -1).reshape(-1, 1, 2).expand(-1, len(wh), 2)  # [f*f, k, 2]
+        out.append(torch.cat([cxcy, wh.expand_as(cxcy)], -1).reshape(-1, 4))
+    a = torch.cat(out)  # [A, 4]
+    if config["clip"] == "wh":
+        a[:, 2:] = a[:, 2:].clamp(max=1.0)
+    elif config["clip"] == "all":
+        a = a.clamp(0.0, 1.0)
+    return a.float()
+
+
+def cxcywh_to_xyxy(b):
+    return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
+
+
+def xyxy_to_cxcywh(b):
+    return torch.cat([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], -1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Box coding (facts §6): centre offsets in units of 0.1 * anchor size, log sizes in units of 0.2
+
+VARIANCES = (0.1, 0.2)
+LOG_SIZE_CLAMP = math.log(1000.0 / 16)  # torchvision's bound on exp() when decoding
+
+
+def encode(boxes, anchors):
+    """xyxy boxes [..., 4] -> regression targets [..., 4] against (cx, cy, w, h) anchors."""
+    g = xyxy_to_cxcywh(boxes)
+    return torch.cat([(g[..., :2] - anchors[..., :2]) / (VARIANCES[0] * anchors[..., 2:]),
+                      torch.log(g[..., 2:] / anchors[..., 2:]) / VARIANCES[1]], -1)
+
+
+def decode(deltas, anchors):
+    """Regression outputs [..., 4] -> xyxy boxes [..., 4]; log-size deltas clamped at
+    ln(1000/16) so an untrained model cannot overflow exp()."""
+    cxcy = anchors[..., :2] + deltas[..., :2] * VARIANCES[0] * anchors[..., 2:]
+    wh = anchors[..., 2:] * torch.exp((deltas[..., 2:] * VARIANCES[1]).clamp(max=LOG_SIZE_CLAMP))
+    return torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Matching (facts §5)
+
+def pad_boxes(gt_boxes, gt_labels, device):
+    """Ragged per-image lists -> padded [B, G, 4] boxes, [B, G] labels (0 where padded)."""
+    g = max([len(b) for b in gt_boxes] + [1])
+    boxes = torch.zeros(len(gt_boxes), g, 4, device=device)
+    labels = torch.zeros(len(gt_boxes), g, dtype=torch.int64, device=device)
+    for i, (b, lab) in enumerate(zip(gt_boxes, gt_labels)):
+        boxes[i, :len(b)] = b.to(device, torch.float32)
+        labels[i, :len(b)] = lab.to(device)
+    return boxes, labels
+
+
+def batched_iou(a, b):
+    """IoU of xyxy boxes a [A, 4] with each image's boxes b [B, G, 4] -> [B, A, G]."""
+    lt = torch.maximum(a[None, :, None, :2], b[:, None, :, :2])
+    rb = torch.minimum(a[None, :, None, 2:], b[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)  # [B, A, G]
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)  # [A]
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)  # [B, G]
+    union = area_a[None, :, None] + area_b[:, None, :] - inter
+    return inter / union.clamp(min=1e-12)
+
+
+def match(anchors, gt_boxes, gt_labels, iou_threshold=0.5):
+    """Assign every anchor a class (0 = background) and a regression target.
+
+    An anchor whose best IoU with a ground-truth box is >= 0.5 takes that box; then every
+    ground-truth box takes its best anchor whatever the IoU (so no object goes unmatched); when two
+    boxes share a best anchor the later box wins (mmdetection, torchvision, amdegroot). Departure:
+    a box with IoU 0 to every anchor (zero area) forces nothing, as in Caffe, instead of grabbing
+    anchor 0. Batched over images: anchors [A, 4] (cx,cy,w,h); gt_boxes a list of [n_i, 4] xyxy in
+    [0, 1]; gt_labels a list of int64 [n_i] in 1..C. Returns cls_targets int64 [B, A] and
+    box_targets [B, A, 4] (zeros where background)."""
+    device = anchors.device
+    boxes, labels = pad_boxes(gt_boxes, gt_labels, device)  # [B, G, 4], [B, G]
+    valid = labels > 0  # [B, G]
+    iou = batched_iou(cxcywh_to_xyxy(anchors), boxes)  # [B, A, G]
+    iou = iou.masked_fill(~valid[:, None, :], -1.0)
+    best_iou, best_gt = iou.max(2)  # [B, A]
+    # every valid box forces its argmax anchor; amax over gt index makes the later box win
+    gt_best_iou, gt_best_anchor = iou.max(1)  # [B, G]
+    forcing = valid & (gt_best_iou > 0)
+    gt_index = torch.arange(boxes.shape[1], device=device).expand_as(gt_best_anchor)
+    forced = torch.full_like(best_gt, -1).scatter_reduce(
+        1, gt_best_anchor, torch.where(forcing, gt_index, -1), reduce="amax")  # [B, A]
+    best_gt = torch.where(forced >= 0, forced, best_gt)
+    positive = (best_iou >= iou_threshold) | (forced >= 0)  # [B, A]
+    cls_targets = torch.where(positive, labels.gather(1, best_gt), 0)  # [B, A]
+    matched = boxes.gather(1, best_gt[..., None].expand(-1, -1, 4))  # [B, A, 4]
+    box_targets = torch.where(positive[..., None], encode(matched, anchors[None]), 0.0)
+    return cls_targets, box_targets
+
+
+# -----------------------------------------------------------------------------------------------
+# Loss (facts §7)
+
+def multibox_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, neg_pos_ratio=3):
+    """SSD loss: softmax cross-entropy over the positives and the hardest negatives (at most 3 per
+    positive, per image, ranked by their cross-entropy), plus smooth L1 (beta 1) on the positives'
+    box deltas; both sums divided by max(1, positives in the batch). Computed in float32 even under
+    autocast. Returns {"loss_cls", "loss_box"}."""
+    with torch.autocast(cls_logits.device.type, enabled=False):
+        cls_logits, box_deltas = cls_logits.float(), box_deltas.float()
+        with torch.no_grad():
+            cls_t, box_t = match(anchors.float(), gt_boxes, gt_labels)  # [B, A], [B, A, 4]
+        pos = cls_t > 0  # [B, A]
+        num_pos = pos.sum(1, keepdim=True)  # [B, 1]
+        ce = F.cross_entropy(cls_logits.flatten(0, 1), cls_t.flatten(), reduction="none")
+        ce = ce.view_as(cls_t)  # [B, A]
+        with torch.no_grad():
+            # rank negatives by loss; positives go last. Stable sort: equal losses keep anchor order.
+            neg_ce = ce.detach().masked_fill(pos, -math.inf)
+            order = neg_ce.sort(dim=1, descending=True, stable=True)[1]
+            rank = order.argsort(1)  # [B, A]
+            hard_neg = (rank < neg_pos_ratio * num_pos) & ~pos
+        n = num_pos.sum().clamp(min=1).float()
+        loss_cls = ce[pos | hard_neg].sum() / n
+        loss_box = F.smooth_l1_loss(box_deltas[pos], box_t[pos], beta=1.0, reduction="sum") / n
+    return {"loss_cls": loss_cls, "loss_box": loss_box}
+
+
+# -----------------------------------------------------------------------------------------------
+# Post-processing (facts §10)
+
+def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nms_iou=0.45,
+                topk=400, max_det=200, nms="hard"):
+    """Detections per image from raw outputs, with no Python loop over images or classes.
+
+    Softmax; per class keep scores > score_thr, at most `topk` per class and image; class-aware
+    NMS (IoU > nms_iou suppresses; nms="soft" uses Gaussian soft-NMS and its decayed scores);
+    the best `max_det` per image. Boxes are clipped to the input and scaled to each image's
+    original pixels. image_sizes: list of (width, height). Returns a list of (boxes [k, 4] xyxy
+    pixels, scores [k], labels int64 [k] in 1..C), each sorted by decreasing score."""
+    b, a, k1 = cls_logits.shape
+    c = k1 - 1
+    device = cls_logits.device
+    scores = F.softmax(cls_logits.float(), -1)[..., 1:]  # [B, A, C]
+    boxes = decode(box_deltas.float(), anchors.float()).clamp(0.0, 1.0)  # [B, A, 4]
+    # per (image, class) top-k among the anchors; background column already dropped
+    k = min(topk, a)
+    top_scores, top_anchor = scores.transpose(1, 2).topk(k, dim=2)  # [B, C, k]
+    keep = top_scores > score_thr  # [B, C, k]
+    img_idx = torch.arange(b, device=device)[:, None, None].expand(b, c, k)[keep]  # [N]
+    cls_idx = torch.arange(c, device=device)[None, :, None].expand(b, c, k)[keep]  # [N]
+    anchor_idx = top_anchor[keep]  # [N]
+    cand_scores = top_scores[keep]  # [N]
+    cand_boxes = boxes[img_idx, anchor_idx]  # [N, 4]
+    group = img_idx * c + cls_idx  # NMS within one class of one image
+    if nms == "soft":
+        kept, kept_scores = kernels.soft_nms(cand_boxes, cand_scores, group, iou_threshold=nms_iou)
+    elif nms == "hard":
+        kept = kernels.batched_nms(cand_boxes, cand_scores, group, nms_iou)
+        kept_scores = cand_scores[kept]
+    else:
+        raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")
+    # kept is sorted by decreasing score; a stable sort by image keeps that order inside each image
+    img_of_kept = img_idx[kept]
+    by_img = img_of_kept.sort(stable=True)[1]
+    kept, kept_scores, img_of_kept = kept[by_img], kept_scores[by_img], img_of_kept[by_img]
+    counts = torch.bincount(img_of_kept, minlength=b)  # [B]
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_img = torch.arange(len(kept), device=device) - starts[img_of_kept]
+    top = rank_in_img < max_det
+    kept, kept_scores, img_of_kept = kept[top], kept_scores[top], img_of_kept[top]
+    scale = torch.tensor([[w, h, w, h] for w, h in image_sizes], dtype=torch.float32,
+                         device=device)  # [B, 4]
+    out_boxes = cand_boxes[kept] * scale[img_of_kept]
+    out_labels = cls_idx[kept] + 1
+    sizes = torch.bincount(img_of_kept, minlength=b).tolist()
+    return list(zip(out_boxes.split(sizes), kept_scores.split(sizes), out_labels.split(sizes)))
+
+
+# -----------------------------------------------------------------------------------------------
+# Inference on images
+
+def preprocess(images, size, mean=MEAN):
+    """uint8 RGB images [3, H, W] of any sizes -> float [B, 3, S, S]: warped (aspect ratio not
+    kept, as in training) with bilinear interpolation as torchvision does, minus the mean."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    out = [F.interpolate(im[None].float(), size=(size, size), mode="bilinear",
+                         align_corners=False) for im in images]
+    return torch.cat(out) - m.to(out[0].device)  # [B, 3, S, S]
+
+
+@torch.no_grad()
+def detect(model, images, **postprocess_options):
+    """Detections for uint8 RGB images [3, H, W] (any sizes) in their original pixels: a list of
+    (boxes [k, 4] xyxy, scores [k], labels [k]) on the CPU. Runs on the model's device."""
+    device = next(model.parameters()).device
+    cfg = model.config
+    x = preprocess([im.to(device) for im in images], cfg["size"], cfg["mean"])
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    cls_logits, box_deltas = model(x)
+    sizes = [(im.shape[2], im.shape[1]) for im in images]
+    dets = postprocess(cls_logits, box_deltas, model.anchors, sizes, **postprocess_options)
+    return [tuple(t.cpu() for t in d) for d in dets]

@@ -1,0 +1,391 @@
+"""Tests of the detector core in ssd.py: presets and anchors against the facts-sheet check values,
+network shapes and parameter counts, box coding, matching, the loss and post-processing against
+slow per-anchor / per-class references, and one training step."""
+import math
+
+import pytest
+import torch
+
+import ssd
+
+
+def xyxy_pixels(config):
+    return ssd.cxcywh_to_xyxy(ssd.anchors(config)) * config["size"]
+
+
+# --- presets and anchors (facts §4, §16) ----------------------------------------------------------
+
+@pytest.mark.parametrize("size,dataset,mins,maxs", [
+    (300, "voc", [30, 60, 111, 162, 213, 264], [60, 111, 162, 213, 264, 315]),
+    (300, "coco", [21, 45, 99, 153, 207, 261], [45, 99, 153, 207, 261, 315]),
+    (512, "voc", [35, 76, 153, 230, 307, 384, 460], [76, 153, 230, 307, 384, 460, 537]),
+    (512, "coco", [20, 51, 133, 215, 296, 378, 460], [51, 133, 215, 296, 378, 460, 542]),
+])
+def test_anchor_sizes_match_facts_table(size, dataset, mins, maxs):
+    assert ssd.anchor_sizes(size, dataset) == (mins, maxs)
+
+
+def test_anchor_counts_per_level():
+    for size, per_level in [(300, [5776, 2166, 600, 150, 36, 4]),
+                            (512, [16384, 6144, 1536, 384, 96, 16, 4])]:
+        geo = ssd.GEOMETRY[size]
+        counts = [f * f * (2 + 2 * len(r)) for f, r in zip(geo["feature_maps"], geo["ratios"])]
+        assert counts == per_level
+        assert len(ssd.anchors(ssd.make_config(size, 20))) == sum(per_level)
+    assert sum([5776, 2166, 600, 150, 36, 4]) == 8732
+
+
+def test_anchor_check_values_ssd300_voc():
+    a = xyxy_pixels(ssd.make_config(300, 20))
+    expect_l0 = [[-11, -11, 19, 19], [-17.21, -17.21, 25.21, 25.21],
+                 [-17.21, -6.61, 25.21, 14.61], [-6.61, -17.21, 14.61, 25.21]]
+    expect_l1 = [[-22, -22, 38, 38], [-32.80, -32.80, 48.80, 48.80],
+                 [-34.43, -13.21, 50.43, 29.21], [-13.21, -34.43, 29.21, 50.43],
+                 [-43.96, -9.32, 59.96, 25.32], [-9.32, -43.96, 25.32, 59.96]]
+    expect_l5 = [[18, 18, 282, 282], [5.81, 5.81, 294.19, 294.19],
+                 [-36.68, 56.66, 336.68, 243.34], [56.66, -36.68, 243.34, 336.68]]
+    torch.testing.assert_close(a[:4], torch.tensor(expect_l0), atol=0.006, rtol=0)
+    torch.testing.assert_close(a[5776:5782], torch.tensor(expect_l1), atol=0.006, rtol=0)
+    torch.testing.assert_close(a[-4:], torch.tensor(expect_l5), atol=0.006, rtol=0)
+
+
+def test_anchor_check_values_clipping_and_coco():
+    tv = ssd.make_config(300, 90, anchors="coco", clip="wh")
+    a = xyxy_pixels(tv)
+    torch.testing.assert_close(a[:4], torch.tensor(
+        [[-6.5, -6.5, 14.5, 14.5], [-11.37, -11.37, 19.37, 19.37],
+         [-10.85, -3.42, 18.85, 11.42], [-3.42, -10.85, 11.42, 18.85]]), atol=0.006, rtol=0)
+    voc_wh = xyxy_pixels(ssd.make_config(300, 20, clip="wh"))
+    torch.testing.assert_close(voc_wh[-2:], torch.tensor(
+        [[0, 56.66, 300, 243.34], [56.66, 0, 243.34, 300]]), atol=0.006, rtol=0)
+    # "all" (amdegroot) also clamps centres: level 2 has centres past 1 (9.5 * 32 / 300)
+    raw = ssd.anchors(ssd.make_config(300, 20))
+    amd = ssd.anchors(ssd.make_config(300, 20, clip="all"))
+    assert raw[:, :2].max() > 1 and amd.max() <= 1 and amd.min() >= 0
+
+
+def test_anchor_order_rows_then_columns():
+    a = ssd.anchors(ssd.make_config(300, 20))
+    step = 8 / 300
+    # level 0: 4 anchors per cell, cell (row 0, col 1) comes right after cell (0, 0)
+    torch.testing.assert_close(a[4, :2], torch.tensor([1.5 * step, 0.5 * step]))
+    torch.testing.assert_close(a[4 * 38, :2], torch.tensor([0.5 * step, 1.5 * step]))
+
+
+# --- network -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_classes,params", [(90, 35_641_826), (80, 34_305_206),
+                                                (20, 26_285_486)])
+def test_parameter_counts(num_classes, params):
+    model = ssd.ssd300(num_classes, anchors="coco" if num_classes != 20 else "voc")
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+@pytest.mark.parametrize("builder,size,width,num_anchors", [
+    (ssd.ssd300, 300, 0.125, 8732), (ssd.ssd300, 300, 0.25, 8732), (ssd.ssd512, 512, 0.125, 24564),
+])
+def test_output_shapes(builder, size, width, num_anchors):
+    model = builder(3, width=width)
+    cls, box = model(torch.randn(2, 3, size, size))
+    assert cls.shape == (2, num_anchors, 4) and box.shape == (2, num_anchors, 4)
+    assert model.anchors.shape == (num_anchors, 4)
+    # the number of head outputs per level equals the number of anchors per level
+    feats = model.features(torch.randn(1, 3, size, size))
+    assert [f.shape[-1] for f in feats] == ssd.GEOMETRY[size]["feature_maps"]
+
+
+def test_l2norm_scales_unit_vectors():
+    norm = ssd.L2Norm(4, scale=20.0)
+    x = torch.randn(2, 4, 3, 3) * 50
+    y = norm(x)
+    torch.testing.assert_close(y.pow(2).sum(1).sqrt(), torch.full((2, 3, 3), 20.0))
+
+
+def test_channels_last_gives_same_outputs():
+    model = ssd.ssd300(3, width=0.125).eval()
+    x = torch.randn(1, 3, 300, 300)
+    ref = model(x)
+    out = model.to(memory_format=torch.channels_last)(x.contiguous(
+        memory_format=torch.channels_last))
+    torch.testing.assert_close(out[0], ref[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-4, rtol=1e-4)
+
+
+# --- box coding (facts §6, §16) ------------------------------------------------------------------
+
+def test_encode_check_value_and_round_trip():
+    anchor = ssd.xyxy_to_cxcywh(torch.tensor([[-11.0, -11.0, 19.0, 19.0]]))
+    t = ssd.encode(torch.tensor([[0.0, 0.0, 40.0, 30.0]]), anchor)
+    torch.testing.assert_close(t, torch.tensor([[5.3333, 3.6667, 1.4384, 0.0]]), atol=1e-4,
+                               rtol=0)
+    g = torch.rand(100, 2) * 0.5
+    boxes = torch.cat([g, g + 0.05 + torch.rand(100, 2) * 0.5], 1)
+    anchors = ssd.anchors(ssd.make_config(300, 20))[torch.randperm(8732)[:100]]
+    torch.testing.assert_close(ssd.decode(ssd.encode(boxes, anchors), anchors), boxes,
+                               atol=1e-5, rtol=0)
+
+
+def test_decode_clamps_log_size():
+    anchor = torch.tensor([[0.5, 0.5, 0.1, 0.1]])
+    box = ssd.decode(torch.tensor([[0.0, 0.0, 1e4, 1e4]]), anchor)
+    assert torch.isfinite(box).all()
+    torch.testing.assert_close(box[0, 2] - box[0, 0], torch.tensor(0.1 * 1000 / 16))
+    assert ssd.LOG_SIZE_CLAMP == pytest.approx(4.1352, abs=1e-4)
+
+
+# --- matching (facts §5) ---------------------------------------------------------------------------
+
+def slow_match(anchors, boxes, labels, thr=0.5):
+    """Per-anchor reference: best box if IoU >= thr; then each box, in order, takes its best
+    anchor when that IoU is above zero."""
+    a_xyxy = ssd.cxcywh_to_xyxy(anchors).tolist()
+    b = boxes.tolist()
+
+    def iou(p, q):
+        iw = max(0.0, min(p[2], q[2]) - max(p[0], q[0]))
+        ih = max(0.0, min(p[3], q[3]) - max(p[1], q[1]))
+        inter = iw * ih
+        union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
+        return inter / union if union > 0 else 0.0
+
+    table = [[iou(a, g) for g in b] for a in a_xyxy]
+    assigned = []
+    for row in table:
+        best = max(range(len(b)), key=lambda j: row[j]) if b else None
+        assigned.append(best if b and row[best] >= thr else -1)
+    for j in range(len(b)):
+        best_a = max(range(len(a_xyxy)), key=lambda i: table[i][j])
+        if table[best_a][j] > 0:
+            assigned[best_a] = j
+    cls = torch.tensor([int(labels[j]) if j >= 0 else 0 for j in assigned])
+    tgt = torch.zeros(len(anchors), 4)
+    for i, j in enumerate(assigned):
+        if j >= 0:
+            tgt[i] = ssd.encode(boxes[j:j + 1], anchors[i:i + 1])[0]
+    return cls, tgt
+
+
+def test_match_forces_best_anchor_below_threshold():
+    anchors = torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]])
+    box = torch.tensor([[0.0, 0.0, 0.2, 0.2]])  # IoU 0.16 with anchor 0, 0 with anchor 1
+    cls, tgt = ssd.match(anchors, [box], [torch.tensor([3])])
+    assert cls.tolist() == [[3, 0]]
+    torch.testing.assert_close(tgt[0, 0], ssd.encode(box, anchors[:1])[0])
+    assert (tgt[0, 1] == 0).all()
+
+
+def test_match_later_box_wins_shared_anchor():
+    anchors = torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.1, 0.9, 0.1, 0.1]])
+    boxes = torch.tensor([[0.3, 0.3, 0.7, 0.68], [0.31, 0.3, 0.7, 0.7]])  # both prefer anchor 0
+    cls, tgt = ssd.match(anchors, [boxes], [torch.tensor([1, 2])])
+    assert cls.tolist() == [[2, 0]]
+    torch.testing.assert_close(tgt[0, 0], ssd.encode(boxes[1:], anchors[:1])[0])
+
+
+def test_match_no_boxes_all_background():
+    anchors = ssd.anchors(ssd.make_config(300, 20))
+    cls, tgt = ssd.match(anchors, [torch.zeros(0, 4), torch.zeros(0, 4)],
+                         [torch.zeros(0, dtype=torch.int64)] * 2)
+    assert cls.shape == (2, 8732) and (cls == 0).all() and (tgt == 0).all()
+
+
+def test_match_equals_slow_reference_on_random_batch():
+    gen = torch.Generator().manual_seed(0)
+    anchors = torch.cat([torch.rand(300, 2, generator=gen),
+                         0.05 + 0.5 * torch.rand(300, 2, generator=gen)], 1)
+    boxes, labels = [], []
+    for n in [0, 1, 5, 12]:
+        xy = torch.rand(n, 2, generator=gen) * 0.7
+        boxes.append(torch.cat([xy, xy + 0.02 + 0.3 * torch.rand(n, 2, generator=gen)], 1))
+        labels.append(torch.randint(1, 6, (n,), generator=gen))
+    cls, tgt = ssd.match(anchors, boxes, labels)
+    for i in range(4):
+        ref_cls, ref_tgt = slow_match(anchors, boxes[i], labels[i])
+        assert torch.equal(cls[i], ref_cls)
+        torch.testing.assert_close(tgt[i], ref_tgt, atol=1e-5, rtol=1e-5)
+
+
+# --- loss (facts §7) -----------------------------------------------------------------------------
+
+def slow_loss(cls_logits, box_deltas, anchors, boxes, labels):
+    """Per-anchor reference: CE of positives plus the 3*npos highest-CE negatives of each image,
+    smooth L1 over positives, both over max(1, total positives)."""
+    total_cls, total_box, total_pos = 0.0, 0.0, 0
+    for i in range(len(boxes)):
+        cls_t, box_t = slow_match(anchors, boxes[i], labels[i])
+        ces = []
+        for a in range(len(anchors)):
+            logits = cls_logits[i, a].double()
+            ces.append(float(torch.logsumexp(logits, 0) - logits[cls_t[a]]))
+        pos = [a for a in range(len(anchors)) if cls_t[a] > 0]
+        neg = sorted((a for a in range(len(anchors)) if cls_t[a] == 0), key=lambda a: -ces[a])
+        chosen = pos + neg[:3 * len(pos)]
+        total_cls += sum(ces[a] for a in chosen)
+        for a in pos:
+            for d in range(4):
+                x = abs(float(box_deltas[i, a, d]) - float(box_t[a, d]))
+                total_box += 0.5 * x * x if x < 1 else x - 0.5
+        total_pos += len(pos)
+    n = max(1, total_pos)
+    return total_cls / n, total_box / n
+
+
+def test_loss_equals_slow_reference():
+    gen = torch.Generator().manual_seed(1)
+    anchors = torch.cat([torch.rand(120, 2, generator=gen),
+                         0.05 + 0.4 * torch.rand(120, 2, generator=gen)], 1)
+    boxes = [torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6]]),
+             torch.zeros(0, 4), torch.tensor([[0.3, 0.3, 0.35, 0.34]])]
+    labels = [torch.tensor([1, 3]), torch.zeros(0, dtype=torch.int64), torch.tensor([2])]
+    cls_logits = torch.randn(3, 120, 4, generator=gen) * 2
+    box_deltas = torch.randn(3, 120, 4, generator=gen) * 2
+    out = ssd.multibox_loss(cls_logits, box_deltas, anchors, boxes, labels)
+    ref_cls, ref_box = slow_loss(cls_logits, box_deltas, anchors, boxes, labels)
+    assert out["loss_cls"].item() == pytest.approx(ref_cls, rel=1e-5)
+    assert out["loss_box"].item() == pytest.approx(ref_box, rel=1e-5)
+
+
+@pytest.mark.parametrize("boxes", [
+    [],  # no boxes at all
+    [[0.2, 0.2, 0.6, 0.7]],  # one box
+    [[0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 0.1, 1.0], [0.9, 0.0, 1.0, 0.05]],  # at the border
+    [[0.5, 0.5, 0.5005, 0.5004], [0.1, 0.1, 0.1, 0.3]],  # tiny and zero-width
+])
+def test_loss_finite_for_legal_inputs(boxes):
+    model = ssd.ssd300(3, width=0.125)
+    cls, box = model(torch.randn(2, 3, 300, 300))
+    b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    lab = torch.ones(len(b), dtype=torch.int64)
+    out = ssd.multibox_loss(cls, box, model.anchors, [b, b], [lab, lab])
+    total = out["loss_cls"] + out["loss_box"]
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_loss_float32_under_autocast():
+    model = ssd.ssd300(3, width=0.125)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cls, box = model(torch.randn(1, 3, 300, 300))
+        out = ssd.multibox_loss(cls, box, model.anchors, [torch.tensor([[0.1, 0.1, 0.5, 0.5]])],
+                                [torch.tensor([2])])
+    assert out["loss_cls"].dtype == torch.float32 and torch.isfinite(out["loss_cls"])
+
+
+def test_one_sgd_step_lowers_loss():
+    torch.manual_seed(0)
+    model = ssd.ssd300(3, width=0.125)
+    x = torch.randn(2, 3, 300, 300) * 50
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.tensor([[0.4, 0.3, 0.9, 0.8]])]
+    labels = [torch.tensor([1]), torch.tensor([2])]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def total():
+        out = ssd.multibox_loss(*model(x), model.anchors, boxes, labels)
+        return out["loss_cls"] + out["loss_box"]
+
+    before = total()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = total()
+    assert after.item() < before.item()
+
+
+# --- post-processing (facts §10) -----------------------------------------------------------------
+
+def slow_postprocess(cls_logits, box_deltas, anchors, sizes, score_thr, nms_iou, topk, max_det):
+    """Per image, per class loop with a plain greedy NMS (suppress IoU > thr)."""
+    results = []
+    for i, (w, h) in enumerate(sizes):
+        probs = torch.softmax(cls_logits[i].double(), -1)
+        boxes = ssd.decode(box_deltas[i].double(), anchors.double()).clamp(0, 1)
+        dets = []
+        for c in range(1, probs.shape[1]):
+            s = probs[:, c]
+            idx = [a for a in sorted(range(len(s)), key=lambda a: -float(s[a]))][:topk]
+            idx = [a for a in idx if s[a] > score_thr]
+            kept = []
+            for a in idx:
+                ok = True
+                for k in kept:
+                    p, q = boxes[a].tolist(), boxes[k].tolist()
+                    iw = max(0.0, min(p[2], q[2]) - max(p[0], q[0]))
+                    ih = max(0.0, min(p[3], q[3]) - max(p[1], q[1]))
+                    inter = iw * ih
+                    union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
+                    if union > 0 and inter / union > nms_iou:
+                        ok = False
+                        break
+                if ok:
+                    kept.append(a)
+            dets += [(float(s[a]), c, a) for a in kept]
+        dets.sort(key=lambda d: -d[0])
+        dets = dets[:max_det]
+        scale = torch.tensor([w, h, w, h], dtype=torch.float64)
+        results.append((torch.stack([boxes[a] * scale for _, _, a in dets]).float()
+                        if dets else torch.zeros(0, 4),
+                        torch.tensor([d[0] for d in dets]), torch.tensor([d[1] for d in dets])))
+    return results
+
+
+def test_postprocess_equals_slow_reference():
+    gen = torch.Generator().manual_seed(2)
+    anchors = torch.cat([torch.rand(150, 2, generator=gen),
+                         0.05 + 0.3 * torch.rand(150, 2, generator=gen)], 1)
+    cls_logits = torch.randn(3, 150, 5, generator=gen) * 3
+    cls_logits[2] = -10.0  # an image where nothing passes the threshold ...
+    cls_logits[2, :, 0] = 10.0  # ... because background wins everywhere
+    box_deltas = torch.randn(3, 150, 4, generator=gen)
+    sizes = [(640, 480), (300, 300), (50, 80)]
+    got = ssd.postprocess(cls_logits, box_deltas, anchors, sizes, score_thr=0.05, nms_iou=0.45,
+                          topk=30, max_det=40)
+    ref = slow_postprocess(cls_logits, box_deltas, anchors, sizes, 0.05, 0.45, 30, 40)
+    for (b, s, l), (rb, rs, rl) in zip(got, ref):
+        assert len(s) == len(rs)
+        torch.testing.assert_close(s, rs.float(), atol=1e-6, rtol=1e-5)
+        assert torch.equal(l, rl)
+        torch.testing.assert_close(b, rb, atol=1e-3, rtol=1e-5)
+    assert len(got[0][1]) == 40 and len(got[2][1]) == 0
+
+
+def test_postprocess_sorted_labels_in_range_and_clipped():
+    model = ssd.ssd300(4, width=0.125).eval()
+    with torch.no_grad():
+        cls, box = model(torch.randn(2, 3, 300, 300))
+    out = ssd.postprocess(cls, box, model.anchors, [(1000, 500), (20, 30)])
+    for (b, s, l), (w, h) in zip(out, [(1000, 500), (20, 30)]):
+        assert len(s) <= 200 and (s[:-1] >= s[1:]).all()
+        assert ((l >= 1) & (l <= 4)).all()
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= w + 1e-3).all() and (b[:, 3] <= h + 1e-3).all()
+
+
+def test_postprocess_soft_nms_keeps_overlaps_with_lower_scores():
+    anchors = torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.52, 0.5, 0.4, 0.4]])
+    logits = torch.tensor([[[0.0, 5.0], [0.0, 4.0]]])  # two overlapping boxes of class 1
+    deltas = torch.zeros(1, 2, 4)
+    hard = ssd.postprocess(logits, deltas, anchors, [(100, 100)], nms="hard")
+    soft = ssd.postprocess(logits, deltas, anchors, [(100, 100)], nms="soft")
+    assert len(hard[0][1]) == 1 and len(soft[0][1]) == 2
+    probs = torch.softmax(logits[0], -1)[:, 1]
+    assert soft[0][1][0] == pytest.approx(float(probs[0]))
+    assert soft[0][1][1] < probs[1]
+
+
+def test_detect_returns_original_pixels():
+    model = ssd.ssd300(2, width=0.125).eval()
+    images = [torch.randint(0, 256, (3, 120, 200), dtype=torch.uint8),
+              torch.randint(0, 256, (3, 300, 90), dtype=torch.uint8)]
+    out = ssd.detect(model, images, score_thr=0.0, max_det=50)
+    for (b, s, lab), im in zip(out, images):
+        assert b.shape[1] == 4 and len(b) == len(s) == len(lab) > 0
+        assert b[:, 2].max() <= im.shape[2] + 1e-3 and b[:, 3].max() <= im.shape[1] + 1e-3
+
+
+def test_preprocess_warps_and_subtracts_mean():
+    im = torch.full((3, 40, 70), 200, dtype=torch.uint8)
+    x = ssd.preprocess([im], 300, ssd.MEAN)
+    assert x.shape == (1, 3, 300, 300)
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([200 - m for m in ssd.MEAN]))
+    assert math.isclose(float(x[0, 0].mean()), 77.0, abs_tol=1e-4)
