@@ -1,16 +1,16 @@
 """pytest set-up shared by every test file.
 
 Triton runs on the CPU only under its interpreter, and the switch has to be set before Triton is
-first imported, so it is set here, ahead of any test module.
+first imported (importing torch does not import Triton), so it is set here, ahead of any test
+module. With a GPU the kernels compile for real and the CUDA tests run.
 """
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
-if not os.environ.get("CUDA_VISIBLE_DEVICES") == "" and os.path.exists("/dev/nvidia0"):
-    pass  # a real GPU: let Triton compile for it
-else:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
