@@ -1,0 +1,913 @@
+"""Data for SSD: image loading, the VOC / COCO / VOC-layout / synthetic `shapes` sources, SSD's
+training augmentation, and the torch Dataset + collate that feed train.py.
+
+Sources read images and annotations and transform nothing. They share one interface:
+    len(src), src.class_names (label i -> class_names[i-1]), src.image_id(i),
+    src.load_image(i) -> PIL RGB image,
+    src.annotation(i) -> dict(boxes float32 numpy [n, 4], labels int64 [n] in 1..C,
+                              difficult bool [n], width int, height int)
+Boxes are xyxy in continuous pixel coordinates of the original image: (0, 0) is the top-left
+corner of the top-left pixel and pixel (i, j) covers [i, i+1) x [j, j+1). Every source clips its
+boxes to the image and drops boxes with no area.
+
+Transforms turn (PIL image, pixel boxes, labels) into the network's input: a float tensor
+[3, S, S] (RGB 0-255 minus the mean), boxes float32 [n, 4] xyxy in [0, 1] and labels int64 [n].
+
+Bad input raises DataError, whose message starts with the offending file's path. Recoverable
+problems (a box clipped to the image, an unknown class name) are logged as one warning line per
+file on the "data" logger.
+"""
+import colorsys
+import json
+import logging
+import math
+import os
+import random
+import warnings
+import xml.etree.ElementTree as ET
+from bisect import bisect_right
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from ssd import MEAN, VOC_CLASSES, preprocess
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data. The message starts with the file's path, then the reason."""
+
+
+# -----------------------------------------------------------------------------------------------
+# Images
+
+def _open_image(path, load):
+    """PIL image at `path` (pixels decoded when `load`), or DataError naming the file."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a file")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: not an image (empty file)")
+    try:
+        # Image.open only warns between MAX_IMAGE_PIXELS and twice that; refuse both.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        if load:
+            img.load()  # decode now so a truncated file fails here, not deep inside a transform
+        return img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path}: image too large (over PIL.Image.MAX_IMAGE_PIXELS = "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def _scale_to_uint8(a, mode):
+    """High-range single-channel pixels -> uint8 by a documented rule, never by clipping:
+    16-bit modes are full scale (x / 257); 'I' values already in 0-255 stay, in 0-65535 are
+    treated as 16-bit, otherwise stretched min-max; 'F' in [0, 1] is x 255, in [0, 255] stays,
+    otherwise stretched min-max."""
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        a = a / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.rint(np.clip(a, 0, 255)).astype(np.uint8)
+
+
+def _to_rgb(img):
+    """Any PIL mode -> RGB; transparent pixels are composited on white."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path):
+    """The image at `path` as a loaded PIL RGB image: EXIF orientation applied, alpha composited
+    on white, grayscale / palette / CMYK / YCbCr / 16-bit / I / F modes converted (see
+    _scale_to_uint8). Raises DataError naming the file when it is missing, empty, not an image,
+    truncated or larger than PIL.Image.MAX_IMAGE_PIXELS."""
+    img = _open_image(path, load=True)
+    try:
+        return _to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable image ({img.mode} mode: {e})") from None
+    finally:
+        img.close()
+
+
+def _image_size(path):
+    """(width, height) after EXIF orientation, from the file header (no pixel decoding)."""
+    img = _open_image(path, load=False)
+    try:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation; 5-8 are quarter turns
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+    finally:
+        img.close()
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _clip_boxes(boxes, width, height):
+    """Clip xyxy pixel boxes [n, 4] to the image; -> (clipped float64 boxes, mask of boxes
+    that were changed, mask of boxes that still have positive area)."""
+    clipped = np.clip(boxes, 0, [width, height, width, height])
+    changed = (clipped != boxes).any(1)
+    valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped, changed, valid
+
+
+# -----------------------------------------------------------------------------------------------
+# VOC and VOC-layout folders
+
+def _voc_raw(xml_path):
+    """Parse one VOC XML: -> dict(width, height (0 when absent), objects: list of (name, xyxy in
+    the file's 1-based coordinates, difficult), no_box: names of objects without <bndbox>)."""
+    if not os.path.isfile(xml_path):
+        raise DataError(f"{xml_path}: annotation file not found")
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as e:
+        raise DataError(f"{xml_path}: malformed XML ({e})") from None
+    except OSError as e:
+        raise DataError(f"{xml_path}: cannot read ({e.strerror})") from None
+
+    def number(node, tag, what):
+        text = node.findtext(tag)
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            raise DataError(f"{xml_path}: {what}: <{tag}> is {text!r}, not a number") from None
+
+    size = root.find("size")
+    width = height = 0
+    if size is not None and size.findtext("width") and size.findtext("height"):
+        width, height = int(number(size, "width", "size")), int(number(size, "height", "size"))
+    objects, no_box = [], []
+    for k, obj in enumerate(root.findall("object")):
+        name = (obj.findtext("name") or "").strip()
+        box = obj.find("bndbox")
+        if box is None:
+            no_box.append(name or f"object {k}")
+            continue
+        xyxy = [number(box, t, f"object {k} ({name})") for t in ("xmin", "ymin", "xmax", "ymax")]
+        difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true", "True")
+        objects.append((name, xyxy, difficult))
+    return dict(width=width, height=height, objects=objects, no_box=no_box)
+
+
+def _voc_names_in_folder(annotation_dir):
+    """Sorted set of object names in every XML of a folder (files that fail to parse are left to
+    the split that lists them, which reports them)."""
+    names = set()
+    for entry in os.scandir(annotation_dir):
+        if entry.name.endswith(".xml"):
+            try:
+                root = ET.parse(entry.path).getroot()
+            except (ET.ParseError, OSError):
+                continue
+            names.update((o.findtext("name") or "").strip() for o in root.findall("object"))
+    names.discard("")
+    return sorted(names)
+
+
+class VOCDetection:
+    """One VOC-layout folder: Annotations/<id>.xml, JPEGImages/<id>.jpg (another extension is
+    found by the id), ImageSets/Main/<split>.txt (one id per line).
+
+    Coordinates: VOC XML counts pixels from 1 and a box spans pixels xmin..xmax inclusive, so on
+    load xmin and ymin lose 1 and xmax, ymax stay: [xmin - 1, ymin - 1, xmax, ymax] in the
+    0-based continuous convention of this file (a box over the whole W x H image is [0, 0, W, H]).
+    A box written with xmax <= xmin or ymax <= ymin (a click, not a drag) is dropped with a
+    warning; boxes reaching outside the image are clipped with a warning (one line per file).
+    `difficult` objects are all kept here, flagged; DetectionDataset drops them for training.
+
+    Class list: `class_names` when given (objects with other names are reported and skipped);
+    otherwise VOC's 20 classes when every object name in the split is one of them; otherwise the
+    sorted set of names found in all annotations of the folder (the same list for every split).
+    Width and height come from <size>, or from the image when <size> is missing or zero.
+    """
+
+    def __init__(self, root, split="trainval", class_names=None):
+        self.root, self.split = Path(root), split
+        ann_dir, img_dir = self.root / "Annotations", self.root / "JPEGImages"
+        split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        for d in (ann_dir, img_dir):
+            if not d.is_dir():
+                raise DataError(f"{d}: folder not found (not a VOC-layout folder)")
+        if not split_file.is_file():
+            raise DataError(f"{split_file}: split file not found")
+        with open(split_file) as f:  # class files ("<id> 1") list the id first too
+            self.ids = [line.split()[0] for line in f if line.strip()]
+        if not self.ids:
+            raise DataError(f"{split_file}: no image ids")
+
+        files = {}
+        for entry in os.scandir(img_dir):
+            stem, ext = os.path.splitext(entry.name)
+            if stem not in files or ext.lower() == ".jpg":
+                files[stem] = entry.name
+        missing = [i for i in self.ids if i not in files]
+        if missing:
+            more = f" (and {len(missing) - 1} more of {len(self.ids)})" if len(missing) > 1 else ""
+            raise DataError(f"{img_dir / (missing[0] + '.jpg')}: image not found{more}")
+        self.image_paths = [str(img_dir / files[i]) for i in self.ids]
+
+        raws = [_voc_raw(str(ann_dir / f"{i}.xml")) for i in self.ids]
+        if class_names is None:
+            in_split = {name for r in raws for name, _, _ in r["objects"]}
+            class_names = (VOC_CLASSES if in_split <= set(VOC_CLASSES)
+                           else _voc_names_in_folder(ann_dir))
+        self.class_names = list(class_names)
+        label_of = {name: k + 1 for k, name in enumerate(self.class_names)}
+        self._annotations = [self._convert(str(ann_dir / f"{i}.xml"), raw, path, label_of)
+                             for i, raw, path in zip(self.ids, raws, self.image_paths)]
+
+    @staticmethod
+    def _convert(xml_path, raw, image_path, label_of):
+        width, height = raw["width"], raw["height"]
+        if width <= 0 or height <= 0:
+            width, height = _image_size(image_path)
+        if raw["no_box"]:
+            log.warning("%s: object(s) without <bndbox> skipped: %s", xml_path,
+                        ", ".join(raw["no_box"]))
+        unknown = sorted({n for n, _, _ in raw["objects"] if n not in label_of})
+        if unknown:
+            log.warning("%s: unknown class name(s) skipped: %s", xml_path,
+                        ", ".join(map(repr, unknown)))
+        objects = [o for o in raw["objects"] if o[0] in label_of]
+        boxes = np.array([o[1] for o in objects], np.float64).reshape(-1, 4)
+        written = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not written.all():
+            log.warning("%s: %d box(es) with no extent (xmax <= xmin or ymax <= ymin) dropped",
+                        xml_path, int((~written).sum()))
+        boxes = boxes - [1, 1, 0, 0]  # 1-based inclusive -> 0-based continuous
+        boxes, changed, valid = _clip_boxes(boxes, width, height)
+        if (changed & written).any():
+            log.warning("%s: %d box(es) outside the %dx%d image clipped", xml_path,
+                        int((changed & written).sum()), width, height)
+        keep = written & valid
+        return dict(boxes=boxes[keep].astype(np.float32),
+                    labels=np.array([label_of[o[0]] for o in objects], np.int64)[keep],
+                    difficult=np.array([o[2] for o in objects], bool)[keep],
+                    width=int(width), height=int(height))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def image_id(self, i):
+        return self.ids[i]
+
+    def load_image(self, i):
+        return load_image(self.image_paths[i])
+
+    def annotation(self, i):
+        a = self._annotations[i]
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
+
+
+# -----------------------------------------------------------------------------------------------
+# COCO
+
+class COCODetection:
+    """COCO 2017 layout: root/annotations/instances_<split>.json and images in root/<split>/.
+
+    Labels are contiguous 1..C over the json's categories sorted by id (for COCO: 1..80 in
+    ssd.COCO_CLASSES order); `category_ids[label - 1]` maps a label back to the COCO category id.
+    bbox [x, y, w, h] becomes [x, y, x + w, y + h], clipped to the image (one summary warning per
+    json). Crowd boxes are left out of `boxes` and listed in `annotation(i)["crowd"]` (xyxy) for
+    evaluation; boxes with w or h < 1 pixel are dropped (as mmdetection does).
+    Images without boxes are kept unless `skip_empty`; build_source sets it for training (as the
+    torchvision reference does), so an image whose people are only a crowd region does not teach
+    "person = background". Plain json, not pycocotools: no stdout noise, and the same speed.
+    """
+
+    def __init__(self, root, split="train2017", skip_empty=False):
+        self.root, self.split = Path(root), split
+        self.ann_file = str(self.root / "annotations" / f"instances_{split}.json")
+        img_dir = self.root / split
+        if not os.path.isfile(self.ann_file):
+            raise DataError(f"{self.ann_file}: annotation file not found")
+        try:
+            with open(self.ann_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.ann_file}: malformed JSON ({e})") from None
+        if not isinstance(data, dict) or not all(
+                isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+            raise DataError(f"{self.ann_file}: not a COCO instances file (needs lists 'images', "
+                            "'annotations' and 'categories')")
+        if not img_dir.is_dir():
+            raise DataError(f"{img_dir}: image folder not found")
+
+        try:
+            categories = sorted(data["categories"], key=lambda c: c["id"])
+            self.category_ids = [int(c["id"]) for c in categories]
+            self.class_names = [str(c["name"]) for c in categories]
+            images = [(int(im["id"]), str(im["file_name"]), int(im.get("width") or 0),
+                       int(im.get("height") or 0)) for im in data["images"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{self.ann_file}: bad category or image entry ({e!r})") from None
+        label_of = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
+        row_of = {image_id: k for k, (image_id, *_) in enumerate(images)}
+
+        boxes = [[] for _ in images]
+        labels = [[] for _ in images]
+        crowd = [[] for _ in images]
+        unknown_cat, unknown_img = set(), 0
+        for a in data["annotations"]:
+            try:
+                row = row_of.get(a["image_id"])
+                x, y, w, h = (float(v) for v in a["bbox"])
+                cat, is_crowd = a["category_id"], bool(a.get("iscrowd", 0))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{self.ann_file}: bad annotation {a.get('id', '?')} "
+                                f"({e!r})") from None
+            if row is None:
+                unknown_img += 1
+            elif is_crowd:
+                crowd[row].append((x, y, x + w, y + h))
+            elif cat not in label_of:
+                unknown_cat.add(cat)
+            elif w >= 1 and h >= 1:
+                boxes[row].append((x, y, x + w, y + h))
+                labels[row].append(label_of[cat])
+        if unknown_cat:
+            log.warning("%s: annotations with unknown category id(s) skipped: %s", self.ann_file,
+                        ", ".join(map(str, sorted(unknown_cat))))
+        if unknown_img:
+            log.warning("%s: %d annotation(s) of images not in 'images' skipped", self.ann_file,
+                        unknown_img)
+
+        present = set(os.listdir(img_dir))
+        missing = [name for _, name, _, _ in images if name not in present]
+        if missing:
+            more = f" (and {len(missing) - 1} more of {len(images)})" if len(missing) > 1 else ""
+            raise DataError(f"{img_dir / missing[0]}: image not found{more}")
+
+        self.ids, self.image_paths, self._annotations = [], [], []
+        clipped = 0
+        for (image_id, name, width, height), bx, lb, cr in zip(images, boxes, labels, crowd):
+            path = str(img_dir / name)
+            if width <= 0 or height <= 0:
+                width, height = _image_size(path)
+            bx, changed, valid = _clip_boxes(np.array(bx, np.float64).reshape(-1, 4), width,
+                                             height)
+            clipped += int(changed.sum())
+            if skip_empty and not valid.any():
+                continue
+            self.ids.append(image_id)
+            self.image_paths.append(path)
+            self._annotations.append(dict(
+                boxes=bx[valid].astype(np.float32), labels=np.array(lb, np.int64)[valid],
+                difficult=np.zeros(int(valid.sum()), bool), width=width, height=height,
+                crowd=np.array(cr, np.float32).reshape(-1, 4)))
+        if clipped:
+            log.warning("%s: %d box(es) reaching outside their image clipped", self.ann_file,
+                        clipped)
+        if not self.ids:
+            raise DataError(f"{self.ann_file}: no images" + (" with boxes" if skip_empty else ""))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def image_id(self, i):
+        return self.ids[i]
+
+    def load_image(self, i):
+        return load_image(self.image_paths[i])
+
+    def annotation(self, i):
+        a = self._annotations[i]
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
+
+
+# -----------------------------------------------------------------------------------------------
+# shapes: a synthetic set generated on the fly, for a first run with no download
+
+SHAPE_CLASSES = ["circle", "square", "triangle"]
+
+
+def _textured_background(rng, size):
+    """uint8 [size, size, 3]: a gradient between two greyish colours, sometimes stripes, and
+    luminance noise. Its chroma (max - min channel) stays <= 30, far below every shape's
+    (>= 91), so colour alone never makes a shape of the background."""
+    greys = rng.uniform(40, 215, size=2)
+    tints = rng.uniform(-15, 15, size=(2, 3))
+    c0, c1 = (greys[:, None] + tints).astype(np.float32)[:, :, None, None]  # [3, 1, 1] each
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    a = rng.uniform(0, 2 * math.pi)
+    t = math.cos(a) * ramp[None, :] + math.sin(a) * ramp[:, None]  # [S, S]
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    lum = rng.standard_normal((size, size), dtype=np.float32) * np.float32(rng.uniform(2, 8))
+    if rng.random() < 0.5:
+        b, period = rng.uniform(0, math.pi), rng.uniform(8, 60)
+        pix = np.arange(size, dtype=np.float32)
+        phase = (math.cos(b) * pix[None, :] + math.sin(b) * pix[:, None]) * (2 * math.pi / period)
+        lum += np.float32(rng.uniform(5, 20)) * np.sin(phase)
+    img = c0 + t * (c1 - c0) + lum  # [3, S, S]: planar, numpy is slow on a last axis of 3
+    return np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()  # [S, S, 3]
+
+
+def _vivid_colour(rng):
+    """A saturated colour of any hue: chroma = s * v * 255 >= 0.65 * 0.55 * 255 = 91."""
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0))
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
+class ShapesDetection:
+    """A built-in synthetic set: 1-4 filled circles, squares and triangles (any colour, so the
+    class is in the shape) on mildly textured backgrounds, size x size pixels, generated from
+    (seed, split, index) so an index always gives the same image; nothing is read or written.
+
+    Shapes span 15-60 % of the image side and never touch, so every box is tight around the
+    visible shape: it is the bounding box of the shape's rasterised pixels. Triangles are
+    equilateral with a random rotation. Defaults: 2,000 train and 200 val images.
+    """
+
+    SPLITS = {"train": (0, 2000), "val": (1, 200)}  # split -> (stream id, default length)
+
+    def __init__(self, split="train", num_images=None, seed=0, size=300):
+        if split not in self.SPLITS:
+            raise DataError(f"shapes: unknown split {split!r} (use 'train' or 'val')")
+        self.split, self.seed, self.size = split, int(seed), int(size)
+        stream, default_len = self.SPLITS[split]
+        self._stream = stream
+        self.num_images = default_len if num_images is None else int(num_images)
+        self.class_names = list(SHAPE_CLASSES)
+        self._last = None  # (index, rendering): load_image(i) then annotation(i) draws once
+
+    def __len__(self):
+        return self.num_images
+
+    def image_id(self, i):
+        return int(i)
+
+    def _render(self, i):
+        """-> (PIL image, boxes float32 [n, 4], labels int64 [n], colours list of n RGB)."""
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"shapes: index {i} out of range 0..{self.num_images - 1}")
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
+        rng = np.random.default_rng([self.seed, self._stream, i])
+        s = self.size
+        img = Image.fromarray(_textured_background(rng, s))
+        mask = Image.new("L", (s, s), 0)  # object k drawn with value k + 1, for its tight box
+        draw_img, draw_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+        placed, labels, colours = [], [], []
+        for _ in range(int(rng.integers(1, 5))):
+            label, colour = int(rng.integers(len(SHAPE_CLASSES))) + 1, _vivid_colour(rng)
+            for _ in range(10):  # a few tries to find a spot clear of the shapes already drawn
+                side = int(rng.uniform(0.15, 0.6) * s)
+                x0, y0 = int(rng.integers(0, s - side + 1)), int(rng.integers(0, s - side + 1))
+                square = (x0, y0, x0 + side, y0 + side)
+                if all(square[0] > p[2] + 3 or p[0] > square[2] + 3 or
+                       square[1] > p[3] + 3 or p[1] > square[3] + 3 for p in placed):
+                    break
+            else:
+                continue
+            placed.append(square)
+            name = SHAPE_CLASSES[label - 1]
+            if name == "triangle":  # equilateral, inscribed in the square's circle, any rotation
+                a, r = rng.uniform(0, 2 * math.pi), side / 2
+                cx, cy = x0 + r, y0 + r
+                corners = [(round(cx + r * math.cos(a + k * 2 * math.pi / 3)),
+                            round(cy + r * math.sin(a + k * 2 * math.pi / 3))) for k in range(3)]
+            for draw, fill in ((draw_img, colour), (draw_mask, len(labels) + 1)):
+                if name == "circle":
+                    draw.ellipse(square, fill=fill)
+                elif name == "square":
+                    draw.rectangle(square, fill=fill)
+                else:
+                    draw.polygon(corners, fill=fill)
+            labels.append(label)
+            colours.append(colour)
+        m = np.asarray(mask)
+        boxes = np.zeros((len(labels), 4), np.float32)
+        for k in range(len(labels)):
+            on = m == k + 1
+            cols, rows = np.flatnonzero(on.any(0)), np.flatnonzero(on.any(1))
+            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)  # pixel edges
+        out = (img, boxes, np.array(labels, np.int64), colours)
+        self._last = (i, out)
+        return out
+
+    def load_image(self, i):
+        return self._render(i)[0].copy()
+
+    def annotation(self, i):
+        _, boxes, labels, _ = self._render(i)
+        return dict(boxes=boxes.copy(), labels=labels.copy(), difficult=np.zeros(len(labels), bool),
+                    width=self.size, height=self.size)
+
+
+# -----------------------------------------------------------------------------------------------
+# Several sources as one, and picking sources by name
+
+class ConcatSource:
+    """Sources with the same class list, indexed one after the other (VOC07+12 trainval)."""
+
+    def __init__(self, sources):
+        self.sources = list(sources)
+        if not self.sources:
+            raise DataError("ConcatSource: no sources")
+        self.class_names = list(self.sources[0].class_names)
+        for s in self.sources[1:]:
+            if list(s.class_names) != self.class_names:
+                raise DataError(f"{getattr(s, 'root', s)}: class list {s.class_names} differs "
+                                f"from {self.class_names}")
+        self._starts = np.cumsum([0] + [len(s) for s in self.sources]).tolist()
+
+    def __len__(self):
+        return self._starts[-1]
+
+    def _locate(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range 0..{len(self) - 1}")
+        k = bisect_right(self._starts, i) - 1
+        return self.sources[k], i - self._starts[k]
+
+    def image_id(self, i):
+        source, j = self._locate(i)
+        return source.image_id(j)
+
+    def load_image(self, i):
+        source, j = self._locate(i)
+        return source.load_image(j)
+
+    def annotation(self, i):
+        source, j = self._locate(i)
+        return source.annotation(j)
+
+
+def _is_voc_folder(path):
+    return (path / "Annotations").is_dir() and (path / "ImageSets" / "Main").is_dir()
+
+
+def build_source(name, data_root=None, split=None, train=True):
+    """The source for `train.py --data NAME` / `evaluate.py`; `split` overrides the defaults.
+
+    voc: `data_root` a VOC-layout folder (or a list of them) -> that folder with split trainval
+    (train) / test (evaluation), or train / val where those split files are absent (BCCD has no
+    test split). Otherwise VOCdevkit years under data_root/VOCdevkit/ or data_root/: training ->
+    VOC2007 + VOC2012 trainval where present (07+12), evaluation -> VOC2007 test (VOC2012 val
+    when there is no VOC2007).
+    coco: train2017 (training) / val2017 (evaluation); when that json is absent and there is
+    exactly one annotations/instances_*.json, that one (tiny_coco has only train2017).
+    shapes: the synthetic set, split train / val.
+    """
+    if name == "shapes":
+        return ShapesDetection(split or ("train" if train else "val"))
+    if data_root is None:
+        raise DataError(f"{name}: a data root is required (--data-root DIR)")
+    if name == "voc":
+        roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else None
+        if roots is None and _is_voc_folder(Path(data_root)):
+            roots = [Path(data_root)]
+        if roots is not None:
+            sources = []
+            for root in roots:
+                chosen = split
+                if chosen is None:
+                    main = root / "ImageSets" / "Main"
+                    first, second = ("trainval", "train") if train else ("test", "val")
+                    chosen = first if (main / f"{first}.txt").is_file() or not (
+                        main / f"{second}.txt").is_file() else second
+                sources.append(VOCDetection(root, chosen))
+            return sources[0] if len(sources) == 1 else ConcatSource(sources)
+        base = Path(data_root)
+        looked = []
+        for year_dir in (base / "VOCdevkit", base):
+            wanted = ([("VOC2007", "trainval"), ("VOC2012", "trainval")] if train
+                      else [("VOC2007", "test")])
+            found = [(year_dir / y, split or s) for y, s in wanted if (year_dir / y).is_dir()]
+            if not found and not train and (year_dir / "VOC2012").is_dir():
+                found = [(year_dir / "VOC2012", split or "val")]
+            looked += [str(year_dir / y) for y, _ in wanted]
+            if found:
+                sources = [VOCDetection(root, s) for root, s in found]
+                return sources[0] if len(sources) == 1 else ConcatSource(sources)
+        raise DataError(f"{data_root}: no VOC data (looked for a VOC-layout folder there and for "
+                        f"{', '.join(looked)})")
+    if name == "coco":
+        root = Path(data_root)
+        chosen = split or ("train2017" if train else "val2017")
+        if split is None and not (root / "annotations" / f"instances_{chosen}.json").is_file():
+            present = sorted((root / "annotations").glob("instances_*.json"))
+            if len(present) == 1:
+                chosen = present[0].name[len("instances_"):-len(".json")]
+        return COCODetection(root, chosen, skip_empty=train)
+    raise DataError(f"{name}: unknown data set (use voc, coco or shapes)")
+
+
+# -----------------------------------------------------------------------------------------------
+# Augmentation (facts §8): photometric -> expand -> min-IoU crop -> flip -> warp -> normalise.
+# Expand, crop, flip and resize are only geometry until the end, where one bilinear sampling of
+# the original image produces the S x S output: the 4x-expanded canvas is never built.
+
+def photometric_params(rng):
+    """Draw SSD's photometric distortion (facts §8.2, mmdetection's PhotoMetricDistortion): each
+    step with probability 0.5: brightness +U(-32, 32), contrast xU(0.5, 1.5) (before or after
+    the HSV steps, 50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle."""
+    def maybe(draw, otherwise):
+        return draw() if rng.random() < 0.5 else otherwise
+    return dict(brightness=maybe(lambda: rng.uniform(-32, 32), 0.0),
+                contrast_first=bool(rng.random() < 0.5),
+                contrast=maybe(lambda: rng.uniform(0.5, 1.5), 1.0),
+                saturation=maybe(lambda: rng.uniform(0.5, 1.5), 1.0),
+                hue=maybe(lambda: rng.uniform(-18, 18), 0.0),
+                channels=maybe(lambda: rng.permutation(3), None))
+
+
+def _shift_hue(img, degrees):
+    """Rotate the HSV hue of planar float RGB pixels [3, ...] by `degrees`, keeping each pixel's
+    max and min channel (HSV value and chroma); the same as an HSV round trip for 0-255 values.
+    Elementwise arithmetic on whole planes: numpy is slow at reductions over an axis of 3."""
+    r, g, b = img
+    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    chroma = mx - mn
+    is_r = mx == r
+    is_g = (mx == g) & ~is_r
+    is_b = ~(is_r | is_g)
+    # hue in sextants [-1, 5) times chroma: g-b when r is the max, b-r+2c when g, r-g+4c when b
+    h = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
+    h /= chroma + (chroma == 0)  # a grey pixel (chroma 0) stays grey whatever its hue
+    h += np.float32(degrees / 60.0)
+    h += np.float32(6) * (h < 0)
+    h -= np.float32(6) * (h >= 6)  # now in [0, 6)
+    out = np.empty_like(img)
+    np.subtract(np.abs(h - 3), 1, out=out[0])
+    np.subtract(2, np.abs(h - 2), out=out[1])
+    np.subtract(2, np.abs(h - 4), out=out[2])
+    np.clip(out, 0, 1, out=out)
+    out *= chroma
+    out += mn
+    return out
+
+
+def _distort_block(img, p):
+    img = img + np.float32(p["brightness"])
+    if p["contrast_first"] and p["contrast"] != 1.0:
+        img *= np.float32(p["contrast"])
+    if p["saturation"] != 1.0:  # HSV saturation x f is a lerp of each channel towards the max
+        v = np.maximum(np.maximum(img[0], img[1]), img[2])
+        img -= v
+        img *= np.float32(p["saturation"])
+        img += v
+    if p["hue"] != 0.0:
+        img = _shift_hue(img, p["hue"])
+    if not p["contrast_first"] and p["contrast"] != 1.0:
+        img *= np.float32(p["contrast"])
+    return np.clip(img, 0, 255, out=img)
+
+
+def photometric_distort(img, p):
+    """Apply photometric_params `p` to planar float32 RGB pixels [3, H, W] on the 0-255 scale.
+    Every step is per pixel. Unlike mmdetection, the result is clipped to [0, 255] at the end.
+    Works through blocks of rows so that the temporaries stay in cache (about 3x faster on a
+    640x480 image than whole-image numpy)."""
+    out = np.empty_like(img)
+    order = [0, 1, 2] if p["channels"] is None else p["channels"]
+    rows = max(1, 32768 // max(img.shape[2], 1))
+    for r in range(0, img.shape[1], rows):
+        out[:, r:r + rows] = _distort_block(img[:, r:r + rows], p)[order]
+    return out
+
+
+def expand_params(width, height, rng):
+    """Zoom out (facts §8.3): with probability 0.5 the image goes on a canvas r = U(1, 4) times
+    its size, filled with the mean, at a random offset. -> (canvas_w, canvas_h, left, top)."""
+    if rng.random() >= 0.5:
+        return width, height, 0, 0
+    r = rng.uniform(1, 4)
+    cw, ch = int(width * r), int(height * r)
+    return cw, ch, int(rng.uniform(0, cw - width)), int(rng.uniform(0, ch - height))
+
+
+CROP_MODES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)  # None: keep the whole image; 0.0: any patch
+
+
+def _iou_with(patch, boxes):
+    """IoU of one xyxy box with boxes [n, 4] -> [n]."""
+    iw = np.clip(np.minimum(boxes[:, 2], patch[2]) - np.maximum(boxes[:, 0], patch[0]), 0, None)
+    ih = np.clip(np.minimum(boxes[:, 3], patch[3]) - np.maximum(boxes[:, 1], patch[1]), 0, None)
+    inter = iw * ih
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + (patch[2] - patch[0]) * (patch[3] - patch[1]) - inter
+    return inter / np.maximum(union, 1e-12)
+
+
+def min_iou_crop(boxes, width, height, rng, trials=50):
+    """SSD's IoU-constrained random crop (facts §8.4) of a width x height image with xyxy pixel
+    boxes [n, 4]. Mode uniform over CROP_MODES; up to `trials` patches with sides U(0.3, 1) of
+    the image's and h/w in [0.5, 2], integer pixel corners. A patch is accepted when at least one
+    box centre lies strictly inside it and one of those boxes has IoU >= the mode's minimum:
+    Caffe's (the paper's) "any box" rule, not mmdetection's "all boxes" (which rarely lets a
+    crowded image have a tight crop, facts §15.19), taken over the kept boxes as torchvision does
+    so the overlap that justified the crop is one the network sees. An image without boxes takes
+    the first patch of valid shape. When every trial fails the whole image is kept.
+    -> (patch (x0, y0, x1, y1) ints, keep bool [n]: boxes whose centre is inside)."""
+    n = len(boxes)
+    whole = (0, 0, width, height)
+    mode = CROP_MODES[rng.integers(len(CROP_MODES))]
+    if mode is None:
+        return whole, np.ones(n, bool)
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    for _ in range(trials):
+        w, h = rng.uniform(0.3 * width, width), rng.uniform(0.3 * height, height)
+        if not 0.5 <= h / w <= 2:
+            continue
+        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        patch = (int(x0), int(y0), int(x0 + w), int(y0 + h))
+        if patch[2] <= patch[0] or patch[3] <= patch[1]:
+            continue
+        if n == 0:
+            return patch, np.zeros(0, bool)
+        inside = (cx > patch[0]) & (cx < patch[2]) & (cy > patch[1]) & (cy < patch[3])
+        if inside.any() and _iou_with(patch, boxes[inside]).max() >= mode:
+            return patch, inside
+    return whole, np.ones(n, bool)
+
+
+def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
+    """Network input from RGB pixels [H, W, 3] (uint8 or float, 0-255): the image sits at
+    canvas_offset (left, top) on a canvas filled with `mean`; take the integer patch
+    (x0, y0, x1, y1) of the canvas, mirror it when `flip`, resize it bilinearly to size x size
+    exactly as F.interpolate(align_corners=False) would, subtract the mean.
+    -> float tensor [3, S, S].
+
+    One grid_sample of (image - mean) with zero padding gives the same numbers as building the
+    mean-filled canvas, cropping, flipping and resizing; sample positions are clamped to the
+    patch as F.interpolate clamps to its input. `colour` (photometric_params) is applied to just
+    the pixels the sampling reads, which is exact because every photometric step is per pixel.
+    """
+    h, w = img.shape[:2]
+    left, top = canvas_offset
+    x0, y0, x1, y1 = patch
+
+    def positions(length):  # patch pixel-centre coordinates sampled by the S output pixels
+        p = (np.arange(size, dtype=np.float64) + 0.5) * (length / size) - 0.5
+        return np.clip(p, 0, length - 1)
+
+    xs = positions(x1 - x0)
+    if flip:
+        xs = (x1 - x0 - 1) - xs
+    xs = xs + x0 - left  # image coordinates
+    ys = positions(y1 - y0) + y0 - top
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    # the image rows / columns bilinear sampling can touch (floor and floor + 1)
+    c0, c1 = max(int(math.floor(xs.min())), 0), min(int(math.floor(xs.max())) + 2, w)
+    r0, r1 = max(int(math.floor(ys.min())), 0), min(int(math.floor(ys.max())) + 2, h)
+    if c1 <= c0 or r1 <= r0:  # the patch shows only the fill
+        return torch.zeros(3, size, size)
+    window = np.ascontiguousarray(img[r0:r1, c0:c1].transpose(2, 0, 1), dtype=np.float32)
+    if colour is not None:
+        window = photometric_distort(window, colour)  # [3, h', w']
+    src = torch.from_numpy(window) - mean_t  # [3, h', w']
+    gx = torch.from_numpy((2 * (xs - c0) + 1) / (c1 - c0) - 1).float()  # [S]
+    gy = torch.from_numpy((2 * (ys - r0) + 1) / (r1 - r0) - 1).float()  # [S]
+    grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), -1)  # [S, S, 2]
+    out = F.grid_sample(src[None], grid[None], mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
+    return out[0]  # [3, S, S]
+
+
+def _as_arrays(boxes, labels):
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(boxes) != len(labels):
+        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+    return boxes, labels
+
+
+class TrainTransform:
+    """SSD training augmentation (facts §8.1, mmdetection / amdegroot order): photometric
+    distortion -> expand (zoom out) -> min-IoU random crop -> horizontal flip 0.5 -> warp to
+    size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) ->
+    (float [3, S, S], boxes float32 [n', 4] xyxy in [0, 1], labels int64 [n']).
+
+    Boxes are clipped to the image first and boxes with no area dropped; after the crop only
+    boxes whose centre was inside remain, clipped to the patch. An image that has boxes keeps at
+    least one; an image without boxes goes through every step.
+
+    Random numbers: a numpy Generator seeded from torch.initial_seed(), re-made whenever that
+    seed changes, so each DataLoader worker (seeded base_seed + worker_id by torch) and each
+    epoch's workers draw differently, and torch.manual_seed makes a run repeatable.
+    """
+
+    def __init__(self, size=300, mean=MEAN):
+        self.size, self.mean = int(size), tuple(float(m) for m in mean)
+        self._seed, self._rng = None, None
+
+    def _generator(self):
+        seed = torch.initial_seed()
+        if seed != self._seed:
+            self._seed, self._rng = seed, np.random.default_rng(seed)
+        return self._rng
+
+    def __call__(self, image, boxes, labels):
+        rng = self._generator()
+        img = np.asarray(image)  # [H, W, 3] uint8
+        h, w = img.shape[:2]
+        boxes, labels = _as_arrays(boxes, labels)
+        boxes, _, valid = _clip_boxes(boxes, w, h)
+        boxes, labels = boxes[valid], labels[valid]
+
+        colour = photometric_params(rng)
+        cw, ch, left, top = expand_params(w, h, rng)
+        boxes = boxes + [left, top, left, top]  # canvas pixels
+        patch, keep = min_iou_crop(boxes, cw, ch, rng)
+        x0, y0, x1, y1 = patch
+        boxes = np.clip(boxes[keep], [x0, y0, x0, y0], [x1, y1, x1, y1]) - [x0, y0, x0, y0]
+        labels = labels[keep]
+        flip = bool(rng.random() < 0.5)
+        pw, ph = x1 - x0, y1 - y0
+        if flip:
+            boxes = np.stack([pw - boxes[:, 2], boxes[:, 1], pw - boxes[:, 0], boxes[:, 3]], 1)
+        out = warp(img, (left, top), patch, flip, self.size, self.mean, colour)
+        boxes = np.clip(boxes / [pw, ph, pw, ph], 0, 1).astype(np.float32)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return out, torch.from_numpy(boxes[valid]), torch.from_numpy(labels[valid])
+
+
+class TestTransform:
+    """Evaluation: warp to size x size and subtract the mean (ssd.preprocess, the same numbers
+    detect() feeds the model); boxes divided by (width, height). __call__ as TrainTransform's."""
+
+    def __init__(self, size=300, mean=MEAN):
+        self.size, self.mean = int(size), tuple(float(m) for m in mean)
+
+    def __call__(self, image, boxes, labels):
+        w, h = image.size
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
+        boxes, labels = _as_arrays(boxes, labels)
+        boxes = (boxes / [w, h, w, h]).astype(np.float32)
+        return (preprocess([pixels], self.size, self.mean)[0], torch.from_numpy(boxes),
+                torch.from_numpy(labels))
+
+
+def seed_worker(worker_id):
+    """DataLoader worker_init_fn: seed Python's and numpy's global generators from the worker's
+    torch seed (base_seed + worker_id). torch >= 1.9 seeds both itself; this states it in the
+    training script and keeps the rule the same across versions. The transforms here need
+    neither: they derive their own Generator from torch.initial_seed()."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+# -----------------------------------------------------------------------------------------------
+# torch Dataset and collate
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """source + transform -> items (image [3, S, S], boxes [n, 4] in [0, 1], labels [n], index).
+    `difficult` boxes are dropped unless keep_difficult (training drops them; evaluation reads
+    them from source.annotation)."""
+
+    def __init__(self, source, transform, keep_difficult=False):
+        self.source, self.transform, self.keep_difficult = source, transform, keep_difficult
+        self._size_warned = set()
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        image = self.source.load_image(i)
+        ann = self.source.annotation(i)
+        boxes, labels = ann["boxes"], ann["labels"]
+        if not self.keep_difficult:
+            boxes, labels = boxes[~ann["difficult"]], labels[~ann["difficult"]]
+        if image.size != (ann["width"], ann["height"]) and i not in self._size_warned:
+            self._size_warned.add(i)
+            log.warning("image %s: image is %dx%d but its annotation says %dx%d; boxes kept as "
+                        "written",
+                        self.source.image_id(i), *image.size, ann["width"], ann["height"])
+        image, boxes, labels = self.transform(image, boxes, labels)
+        return image, boxes, labels, i
+
+
+def collate(batch):
+    """[(image, boxes, labels, index)] -> (images [B, 3, S, S], list of B boxes [n_i, 4], list of
+    B labels [n_i], indices int64 [B]); boxes and labels stay ragged lists."""
+    images, boxes, labels, indices = zip(*batch)
+    return (torch.stack(images), list(boxes), list(labels),
+            torch.tensor(indices, dtype=torch.int64))

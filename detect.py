@@ -1,0 +1,331 @@
+"""Run an SSD on images: draw the boxes on copies, print one line per image, optionally write JSON.
+
+    python detect.py photo.jpg holiday/ 'scans/*.png' --weights runs/voc/best.pt --json dets.json
+
+PATHs are image files, folders (their image files, not recursive) and globs (quote them; Python
+expands them, so they work the same on every shell). --weights takes anything ssd.load_model reads:
+our checkpoints and torchvision ssd300_vgg16, amdegroot ssd.pytorch or mmdetection SSD files.
+Without it the newest runs/*/best.pt is used.
+
+JSON: [{"image": path, "width": w, "height": h, "detections": [{"box": [x1, y1, x2, y2], "score":
+s, "label": i, "name": str}]}], boxes xyxy in pixels of the image as displayed (EXIF orientation
+applied), no +1. Images that could not be read are left out of it and named on stderr instead.
+Exit code 0: all done; 1: some inputs failed, the rest were processed; 2: bad usage, no weights, or
+no image could be read.
+"""
+import argparse
+import colorsys
+import glob
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ImageDraw, ImageFont
+
+import data
+import ssd
+
+# -----------------------------------------------------------------------------------------------
+# Defaults
+SCORE_THR = 0.5  # for drawing; evaluation keeps everything above 0.01 (paper / Caffe, facts §10)
+NMS_IOU = 0.45  # paper / Caffe
+TOPK = 400  # candidates per class before NMS (Caffe top_k)
+MAX_DET = 200  # detections per image (Caffe keep_top_k)
+BATCH_SIZE = 8
+OUT_DIR = "runs/detect"
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm"}
+NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a few minutes on a "
+              "CPU) or pass --weights FILE (ours, torchvision ssd300_vgg16, amdegroot ssd.pytorch "
+              "or mmdetection SSD)")
+
+
+class UsageError(Exception):
+    """A mistake that stops the whole run (exit 2): the message is printed as is."""
+
+
+# -----------------------------------------------------------------------------------------------
+# Inputs
+
+def is_image_name(path):
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_files_in(folder):
+    """The image files directly inside `folder`, by extension (any case), sorted by name."""
+    names = sorted(os.listdir(folder))
+    return [os.path.join(folder, n) for n in names
+            if is_image_name(n) and os.path.isfile(os.path.join(folder, n))]
+
+
+def collect_inputs(paths):
+    """PATH arguments -> (image files in order, without repeats; error lines). A path that exists
+    is taken literally, so a file named 'a[1].jpg' is not read as a glob. Files named explicitly
+    are kept whatever their extension (reading them reports what they are); files that folders and
+    globs turn up are kept only when their extension says image."""
+    files, errors, seen = [], [], set()
+
+    def add(f):
+        key = os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            files.append(f)
+
+    for p in paths:
+        if os.path.isdir(p):
+            found = image_files_in(p)
+            if not found:
+                errors.append(f"{p}: no image files in this folder")
+            for f in found:
+                add(f)
+        elif os.path.exists(p):
+            add(p)
+        elif any(ch in p for ch in "*?["):
+            found = []
+            for m in sorted(glob.glob(p, recursive=True)):
+                if os.path.isdir(m):
+                    found += image_files_in(m)
+                elif is_image_name(m):
+                    found.append(m)
+            if not found:
+                errors.append(f"{p}: no image files match this pattern")
+            for f in found:
+                add(f)
+        else:
+            errors.append(f"{p}: no such file or folder")
+    return files, errors
+
+
+def newest_checkpoint(runs_dir="runs"):
+    """The most recently written runs/*/best.pt, or None."""
+    found = [p for p in glob.glob(os.path.join(glob.escape(runs_dir), "*", "best.pt"))
+             if os.path.isfile(p)]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def to_tensor(image):
+    """PIL RGB -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
+
+
+# -----------------------------------------------------------------------------------------------
+# Drawing
+
+def class_colour(label):
+    """A saturated colour per class: hues spaced by the golden ratio, so neighbouring labels differ
+    strongly and the colour of a class is the same in every image."""
+    hue = (label * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def text_colour(background):
+    """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+def label_font(size):
+    try:  # Pillow >= 10.1 scales its built-in font
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # older Pillow: the fixed small bitmap font
+        return ImageFont.load_default()
+
+
+def draw_detections(image, boxes, scores, labels, class_names):
+    """Draw boxes [k, 4] xyxy pixels with "name 0.87" labels on `image` (PIL RGB, in place).
+    Lowest scores are drawn first, so the best detections end up on top."""
+    w, h = image.size
+    line = max(2, round(min(w, h) / 200))
+    font = label_font(max(12, round(min(w, h) / 32)))
+    draw = ImageDraw.Draw(image)
+    for i in reversed(range(len(scores))):
+        x1, y1, x2, y2 = boxes[i].tolist()
+        label = int(labels[i])
+        colour = class_colour(label)
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+        text = f"{class_names[label - 1]} {float(scores[i]):.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left + 2 * line, bottom - top + 2 * line
+        # above the box when there is room, else just inside its top edge; always inside the image
+        tx = min(max(0.0, x1), max(0.0, w - tw))
+        ty = y1 - th if y1 - th >= 0 else min(max(0.0, y1), max(0.0, h - th))
+        draw.rectangle([tx, ty, tx + tw, ty + th], fill=colour)
+        draw.text((tx + line - left, ty + line - top), text, fill=text_colour(colour), font=font)
+    return image
+
+
+def output_path(out_dir, image_path, taken):
+    """<out_dir>/<stem>.jpg; a numeric suffix when that name is already used in this run or is one
+    of the inputs (so an input is never overwritten, and same-named images from different folders
+    all survive). Adds the choice to `taken` (a set of real paths)."""
+    stem = Path(image_path).stem
+    for n in itertools.count():
+        candidate = os.path.join(out_dir, f"{stem}.jpg" if n == 0 else f"{stem}_{n}.jpg")
+        if os.path.realpath(candidate) not in taken:
+            taken.add(os.path.realpath(candidate))
+            return candidate
+
+
+def write_json_atomic(path, obj):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".detect-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    p.add_argument("--weights", help="checkpoint (default: the newest runs/*/best.pt)")
+    p.add_argument("--score-thr", type=float, default=SCORE_THR,
+                   help=f"keep detections scoring above this (default {SCORE_THR})")
+    p.add_argument("--nms-iou", type=float, default=NMS_IOU,
+                   help=f"IoU above which NMS suppresses a box (default {NMS_IOU})")
+    p.add_argument("--nms", choices=["hard", "soft"], default="hard",
+                   help="hard NMS or Gaussian soft-NMS (default hard)")
+    p.add_argument("--topk", type=int, default=TOPK,
+                   help=f"candidates per class before NMS (default {TOPK})")
+    p.add_argument("--max-det", type=int, default=MAX_DET,
+                   help=f"detections per image (default {MAX_DET})")
+    p.add_argument("--out", default=OUT_DIR,
+                   help=f"folder for the drawn images (default {OUT_DIR})")
+    p.add_argument("--json", metavar="FILE", help="also write all detections to this JSON file")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"images per forward pass, any sizes mixed (default {BATCH_SIZE})")
+    args = p.parse_args(argv)
+    if not 0.0 <= args.score_thr < 1.0:
+        p.error("--score-thr must be in [0, 1)")
+    if not 0.0 <= args.nms_iou <= 1.0:
+        p.error("--nms-iou must be in [0, 1]")
+    for name in ("topk", "max_det", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def load_weights(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    path = args.weights or newest_checkpoint()
+    if path is None:
+        raise UsageError(NO_WEIGHTS)
+    try:
+        return ssd.load_model(path, args.device), path
+    except ssd.CheckpointError as e:
+        raise UsageError(str(e)) from None
+
+
+def prepare_outputs(args):
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UsageError(f"{args.out}: cannot create the output folder ({reason})") from None
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise UsageError(f"{args.json}: its folder does not exist")
+
+
+def summary_line(path, scores, labels, class_names, ms):
+    n = len(scores)
+    found = ", ".join(f"{class_names[int(c) - 1]} {float(s):.2f}"
+                      for s, c in zip(scores[:5], labels[:5]))
+    more = ", ..." if n > 5 else ""
+    objects = f"{n} object{'s' if n != 1 else ''}" + (f" ({found}{more})" if n else "")
+    return f"{path}: {objects} {ms:.0f} ms"
+
+
+def run(args, model, files):
+    """Detect on `files` in batches; draw, print, collect JSON. Returns (results, failures)."""
+    names = model.config["class_names"]
+    options = dict(score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
+                   max_det=args.max_det, nms=args.nms)
+    taken = {os.path.realpath(f) for f in files}
+    results, failures = [], 0
+    for start in range(0, len(files), args.batch_size):
+        batch = []  # (path, PIL image, seconds spent reading it)
+        for path in files[start:start + args.batch_size]:
+            t0 = time.perf_counter()
+            try:
+                batch.append((path, data.load_image(path), time.perf_counter() - t0))
+            except data.DataError as e:  # its message starts with the path
+                print(e, file=sys.stderr)
+                failures += 1
+        if not batch:
+            continue
+        t0 = time.perf_counter()
+        detections = ssd.detect(model, [to_tensor(im) for _, im, _ in batch], **options)
+        model_share = (time.perf_counter() - t0) / len(batch)
+        for (path, image, read_s), (boxes, scores, labels) in zip(batch, detections):
+            draw_detections(image, boxes, scores, labels, names)
+            target = output_path(args.out, path, taken)
+            try:
+                # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
+                image.save(target, "JPEG", quality=92, subsampling=0)
+            except OSError as e:
+                print(f"{target}: cannot write ({e.strerror or e})", file=sys.stderr)
+                failures += 1
+                continue
+            print(summary_line(path, scores, labels, names, 1000 * (read_s + model_share)))
+            results.append({
+                "image": path, "width": image.width, "height": image.height,
+                "detections": [{"box": [round(v, 2) for v in box], "score": round(float(s), 6),
+                                "label": int(c), "name": names[int(c) - 1]}
+                               for box, s, c in zip(boxes.tolist(), scores, labels)]})
+    return results, failures
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    files, errors = collect_inputs(args.paths)
+    for line in errors:
+        print(line, file=sys.stderr)
+    if not files:  # every path has had its error line
+        return 2
+    try:
+        model, weights = load_weights(args)
+        prepare_outputs(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    results, failures = run(args, model, files)
+    failures += len(errors)
+    if args.json and results:
+        try:
+            write_json_atomic(args.json, results)
+        except OSError as e:
+            print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
+            failures += 1
+    objects = sum(len(r["detections"]) for r in results)
+    print(f"{len(results)} image{'s' if len(results) != 1 else ''}, {objects} objects, "
+          f"{failures} failed, {time.perf_counter() - t0:.1f} s (weights {weights}); "
+          f"drawn images in {args.out}"
+          + (f", detections in {args.json}" if args.json and results else ""))
+    if not results:
+        return 2
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,782 @@
+"""Evaluate detections: PASCAL VOC mAP and COCO AP, from a checkpoint or from a results file.
+
+    python evaluate.py --voc --weights runs/voc/best.pt                     # VOC2007 test
+    python evaluate.py --voc --data-root shared/data/bccd/BCCD --split val --weights W
+    python evaluate.py --voc --results dets/          # a folder of comp4_det_test_<class>.txt
+    python evaluate.py --coco --weights W --json-out metrics.json       # COCO val2017
+    python evaluate.py --coco --results detections_val2017.json
+    torchrun --nproc_per_node 4 evaluate.py --coco --weights W          # images sharded over GPUs
+
+VOC (ssd-facts.md §12, the devkit's VOCevaldet.m): per class, detections are ranked by score with
+a stable sort (equal scores keep image order, then the order within the image). Each detection
+takes the ground truth object of its class in its image with the highest IoU, whether that object
+is already taken or not (first object on ties). If that IoU is >= 0.5: a `difficult` object makes
+the detection count as neither TP nor FP; an object not yet taken makes it a TP and takes the
+object; an object already taken makes it a FP (a duplicate). Otherwise it is a FP. Difficult
+objects are not counted as positives. AP is the VOC2007 11-point metric or the VOC2010+ area
+under the precision envelope; mAP is the mean over the classes that have at least one
+non-difficult object (a class without any reports nan and is left out).
+
+Pixel convention: the devkit measures 1-based boxes with +1 in widths, heights and intersections.
+Our boxes are 0-based with no +1 (data.py subtracts 1 from xmin/ymin only), so x2 - x1 here is
+the devkit's x2 - x1 + 1 on the raw numbers, and plain IoU on our boxes equals the devkit's IoU on
+the raw ones. Files in the devkit's comp4 format are 1-based: reading subtracts 1 from x1/y1,
+writing adds it back.
+
+COCO: pycocotools COCOeval (bbox) on results in the standard format (`image_id` of the annotation
+file, original `category_id`, `bbox` = [x, y, w, h] in original pixels with w = x2 - x1, `score`).
+"""
+import argparse
+import contextlib
+import functools
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import data
+import ssd
+
+IOU_THRESHOLD = 0.5          # devkit minoverlap; a match needs IoU >= 0.5 (py-faster-rcnn uses >)
+METRICS = ("11point", "area")  # VOC2007 test / VOC2010+
+DEFAULT_ROOT = {"voc": "data/VOCdevkit", "coco": "data/coco"}
+PROGRESS_EVERY_S = 2.0
+COCO_STAT_NAMES = [
+    ("AP", "AP    IoU=0.50:0.95 area=all    maxDets=100"),
+    ("AP50", "AP    IoU=0.50      area=all    maxDets=100"),
+    ("AP75", "AP    IoU=0.75      area=all    maxDets=100"),
+    ("APs", "AP    IoU=0.50:0.95 area=small  maxDets=100"),
+    ("APm", "AP    IoU=0.50:0.95 area=medium maxDets=100"),
+    ("APl", "AP    IoU=0.50:0.95 area=large  maxDets=100"),
+    ("AR1", "AR    IoU=0.50:0.95 area=all    maxDets=1"),
+    ("AR10", "AR    IoU=0.50:0.95 area=all    maxDets=10"),
+    ("AR100", "AR    IoU=0.50:0.95 area=all    maxDets=100"),
+    ("ARs", "AR    IoU=0.50:0.95 area=small  maxDets=100"),
+    ("ARm", "AR    IoU=0.50:0.95 area=medium maxDets=100"),
+    ("ARl", "AR    IoU=0.50:0.95 area=large  maxDets=100"),
+]
+
+
+class EvalError(ValueError):
+    """Bad evaluation input; the message starts with the file it concerns where there is one."""
+
+
+def _numpy(x, dtype, width=None):
+    """A tensor, array or list as a numpy array of `dtype` ([n, width] when width is given)."""
+    if x is None:
+        x = []
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x, dtype=dtype)
+    return a.reshape(-1, width) if width else a.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- VOC metric
+def voc_ap(rec, prec, metric="11point"):
+    """Average precision of a recall/precision curve (rec non-decreasing, as cumulative sums are).
+
+    "11point" (VOC2007): mean over t = 0, 0.1, ..., 1 of the highest precision at recall >= t,
+    0 where recall never reaches t. The thresholds are the doubles nearest to k/10, so a recall of
+    exactly 3/10 reaches 0.3 (np.arange(0, 1.1, 0.1) gives 0.30000000000000004 and would not).
+    "area" (VOC2010+): area under the precision envelope (precision made non-increasing from the
+    right) over the recall steps. An empty curve has AP 0.
+    """
+    rec = np.asarray(rec, dtype=np.float64).reshape(-1)
+    prec = np.asarray(prec, dtype=np.float64).reshape(-1)
+    if rec.shape != prec.shape:
+        raise ValueError(f"voc_ap: rec and prec differ in length ({rec.size} vs {prec.size})")
+    if np.any(np.diff(rec) < 0):
+        raise ValueError("voc_ap: recall must be non-decreasing")
+    if metric == "11point":
+        if rec.size == 0:
+            return 0.0
+        envelope = np.maximum.accumulate(prec[::-1])[::-1]  # best precision at this rank or later
+        first = np.searchsorted(rec, np.arange(11) / 10, side="left")  # first rank with rec >= t
+        reached = first < rec.size
+        return float(np.where(reached, envelope[np.minimum(first, rec.size - 1)], 0.0).mean())
+    if metric == "area":
+        mrec = np.concatenate(([0.0], rec, [1.0]))
+        mpre = np.concatenate(([0.0], prec, [0.0]))
+        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        step = np.flatnonzero(mrec[1:] != mrec[:-1])
+        return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
+    raise ValueError(f"voc_ap: metric must be one of {METRICS}, not {metric!r}")
+
+
+def _box_iou_pairs(a, b):
+    """IoU of a [..., 4] with b [..., 4] elementwise (xyxy, no +1); 0 where the union is empty."""
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    union = ((a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+             + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter)
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_images, iou_thr):
+    """Devkit matching of one class's detections, already in rank order.
+
+    Returns (tp bool [D], ignored bool [D]): ignored = best match is a difficult object.
+    """
+    num_det = len(det_boxes)
+    tp = np.zeros(num_det, dtype=bool)
+    ignored = np.zeros(num_det, dtype=bool)
+    count = np.bincount(gt_image, minlength=num_images)  # gt_image ascending: a CSR layout
+    start = np.cumsum(count) - count
+    has_gt = np.flatnonzero(count[det_image] > 0)  # detections in images without objects are FP
+    if has_gt.size == 0:
+        return tp, ignored
+    d_start, d_count = start[det_image[has_gt]], count[det_image[has_gt]]
+    cols = np.arange(d_count.max())
+    valid = cols[None, :] < d_count[:, None]                       # [D', G]
+    gt_index = np.where(valid, d_start[:, None] + cols[None, :], 0)  # [D', G]
+    iou = _box_iou_pairs(det_boxes[has_gt][:, None, :], gt_boxes[gt_index])  # [D', G]
+    iou[~valid] = -1.0
+    best = iou.argmax(axis=1)  # first object on ties, like the devkit's strict '>' scan
+    best_iou = iou[np.arange(has_gt.size), best]
+    best_gt = d_start + best
+    hit = best_iou >= iou_thr
+    on_difficult = hit & gt_difficult[best_gt]
+    claim = np.flatnonzero(hit & ~on_difficult)
+    # An object goes to the first detection (in rank order) whose best match it is; the later
+    # ones are duplicates. Their best object is fixed, so no sequential loop is needed.
+    _, first = np.unique(best_gt[claim], return_index=True)
+    tp[has_gt[claim[first]]] = True
+    ignored[has_gt[on_difficult]] = True
+    return tp, ignored
+
+
+def _concat(arrays, dtype, width=None):
+    """Per-image arrays -> (one array, the image index of each row)."""
+    arrays = [_numpy(a, dtype, width) for a in arrays]
+    image = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])
+    if not arrays:
+        return np.zeros((0, width) if width else 0, dtype), image
+    return np.concatenate(arrays), image
+
+
+def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD):
+    """PASCAL VOC AP per class and mAP, 11-point and area, as the devkit computes them.
+
+    detections: one entry per image, (boxes [k,4], scores [k], labels [k] in 1..C) or None.
+    ground_truth: one dict per image (the same order) with boxes [n,4], labels [n] and optional
+    difficult [n] (data.py's annotation). Boxes are xyxy 0-based pixels, no +1 (module docstring).
+    Returns {"map_11point", "map_area", "per_class_11point": {name: ap}, "per_class_area",
+    "num_gt": {name: non-difficult objects}}; a class without objects has AP nan.
+    """
+    if len(detections) != len(ground_truth):
+        raise ValueError(f"voc_eval: {len(detections)} detection entries for "
+                         f"{len(ground_truth)} images")
+    num_images = len(ground_truth)
+    gt_boxes, gt_image = _concat([g["boxes"] for g in ground_truth], np.float64, 4)
+    gt_labels, label_image = _concat([g["labels"] for g in ground_truth], np.int64)
+    gt_difficult, difficult_image = _concat(
+        [np.zeros(len(g["labels"]), bool) if g.get("difficult") is None else g["difficult"]
+         for g in ground_truth], bool)
+    dets = [(None, None, None) if d is None else d for d in detections]
+    det_boxes, det_image = _concat([d[0] for d in dets], np.float64, 4)
+    det_scores, score_image = _concat([d[1] for d in dets], np.float64)
+    det_labels, det_label_image = _concat([d[2] for d in dets], np.int64)
+    if not (np.array_equal(gt_image, label_image) and np.array_equal(gt_image, difficult_image)
+            and np.array_equal(det_image, score_image)
+            and np.array_equal(det_image, det_label_image)):
+        raise ValueError("voc_eval: boxes, labels, scores or difficult of an image differ in "
+                         "length")
+
+    result = {"per_class_11point": {}, "per_class_area": {}, "num_gt": {}}
+    for c, name in enumerate(class_names, start=1):
+        g = np.flatnonzero(gt_labels == c)
+        npos = int(np.count_nonzero(~gt_difficult[g]))
+        d = np.flatnonzero(det_labels == c)
+        d = d[np.argsort(-det_scores[d], kind="mergesort")]  # stable: ties keep image order
+        tp, ignored = _match_class(det_boxes[d], det_image[d], gt_boxes[g], gt_image[g],
+                                   gt_difficult[g], num_images, iou_threshold)
+        tp = tp[~ignored]
+        cum_tp = np.cumsum(tp)
+        cum_fp = np.cumsum(~tp)
+        rec = cum_tp / max(npos, 1)
+        prec = cum_tp / np.maximum(cum_tp + cum_fp, 1)
+        result["num_gt"][name] = npos
+        for metric in METRICS:
+            result[f"per_class_{metric}"][name] = voc_ap(rec, prec, metric) if npos else math.nan
+    for metric in METRICS:
+        aps = [ap for ap in result[f"per_class_{metric}"].values() if not math.isnan(ap)]
+        result[f"map_{metric}"] = float(np.mean(aps)) if aps else math.nan
+    return result
+
+
+def make_synthetic_voc(num_images=4952, seed=0, detections_per_image=200, num_classes=20):
+    """A VOC2007-test-sized problem: (detections, ground_truth, class_names) for voc_eval.
+
+    About 3 objects per image (20% difficult, so ~12,000 positives over 4,952 images), and 200
+    detections per image: jittered copies of the objects (some duplicated, some mislabelled) with
+    higher scores, the rest random boxes with low scores. Float32, like the model's output.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(300, 501, size=(num_images, 2)).astype(np.float64)  # (w, h)
+    n_gt = 1 + rng.poisson(2.0, size=num_images)
+    gt_image = np.repeat(np.arange(num_images), n_gt)
+    wh = sizes[gt_image]
+    box_wh = wh * rng.uniform(0.05, 0.6, size=(len(gt_image), 2))
+    xy = (wh - box_wh) * rng.uniform(size=(len(gt_image), 2))
+    gt_boxes = np.round(np.concatenate([xy, xy + box_wh], axis=1))
+    gt_labels = rng.integers(1, num_classes + 1, size=len(gt_image))
+    gt_difficult = rng.uniform(size=len(gt_image)) < 0.2
+
+    copies = rng.integers(0, 4, size=len(gt_image))  # 0..3 detections per object
+    src = np.repeat(np.arange(len(gt_image)), copies)
+    jitter = rng.normal(0.0, 0.1, size=(len(src), 4)) * box_wh[src][:, [0, 1, 0, 1]]
+    hit_boxes = gt_boxes[src] + jitter
+    hit_labels = np.where(rng.uniform(size=len(src)) < 0.9, gt_labels[src],
+                          rng.integers(1, num_classes + 1, size=len(src)))
+    hit_scores = rng.beta(5, 2, size=len(src))
+    hits_per_image = np.bincount(gt_image[src], minlength=num_images)
+    n_rand = np.maximum(detections_per_image - hits_per_image, 0)
+    rand_image = np.repeat(np.arange(num_images), n_rand)
+    rwh = sizes[rand_image]
+    r_wh = rwh * rng.uniform(0.02, 0.7, size=(len(rand_image), 2))
+    r_xy = (rwh - r_wh) * rng.uniform(size=(len(rand_image), 2))
+    rand_boxes = np.concatenate([r_xy, r_xy + r_wh], axis=1)
+    rand_labels = rng.integers(1, num_classes + 1, size=len(rand_image))
+    rand_scores = rng.beta(1, 6, size=len(rand_image))
+
+    det_image = np.concatenate([gt_image[src], rand_image])
+    order = np.argsort(det_image, kind="mergesort")
+    boxes = np.concatenate([hit_boxes, rand_boxes])[order].astype(np.float32)
+    scores = np.concatenate([hit_scores, rand_scores])[order].astype(np.float32)
+    labels = np.concatenate([hit_labels, rand_labels])[order]
+    det_split = np.cumsum(np.bincount(det_image, minlength=num_images))[:-1]
+    gt_split = np.cumsum(n_gt)[:-1]
+    detections = list(zip(np.split(boxes, det_split), np.split(scores, det_split),
+                          np.split(labels, det_split)))
+    ground_truth = [{"boxes": b.astype(np.float32), "labels": lab, "difficult": dif,
+                     "width": int(w), "height": int(h)}
+                    for b, lab, dif, (w, h) in zip(np.split(gt_boxes, gt_split),
+                                                   np.split(gt_labels, gt_split),
+                                                   np.split(gt_difficult, gt_split), sizes)]
+    return detections, ground_truth, [f"class{c}" for c in range(1, num_classes + 1)]
+
+
+# ----------------------------------------------------------------------------- VOC results files
+COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")
+
+
+def _write_atomic(path, text):
+    """Write a text file through a temporary file and a rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_det_test_"):
+    """Write devkit result files, one per class: `<image_id> <score> <x1> <y1> <x2> <y2>` 1-based.
+
+    detections: per image (boxes [k,4] 0-based pixels, scores, labels 1..C), aligned with
+    image_ids. Numbers are written in Python's shortest round-trip form, so reading the files back
+    gives exactly the same boxes and scores (and the same metrics). Returns the file paths.
+    """
+    folder = Path(folder)
+    lines = {c: [] for c in range(1, len(class_names) + 1)}
+    for image_id, det in zip(image_ids, detections):
+        if det is None:
+            continue
+        boxes = _numpy(det[0], np.float64, 4) + np.array([1.0, 1.0, 0.0, 0.0])  # to 1-based
+        scores, labels = _numpy(det[1], np.float64), _numpy(det[2], np.int64)
+        for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+            if label in lines:
+                lines[label].append(f"{image_id} {score!r} {x1!r} {y1!r} {x2!r} {y2!r}\n")
+    paths = [folder / f"{prefix}{name}.txt" for name in class_names]
+    for c, path in enumerate(paths, start=1):
+        _write_atomic(path, "".join(lines[c]))
+    return paths
+
+
+def read_voc_results(folder, image_ids, class_names, log=print):
+    """Read a folder of comp<N>_det_<set>_<class>.txt files into per-image detections.
+
+    Returns a list aligned with image_ids of (boxes [k,4] 0-based, scores [k], labels [k]), each
+    image's rows in file order (so equal scores rank as the devkit ranks them when a file lists
+    its images in order, as write_voc_results does). Raises EvalError for a missing folder, a
+    malformed line or an image id not in image_ids.
+    Files of classes not in class_names are skipped with a warning; a class without a file has
+    no detections (warned too).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalError(f"{folder}: not a folder (--voc --results wants a folder of "
+                        "comp4_det_test_<class>.txt files)")
+    index = {str(i): k for k, i in enumerate(image_ids)}
+    label_of = {name: c for c, name in enumerate(class_names, start=1)}
+    files = {}
+    for path in sorted(folder.iterdir()):
+        m = COMP_FILE.match(path.name)
+        if not m:
+            continue
+        name = m.group(1)
+        if name not in label_of:
+            log(f"warning: {path}: class {name!r} is not one of the data's classes; skipped")
+            continue
+        if name in files:
+            raise EvalError(f"{path}: a second results file for class {name!r} "
+                            f"(first: {files[name].name})")
+        files[name] = path
+    if not files:
+        raise EvalError(f"{folder}: no comp4_det_test_<class>.txt file of any of the classes "
+                        f"{', '.join(class_names)}")
+    missing = [n for n in class_names if n not in files]
+    if missing:
+        log(f"warning: {folder}: no results file for {', '.join(missing)} (no detections)")
+    per_file = []
+    for name, path in files.items():
+        rows = [(n, line.split()) for n, line in enumerate(path.read_text().splitlines(), 1)
+                if line.strip()]
+        for n, fields in rows:
+            if len(fields) != 6:
+                raise EvalError(f"{path}:{n}: expected '<image_id> <score> <x1> <y1> <x2> <y2>', "
+                                f"got {len(fields)} fields")
+            if fields[0] not in index:
+                raise EvalError(f"{path}:{n}: image id {fields[0]!r} is not in the ground truth")
+        try:
+            numbers = np.array([f[1:] for _, f in rows], dtype=np.float64).reshape(-1, 5)
+        except ValueError:
+            bad = next(n for n, f in rows if not all(_is_number(v) for v in f[1:]))
+            raise EvalError(f"{path}:{bad}: score and box must be numbers") from None
+        if not np.isfinite(numbers).all():
+            raise EvalError(f"{path}: non-finite score or coordinate")
+        img = np.array([index[f[0]] for _, f in rows], dtype=np.int64)
+        boxes = numbers[:, 1:] - np.array([1.0, 1.0, 0.0, 0.0])  # devkit 1-based -> 0-based
+        per_file.append((img, boxes, numbers[:, 0], np.full(len(rows), label_of[name])))
+    img = np.concatenate([p[0] for p in per_file])
+    order = np.argsort(img, kind="mergesort")  # per image; file order kept within an image
+    boxes = np.concatenate([p[1] for p in per_file])[order]
+    scores = np.concatenate([p[2] for p in per_file])[order]
+    labels = np.concatenate([p[3] for p in per_file])[order]
+    split = np.cumsum(np.bincount(img, minlength=len(image_ids)))[:-1]
+    return list(zip(np.split(boxes, split), np.split(scores, split), np.split(labels, split)))
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- COCO
+def load_coco(ann_file):
+    """pycocotools COCO object for an annotation json, quietly; EvalError names a bad file."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(ann_file))
+    except FileNotFoundError:
+        raise EvalError(f"{ann_file}: annotation file not found") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # json or schema errors
+        raise EvalError(f"{ann_file}: not a COCO annotation file "
+                        f"({type(e).__name__}: {e})") from None
+    if "images" not in coco.dataset or "categories" not in coco.dataset:
+        raise EvalError(f"{ann_file}: not a COCO annotation file (no 'images' or 'categories')")
+    return coco
+
+
+def coco_results(detections, image_ids, category_ids):
+    """COCO results list from per-image (boxes xyxy pixels, scores, labels 1..C) detections:
+    [{"image_id", "category_id": category_ids[label-1], "bbox": [x, y, x2-x, y2-y], "score"}]."""
+    results = []
+    for image_id, det in zip(image_ids, detections):
+        if det is None:
+            continue
+        boxes = _numpy(det[0], np.float64, 4)
+        boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh (w = x2 - x1, no +1)
+        for box, score, label in zip(boxes.tolist(), _numpy(det[1], np.float64).tolist(),
+                                     _numpy(det[2], np.int64).tolist()):
+            results.append({"image_id": image_id, "category_id": category_ids[label - 1],
+                            "bbox": box, "score": score})
+    return results
+
+
+def read_coco_results(path):
+    """A COCO results json: a list of {image_id, category_id, bbox [x,y,w,h], score}."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvalError(f"{path}: results file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(results, list):
+        raise EvalError(f"{path}: expected a JSON list of detections, "
+                        f"got {type(results).__name__}")
+    keys = ("image_id", "category_id", "bbox", "score")
+    for i, r in enumerate(results):
+        ok = (isinstance(r, dict) and all(k in r for k in keys)
+              and all(isinstance(r[k], int) for k in keys[:2])
+              and isinstance(r["bbox"], list) and len(r["bbox"]) == 4
+              and all(isinstance(v, (int, float)) and math.isfinite(v)
+                      for v in r["bbox"] + [r["score"]]))
+        if not ok:
+            raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
+                            f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
+    return results
+
+
+def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"):
+    """pycocotools COCOeval (bbox) over image_ids (default: every image of the annotation file).
+
+    coco_gt: an annotation json path or a pycocotools COCO object. class_names: report names for
+    the categories in ascending id order (default: the json's names). Results naming an image
+    not in image_ids or an unknown category raise EvalError; an empty list scores 0 (pycocotools'
+    loadRes cannot take one). Returns {"stats": the 12 COCOeval numbers (-1 where the ground truth
+    has no object in that area range), "per_class": {name: AP@[.5:.95]}, "per_class_ap50"}; a
+    category without objects in these images has AP nan.
+    """
+    gt = coco_gt if isinstance(coco_gt, COCO) else load_coco(coco_gt)
+    image_ids = sorted(gt.getImgIds() if image_ids is None else image_ids)
+    known_images, cat_ids = set(image_ids), sorted(gt.getCatIds())
+    known_cats = set(cat_ids)
+    for i, r in enumerate(results):
+        if r["image_id"] not in known_images:
+            raise EvalError(f"{name}: entry {i}: image_id {r['image_id']!r} is not in the "
+                            "ground truth")
+        if r["category_id"] not in known_cats:
+            raise EvalError(f"{name}: entry {i}: category_id {r['category_id']!r} is not a "
+                            "category of the ground truth")
+    if class_names is None:
+        class_names = [gt.cats[c]["name"] for c in cat_ids]
+    if len(class_names) != len(cat_ids):
+        raise ValueError(f"coco_eval: {len(class_names)} class names for {len(cat_ids)} "
+                         "categories")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; we print ours
+        if results:
+            dt = gt.loadRes([dict(r) for r in results])  # loadRes adds fields to the dicts it gets
+        else:
+            dt = COCO()
+            dt.dataset = {"images": list(gt.dataset["images"]), "annotations": [],
+                          "categories": list(gt.dataset["categories"])}
+            dt.createIndex()
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = image_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    precision = ev.eval["precision"]  # [T iou, R recall, K class, A area, M maxDets]; -1 = no GT
+    per_class, per_class_ap50 = {}, {}
+    for k, cls in enumerate(class_names):  # area "all", maxDets 100, as stats[0] and stats[1]
+        for out, p in ((per_class, precision[:, :, k, 0, -1]),
+                       (per_class_ap50, precision[0, :, k, 0, -1])):
+            p = p[p > -1]
+            out[cls] = float(p.mean()) if p.size else math.nan
+    return {"stats": [float(s) for s in ev.stats], "per_class": per_class,
+            "per_class_ap50": per_class_ap50}
+
+
+# ----------------------------------------------------------------------------- from a model
+def is_coco_source(source):
+    """COCO sources carry their annotation json; VOC-layout and shapes sources do not."""
+    return hasattr(source, "ann_file") and hasattr(source, "category_ids")
+
+
+def class_mapping(model, source, name="model"):
+    """int64 [C_model + 1]: the source label of each model label (0 = a class the data lacks).
+
+    By COCO category id when both the model config ("category_ids") and the source have them,
+    else by class name. A data class the model does not know is fine when the data has no object
+    of it (its AP is nan either way); otherwise EvalError names those classes.
+    """
+    cfg = model.config
+    model_names, src_names = cfg.get("class_names"), list(source.class_names)
+    src_cats = getattr(source, "category_ids", None)
+    if cfg.get("category_ids") is not None and src_cats is not None:
+        model_keys, src_keys = list(cfg["category_ids"]), list(src_cats)
+    elif model_names is not None:
+        model_keys, src_keys = list(model_names), src_names
+    else:
+        raise EvalError(f"{name}: the model config has no class_names to match the data's "
+                        "classes")
+    known = set(model_keys)
+    unknown = [c for c, k in enumerate(src_keys, start=1) if k not in known]
+    if unknown:  # only now read every annotation (shapes renders its images to make them)
+        present = {int(label) for i in range(len(source))
+                   for label in source.annotation(i)["labels"]}
+        missing = [src_names[c - 1] for c in unknown if c in present]
+        if missing:
+            raise EvalError(f"{name}: the model does not know {len(missing)} class(es) that the "
+                            f"data has objects of ({_some(missing)}); it knows "
+                            f"{_some(model_keys)}")
+    src_label = {k: c for c, k in enumerate(src_keys, start=1)}
+    return np.array([0] + [src_label.get(k, 0) for k in model_keys], dtype=np.int64)
+
+
+def _some(items, shown=8):
+    """'a, b, c, ...': the first few items of a list, for messages."""
+    return ", ".join(map(str, items[:shown])) + (", ..." if len(items) > shown else "")
+
+
+def _load_batch(source, indices):
+    """DataLoader collate: (index, uint8 [3,H,W] tensor or None, error or None) per image."""
+    out = []
+    for i in indices:
+        try:
+            image = np.asarray(source.load_image(i).convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+        except (OSError, ValueError) as e:  # data.DataError is a ValueError
+            out.append((i, None, str(e)))
+            continue
+        out.append((i, torch.from_numpy(image.copy()).permute(2, 0, 1), None))  # [3, H, W]
+    return out
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
+def predict(model, source, indices, mapping, batch_size=8, workers=2, progress=True,
+            **detect_options):
+    """Run the model on source images `indices` in batches.
+
+    Returns (detections: {index: (boxes [k,4] pixels, scores [k], labels [k] source labels)},
+    failed: list of error lines for images that could not be read). Detections of model classes
+    the data lacks (mapping 0) are dropped. Prints a progress line to stderr every few seconds.
+    """
+    loader = torch.utils.data.DataLoader(list(indices), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=functools.partial(_load_batch, source))
+    detections, failed = {}, []
+    start = last = time.perf_counter()
+    done, total = 0, len(indices)
+    for batch in loader:
+        failed += [err for _, image, err in batch if image is None]
+        ok = [(i, image) for i, image, _ in batch if image is not None]
+        outputs = ssd.detect(model, [image for _, image in ok], **detect_options) if ok else []
+        for (i, _), (boxes, scores, labels) in zip(ok, outputs):
+            labels = mapping[labels.numpy()]
+            keep = labels > 0
+            detections[i] = (boxes.numpy()[keep], scores.numpy()[keep], labels[keep])
+        done += len(batch)
+        now = time.perf_counter()
+        if progress and (now - last >= PROGRESS_EVERY_S or done == total):
+            rate = done / max(now - start, 1e-9)
+            print(f"eval {done}/{total} images  {rate:.1f} img/s  "
+                  f"ETA {_duration((total - done) / rate)}", file=sys.stderr, flush=True)
+            last = now
+    return detections, failed
+
+
+def score_detections(source, indices, detections, metric="11point", log=print):
+    """Metrics of per-image detections (source labels, pixels), aligned with `indices`.
+
+    VOC-layout and shapes sources: voc_eval, "map" = the `metric` mAP. COCO sources: coco_eval on
+    the source's json, "map" = AP@[.5:.95]. Adds "images" and prints a summary through `log`.
+    """
+    if not indices:
+        raise EvalError("no images to evaluate")
+    if is_coco_source(source):
+        image_ids = [source.image_id(i) for i in indices]
+        results = coco_results(detections, image_ids, source.category_ids)
+        result = coco_eval(results, source.ann_file, image_ids, source.class_names)
+        result.update(map=result["stats"][0], images=len(indices))
+    else:
+        ground_truth = [source.annotation(i) for i in indices]
+        result = voc_eval(detections, ground_truth, source.class_names)
+        result.update(map=result[f"map_{metric}"], metric=metric, images=len(indices))
+    print_result(result, log)
+    return result
+
+
+def print_result(result, log=print):
+    """The per-class table and the headline numbers ('-' for a class without ground truth)."""
+    ap = lambda v, width: f"{'-':>{width}}" if math.isnan(v) else f"{v:{width}.4f}"  # noqa: E731
+    if "stats" in result:
+        log(f"{'class':<20} {'AP':>7} {'AP50':>7}")
+        for name, value in result["per_class"].items():
+            log(f"{name:<20} {ap(value, 7)} {ap(result['per_class_ap50'][name], 7)}")
+        for (short, long), value in zip(COCO_STAT_NAMES, result["stats"]):
+            log(f"{short:<6} {long:<44} {value:7.4f}")
+        log(f"COCO AP {result['stats'][0]:.4f} over {result['images']} images")
+        return
+    log(f"{'class':<20} {'objects':>7} {'AP 11pt':>8} {'AP area':>8}")
+    for name, value in result["per_class_11point"].items():
+        log(f"{name:<20} {result['num_gt'][name]:>7} {ap(value, 8)} "
+            f"{ap(result['per_class_area'][name], 8)}")
+    log(f"mAP 11-point (VOC2007) {result['map_11point']:.4f}   "
+        f"mAP area (VOC2010+) {result['map_area']:.4f}   over {result['images']} images")
+
+
+def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="11point", log=print,
+                   progress=True, name="model", **detect_options):
+    """Detect on every image of a data.py source and score it (train.py's --eval-every).
+
+    Returns the --json-out dict (VOC: map_11point, map_area, per_class_11point, per_class_area;
+    COCO: stats, per_class) plus "map" (the headline: VOC `metric` mAP for VOC-layout and shapes
+    sources, COCO AP for COCO sources) and "images". Images that cannot be read are reported
+    through `log` and left out. The model's train/eval mode is restored afterwards.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"evaluate_model: metric must be one of {METRICS}, not {metric!r}")
+    model = getattr(model, "module", model)  # a DDP-wrapped model
+    if device is not None:
+        model.to(device)
+    mapping = class_mapping(model, source, name)
+    was_training = model.training
+    model.eval()
+    try:
+        indices = list(range(len(source)))
+        detections, failed = predict(model, source, indices, mapping, batch_size, workers, progress,
+                                     **detect_options)
+    finally:
+        model.train(was_training)
+    for line in failed:
+        log(f"warning: skipped {line}")
+    indices = [i for i in indices if i in detections]
+    result = score_detections(source, indices, [detections[i] for i in indices], metric, log)
+    result["failed_images"] = len(failed)
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="VOC mAP (11-point and area, difficult objects ignored) or COCO AP "
+                    "(pycocotools) of a checkpoint or of a results file. Under torchrun the "
+                    "images are sharded over the processes.")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--voc", action="store_true", help="PASCAL VOC devkit metric")
+    kind.add_argument("--coco", action="store_true",
+                      help="COCO metric (pycocotools COCOeval, bbox)")
+    p.add_argument("--data-root", help="VOC: a VOCdevkit folder (split 'test' means VOC2007 test) "
+                   f"or any VOC-layout folder (default {DEFAULT_ROOT['voc']}); COCO: a folder with "
+                   "annotations/instances_<split>.json and <split>/ "
+                   f"(default {DEFAULT_ROOT['coco']})")
+    p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt (default: test, or val in a "
+                   "folder without a test split; VOC2007 test under a VOCdevkit); COCO: the "
+                   "<split> of instances_<split>.json (default: val2017, or the only "
+                   "instances_*.json there)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--weights", help="checkpoint, any format ssd.load_model reads")
+    what.add_argument("--results", help="COCO: a results json [{image_id, category_id, bbox: "
+                      "[x,y,w,h], score}]; VOC: a folder of comp4_det_test_<class>.txt files "
+                      "(<image_id> <score> <x1> <y1> <x2> <y2>, 1-based)")
+    p.add_argument("--metric", choices=METRICS, default="11point",
+                   help="VOC headline metric: 11point (VOC2007, default) or area (VOC2010+); "
+                        "both are printed")
+    p.add_argument("--json-out", help="write every number (per-class APs included) to this json")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (per process)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=2, help="image loading processes")
+    p.add_argument("--save-results", help="with --weights: also write the detections (VOC: a "
+                   "folder of comp4 files; COCO: a results json) to score again with --results")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("--batch-size must be >= 1 and --workers >= 0")
+    if args.save_results and not args.weights:
+        p.error("--save-results needs --weights")
+    return args
+
+
+def _json_safe(x):
+    """nan -> None (JSON has no nan; a class without ground truth has no AP)."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _init_distributed():
+    """(rank, world size, device or None) from torchrun's environment; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    device = None
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device else "gloo")
+    return dist.get_rank(), world, device
+
+
+def run(args, rank=0, world=1, device=None):
+    """Evaluate as the arguments say; returns (result dict or None on ranks > 0, failed count)."""
+    name = "coco" if args.coco else "voc"
+    root = args.data_root or DEFAULT_ROOT[name]
+    source = data.build_source(name, root, args.split, train=False)
+    indices = list(range(len(source)))
+    if not indices:
+        raise EvalError(f"{root}: no images to evaluate")
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    if args.results:
+        if rank != 0:
+            return None, 0
+        if args.coco:
+            results = read_coco_results(args.results)
+            result = coco_eval(results, source.ann_file, [source.image_id(i) for i in indices],
+                               source.class_names, name=args.results)
+            result.update(map=result["stats"][0], images=len(indices))
+            print_result(result, log)
+            return result, 0
+        detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
+                                      source.class_names, log)
+        return score_detections(source, indices, detections, args.metric, log), 0
+
+    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = ssd.load_model(args.weights, device=device)
+    mapping = class_mapping(model, source, args.weights)
+    detections, failed = predict(model, source, indices[rank::world], mapping, args.batch_size,
+                                 args.workers, progress=rank == 0)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (detections, failed))
+        if rank != 0:
+            return None, 0
+        detections = {i: d for part, _ in gathered for i, d in part.items()}
+        failed = [line for _, part in gathered for line in part]
+    for line in failed:
+        print(f"evaluate.py: skipped {line}", file=sys.stderr)
+    indices = [i for i in indices if i in detections]
+    if not indices:
+        raise EvalError(f"{root}: none of the {len(source)} images could be read")
+    ordered = [detections[i] for i in indices]
+    if args.save_results:
+        ids = [source.image_id(i) for i in indices]
+        if args.coco:
+            _write_atomic(args.save_results,
+                          json.dumps(coco_results(ordered, ids, source.category_ids)))
+        else:
+            write_voc_results(args.save_results, ordered, ids, source.class_names)
+        log(f"detections written to {args.save_results}")
+    return score_detections(source, indices, ordered, args.metric, log), len(failed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = _init_distributed()
+    try:
+        result, failed = run(args, rank, world, device)
+        if result is not None and args.json_out:
+            _write_atomic(args.json_out,
+                          json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
+    except (EvalError, data.DataError, ssd.CheckpointError, OSError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Box operations for SSD post-processing: IoU, greedy NMS, class-aware NMS and Soft-NMS.
+
+One contract, two engines. Boxes are (x1, y1, x2, y2) ("xyxy"); a box with x2 <= x1 or y2 <= y1 has
+zero area, and a zero-area box has IoU 0 with everything. IoU is computed in float32 whatever the
+input dtype, so float16/bfloat16 inputs give the same result as their float32 copy. The semantics
+are torchvision.ops': a box is suppressed when its IoU with a kept, higher-scoring box is
+> iou_threshold (strictly), results come by decreasing score, and equal scores keep the lower index
+first.
+
+- CUDA tensors run Triton kernels: pairwise IoU, and NMS as a bitmask kernel (bit j of row i says
+  "i would suppress j") followed by a greedy sweep that stays on the device, one program per label.
+- CPU tensors run vectorised torch code (exact greedy NMS in chunks; see `_greedy_nms_rows`).
+- SSD_KERNELS=torch forces the torch code, SSD_KERNELS=triton the Triton kernels (on CPU tensors that
+  needs TRITON_INTERPRET=1 set before Triton is imported, which is how the tests run them).
+Soft-NMS is sequential by nature; it is vectorised torch on every device (all labels step together).
+"""
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # no Triton (macOS, Windows) or a broken install: the torch code still works
+    triton = None
+
+_CHUNK = 64  # boxes resolved per step of the torch NMS; tuned with bench.py on CPU
+_ROWS_GPU, _ROWS_INTERPRETED = 64, 512  # mask-kernel rows per program (the interpreter likes big blocks)
+
+
+def _use_triton(t):
+    mode = os.environ.get("SSD_KERNELS", "")
+    if mode not in ("", "torch", "triton"):
+        raise ValueError(f"SSD_KERNELS={mode!r}: expected 'torch' or 'triton'")
+    if mode == "torch" or (mode == "" and not t.is_cuda):
+        return False
+    if triton is None:
+        if mode == "triton":
+            raise RuntimeError("SSD_KERNELS=triton but Triton cannot be imported")
+        return False
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("SSD_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 "
+                           "set before Triton is imported")
+    return True
+
+
+def _f32_threshold(x):
+    """Largest float32 <= x: for a float32 IoU v, v > x (compared exactly, as torchvision's C++ does
+    in double) holds exactly when v > this value, so every engine can compare in float32."""
+    if not x >= 0:
+        raise ValueError(f"iou_threshold must be >= 0, got {x}")
+    f = torch.tensor(float(x), dtype=torch.float32)
+    if f.item() > x:
+        f = torch.nextafter(f, torch.tensor(-math.inf))
+    return f.item()
+
+
+def _check(boxes, scores=None, labels=None):
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
+    n = boxes.shape[0]
+    for name, t in (("scores", scores), ("labels", labels)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must be [{n}] to match boxes, got shape {tuple(t.shape)}")
+
+
+def _coords(b):
+    """[N, 4] xyxy -> [5, N]: x1, y1, x2, y2 and area as rows, so gathers give contiguous rows."""
+    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    return torch.cat([b.t(), area.unsqueeze(0)])
+
+
+def _iou(a, b):
+    """IoU of a [5, ..., n] with b [5, ..., m] (see _coords) -> [..., n, m] float32, NaN where both
+    boxes are empty. Rounding order as torchvision's kernels: inter / ((area_a + area_b) - inter)."""
+    ax1, ay1, ax2, ay2, area_a = a.unsqueeze(-1).unbind(0)  # each [..., n, 1]
+    bx1, by1, bx2, by2, area_b = b.unsqueeze(-2).unbind(0)  # each [..., 1, m]
+    inter = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)  # [..., n, m]
+    inter.mul_(torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0))
+    return inter.div_((area_a + area_b).sub_(inter))
+
+
+def box_iou(a, b):
+    """Pairwise IoU of boxes a [N, 4] and b [M, 4], both xyxy -> [N, M] float32 (row i, column j is
+    IoU(a[i], b[j])). Computed in float32; a zero-area box has IoU 0 with everything."""
+    _check(a)
+    _check(b)
+    a, b = a.float().contiguous(), b.float().contiguous()
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return a.new_zeros(a.shape[0], b.shape[0])
+    if _use_triton(a):
+        out = a.new_empty(a.shape[0], b.shape[0])  # [N, M]
+        block = 64 if a.is_cuda else 256
+        grid = (triton.cdiv(a.shape[0], block), triton.cdiv(b.shape[0], block))
+        _iou_kernel[grid](a, b, out, a.shape[0], b.shape[0], BLOCK_N=block, BLOCK_M=block,
+                          enable_fp_fusion=False)
+        return out
+    return _iou(_coords(a), _coords(b)).nan_to_num_(0.0)  # 0/0 only where both are empty
+
+
+def _score_order(scores):
+    """Indices by decreasing score; the stable sort keeps equal scores in increasing index order."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def _by_score(idx, scores):
+    """Reorder indices by decreasing score, equal scores lower index first."""
+    idx = idx.sort().values
+    return idx[_score_order(scores[idx])]
+
+
+def _compact(rows, keep, pad):
+    """Entries of rows [G, r] where keep [G, r], moved to the front of each row and padded with
+    pad; columns that hold only padding are dropped."""
+    if rows.shape[0] == 1:
+        return rows[keep].unsqueeze(0)
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept first
+    return rows.masked_fill(~keep, pad).gather(1, order)[:, : int(keep.sum(1).max())]
+
+
+def _label_rows(labels, order, pad):
+    """Split score-ordered indices by label into matrices [G, n], one row per label, padded with
+    `pad`; one matrix per power-of-two size class, so a few big labels never pad many small ones."""
+    order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)  # [L]
+    slot = torch.repeat_interleave(torch.arange(len(counts), device=order.device), counts)  # [N]
+    rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[slot]  # [N]
+    size_class = torch.ceil(torch.log2(counts.double())).long()  # [L]
+    for k in size_class.unique().tolist():
+        members = size_class == k  # [L]
+        row_of_slot = members.long().cumsum(0) - 1  # row of each member label in this matrix
+        pick = members[slot]  # [N] boxes in this size class
+        rows = torch.full((int(members.sum()), int(counts[members].max())), pad,
+                          dtype=torch.long, device=order.device)  # [G, n]
+        rows[row_of_slot[slot[pick]], rank[pick]] = order[pick]
+        yield rows
+
+
+def _greedy_nms_rows(c5, rows, thr):
+    """Exact greedy NMS within each row of rows [G, n]: indices into c5 [5, N + 1] (see _coords; the
+    last box is empty and pads the rows), each row by decreasing score. Returns the kept indices,
+    1-D (row by row, by score within a row).
+
+    Chunk by chunk: the head (next _CHUNK undecided boxes of each row) is resolved exactly by
+    iterating keep[j] = not any(keep[i] and IoU(i, j) > thr for i < j) to its fixed point. After k
+    rounds the first k entries can no longer change, so the fixed point exists, is unique and is the
+    greedy answer; it takes a few rounds in practice. The head's kept boxes then prune the rest of
+    the rows, so the work shrinks as boxes are suppressed. The empty padding box has IoU 0 (or NaN,
+    never > thr) with everything, so it suppresses nothing and is dropped at the end."""
+    pad = c5.shape[1] - 1
+    kept = []
+    while rows.shape[1] > 0:
+        head, rows = rows[:, :_CHUNK], rows[:, _CHUNK:]  # [G, c], [G, r]
+        hc = c5[:, head]  # [5, G, c]
+        over = (_iou(hc, hc) > thr).triu_(1)  # [G, c, c]: earlier i would suppress later j
+        keep = ~over.any(1)  # [G, c] first round, from "all kept"
+        while True:
+            nxt = ~(over & keep.unsqueeze(2)).any(1)
+            if torch.equal(nxt, keep):
+                break
+            keep = nxt
+        survivors = _compact(head, keep, pad)  # [G, k]
+        kept.append(survivors.flatten())
+        if rows.shape[1] > 0:
+            # amax: a NaN (two empty boxes) is never > thr, and an empty box can't be suppressed
+            hit = _iou(c5[:, survivors], c5[:, rows]).amax(1) > thr  # [G, r]
+            rows = _compact(rows, ~hit, pad)
+    kept = torch.cat(kept)
+    return kept[kept != pad]
+
+
+def nms(boxes, scores, iou_threshold):
+    """Greedy non-maximum suppression.
+
+    boxes [N, 4] xyxy, scores [N]. Going down the scores, a box is kept unless a kept box has
+    IoU > iou_threshold with it. Returns int64 indices of the kept boxes by decreasing score;
+    equal scores keep the lower index first (same as torchvision.ops.nms). Empty input -> empty."""
+    return batched_nms(boxes, scores, None, iou_threshold)
+
+
+def batched_nms(boxes, scores, labels, iou_threshold):
+    """Class-aware NMS: boxes only suppress boxes of the same label (labels [N] int; None = one class).
+
+    boxes [N, 4] xyxy, scores [N]. Returns int64 indices of the kept boxes over all labels, by
+    decreasing score, equal scores lower index first. Empty input -> empty."""
+    _check(boxes, scores, labels)
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    boxes, scores = boxes.float().contiguous(), scores.float()
+    thr = _f32_threshold(iou_threshold)
+    if _use_triton(boxes):
+        return _nms_triton(boxes, scores, labels, thr)
+    order = _score_order(scores)
+    c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
+    if labels is None:
+        return _greedy_nms_rows(c5, order.unsqueeze(0), thr)  # already by score
+    kept = [_greedy_nms_rows(c5, rows, thr) for rows in _label_rows(labels, order, len(boxes))]
+    return _by_score(torch.cat(kept), scores)
+
+
+def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, method="gaussian",
+             iou_threshold=0.3):
+    """Soft-NMS (Bodla et al. 2017): instead of removing overlapping boxes, decay their scores.
+
+    boxes [N, 4] xyxy, scores [N], labels [N] (None = one class; boxes only decay boxes of their
+    own label). Repeatedly take the highest current score of a label, keep it, and multiply the
+    others by exp(-IoU^2 / sigma) ("gaussian") or by (1 - IoU) where IoU > iou_threshold
+    ("linear"); boxes whose score is (or falls) below score_threshold are dropped. Equal current
+    scores: the box with the higher original score, then the lower index, is taken first.
+    Returns (keep int64 [K], new_scores [K] in the scores' dtype), by decreasing new score, equal
+    new scores lower index first."""
+    _check(boxes, scores, labels)
+    if method not in ("gaussian", "linear"):
+        raise ValueError(f"soft_nms method must be 'gaussian' or 'linear', got {method!r}")
+    out_dtype = scores.dtype if scores.is_floating_point() else torch.float32
+    if boxes.shape[0] == 0:
+        return (torch.empty(0, dtype=torch.long, device=boxes.device),
+                torch.empty(0, dtype=out_dtype, device=boxes.device))
+    thr = _f32_threshold(iou_threshold)
+    pad = boxes.shape[0]  # index of an empty box with score 0 that pads the rows
+    c5 = _coords(torch.cat([boxes.float(), boxes.new_zeros(1, 4, dtype=torch.float32)]))  # [5, N + 1]
+    scores = torch.cat([scores.float(), scores.new_zeros(1, dtype=torch.float32)])  # [N + 1]
+    order = _score_order(scores[:pad])
+    groups = [order.unsqueeze(0)] if labels is None else _label_rows(labels, order, pad)
+    picked, picked_scores, picked_ok = [], [], []
+    for rows in groups:  # [G, n]
+        rc = c5[:, rows]  # [5, G, n]
+        cur = scores[rows]  # [G, n] current scores
+        alive = (rows != pad) & (cur >= score_threshold)  # [G, n]
+        for step in range(rows.shape[1]):
+            if step % 16 == 0 and not alive.any():  # a host sync, so only now and then
+                break
+            best = cur.masked_fill(~alive, -math.inf).argmax(1, keepdim=True)  # [G, 1] first max
+            picked_ok.append(alive.gather(1, best).flatten())  # rows that still had a candidate
+            picked.append(rows.gather(1, best).flatten())
+            picked_scores.append(cur.gather(1, best).flatten())
+            alive.scatter_(1, best, False)
+            iou = _iou(rc.gather(2, best.expand(5, -1, -1)), rc).squeeze(1)  # [G, n]
+            iou = iou.nan_to_num_(0.0)
+            if method == "gaussian":
+                cur = cur * torch.exp(-(iou * iou) / sigma)
+            else:
+                cur = torch.where(iou > thr, cur * (1.0 - iou), cur)
+            alive &= cur >= score_threshold
+    if not picked:
+        return (torch.empty(0, dtype=torch.long, device=boxes.device),
+                torch.empty(0, dtype=out_dtype, device=boxes.device))
+    ok = torch.cat(picked_ok)
+    keep, new_scores = torch.cat(picked)[ok], torch.cat(picked_scores)[ok]
+    order = torch.argsort(keep)
+    keep, new_scores = keep[order], new_scores[order]
+    order = _score_order(new_scores)
+    return keep[order], new_scores[order].to(out_dtype)
+
+
+def _nms_triton(boxes, scores, labels, thr):
+    """Greedy (class-aware) NMS with the Triton kernels. Boxes are sorted by label, then score, and
+    each label is a segment with its own bitmask and its own sweep program, so labels run in
+    parallel and never compare with each other. If label sizes are very uneven (padding the grid to
+    the largest label would waste work), all boxes form one segment and the kernel compares labels."""
+    device, n = boxes.device, boxes.shape[0]
+    order = _score_order(scores)
+    rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
+    if labels is None:
+        counts = torch.tensor([n], device=device)
+    else:
+        order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
+        _, counts = torch.unique_consecutive(labels[order], return_counts=True)  # [S]
+    words = (counts + 63) // 64  # [S] 64-bit mask words per row of each segment
+    useful = (counts + rows_per_prog - 1) // rows_per_prog * words  # [S] mask programs with work
+    nmax, useful = torch.stack([counts.max(), useful.sum()]).tolist()  # one host sync
+    grid_programs = len(counts) * triton.cdiv(nmax, rows_per_prog) * triton.cdiv(nmax, 64)
+    compare_labels = labels is not None and grid_programs > 4 * useful + 4096
+    if compare_labels:
+        counts = torch.tensor([n], device=device)
+        words, nmax = (counts + 63) // 64, n
+    sizes = counts * words  # [S] mask words per segment
+    start, mask_off, word_off = (c.cumsum(0) - c for c in (counts, sizes, words))
+    total_words = int(words.sum())
+    mask = torch.empty(int(sizes.sum()), dtype=torch.long, device=device)
+    removed = torch.zeros(total_words, dtype=torch.long, device=device)
+    keep_words = torch.empty(total_words, dtype=torch.long, device=device)
+    sorted_labels = labels[order].contiguous() if compare_labels else counts  # unread without labels
+    grid = (len(counts), triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))
+    _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, start, counts, mask_off, mask,
+                           thr, COMPARE_LABELS=compare_labels, ROWS=rows_per_prog,
+                           enable_fp_fusion=False)
+    _nms_sweep_kernel[(len(counts),)](mask, counts, mask_off, word_off, removed, keep_words,
+                                        CHUNK=32 if boxes.is_cuda else 512)
+    segment = torch.repeat_interleave(torch.arange(len(counts), device=device), counts, output_size=n)
+    pos = torch.arange(n, device=device) - start[segment]  # [N] position within its segment
+    kept = (keep_words[word_off[segment] + pos // 64] >> (pos % 64)) & 1  # [N]
+    kept = order[kept.bool()]
+    return kept if labels is None else _by_score(kept, scores)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _iou_tile(a_ptr, b_ptr, rows, cols, n, m):
+        """IoU of a[rows] with b[cols] -> [len(rows), len(cols)] float32, 0 where both are empty."""
+        ra, cb = rows < n, cols < m
+        ax1 = tl.load(a_ptr + rows * 4 + 0, mask=ra, other=0.0)
+        ay1 = tl.load(a_ptr + rows * 4 + 1, mask=ra, other=0.0)
+        ax2 = tl.load(a_ptr + rows * 4 + 2, mask=ra, other=0.0)
+        ay2 = tl.load(a_ptr + rows * 4 + 3, mask=ra, other=0.0)
+        bx1 = tl.load(b_ptr + cols * 4 + 0, mask=cb, other=0.0)
+        by1 = tl.load(b_ptr + cols * 4 + 1, mask=cb, other=0.0)
+        bx2 = tl.load(b_ptr + cols * 4 + 2, mask=cb, other=0.0)
+        by2 = tl.load(b_ptr + cols * 4 + 3, mask=cb, other=0.0)
+        w = tl.minimum(ax2[:, None], bx2[None, :]) - tl.maximum(ax1[:, None], bx1[None, :])
+        h = tl.minimum(ay2[:, None], by2[None, :]) - tl.maximum(ay1[:, None], by1[None, :])
+        inter = tl.maximum(w, 0.0) * tl.maximum(h, 0.0)  # [len(rows), len(cols)]
+        area_a = tl.maximum(ax2 - ax1, 0.0) * tl.maximum(ay2 - ay1, 0.0)
+        area_b = tl.maximum(bx2 - bx1, 0.0) * tl.maximum(by2 - by1, 0.0)
+        union = (area_a[:, None] + area_b[None, :]) - inter
+        # div_rn: IEEE division, so the GPU rounds exactly as the torch code does
+        return tl.where(union > 0, tl.math.div_rn(inter, tl.where(union > 0, union, 1.0)), 0.0)
+
+    @triton.jit
+    def _iou_kernel(a_ptr, b_ptr, out_ptr, n, m, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        iou = _iou_tile(a_ptr, b_ptr, rows, cols, n, m)  # [BLOCK_N, BLOCK_M]
+        inside = (rows < n)[:, None] & (cols < m)[None, :]
+        tl.store(out_ptr + rows[:, None] * m + cols[None, :], iou, mask=inside)
+
+    @triton.jit
+    def _nms_mask_kernel(boxes_ptr, labels_ptr, start_ptr, count_ptr, mask_off_ptr, mask_ptr, thr,
+                         COMPARE_LABELS: tl.constexpr, ROWS: tl.constexpr):
+        """Segment s, rows block r, word w: mask[row, w] bit b = box (row) would suppress box
+        (w*64 + b) of the same segment: it comes later in score order and IoU > thr."""
+        seg = tl.program_id(0)
+        start = tl.load(start_ptr + seg)
+        count = tl.load(count_ptr + seg)
+        n_words = (count + 63) // 64
+        rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        word = tl.program_id(2).to(tl.int64)
+        bit = tl.arange(0, 64).to(tl.int64)
+        cols = word * 64 + bit
+        iou = _iou_tile(boxes_ptr + start * 4, boxes_ptr + start * 4, rows, cols, count, count)
+        hit = (iou > thr) & (cols[None, :] > rows[:, None])  # [ROWS, 64]
+        if COMPARE_LABELS:
+            la = tl.load(labels_ptr + start + rows, mask=rows < count, other=0)
+            lb = tl.load(labels_ptr + start + cols, mask=cols < count, other=0)
+            hit = hit & (la[:, None] == lb[None, :])
+        # one bit per column; the bits are distinct, so their sum is their OR
+        bits = tl.sum(tl.where(hit, tl.full([64], 1, tl.int64)[None, :] << bit[None, :], 0), axis=1)
+        out = mask_ptr + tl.load(mask_off_ptr + seg) + rows * n_words + word
+        tl.store(out, bits, mask=(rows < count) & (word < n_words))
+
+    @triton.jit
+    def _nms_sweep_kernel(mask_ptr, count_ptr, mask_off_ptr, word_off_ptr, removed_ptr, keep_ptr,
+                          CHUNK: tl.constexpr):
+        """Greedy pass over one segment's mask, 64 boxes (one word) at a time: resolve the word's
+        boxes in order against its diagonal word, then OR the kept rows into `removed` for the
+        later words. Writes keep bits per word."""
+        seg = tl.program_id(0)
+        count = tl.load(count_ptr + seg)
+        mask_base = mask_ptr + tl.load(mask_off_ptr + seg)
+        word_off = tl.load(word_off_ptr + seg)
+        n_words = (count + 63) // 64
+        for w in range(0, n_words):
+            cur = tl.load(removed_ptr + word_off + w)  # boxes of word w already suppressed
+            for k in tl.static_range(64):
+                row = w * 64 + k
+                diag = tl.load(mask_base + row * n_words + w, mask=row < count, other=0)
+                cur = cur | tl.where(((cur >> k) & 1) == 0, diag, 0)  # box k kept -> apply its row
+            left = tl.minimum(count - w * 64, 63)
+            valid = tl.where(count - w * 64 >= 64, -1, (tl.full([], 1, tl.int64) << left) - 1)
+            kept = ~cur & valid
+            tl.store(keep_ptr + word_off + w, kept)
+            end = tl.where(kept != 0, n_words, w + 1)  # nothing to push when no box was kept
+            for c0 in range(w + 1, end, CHUNK):
+                cols = c0 + tl.arange(0, CHUNK)
+                inside = cols < n_words
+                hit = tl.load(removed_ptr + word_off + cols, mask=inside, other=0)  # [CHUNK]
+                for k in tl.static_range(64):  # OR in the rows of the kept boxes
+                    take = inside & (((kept >> k) & 1) != 0)
+                    hit = hit | tl.load(mask_base + (w * 64 + k) * n_words + cols, mask=take, other=0)
+                tl.store(removed_ptr + word_off + cols, hit, mask=inside)
+            tl.debug_barrier()  # the next word's load of `removed` must see these stores

@@ -1,0 +1,295 @@
+"""Tests for kernels.py: the torch code and the Triton kernels (run by Triton's interpreter on the
+CPU, see conftest.py) against slow, obviously-correct references written with numpy and loops."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+
+PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    kernels.triton is None, reason="Triton not importable"))]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None,
+                               reason="needs a CUDA GPU and Triton")
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("SSD_KERNELS", request.param)
+    return request.param
+
+
+# ----------------------------------------------------------------------------- references
+def ref_iou(a, b):
+    """IoU matrix in float32, straight from the definition (empty boxes: 0)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    area = lambda x: np.maximum(x[:, 2] - x[:, 0], 0) * np.maximum(x[:, 3] - x[:, 1], 0)
+    iw = np.maximum(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0)
+    ih = np.maximum(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0)
+    inter = iw * ih
+    union = (area(a)[:, None] + area(b)[None, :]) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, np.float32(0)).astype(np.float32)
+
+
+def ref_nms(boxes, scores, labels, thr):
+    """Greedy NMS, one box at a time: walk down (score desc, index asc), keep a box unless a kept box
+    of its label overlaps it with IoU > thr (the float32 IoU compared exactly with thr)."""
+    iou = ref_iou(boxes, boxes).astype(np.float64)
+    scores = scores.float().tolist()
+    labels = np.zeros(len(scores), np.int64) if labels is None else labels.numpy()
+    suppressed = np.zeros(len(scores), bool)
+    kept = []
+    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+        if not suppressed[i]:
+            kept.append(i)
+            suppressed |= (iou[i] > thr) & (labels == labels[i])
+    return kept  # already by decreasing score, ties lower index first
+
+
+def ref_soft_nms(boxes, scores, labels, sigma, score_threshold, method, iou_threshold):
+    """Soft-NMS, one box at a time, in float32; ties go to the earlier box in (score desc, index)."""
+    iou = ref_iou(boxes, boxes)
+    cur = scores.float().numpy().copy()
+    labels = [0] * len(cur) if labels is None else labels.tolist()
+    rank = {i: r for r, i in enumerate(sorted(range(len(cur)), key=lambda i: (-float(cur[i]), i)))}
+    alive = {i for i in range(len(cur)) if cur[i] >= score_threshold}
+    out = []
+    while alive:
+        best = max(alive, key=lambda i: (cur[i], -rank[i]))
+        out.append((best, float(cur[best])))
+        alive.remove(best)
+        for j in [j for j in alive if labels[j] == labels[best]]:
+            v = iou[best, j]
+            if method == "gaussian":
+                cur[j] = cur[j] * np.exp(-(v * v) / np.float32(sigma))
+            elif v > iou_threshold:
+                cur[j] = cur[j] * (np.float32(1) - v)
+            if cur[j] < score_threshold:
+                alive.remove(j)
+    out.sort(key=lambda t: (-t[1], t[0]))
+    return [i for i, _ in out], [s for _, s in out]
+
+
+# ----------------------------------------------------------------------------- inputs
+def hard_boxes(n, seed, labels=1):
+    """Boxes on a small integer grid, so exact IoUs like 1/2, 1/3 and 1/4 occur, with duplicates,
+    zero-area boxes and integer scores (many exact ties)."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.randint(0, 24, (n, 2), generator=g).float()
+    wh = torch.randint(0, 9, (n, 2), generator=g).float()  # 0 -> zero-area box
+    boxes = torch.cat([xy, xy + wh], 1)
+    if n > 4:
+        boxes[n // 2: n // 2 + n // 4] = boxes[: n // 4]  # exact duplicates
+    scores = torch.randint(0, 8, (n,), generator=g).float()
+    return boxes, scores, torch.randint(0, labels, (n,), generator=g)
+
+
+def smooth_boxes(n, seed):
+    """Random float boxes with distinct scores."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 100
+    return torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 30], 1), torch.rand(n, generator=g)
+
+
+# ----------------------------------------------------------------------------- box_iou
+def test_box_iou_known_values(path):
+    a = torch.tensor([[0.0, 0, 2, 2], [0, 0, 2, 2], [5, 5, 5, 9], [0, 0, 3, 1]])
+    b = torch.tensor([[1.0, 1, 3, 3], [0, 0, 2, 2], [5, 5, 5, 9], [0, 0, 1, 1]])
+    iou = kernels.box_iou(a, b)
+    assert iou.dtype == torch.float32 and iou.shape == (4, 4)
+    assert iou[0, 0].item() == pytest.approx(1 / 7)
+    assert iou[1, 1].item() == 1.0
+    assert iou[2, 2].item() == 0.0  # a zero-area box has IoU 0 even with itself
+    assert iou[3, 3].item() == np.float32(1 / 3)
+    assert iou[2].abs().sum().item() == 0.0 and iou[:, 2].abs().sum().item() == 0.0
+
+
+@pytest.mark.parametrize("n,m", [(0, 5), (5, 0), (1, 1), (63, 65), (300, 200)])
+def test_box_iou_matches_reference(path, n, m):
+    a, _, _ = hard_boxes(n, seed=n)
+    b, _ = smooth_boxes(m, seed=m)
+    b = torch.cat([b, a[: m // 3]])[:m]  # shared boxes as well
+    got = kernels.box_iou(a, b)
+    assert got.shape == (n, m) and got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), ref_iou(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_box_iou_other_dtypes_compute_in_float32(path, dtype):
+    a, _ = smooth_boxes(40, seed=1)
+    a = a.to(dtype)
+    got = kernels.box_iou(a, a)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), ref_iou(a.float(), a.float()))
+
+
+# ----------------------------------------------------------------------------- nms
+@pytest.mark.parametrize("n", [0, 1, 2, 63, 64, 65, 500])
+@pytest.mark.parametrize("thr", [0.5, 1 / 3, 0.0])
+def test_nms_matches_reference(path, n, thr):
+    boxes, scores, _ = hard_boxes(n, seed=n)
+    got = kernels.nms(boxes, scores, thr)
+    assert got.dtype == torch.int64
+    assert got.tolist() == ref_nms(boxes, scores, None, thr)
+
+
+def test_nms_3000_torch_path(monkeypatch):
+    # too slow for the interpreter; the Triton kernels get 500 and 1000 boxes above and below
+    monkeypatch.setenv("SSD_KERNELS", "torch")
+    for boxes, scores in (hard_boxes(3000, seed=3)[:2], smooth_boxes(3000, seed=3)):
+        assert kernels.nms(boxes, scores, 0.45).tolist() == ref_nms(boxes, scores, None, 0.45)
+
+
+def test_nms_1000_smooth(path):
+    boxes, scores = smooth_boxes(1000, seed=7)
+    assert kernels.nms(boxes, scores, 0.45).tolist() == ref_nms(boxes, scores, None, 0.45)
+
+
+def test_nms_threshold_is_strict_and_exact(path):
+    # IoU([0,0,2,1], [0,0,1,1]) is exactly 1/2 and IoU([0,0,3,1], [0,0,1,1]) is float32(1/3), which
+    # is just above 1/3: torchvision compares the float32 IoU with the threshold exactly.
+    boxes = torch.tensor([[0.0, 0, 2, 1], [0, 0, 1, 1], [10, 0, 13, 1], [10, 0, 11, 1]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    assert kernels.nms(boxes, scores, 0.5).tolist() == [0, 1, 2, 3]  # 1/2 > 1/2 is false
+    assert kernels.nms(boxes, scores, 0.4999).tolist() == [0, 2, 3]
+    assert kernels.nms(boxes, scores, 1 / 3).tolist() == [0, 2]  # float32(1/3) > 1/3
+    assert kernels.nms(boxes, scores, float(np.float32(1 / 3))).tolist() == [0, 2, 3]
+
+
+def test_nms_ties_keep_lower_index_first(path):
+    boxes = torch.tensor([[0.0, 0, 10, 10]] * 3 + [[50.0, 50, 60, 60]] * 2)
+    scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 1.0])
+    assert kernels.nms(boxes, scores, 0.5).tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nms_half_precision_same_keep_as_float32(path, dtype):
+    boxes, scores = smooth_boxes(300, seed=11)
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    got = kernels.nms(boxes, scores, 0.45)
+    assert got.tolist() == kernels.nms(boxes.float(), scores.float(), 0.45).tolist()
+    assert got.tolist() == ref_nms(boxes.float(), scores.float(), None, 0.45)
+
+
+# ----------------------------------------------------------------------------- batched_nms
+@pytest.mark.parametrize("n,num_labels", [(0, 1), (1, 1), (65, 3), (500, 40), (150, 150)])
+def test_batched_nms_matches_reference(path, n, num_labels):
+    boxes, scores, labels = hard_boxes(n, seed=n + num_labels, labels=num_labels)
+    got = kernels.batched_nms(boxes, scores, labels, 0.5)
+    assert got.dtype == torch.int64
+    assert got.tolist() == ref_nms(boxes, scores, labels, 0.5)
+
+
+def test_batched_nms_uneven_labels(path):
+    # one big label and hundreds of singletons: the torch code splits labels by size and the
+    # Triton code falls back to one segment that compares labels inside the kernel
+    boxes, scores, _ = hard_boxes(1000, seed=5)
+    labels = torch.arange(1000) * 10**12  # huge labels: a coordinate-offset trick would break here
+    labels[:800] = -7
+    got = kernels.batched_nms(boxes, scores, labels, 0.5)
+    assert got.tolist() == ref_nms(boxes, scores, labels, 0.5)
+
+
+def test_batched_nms_separates_labels(path):
+    boxes = torch.tensor([[0.0, 0, 10, 10]] * 4)
+    scores = torch.tensor([0.1, 0.4, 0.3, 0.2])
+    labels = torch.tensor([1, 2, 1, 2])
+    assert kernels.batched_nms(boxes, scores, labels, 0.5).tolist() == [1, 2]
+
+
+# ----------------------------------------------------------------------------- soft_nms
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+@pytest.mark.parametrize("n,num_labels", [(1, 0), (64, 0), (200, 0), (300, 7)])
+def test_soft_nms_matches_reference(method, n, num_labels):
+    boxes, scores = smooth_boxes(n, seed=n)
+    labels = torch.randint(0, num_labels, (n,), generator=torch.Generator().manual_seed(1)) if num_labels else None
+    keep, new = kernels.soft_nms(boxes, scores, labels, sigma=0.5, score_threshold=0.05, method=method,
+                                 iou_threshold=0.3)
+    ref_keep, ref_new = ref_soft_nms(boxes, scores, labels, 0.5, 0.05, method, 0.3)
+    assert keep.dtype == torch.int64 and keep.tolist() == ref_keep
+    np.testing.assert_allclose(new.numpy(), ref_new, rtol=1e-5)
+    assert (new[:-1] >= new[1:]).all()
+
+
+def test_soft_nms_known_values():
+    boxes = torch.tensor([[0.0, 0, 2, 1], [0, 0, 1, 1], [5, 5, 6, 6]])  # IoU(0, 1) = 1/2
+    scores = torch.tensor([0.9, 0.8, 0.01])
+    keep, new = kernels.soft_nms(boxes, scores, method="gaussian", sigma=0.5, score_threshold=0.001)
+    assert keep.tolist() == [0, 1, 2]
+    assert new.tolist() == pytest.approx([0.9, 0.8 * math.exp(-0.25 / 0.5), 0.01])
+    keep, new = kernels.soft_nms(boxes, scores, method="linear", iou_threshold=0.3, score_threshold=0.02)
+    assert keep.tolist() == [0, 1] and new.tolist() == pytest.approx([0.9, 0.4])
+    keep, new = kernels.soft_nms(boxes, scores, method="linear", iou_threshold=0.5)
+    assert new.tolist() == pytest.approx([0.9, 0.8, 0.01])  # IoU 1/2 is not > 1/2: no decay
+    keep, new = kernels.soft_nms(boxes, scores.half(), labels=torch.tensor([1, 2, 1]))
+    assert keep.tolist() == [0, 1, 2] and new.dtype == torch.float16  # other label: no decay
+
+
+# ----------------------------------------------------------------------------- contract edges
+def test_empty_inputs(path):
+    boxes, scores = torch.zeros(0, 4), torch.zeros(0)
+    assert kernels.nms(boxes, scores, 0.5).shape == (0,)
+    assert kernels.nms(boxes, scores, 0.5).dtype == torch.int64
+    assert kernels.batched_nms(boxes, scores, torch.zeros(0, dtype=torch.long), 0.5).shape == (0,)
+    keep, new = kernels.soft_nms(boxes, scores)
+    assert keep.shape == (0,) and new.shape == (0,)
+    keep, new = kernels.soft_nms(torch.ones(2, 4), torch.tensor([1e-4, 2e-4]))  # all below threshold
+    assert keep.shape == (0,) and keep.dtype == torch.int64
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="boxes must be"):
+        kernels.nms(torch.zeros(3, 5), torch.zeros(3), 0.5)
+    with pytest.raises(ValueError, match="scores must be"):
+        kernels.nms(torch.zeros(3, 4), torch.zeros(4), 0.5)
+    with pytest.raises(ValueError, match="labels must be"):
+        kernels.batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2), 0.5)
+    with pytest.raises(ValueError, match="iou_threshold"):
+        kernels.nms(torch.zeros(3, 4), torch.zeros(3), -0.1)
+    with pytest.raises(ValueError, match="method"):
+        kernels.soft_nms(torch.zeros(3, 4), torch.zeros(3), method="hard")
+
+
+def test_dispatch_switch(monkeypatch):
+    boxes, scores = smooth_boxes(10, seed=0)
+    monkeypatch.setenv("SSD_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="SSD_KERNELS"):
+        kernels.nms(boxes, scores, 0.5)
+    if kernels.triton is not None:
+        monkeypatch.setenv("SSD_KERNELS", "triton")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            kernels.nms(boxes, scores, 0.5)
+
+
+def test_import_and_run_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("kernels_without_triton", Path(kernels.__file__))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.triton is None
+    boxes, scores, _ = hard_boxes(65, seed=2)
+    monkeypatch.delenv("SSD_KERNELS", raising=False)
+    assert module.nms(boxes, scores, 0.5).tolist() == ref_nms(boxes, scores, None, 0.5)
+    monkeypatch.setenv("SSD_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="Triton cannot be imported"):
+        module.nms(boxes, scores, 0.5)
+
+
+# ----------------------------------------------------------------------------- real GPU
+@needs_gpu
+def test_triton_on_gpu_matches_cpu(monkeypatch):
+    monkeypatch.delenv("SSD_KERNELS", raising=False)  # CUDA tensors take the Triton kernels
+    for n, num_labels in ((65, 1), (3000, 1), (8000, 20), (20000, 80), (5000, 5000)):
+        boxes, scores, labels = hard_boxes(n, seed=n, labels=num_labels)
+        cpu_keep = kernels.batched_nms(boxes, scores, labels, 0.5)
+        assert torch.equal(kernels.batched_nms(boxes.cuda(), scores.cuda(), labels.cuda(), 0.5).cpu(), cpu_keep)
+        boxes, scores = smooth_boxes(n, seed=n)
+        assert torch.equal(kernels.nms(boxes.cuda(), scores.cuda(), 0.45).cpu(), kernels.nms(boxes, scores, 0.45))
+        assert torch.equal(kernels.box_iou(boxes.cuda(), boxes[:300].cuda()).cpu(), kernels.box_iou(boxes, boxes[:300]))
