@@ -656,6 +656,8 @@ def parse_args(argv=None):
     kind.add_argument("--voc", action="store_true", help="PASCAL VOC devkit metric")
     kind.add_argument("--coco", action="store_true",
                       help="COCO metric (pycocotools COCOeval, bbox)")
+    kind.add_argument("--shapes", action="store_true",
+                      help="VOC metric on the built-in synthetic shapes set (split val; no files)")
     p.add_argument("--data-root", help="VOC: a VOCdevkit folder (split 'test' means VOC2007 test) "
                    f"or any VOC-layout folder (default {DEFAULT_ROOT['voc']}); COCO: a folder with "
                    "annotations/instances_<split>.json and <split>/ "
@@ -710,8 +712,8 @@ def _init_distributed():
 
 def run(args, rank=0, world=1, device=None):
     """Evaluate as the arguments say; returns (result dict or None on ranks > 0, failed count)."""
-    name = "coco" if args.coco else "voc"
-    root = args.data_root or DEFAULT_ROOT[name]
+    name = "coco" if args.coco else "shapes" if args.shapes else "voc"
+    root = args.data_root or DEFAULT_ROOT.get(name)
     source = data.build_source(name, root, args.split, train=False)
     indices = list(range(len(source)))
     if not indices:
