@@ -190,7 +190,25 @@ def _voc_names_in_folder(annotation_dir):
     return sorted(names)
 
 
-class VOCDetection:
+class FileSource:
+    """What VOC and COCO sources share once their annotations are parsed into memory: `ids`,
+    `image_paths` and `_annotations` (one dict per image)."""
+
+    def __len__(self):
+        return len(self.ids)
+
+    def image_id(self, i):
+        return self.ids[i]
+
+    def load_image(self, i):
+        return load_image(self.image_paths[i])
+
+    def annotation(self, i):
+        a = self._annotations[i]
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
+
+
+class VOCDetection(FileSource):
     """One VOC-layout folder: Annotations/<id>.xml, JPEGImages/<id>.jpg (another extension is
     found by the id), ImageSets/Main/<split>.txt (one id per line).
 
@@ -271,24 +289,12 @@ class VOCDetection:
                     difficult=np.array([o[2] for o in objects], bool)[keep],
                     width=int(width), height=int(height))
 
-    def __len__(self):
-        return len(self.ids)
-
-    def image_id(self, i):
-        return self.ids[i]
-
-    def load_image(self, i):
-        return load_image(self.image_paths[i])
-
-    def annotation(self, i):
-        a = self._annotations[i]
-        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
 
 
 # -----------------------------------------------------------------------------------------------
 # COCO
 
-class COCODetection:
+class COCODetection(FileSource):
     """COCO 2017 layout: root/annotations/instances_<split>.json and images in root/<split>/.
 
     Labels are contiguous 1..C over the json's categories sorted by id (for COCO: 1..80 in
@@ -387,18 +393,6 @@ class COCODetection:
         if not self.ids:
             raise DataError(f"{self.ann_file}: no images" + (" with boxes" if skip_empty else ""))
 
-    def __len__(self):
-        return len(self.ids)
-
-    def image_id(self, i):
-        return self.ids[i]
-
-    def load_image(self, i):
-        return load_image(self.image_paths[i])
-
-    def annotation(self, i):
-        a = self._annotations[i]
-        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
 
 
 # -----------------------------------------------------------------------------------------------
