@@ -1,46 +1,349 @@
-"""Speed figures for the SSD code: medians over repeats, side by side with torchvision where it is
-installed (torchvision is never needed; its columns are left empty without it).
+"""Speed figures for the SSD code, side by side with torchvision where it is installed (it is never
+needed; its columns show "-" without it). Every figure is a median over repeats.
 
-    python bench.py                                   # every section on the CPU
-    python bench.py --device cuda --only kernels --json bench.json
+    python bench.py                                     # every section on the CPU
+    python bench.py --device cuda --json bench.json     # the same on a GPU, also as JSON
+    python bench.py --only postprocess,eval --repeat 9
 
-One function per section, `bench_<section>(device, args) -> list of row dicts`, called in order by
-main(). A row: section, name, ms per path of ours ("torch", "triton"), torchvision_ms, ratio
-(our default path for the device / torchvision) and same (our result equals torchvision's).
+Sections (one function each, `bench_<section>(device, args) -> list of rows`):
+  model        forward ms, batch 1 and 8 at 300x300, NCHW and channels_last, vs torchvision
+  postprocess  ssd.postprocess vs torchvision's postprocess_detections, realistic and flat outputs
+  e2e          uint8 480x640 images -> detections in original pixels, images/s
+  data         data.py pipeline images/s per worker (train and test transforms)
+  train        SGD step images/s (narrow models on the CPU, full SSD300 with AMP on a GPU)
+  eval         VOC mAP evaluation of a VOC2007-test-sized synthetic set
+  kernels      box_iou / nms / batched_nms / soft_nms, torch and Triton engines
+A row: section, name, ms (ours), torchvision_ms, speedup (torchvision_ms / ms: > 1 means ours is
+faster), images_per_s, target (text) and ok (whether it holds), same (ours equals torchvision's).
+Model, e2e and train use torch's default threads (all cores; --threads overrides); the other
+sections are single-core figures and run on 1 thread, as torchvision's C++ NMS does.
 """
 import argparse
 import contextlib
+import copy
+import functools
 import json
-import math
 import os
+import platform
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+import data
+import evaluate
 import kernels
+import ssd
 
 try:
     import torchvision
+    from torchvision.models.detection import ssd300_vgg16
+    from torchvision.models.detection.image_list import ImageList
 except Exception:  # only used for comparison
     torchvision = None
 
 # ----------------------------------------------------------------------------- config
-SECTIONS = ("kernels",)
+SECTIONS = ("model", "postprocess", "e2e", "data", "train", "eval", "kernels")
+BATCHES = (1, 8)
+PHOTO_HW = (480, 640)  # e2e input: a VOC/COCO-sized photo, uint8 RGB
+CONFIDENT_PER_IMAGE = 300  # realistic outputs: anchors a trained model is sure of, per image
+E2E_TARGET = 1.25  # issue 2: end-to-end images/s >= 1.25x torchvision's ssd300_vgg16
+POSTPROCESS_TARGET = 3.0  # issue 2: postprocess >= 3x faster than postprocess_detections
+EVAL_TARGET_MS = 2000.0  # issue 4: VOC mAP of a VOC2007-test-sized set in < 2 s on one core
+EVAL_IMAGES = 4952  # VOC2007 test
+BCCD = Path(__file__).resolve().parent.parent / "shared" / "data" / "bccd" / "BCCD"
+DATA_IMAGES = 48  # images per timed pass of the data pipeline
+TRAIN_CPU = dict(widths=(0.25, 0.125), batch=8)  # issue 7: narrow models on the CPU
+TRAIN_GPU = dict(widths=(1.0,), batch=32)  # full SSD300, the paper's batch 32, AMP bf16
 NMS_SIZES = (200, 1000, 8732, 20000)  # 8732 = SSD300's anchor count
 IOU_COLUMNS = 1000  # box_iou is timed as [N, 4] x [min(N, IOU_COLUMNS), 4]
 IOU_THRESHOLD = 0.45  # paper / Caffe NMS IoU (facts §10)
 SCORE_THRESHOLD = 0.01  # Caffe DetectionOutput confidence threshold (facts §10)
 TOPK = 400  # Caffe top_k per class before NMS (facts §10)
 SSD_CLASSES = (20, 80)  # VOC, COCO
-IMAGE_SIZE = 300.0  # boxes in SSD300 input pixels
-THREADS = 1  # torch CPU threads while timing: torchvision's C++ NMS runs on one core, so do we
-SLOW_CALL_S = 0.5  # cases slower than this get at most 3 repeats, so the default run stays short
+IMAGE_SIZE = 300.0  # kernel boxes in SSD300 input pixels
+SLOW_ROUND_S = 0.5  # cases slower than this get at most 3 timed rounds, slower than 3 s only 2
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- timing
+@contextlib.contextmanager
+def threads(n):
+    """torch CPU threads for one section (n = 0: leave as set)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def time_side_by_side(fns, device, repeat, warmup=True):
+    """({name: median ms}, {name: last result}) for fns {name: fn of no arguments}. Calls alternate
+    round by round, so load drifts hit every function alike. warmup=False when a smaller case has
+    just warmed the same code (big CPU cases are costly and gain nothing from a warm-up)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, out = {name: [] for name in fns}, {}
+
+    def one_round():
+        for name, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            out[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    one_round()
+    slowest = max(ts[0] for ts in times.values())
+    if warmup:  # Triton compiles, caches fill; not counted
+        times = {name: [] for name in fns}
+    rounds = min(repeat, 2 if slowest > 3.0 else 3) if slowest > SLOW_ROUND_S else repeat
+    while min(len(ts) for ts in times.values()) < rounds:
+        one_round()
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}, out
+
+
+def row(section, name, ms, tv_ms=None, images=None, target=None, ok=None, same=None, **extra):
+    """One result row; speedup = torchvision ms / ours (> 1: ours faster)."""
+    return {"section": section, "name": name, "ms": ms, "torchvision_ms": tv_ms,
+            "speedup": tv_ms / ms if tv_ms else None,
+            "images_per_s": images * 1e3 / ms if images else None,
+            "target": target, "ok": ok, "same": same, **extra}
+
+
+# ----------------------------------------------------------------------------- models and outputs
+@functools.cache
+def model_pair(device_type):
+    """(ours, torchvision's ssd300_vgg16 or None) in eval mode with the same random weights: the
+    torchvision model's state_dict read by ssd.load_model, which maps its keys. Without torchvision,
+    ours alone: ssd300(90, anchors="coco", clip="wh"), torchvision's configuration."""
+    torch.manual_seed(0)
+    if torchvision is None:
+        return ssd.ssd300(90, anchors="coco", clip="wh").eval().to(device_type), None
+    tv = ssd300_vgg16(weights=None, weights_backbone=None).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(tv.state_dict(), os.path.join(tmp, "tv.pt"))
+        ours = ssd.load_model(os.path.join(tmp, "tv.pt"))
+    return ours.to(device_type), tv.to(device_type)
+
+
+def channels_last(model):
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+def random_photos(batch, gen):
+    """uint8 RGB [3, H, W] images: smooth colour fields plus noise, a photo's statistics roughly."""
+    h, w = PHOTO_HW
+    base = torch.nn.functional.interpolate(torch.rand(batch, 3, 6, 8, generator=gen) * 255,
+                                           size=(h, w), mode="bilinear")  # [B, 3, H, W]
+    noisy = base + torch.randn(batch, 3, h, w, generator=gen) * 20
+    return list(noisy.clamp(0, 255).to(torch.uint8))
+
+
+def tv_anchors(tv, batch, device):
+    """torchvision's anchors per image (xyxy pixels of the 300x300 input) from its own generator."""
+    x = torch.zeros(batch, 3, 300, 300, device=device)
+    maps = [torch.zeros(batch, 1, f, f, device=device) for f in (38, 19, 10, 5, 3, 1)]
+    return tv.anchor_generator(ImageList(x, [(300, 300)] * batch), maps)
+
+
+def realistic_outputs(model, batch, gen):
+    """Raw outputs like a trained model's on a photo: every anchor sure of background, except those
+    overlapping one of a few objects (CONFIDENT_PER_IMAGE per image in all), which score that
+    object's class by their IoU and regress towards it, as neighbouring anchors do."""
+    a, c1 = model.anchors.cpu(), model.config["num_classes"] + 1
+    corners = ssd.cxcywh_to_xyxy(a)  # [A, 4]
+    cls = torch.randn(batch, len(a), c1, generator=gen)  # [B, A, C+1]
+    cls[..., 0] += 9.0  # softmax background ~0.99: a few noise scores pass 0.01
+    box = torch.randn(batch, len(a), 4, generator=gen) * 0.5  # [B, A, 4]
+    for i in range(batch):
+        taken = torch.zeros(len(a), dtype=torch.bool)
+        while taken.sum() < CONFIDENT_PER_IMAGE:
+            xy, wh = torch.rand(2, generator=gen) * 0.7, torch.rand(2, generator=gen) * 0.4 + 0.1
+            obj = torch.cat([xy, (xy + wh).clamp(max=1.0)])  # [4]
+            iou = kernels.box_iou(corners, obj[None])[:, 0]  # [A]
+            near = (iou > 0.35) & ~taken
+            near &= near.cumsum(0) <= CONFIDENT_PER_IMAGE - taken.sum()
+            label = int(torch.randint(1, c1, (1,), generator=gen))
+            cls[i, near, label] = cls[i, near, 0] + 10 * (iou[near] - 0.3)  # p(label) 0.6..1
+            box[i, near] = ssd.encode(obj.expand(int(near.sum()), 4), a[near]) + 0.1 * box[i, near]
+            taken |= near
+    return cls.to(model.anchors.device), box.to(model.anchors.device)
+
+
+def same_detections(ours, theirs, sizes):
+    """ssd.postprocess's detections (original pixels) equal torchvision's (300x300 pixels)."""
+    for (boxes, scores, labels), t, (w, h) in zip(ours, theirs, sizes):
+        scale = torch.tensor([w, h, w, h], device=boxes.device) / 300.0
+        if len(boxes) != len(t["boxes"]) or not torch.equal(labels, t["labels"]):
+            return False
+        if not (torch.allclose(scores, t["scores"], atol=1e-6)
+                and torch.allclose(boxes / scale, t["boxes"], atol=1e-3)):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- sections
+def bench_model(device, args):
+    """Forward ms at 300x300: ours as stored (NCHW) and in channels_last, torchvision's
+    backbone + head on the same input."""
+    ours, tv = model_pair(device.type)
+    ours_cl, rows = channels_last(ours), []
+    for b in BATCHES:
+        x = torch.randn(b, 3, 300, 300, device=device) * 60  # [B, 3, S, S] like a normalised photo
+        fns = {"nchw": partial(ours, x),
+               "cl": partial(ours_cl, x.contiguous(memory_format=torch.channels_last))}
+        if tv is not None:
+            fns["tv"] = lambda x=x: tv.head(list(tv.backbone(x).values()))
+        with torch.no_grad():
+            ms, _ = time_side_by_side(fns, device, args.repeat, warmup=b == 1 or device.type == "cuda")
+        for layout, key in (("NCHW", "nchw"), ("channels_last", "cl")):
+            rows.append(row("model", f"forward b={b} {layout}", ms[key], ms.get("tv"), images=b))
+    return rows
+
+
+def bench_postprocess(device, args):
+    """ssd.postprocess vs torchvision's postprocess_detections on the same raw outputs: realistic
+    ones, and an untrained model's flat softmax (every class ~1/91, so each class passes 0.01 and
+    fills its top 400: ~36,000 NMS candidates per image)."""
+    ours, tv = model_pair(device.type)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad(), threads(args.model_threads):  # one forward on all cores for the flat outputs
+        flat = ours(ssd.preprocess([im.to(device) for im in random_photos(max(BATCHES), gen)], 300,
+                                   ours.config["mean"]))
+    cases = {"realistic": realistic_outputs(ours, max(BATCHES), gen), "untrained": flat}
+    rows = []
+    for kind, (cls, box) in cases.items():
+        for b in BATCHES:
+            sizes = [PHOTO_HW[::-1]] * b  # (w, h)
+            fns = {"ours": partial(ssd.postprocess, cls[:b], box[:b], ours.anchors, sizes)}
+            if tv is not None:
+                outputs = {"cls_logits": cls[:b], "bbox_regression": box[:b]}
+                fns["tv"] = partial(tv.postprocess_detections, outputs, tv_anchors(tv, b, device),
+                                    [(300, 300)] * b)
+            ms, out = time_side_by_side(fns, device, args.repeat)
+            scores = torch.softmax(cls[:b].float(), -1)[..., 1:]  # [B, A, C]
+            per_image = int((scores.topk(TOPK, 1).values > SCORE_THRESHOLD).sum()) // b
+            speedup = ms["tv"] / ms["ours"] if "tv" in ms else None
+            rows.append(row("postprocess", f"b={b} {kind} ({per_image} cand/img)", ms["ours"],
+                            ms.get("tv"), target=f">= {POSTPROCESS_TARGET:g}x tv",
+                            ok=speedup >= POSTPROCESS_TARGET if speedup else None,
+                            same=same_detections(out["ours"], out["tv"], sizes) if tv else None))
+    return rows
+
+
+def bench_e2e(device, args):
+    """uint8 photos -> detections in original pixels. Ours: ssd.detect with the model as stored
+    (detect itself turns the input channels_last on CUDA only) and with a channels_last copy;
+    torchvision: model(list of float images in [0, 1]). Untrained weights: flat outputs, the
+    postprocess's worst case."""
+    ours, tv = model_pair(device.type)
+    ours_cl, gen, rows = channels_last(ours), torch.Generator().manual_seed(2), []
+    for b in BATCHES:
+        photos = random_photos(b, gen)  # on the CPU, as a caller has them
+        fns = {"nchw": partial(ssd.detect, ours, photos), "cl": partial(ssd.detect, ours_cl, photos)}
+        if tv is not None:
+            fns["tv"] = lambda p=photos: tv([im.to(device).float() / 255 for im in p])
+        with torch.no_grad():
+            ms, _ = time_side_by_side(fns, device, args.repeat, warmup=b == 1 or device.type == "cuda")
+        for layout, key in (("model as stored", "nchw"), ("channels_last model", "cl")):
+            speedup = ms["tv"] / ms[key] if "tv" in ms else None
+            rows.append(row("e2e", f"b={b} {layout}", ms[key], ms.get("tv"), images=b,
+                            target=f">= {E2E_TARGET:g}x tv",
+                            ok=speedup >= E2E_TARGET if speedup else None))
+    return rows
+
+
+def synthetic_voc_folder(root, count=DATA_IMAGES, size=(500, 375)):
+    """A VOC-layout folder of `count` JPEGs (VOC's typical 500x375) with two boxes each."""
+    gen = torch.Generator().manual_seed(3)
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        os.makedirs(os.path.join(root, sub))
+    for i, photo in enumerate(random_photos(count, gen)):
+        Image.fromarray(photo.permute(1, 2, 0).numpy()).resize(size).save(
+            os.path.join(root, "JPEGImages", f"{i:06d}.jpg"), quality=90)
+        objects = "".join(f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x}"
+                          f"</xmin><ymin>{y}</ymin><xmax>{x + 150}</xmax><ymax>{y + 120}</ymax>"
+                          "</bndbox></object>" for name, x, y in (("dog", 40, 60), ("cat", 250, 200)))
+        with open(os.path.join(root, "Annotations", f"{i:06d}.xml"), "w") as f:
+            f.write(f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height>"
+                    f"<depth>3</depth></size>{objects}</annotation>")
+    with open(os.path.join(root, "ImageSets", "Main", "trainval.txt"), "w") as f:
+        f.write("".join(f"{i:06d}\n" for i in range(count)))
+    return root
+
+
+def bench_data(device, args):
+    """data.py items per second in one process on one thread (what one DataLoader worker does):
+    JPEG decode + annotation + transform, on BCCD's 640x480 JPEGs when present."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = BCCD if BCCD.is_dir() else synthetic_voc_folder(tmp)
+        source = data.VOCDetection(folder, "trainval")
+        n, rows = min(DATA_IMAGES, len(source)), []
+        for name, transform in (("train", data.TrainTransform(300)), ("test", data.TestTransform(300))):
+            dataset = data.DetectionDataset(source, transform)
+            ms, _ = time_side_by_side({"ours": lambda d=dataset: [d[i] for i in range(n)]},
+                                      torch.device("cpu"), args.repeat)
+            w, h = source.load_image(0).size
+            rows.append(row("data", f"{name} transform, {w}x{h} JPEG, per image", ms["ours"] / n,
+                            images=1, source="BCCD" if folder == BCCD else "synthetic"))
+    return rows
+
+
+def bench_train(device, args):
+    """One SGD step (forward, multibox_loss with matching, backward, update) on random images with
+    3 boxes each; no data loading. CPU: narrow models, channels_last and NCHW. GPU: full SSD300,
+    AMP bf16, channels_last."""
+    spec = TRAIN_GPU if device.type == "cuda" else TRAIN_CPU
+    gen, rows = torch.Generator().manual_seed(4), []
+    b = spec["batch"]
+    x = (torch.randn(b, 3, 300, 300, generator=gen) * 60).to(device)  # [B, 3, S, S]
+    xy = torch.rand(b, 3, 2, generator=gen) * 0.6
+    boxes = [t.to(device) for t in torch.cat([xy, xy + 0.1 + torch.rand(b, 3, 2, generator=gen) * 0.3], 2)]
+    labels = [torch.randint(1, 21, (3,), generator=gen).to(device) for _ in range(b)]
+    amp = device.type == "cuda"
+    layouts = (True,) if device.type == "cuda" else (True, False)
+    for width in spec["widths"]:
+        fns = {}
+        for cl in layouts:
+            torch.manual_seed(0)
+            model = ssd.ssd300(20, width=width).to(device).train()
+            if cl:
+                model = model.to(memory_format=torch.channels_last)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+            inp = x.contiguous(memory_format=torch.channels_last) if cl else x
+
+            def step(model=model, opt=opt, inp=inp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    cls, box = model(inp)  # [B, A, C+1], [B, A, 4]
+                losses = ssd.multibox_loss(cls, box, model.anchors, boxes, labels)
+                opt.zero_grad(set_to_none=True)
+                (losses["loss_cls"] + losses["loss_box"]).backward()
+                opt.step()
+            fns["channels_last" if cl else "NCHW"] = step
+        ms, _ = time_side_by_side(fns, device, args.repeat)
+        for layout, t in ms.items():
+            rows.append(row("train", f"SSD300 width {width:g} b={b} {layout}"
+                            f"{' AMP bf16' if amp else ''}", t, images=b))
+    return rows
+
+
+def bench_eval(device, args):
+    """evaluate.voc_eval (11-point and area AP) on make_synthetic_voc: 4,952 images, ~12,000
+    objects, 200 detections per image. Single core."""
+    dets, gts, names = evaluate.make_synthetic_voc(EVAL_IMAGES, 0)
+    ms, out = time_side_by_side({"ours": partial(evaluate.voc_eval, dets, gts, names)},
+                                torch.device("cpu"), max(args.repeat, 3), warmup=False)
+    return [row("eval", f"VOC mAP, {EVAL_IMAGES} images x 200 dets", ms["ours"],
+                target=f"< {EVAL_TARGET_MS / 1e3:g} s", ok=ms["ours"] < EVAL_TARGET_MS,
+                map_11point=out["ours"]["map_11point"])]
+
+
+# ----------------------------------------------------------------------------- kernels
 @contextlib.contextmanager
 def forced_path(path):
     """Run kernels.py on one engine ("torch" / "triton") through its SSD_KERNELS switch."""
@@ -53,28 +356,6 @@ def forced_path(path):
             del os.environ["SSD_KERNELS"]
         else:
             os.environ["SSD_KERNELS"] = old
-
-
-def time_side_by_side(fns, device, repeat):
-    """Median ms of each function in fns {name: fn}; calls alternate so load drifts hit all alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {name: [] for name in fns}
-    first = {}
-    for name, fn in fns.items():  # warm-up: Triton compiles, caches fill
-        t = time.perf_counter()
-        fn()
-        sync()
-        first[name] = time.perf_counter() - t
-    if max(first.values()) > SLOW_CALL_S:
-        repeat = min(repeat, 3)
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def random_boxes(n, gen):
@@ -94,27 +375,10 @@ def clustered_boxes(n, gen, objects=30):
     return torch.cat([ctr - wh / 2, ctr + wh / 2], 1), torch.rand(n, generator=gen)
 
 
-def ssd300_anchor_boxes():
-    """SSD300's 8,732 default boxes as xyxy pixels (feature maps 38..1, 4 or 6 boxes per cell)."""
-    maps, sizes = (38, 19, 10, 5, 3, 1), (30, 60, 111, 162, 213, 264, 315)
-    ratios = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
-    boxes = []
-    for k, f in enumerate(maps):
-        s, big = sizes[k], math.sqrt(sizes[k] * sizes[k + 1])
-        shapes = [(s, s), (big, big)] + [(s * math.sqrt(r), s / math.sqrt(r)) for r in ratios[k]]
-        shapes += [(s / math.sqrt(r), s * math.sqrt(r)) for r in ratios[k]]
-        c = (torch.arange(f) + 0.5) * IMAGE_SIZE / f  # [f] cell centres
-        cy, cx = torch.meshgrid(c, c, indexing="ij")
-        wh = torch.tensor(shapes)  # [K, 2]
-        ctr = torch.stack([cx, cy], -1).reshape(-1, 1, 2)  # [f*f, 1, 2]
-        boxes.append(torch.cat([ctr - wh / 2, ctr + wh / 2], -1).reshape(-1, 4))  # [f*f*K, 4]
-    return torch.cat(boxes)  # [8732, 4]
-
-
 def ssd_postprocess_input(num_classes, gen):
     """What batched_nms sees in SSD post-processing: per class, scores > SCORE_THRESHOLD, top TOPK,
     over slightly jittered anchors (the decoded boxes). Random logits make it the largest case."""
-    anchors = ssd300_anchor_boxes()  # [A, 4]
+    anchors = ssd.cxcywh_to_xyxy(ssd.anchors(ssd.make_config(300, 20))) * IMAGE_SIZE  # [8732, 4]
     boxes = anchors + torch.randn(anchors.shape, generator=gen) * 2  # [A, 4]
     logits = torch.randn(len(anchors), num_classes + 1, generator=gen) * 2  # [A, C+1]
     probs = logits.softmax(1)[:, 1:].t()  # [C, A], background dropped
@@ -129,23 +393,19 @@ def compare_paths(name, ours, reference, device, args, check, paths=None):
     ours / reference: functions of no arguments; check(ours_result, reference_result) -> bool."""
     if paths is None:
         paths = ["torch"] + (["triton"] if device.type == "cuda" and kernels.triton is not None else [])
-    fns = {}
-    for path in paths:
-        def run(path=path):
-            with forced_path(path):
-                return ours()
-        fns[path] = run
+    fns = {p: (lambda p=p: forced_path_call(p, ours)) for p in paths}
     if reference is not None:
         fns["torchvision"] = reference
-    ms = time_side_by_side(fns, device, args.repeat)
+    ms, out = time_side_by_side(fns, device, args.repeat)
     default = paths[-1]  # what kernels.py picks for this device
-    row = {"section": "kernels", "name": name, "default_path": default,
-           **{f"{p}_ms": ms[p] for p in paths}, "torchvision_ms": ms.get("torchvision"),
-           "ratio": None, "same": None}
-    if reference is not None:
-        row["ratio"] = ms[default] / ms["torchvision"]
-        row["same"] = all(check(fns[p](), reference()) for p in paths)
-    return row
+    same = all(check(out[p], out["torchvision"]) for p in paths) if reference is not None else None
+    return row("kernels", name, ms[default], ms.get("torchvision"), same=same, default_path=default,
+               **{f"{p}_ms": ms[p] for p in paths})
+
+
+def forced_path_call(path, fn):
+    with forced_path(path):
+        return fn()
 
 
 def same_keep(a, b):
@@ -156,7 +416,6 @@ def same_iou(a, b):
     return torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
-# ----------------------------------------------------------------------------- sections
 def bench_kernels(device, args):
     """IoU and NMS at several N (single class), then class-aware NMS and Soft-NMS at SSD300 shapes."""
     gen = torch.Generator().manual_seed(0)
@@ -186,18 +445,38 @@ def bench_kernels(device, args):
     return rows
 
 
+
+
 # ----------------------------------------------------------------------------- main
+def describe(device, args):
+    """The set-up printed above the table and stored in the JSON."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "threads": args.model_threads, "threads_single_core_sections": 1,
+            "torch": torch.__version__, "triton": getattr(kernels.triton, "__version__", None),
+            "torchvision": getattr(torchvision, "__version__", None)}
+
+
 def print_table(rows):
-    paths = [p for p in ("torch", "triton") if any(f"{p}_ms" in r for r in rows)]
-    head = f"{'name':<44}" + "".join(f"{p + ' ms':>12}" for p in paths) + f"{'tv ms':>12}{'ratio':>8}  same"
-    print(head)
-    print("-" * len(head))
+    fmt = lambda v, spec, w: f"{v:{w}{spec}}" if v is not None else f"{'-':>{w}}"  # noqa: E731
+    head = (f"{'name':<46}{'ours ms':>11}{'tv ms':>11}{'x faster':>9}{'img/s':>9}  same  "
+            "target        note")
+    section = None
     for r in rows:
-        cells = "".join(f"{r[p + '_ms']:12.3f}" if f"{p}_ms" in r else f"{'-':>12}" for p in paths)
-        tv = f"{r['torchvision_ms']:12.3f}" if r["torchvision_ms"] is not None else f"{'-':>12}"
-        ratio = f"{r['ratio']:8.2f}" if r["ratio"] is not None else f"{'-':>8}"
-        same = {True: "yes", False: "NO", None: "-"}[r["same"]]
-        print(f"{r['name']:<44}{cells}{tv}{ratio}  {same}")
+        if r["section"] != section:
+            section = r["section"]
+            print(f"\n[{section}]\n{head}\n{'-' * len(head)}")
+        target = f"{r['target']} {'ok' if r['ok'] else 'NO'}" if r["target"] else "-"
+        note = (f"torch {r['torch_ms']:.2f} ms" if r.get("default_path") == "triton" else
+                r.get("source") or (f"mAP {r['map_11point']:.3f}" if "map_11point" in r else ""))
+        print(f"{r['name']:<46}{fmt(r['ms'], '.2f', 11)}{fmt(r['torchvision_ms'], '.2f', 11)}"
+              f"{fmt(r['speedup'], '.2f', 9)}{fmt(r['images_per_s'], '.1f', 9)}  "
+              f"{ {True: 'yes', False: 'NO', None: '-'}[r['same']]:<4}  {target:<13} {note}")
 
 
 def main(argv=None):
@@ -206,37 +485,42 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run, from: {', '.join(SECTIONS)}")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median reported)")
-    parser.add_argument("--threads", type=int, default=THREADS,
-                        help=f"torch CPU threads (default {THREADS}; 0 = torch's own default)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows and the set-up as JSON")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed rounds per case, median reported (slow cases: at most 3, or 2)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for model, e2e and train (default 0: all cores); "
+                             "the other sections use 1")
+    parser.add_argument("--json", metavar="FILE", help="also write the set-up and the rows as JSON")
     args = parser.parse_args(argv)
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS]
     if unknown or not wanted:
         parser.error(f"--only: unknown section(s) {unknown or args.only!r}; "
                      f"choose from {', '.join(SECTIONS)}")
-    if args.repeat < 1:
-        parser.error("--repeat must be >= 1")
+    if args.repeat < 1 or args.threads < 0:
+        parser.error("--repeat must be >= 1 and --threads >= 0")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json {args.json}: its folder does not exist")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.py: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    args.model_threads = args.threads or torch.get_num_threads()
     device = torch.device(args.device)
-    setup = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-             "torch": torch.__version__, "threads": torch.get_num_threads(),
-             "torchvision": torchvision.__version__ if torchvision is not None else None,
-             "triton": kernels.triton.__version__ if kernels.triton is not None else None}
-    print(" ".join(f"{k}={v}" for k, v in setup.items()))
+    setup = describe(device, args)
+    print(" ".join(f"{k}={v}" for k, v in setup.items()), flush=True)
 
-    rows = []  # sections run in this order; a new section is one more `if` here
-    if "kernels" in wanted:
-        rows += bench_kernels(device, args)
-
+    benches = {"model": bench_model, "postprocess": bench_postprocess, "e2e": bench_e2e,
+               "data": bench_data, "train": bench_train, "eval": bench_eval, "kernels": bench_kernels}
+    rows = []
+    for name in (s for s in SECTIONS if s in wanted):  # in SECTIONS order
+        t = time.perf_counter()
+        with threads(args.model_threads if name in ("model", "e2e", "train") else 1):
+            rows += benches[name](device, args)
+        print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     print_table(rows)
+    setup["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
+    print(f"\nload average (1 min) {setup['load_avg_1min']} at start, "
+          f"{setup['load_avg_1min_end']} at end")
     if args.json:
         try:
             with open(args.json, "w") as f:

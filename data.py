@@ -290,7 +290,6 @@ class VOCDetection(FileSource):
                     width=int(width), height=int(height))
 
 
-
 # -----------------------------------------------------------------------------------------------
 # COCO
 
@@ -392,7 +391,6 @@ class COCODetection(FileSource):
                         clipped)
         if not self.ids:
             raise DataError(f"{self.ann_file}: no images" + (" with boxes" if skip_empty else ""))
-
 
 
 # -----------------------------------------------------------------------------------------------
