@@ -5,15 +5,9 @@ needed; its columns show "-" without it). Every figure is a median over repeats.
     python bench.py --device cuda --json bench.json     # the same on a GPU, also as JSON
     python bench.py --only postprocess,eval --repeat 9
 
-Sections (one function each, `bench_<section>(device, args) -> list of rows`):
-  model        forward ms, batch 1 and 8 at 300x300, NCHW and channels_last, vs torchvision
-  postprocess  ssd.postprocess vs torchvision's postprocess_detections, realistic and flat outputs
-  e2e          uint8 480x640 images -> detections in original pixels, images/s
-  data         data.py pipeline images/s per worker (train and test transforms)
-  train        SGD step images/s (narrow models on the CPU, full SSD300 with AMP on a GPU)
-  eval         VOC mAP evaluation of a VOC2007-test-sized synthetic set
-  kernels      box_iou / nms / batched_nms / soft_nms, torch and Triton engines
-A row: section, name, ms (ours), torchvision_ms, speedup (torchvision_ms / ms: > 1 means ours is
+Sections (one function each, `bench_<section>(device, args) -> list of rows`): model (forward),
+postprocess, e2e (uint8 photos -> detections), data (pipeline per worker), train (SGD steps),
+eval (VOC mAP), kernels (box_iou / nms / batched_nms / soft_nms, torch and Triton engines). A row: section, name, ms (ours), torchvision_ms, speedup (torchvision_ms / ms: > 1 means ours is
 faster), images_per_s, target (text) and ok (whether it holds), same (ours equals torchvision's).
 Model, e2e and train use torch's default threads (all cores; --threads overrides); the other
 sections are single-core figures and run on 1 thread, as torchvision's C++ NMS does.
@@ -32,7 +26,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -131,10 +124,6 @@ def model_pair(device_type):
     return ours.to(device_type), tv.to(device_type)
 
 
-def channels_last(model):
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-
 def random_photos(batch, gen):
     """uint8 RGB [3, H, W] images: smooth colour fields plus noise, a photo's statistics roughly."""
     h, w = PHOTO_HW
@@ -192,7 +181,7 @@ def bench_model(device, args):
     """Forward ms at 300x300: ours as stored (NCHW) and in channels_last, torchvision's
     backbone + head on the same input."""
     ours, tv = model_pair(device.type)
-    ours_cl, rows = channels_last(ours), []
+    ours_cl, rows = copy.deepcopy(ours).to(memory_format=torch.channels_last), []
     for b in BATCHES:
         x = torch.randn(b, 3, 300, 300, device=device) * 60  # [B, 3, S, S] like a normalised photo
         fns = {"nchw": partial(ours, x),
@@ -242,7 +231,8 @@ def bench_e2e(device, args):
     torchvision: model(list of float images in [0, 1]). Untrained weights: flat outputs, the
     postprocess's worst case."""
     ours, tv = model_pair(device.type)
-    ours_cl, gen, rows = channels_last(ours), torch.Generator().manual_seed(2), []
+    ours_cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    gen, rows = torch.Generator().manual_seed(2), []
     for b in BATCHES:
         photos = random_photos(b, gen)  # on the CPU, as a caller has them
         fns = {"nchw": partial(ssd.detect, ours, photos), "cl": partial(ssd.detect, ours_cl, photos)}
@@ -344,13 +334,12 @@ def bench_eval(device, args):
 
 
 # ----------------------------------------------------------------------------- kernels
-@contextlib.contextmanager
-def forced_path(path):
-    """Run kernels.py on one engine ("torch" / "triton") through its SSD_KERNELS switch."""
+def on_engine(path, fn):
+    """fn() with kernels.py forced onto one engine ("torch" / "triton") by its SSD_KERNELS switch."""
     old = os.environ.get("SSD_KERNELS")
     os.environ["SSD_KERNELS"] = path
     try:
-        yield
+        return fn()
     finally:
         if old is None:
             del os.environ["SSD_KERNELS"]
@@ -393,7 +382,7 @@ def compare_paths(name, ours, reference, device, args, check, paths=None):
     ours / reference: functions of no arguments; check(ours_result, reference_result) -> bool."""
     if paths is None:
         paths = ["torch"] + (["triton"] if device.type == "cuda" and kernels.triton is not None else [])
-    fns = {p: (lambda p=p: forced_path_call(p, ours)) for p in paths}
+    fns = {p: partial(on_engine, p, ours) for p in paths}
     if reference is not None:
         fns["torchvision"] = reference
     ms, out = time_side_by_side(fns, device, args.repeat)
@@ -401,11 +390,6 @@ def compare_paths(name, ours, reference, device, args, check, paths=None):
     same = all(check(out[p], out["torchvision"]) for p in paths) if reference is not None else None
     return row("kernels", name, ms[default], ms.get("torchvision"), same=same, default_path=default,
                **{f"{p}_ms": ms[p] for p in paths})
-
-
-def forced_path_call(path, fn):
-    with forced_path(path):
-        return fn()
 
 
 def same_keep(a, b):
@@ -445,8 +429,6 @@ def bench_kernels(device, args):
     return rows
 
 
-
-
 # ----------------------------------------------------------------------------- main
 def describe(device, args):
     """The set-up printed above the table and stored in the JSON."""
@@ -462,8 +444,11 @@ def describe(device, args):
             "torchvision": getattr(torchvision, "__version__", None)}
 
 
+def cell(value, spec, width):
+    return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+
 def print_table(rows):
-    fmt = lambda v, spec, w: f"{v:{w}{spec}}" if v is not None else f"{'-':>{w}}"  # noqa: E731
     head = (f"{'name':<46}{'ours ms':>11}{'tv ms':>11}{'x faster':>9}{'img/s':>9}  same  "
             "target        note")
     section = None
@@ -471,16 +456,18 @@ def print_table(rows):
         if r["section"] != section:
             section = r["section"]
             print(f"\n[{section}]\n{head}\n{'-' * len(head)}")
-        target = f"{r['target']} {'ok' if r['ok'] else 'NO'}" if r["target"] else "-"
+        verdict = {True: "ok", False: "NO", None: "n/a"}[r["ok"]]  # n/a: no torchvision to compare
+        target = f"{r['target']} {verdict}" if r["target"] else "-"
+        same = {True: "yes", False: "NO", None: "-"}[r["same"]]
         note = (f"torch {r['torch_ms']:.2f} ms" if r.get("default_path") == "triton" else
                 r.get("source") or (f"mAP {r['map_11point']:.3f}" if "map_11point" in r else ""))
-        print(f"{r['name']:<46}{fmt(r['ms'], '.2f', 11)}{fmt(r['torchvision_ms'], '.2f', 11)}"
-              f"{fmt(r['speedup'], '.2f', 9)}{fmt(r['images_per_s'], '.1f', 9)}  "
-              f"{ {True: 'yes', False: 'NO', None: '-'}[r['same']]:<4}  {target:<13} {note}")
+        print(f"{r['name']:<46}{cell(r['ms'], '.2f', 11)}{cell(r['torchvision_ms'], '.2f', 11)}"
+              f"{cell(r['speedup'], '.2f', 9)}{cell(r['images_per_s'], '.1f', 9)}  {same:<4}  "
+              f"{target:<13} {note}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--only", default=",".join(SECTIONS),
@@ -508,6 +495,11 @@ def main(argv=None):
     device = torch.device(args.device)
     setup = describe(device, args)
     print(" ".join(f"{k}={v}" for k, v in setup.items()), flush=True)
+    if device.type == "cpu" and args.model_threads > 1 and setup["load_avg_1min"] >= os.cpu_count():
+        print(f"warning: load average {setup['load_avg_1min']} >= {os.cpu_count()} cores: "
+              f"{args.model_threads} threads wait on each other's time slices and many-op code "
+              "(NMS, backward) slows down several-fold; --threads 1 gives steadier figures",
+              flush=True)
 
     benches = {"model": bench_model, "postprocess": bench_postprocess, "e2e": bench_e2e,
                "data": bench_data, "train": bench_train, "eval": bench_eval, "kernels": bench_kernels}
