@@ -366,16 +366,19 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
     device = cls_logits.device
     scores = F.softmax(cls_logits.float(), -1)[..., 1:]  # [B, A, C]
     boxes = decode(box_deltas.float(), anchors.float()).clamp(0.0, 1.0)  # [B, A, 4]
-    # per (image, class) top-k among the anchors; background column already dropped
-    k = min(topk, a)
-    top_scores, top_anchor = scores.transpose(1, 2).topk(k, dim=2)  # [B, C, k]
-    keep = top_scores > score_thr  # [B, C, k]
-    img_idx = torch.arange(b, device=device)[:, None, None].expand(b, c, k)[keep]  # [N]
-    cls_idx = torch.arange(c, device=device)[None, :, None].expand(b, c, k)[keep]  # [N]
-    anchor_idx = top_anchor[keep]  # [N]
-    cand_scores = top_scores[keep]  # [N]
-    cand_boxes = boxes[img_idx, anchor_idx]  # [N, 4]
+    passed = scores > score_thr  # [B, A, C]
+    if passed.sum(1).max() <= topk:
+        # a trained model: a few hundred of the B*A*C scores pass, no class needs its top-k cut
+        img_idx, anchor_idx, cls_idx = passed.nonzero(as_tuple=True)  # each [N]
+    else:
+        # e.g. an untrained model's flat softmax: the best `topk` anchors of each (image, class)
+        top_scores, top_anchor = scores.transpose(1, 2).topk(min(topk, a), dim=2)  # [B, C, k]
+        keep = top_scores > score_thr
+        img_idx, cls_idx, _ = keep.nonzero(as_tuple=True)
+        anchor_idx = top_anchor[keep]
+    cand_scores = scores[img_idx, anchor_idx, cls_idx]  # [N]
     group = img_idx * c + cls_idx  # NMS within one class of one image
+    cand_boxes = boxes[img_idx, anchor_idx]  # [N, 4]
     if nms == "soft":
         kept, kept_scores = kernels.soft_nms(cand_boxes, cand_scores, group, iou_threshold=nms_iou)
     elif nms == "hard":
@@ -415,12 +418,15 @@ def preprocess(images, size, mean=MEAN):
 @torch.no_grad()
 def detect(model, images, **postprocess_options):
     """Detections for uint8 RGB images [3, H, W] (any sizes) in their original pixels: a list of
-    (boxes [k, 4] xyxy, scores [k], labels [k]) on the CPU. Runs on the model's device."""
+    (boxes [k, 4] xyxy, scores [k], labels [k]) on the CPU. Runs on the model's device; the model
+    is switched to channels_last memory format (same weights, faster convolutions)."""
     device = next(model.parameters()).device
     cfg = model.config
+    # channels_last is faster on CPU (1.1-1.3x, bench.py) and GPU; convert the weights once
+    if not model.vgg[0].weight.is_contiguous(memory_format=torch.channels_last):
+        model.to(memory_format=torch.channels_last)
     x = preprocess([im.to(device) for im in images], cfg["size"], cfg["mean"])
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
     cls_logits, box_deltas = model(x)
     sizes = [(im.shape[2], im.shape[1]) for im in images]
     dets = postprocess(cls_logits, box_deltas, model.anchors, sizes, **postprocess_options)

@@ -330,7 +330,8 @@ def slow_postprocess(cls_logits, box_deltas, anchors, sizes, score_thr, nms_iou,
     return results
 
 
-def test_postprocess_equals_slow_reference():
+@pytest.mark.parametrize("score_thr,topk", [(0.05, 30), (0.3, 150)])  # top-k cut / threshold only
+def test_postprocess_equals_slow_reference(score_thr, topk):
     gen = torch.Generator().manual_seed(2)
     anchors = torch.cat([torch.rand(150, 2, generator=gen),
                          0.05 + 0.3 * torch.rand(150, 2, generator=gen)], 1)
@@ -339,15 +340,17 @@ def test_postprocess_equals_slow_reference():
     cls_logits[2, :, 0] = 10.0  # ... because background wins everywhere
     box_deltas = torch.randn(3, 150, 4, generator=gen)
     sizes = [(640, 480), (300, 300), (50, 80)]
-    got = ssd.postprocess(cls_logits, box_deltas, anchors, sizes, score_thr=0.05, nms_iou=0.45,
-                          topk=30, max_det=40)
-    ref = slow_postprocess(cls_logits, box_deltas, anchors, sizes, 0.05, 0.45, 30, 40)
+    got = ssd.postprocess(cls_logits, box_deltas, anchors, sizes, score_thr=score_thr,
+                          nms_iou=0.45, topk=topk, max_det=40)
+    ref = slow_postprocess(cls_logits, box_deltas, anchors, sizes, score_thr, 0.45, topk, 40)
     for (b, s, l), (rb, rs, rl) in zip(got, ref):
         assert len(s) == len(rs)
         torch.testing.assert_close(s, rs.float(), atol=1e-6, rtol=1e-5)
         assert torch.equal(l, rl)
         torch.testing.assert_close(b, rb, atol=1e-3, rtol=1e-5)
     assert len(got[0][1]) == 40 and len(got[2][1]) == 0
+    per_class = torch.bincount(got[0][2])
+    assert per_class.max() <= topk
 
 
 def test_postprocess_sorted_labels_in_range_and_clipped():
