@@ -1,0 +1,310 @@
+"""Tests of train.py on the CPU: short runs on shapes, BCCD and tiny VOC-layout folders written
+here; a 2-process gloo DDP run; kill-and-resume against an uninterrupted run; the NaN guard."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ssd
+import train
+
+HERE = Path(__file__).resolve().parent
+TINY = ["--width", "0.0625", "--workers", "0", "--log-every", "1"]
+
+
+def write_voc(root, boxes_per_image, val=2, size=(96, 72), seed=0):
+    """A VOC-layout folder: image k holds boxes_per_image[k] filled rectangles of classes 'a' /
+    'b' on noise; trainval lists them all, val the first `val`."""
+    rng = np.random.default_rng(seed)
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    ids = []
+    w, h = size
+    for k, n in enumerate(boxes_per_image):
+        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        objects = []
+        for j in range(n):
+            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+            x1, y1 = x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))
+            pixels[y0:y1, x0:x1] = (255, 0, 0) if j % 2 == 0 else (0, 0, 255)
+            objects.append(f"<object><name>{'ab'[j % 2]}</name><difficult>0</difficult><bndbox>"
+                           f"<xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax>"
+                           f"<ymax>{y1}</ymax></bndbox></object>")
+        image_id = f"img{k:03d}"
+        Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.jpg")
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>"
+            + "".join(objects) + "</annotation>")
+        ids.append(image_id)
+    (root / "ImageSets/Main/trainval.txt").write_text("\n".join(ids) + "\n")
+    (root / "ImageSets/Main/val.txt").write_text("\n".join(ids[:val]) + "\n")
+    return root
+
+
+def read_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def metrics(run):
+    with open(run / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------------------------
+# Pure functions
+
+def test_lr_schedule_follows_the_recipe():
+    total, warmup = 1200, 500
+    f = [train.lr_factor(i, total, warmup) for i in range(total)]
+    assert f[0] == pytest.approx(1 / 3)
+    assert f[250] == pytest.approx(1 / 3 + 2 / 3 * 0.5)
+    assert all(a < b for a, b in zip(f[:500], f[1:500]))  # linear warmup rises
+    assert f[500] == f[799] == 1.0
+    assert f[800] == pytest.approx(0.1) and f[999] == pytest.approx(0.1)  # 2/3 of 1200
+    assert f[1000] == pytest.approx(0.01) and f[-1] == pytest.approx(0.01)  # 5/6 of 1200
+
+
+def test_defaults_per_dataset_and_linear_lr_rule():
+    s = train.settings(train.parse_args(["--data", "voc", "--data-root", "x", "--out", "o"]))
+    # Caffe: 120k iterations x 32 images over 16,551 images; lr 1e-3 at 32
+    assert s["epochs"] == round(120_000 * 32 / 16_551) and s["batch_size"] == 32
+    assert s["lr"] == pytest.approx(1e-3) and s["warmup"] == 500 and s["width"] == 1.0
+    s = train.settings(train.parse_args(["--data", "coco", "--data-root", "x", "--out", "o",
+                                         "--batch-size", "64"]))
+    assert s["epochs"] == 120 and s["lr"] == pytest.approx(2e-3)
+    s = train.settings(train.parse_args(["--data", "voc", "--data-root", "x", "--out", "o",
+                                         "--batch-size", "8", "--lr", "0.5"]))
+    assert s["lr"] == 0.5
+
+
+def test_scratch_init_keeps_every_source_alive():
+    x = torch.randn(2, 3, 300, 300) * train.PIXEL_STD  # the scale of 0-255 pixels minus the mean
+    torch.manual_seed(0)
+    model = ssd.ssd300(3, width=0.125)
+    with torch.no_grad():
+        xavier = [f.std().item() for f in model.features(x)[1:]]
+        train.init_from_scratch(model)
+        scratch = [f.std().item() for f in model.features(x)[1:]]  # conv7 and the extra levels
+    assert min(xavier) < 0.05 * max(xavier)  # what He init is for: the deep sources fade
+    assert all(0.2 < s < 5 for s in scratch), scratch
+
+
+def test_first_layer_group_is_sgd_on_unit_scale_input():
+    """One SGD step on conv1_1 with param_groups' lr and decay equals a plain SGD step of a model
+    whose conv1_1 weight is PIXEL_STD times larger and whose input is PIXEL_STD times smaller."""
+    s = train.PIXEL_STD
+    torch.manual_seed(0)
+    a = ssd.ssd300(2, width=0.0625)
+    train.init_from_scratch(a)
+    start = a.vgg[0].weight.detach().clone()
+    b = ssd.ssd300(2, width=0.0625)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b.vgg[0].weight *= s
+    x = torch.randn(1, 3, 300, 300) * s
+    boxes, labels = [torch.tensor([[0.2, 0.2, 0.6, 0.7]])], [torch.tensor([1])]
+    opt_a = torch.optim.SGD(train.param_groups(a, 0.01, scratch=True), lr=0.01, momentum=0.9,
+                            weight_decay=5e-4)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for model, opt, inp in ((a, opt_a, x), (b, opt_b, x / s)):
+        for _ in range(2):
+            losses = ssd.multibox_loss(*model(inp), model.anchors, boxes, labels)
+            opt.zero_grad()
+            (losses["loss_cls"] + losses["loss_box"]).backward()
+            opt.step()
+    assert not torch.allclose(a.vgg[0].weight, start)  # it did move
+    torch.testing.assert_close(a.vgg[0].weight * s, b.vgg[0].weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.cls_heads[0].weight, b.cls_heads[0].weight, rtol=1e-4, atol=1e-5)
+
+
+def test_data_order_depends_only_on_seed_and_epoch_and_splits_over_ranks():
+    one = train.epoch_batches(50, 3, 7, 0, 1, 4)
+    assert one == train.epoch_batches(50, 3, 7, 0, 1, 4)
+    assert one != train.epoch_batches(50, 4, 7, 0, 1, 4)
+    assert len(one) == 12 and all(len(b) == 4 for b in one)
+    ranks = [train.epoch_batches(50, 3, 7, r, 2, 4) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 6  # 25 images each -> 6 full batches
+    seen = [i for r in ranks for b in r for i in b]
+    assert len(seen) == len(set(seen))  # no image on two ranks in one epoch
+
+
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    train.seed_all(5)
+    state = train.rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    train.seed_all(6)
+    train.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2] == again[2]
+
+
+# -----------------------------------------------------------------------------------------------
+# Short runs
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--data-root", "--size", "--gpus", "--epochs", "--batch-size", "--lr",
+                 "--workers", "--amp", "--no-amp", "--out", "--resume", "--pretrained",
+                 "--width", "--eval-every", "--seed"):
+        assert flag in text
+
+
+def test_few_steps_on_shapes(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train.main(["--data", "shapes", "--batch-size", "2", "--max-steps", "3",
+                       "--eval-every", "0", "--out", str(out), *TINY])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "global batch 2 (2 per process)" in text and "world size 1" in text
+    assert "1000 iterations/epoch" in text  # 2,000 shapes images / 2
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["loss_cls"] + r["loss_box"])
+        assert r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["lr"] > 0
+    ckpt = read_ckpt(out / "last.pt")
+    assert ckpt["step"] == 3 and ckpt["config"]["width"] == 0.0625
+    assert ckpt["config"]["class_names"] == ["circle", "square", "triangle"]
+    assert ckpt["train_args"]["data"] == "shapes"
+    model = ssd.load_model(out / "best.pt")  # best = last while nothing was evaluated
+    assert same_weights(model.state_dict(), ckpt["model"])
+    assert Image.open(out / "detections.jpg").size == (600, 600)  # 2 x 2 grid of 300 x 300
+
+
+def test_few_steps_on_bccd_with_evaluation(shared_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train.main(["--data", "voc", "--data-root", str(shared_data / "bccd" / "BCCD"),
+                       "--batch-size", "2", "--max-steps", "2", "--out", str(out), *TINY])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "87 validation" in text  # BCCD has no test split: val.txt
+    ckpt = read_ckpt(out / "last.pt")
+    assert sorted(ckpt["config"]["class_names"]) == ["Platelets", "RBC", "WBC"]
+    evals = [r for r in metrics(out) if "map" in r]
+    assert len(evals) == 1 and 0.0 <= evals[0]["map"] <= 1.0 and evals[0]["step"] == 2
+    assert ckpt["best_map"] == evals[0]["map"]
+
+
+def test_images_without_boxes_train(tmp_path):
+    root = write_voc(tmp_path / "voc", [0, 0, 0, 0])
+    out = tmp_path / "run"
+    code = train.main(["--data", "voc", "--data-root", str(root), "--batch-size", "2",
+                       "--epochs", "2", "--eval-every", "0", "--out", str(out), *TINY])
+    assert code == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] == 0.0 for r in rows)  # no positives: nothing to classify or regress
+    assert all(torch.isfinite(v).all() for v in read_ckpt(out / "last.pt")["model"].values())
+
+
+def test_nan_guard_stops_with_the_step_and_terms(tmp_path, monkeypatch, capsys):
+    root = write_voc(tmp_path / "voc", [1, 2, 1, 0, 1, 2])
+    out = tmp_path / "run"
+    real_loss, calls = ssd.multibox_loss, []
+
+    def loss_with_a_nan_at_step_5(*args, **kwargs):
+        calls.append(1)
+        losses = real_loss(*args, **kwargs)
+        if len(calls) == 5:
+            losses["loss_cls"] = losses["loss_cls"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(ssd, "multibox_loss", loss_with_a_nan_at_step_5)
+    code = train.main(["--data", "voc", "--data-root", str(root), "--batch-size", "2",
+                       "--epochs", "3", "--eval-every", "0", "--out", str(out), *TINY])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 5 (loss_cls=nan, loss_box=" in err
+    assert f"last good checkpoint: {out / 'last.pt'}" in err
+    ckpt = read_ckpt(out / "last.pt")  # written after epoch 1 (3 steps); nothing after the NaN
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert max(r["step"] for r in metrics(out)) == 4
+
+    # the checkpoint is not overwritten by a fresh run, and a resumed run keeps its settings
+    monkeypatch.setattr(ssd, "multibox_loss", real_loss)
+    args = ["--data", "voc", "--data-root", str(root), "--out", str(out), *TINY]
+    assert train.main(args) == 2
+    assert "continue it with --resume" in capsys.readouterr().err
+    assert train.main(["--resume", str(out / "last.pt"), "--width", "0.5"]) == 2
+    assert "was trained with 0.0625" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert train.main(["--resume", str(tmp_path / "junk.pt")]) == 2
+    assert "junk.pt: not a checkpoint" in capsys.readouterr().err
+
+
+def run_cli(args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    return subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], cwd=str(HERE),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    root = write_voc(tmp_path / "voc", [1, 2, 0, 1, 3, 1])  # 3 steps per epoch at batch 2
+    common = ["--data", "voc", "--data-root", str(root), "--batch-size", "2", "--epochs", "3",
+              "--eval-every", "0", "--lr", "0.003", *TINY]
+    assert train.main([*common, "--out", str(tmp_path / "straight")]) == 0
+    straight = read_ckpt(tmp_path / "straight" / "last.pt")
+    assert straight["step"] == 9
+
+    # killed (SIGKILL: no clean-up) as soon as the first epoch's checkpoint exists
+    killed = tmp_path / "killed"
+    proc = run_cli([*common, "--out", str(killed)])
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    stopped_at = read_ckpt(killed / "last.pt")["step"]
+    assert stopped_at in (3, 6)  # an epoch boundary (9 would mean the kill came too late)
+    (killed / "last.pt.tmp99999").write_bytes(b"half a checkpoint")  # a save cut short
+
+    # a mid-epoch stop (--max-steps) resumed too: the augmentation of image i in epoch e is
+    # drawn from (seed, e, i) only
+    again = ["--eval-every", "0", *TINY]  # settings of this invocation only
+    assert train.main(["--resume", str(killed / "last.pt"), "--max-steps", str(stopped_at + 2),
+                       *again]) == 0
+    assert read_ckpt(killed / "last.pt")["step"] == stopped_at + 2
+    assert train.main(["--resume", "--out", str(killed), *again]) == 0
+    resumed = read_ckpt(killed / "last.pt")
+    assert resumed["step"] == 9
+    assert same_weights(straight["model"], resumed["model"])
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert resumed["scheduler"] == straight["scheduler"]
+    steps = [r["step"] for r in metrics(killed) if "loss" in r]
+    assert steps == list(range(1, 10))  # each step logged once, the killed run's extras dropped
+
+
+def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_cli(["--data", "shapes", "--gpus", "2", "--batch-size", "4", "--max-steps", "3",
+                    "--eval-every", "0", "--out", str(out), *TINY])
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text
+    assert "2 gloo processes on the CPU" in text
+    assert "world size 2 (gloo)" in text and "global batch 4 (2 per process)" in text
+    assert "500 iterations/epoch" in text  # 2,000 images / (2 ranks x 2)
+    assert "weights identical across 2 processes" in text
+    assert text.count("step 3/") == 1  # rank 0 alone logs
+    assert read_ckpt(out / "last.pt")["step"] == 3

@@ -1,0 +1,667 @@
+"""Train SSD300 / SSD512 on VOC, COCO, any VOC-layout folder or the built-in synthetic shapes set.
+
+    python train.py --data shapes                               # quick start: 5 minutes, 2 CPU cores
+    python train.py --data voc --data-root ~/data --gpus 2      # VOC07+12 on 2 GPUs (DDP, NCCL)
+    torchrun --nproc_per_node=8 train.py --data coco --data-root ~/coco --pretrained vgg16.pth
+    python train.py --resume                                    # continue the newest runs/*/last.pt
+
+Recipe of the reference implementations (facts §9): SGD, momentum 0.9, weight decay 5e-4, lr 1e-3
+per 32 images scaled linearly with the global batch, linear warmup over 500 iterations from 1/3 of
+the lr, lr x0.1 at 2/3 and at 5/6 of the iterations. The run folder (--out, default
+runs/<data>-<time>) receives last.pt and best.pt after every epoch (written atomically; best = the
+highest validation mAP so far, or the latest weights before any evaluation), metrics.jsonl (one
+JSON object per log line and one per evaluation, with "map") and, at the end, detections.jpg.
+--gpus N > 1 spawns N DDP processes (NCCL; on a machine without CUDA, N gloo processes on the CPU);
+torchrun's RANK / LOCAL_RANK / WORLD_SIZE are used when set. --resume restarts exactly where the
+last checkpoint left off: the data order and every augmentation are functions of (seed, epoch,
+image), so the resumed run repeats the uninterrupted one.
+Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage, data or checkpoint.
+"""
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+import evaluate
+import ssd
+
+# -----------------------------------------------------------------------------------------------
+# Recipe (facts §9). The paper / Caffe values unless a comment says otherwise.
+MOMENTUM = 0.9  # every reference
+WEIGHT_DECAY = 5e-4  # every reference; on all parameters, as mmdetection and torchvision do
+BASE_LR, BASE_BATCH = 1e-3, 32  # Caffe, amdegroot, lufficc: 1e-3 at 32 images; linear scaling rule
+WARMUP_FROM = 1 / 3  # mmdetection v1 and lufficc: linear warmup from lr / 3
+DECAY_AT = (2 / 3, 5 / 6)  # Caffe: x0.1 at 80k and 100k of 120k iterations
+DECAY = 0.1
+EVAL_BATCH = 8
+PIXEL_STD = 57.6  # ImageNet's per-channel pixel std on the 0-255 scale (58.4, 57.1, 57.4)
+MAX_UNREADABLE = 10  # consecutive unreadable training images before giving up
+DIST_TIMEOUT = datetime.timedelta(hours=1)  # other ranks wait this long while rank 0 evaluates
+
+# Per data set. lr None = BASE_LR * batch / BASE_BATCH.
+DATASETS = {
+    # 120k iterations x 32 images (Caffe, amdegroot, lufficc) over VOC07+12's 16,551 images
+    "voc": dict(epochs=232, batch_size=32, lr=None, warmup=500, width=1.0, clip=None),
+    # 120 passes over train2017: torchvision's reference (and mmdetection's 24 epochs x repeat 5),
+    # whose ssd300_vgg16 is the checkpoint people compare with; Caffe's 400k x 32 over
+    # trainval35k is about 109 passes.
+    "coco": dict(epochs=120, batch_size=32, lr=None, warmup=500, width=1.0, clip=None),
+    # Quick start, tuned to reach VOC mAP >= 0.5 in 5 minutes on 2 CPU cores from scratch. Departures
+    # from the recipe: a 1/8-wide network, a shorter warmup and a larger lr (the plain recipe
+    # learns nothing visible in a few hundred iterations).
+    "shapes": dict(epochs=6, batch_size=16, lr=1e-2, warmup=50, width=0.125, clip=None),
+}
+
+# Flags that define a run: on --resume they come from the checkpoint (--epochs may be given again
+# to lengthen it).
+RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "warmup", "clip",
+            "val_split", "pretrained", "epochs")
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--data", choices=sorted(DATASETS), help="data set (required unless --resume)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="voc: a VOC-layout folder or a folder holding VOCdevkit/VOC2007, VOC2012; "
+                        "coco: the folder with annotations/ and train2017/")
+    p.add_argument("--size", type=int, choices=[300, 512], help="input size (default 300)")
+    p.add_argument("--gpus", type=int,
+                   help="processes: 0 = CPU, N > 1 = N DDP processes (default: 1 if CUDA, else 0)")
+    p.add_argument("--epochs", type=int, help="passes over the training set (default per data set)")
+    p.add_argument("--batch-size", type=int, help="global batch, split over the processes")
+    p.add_argument("--lr", type=float, help=f"peak lr (default {BASE_LR:g} x batch / {BASE_BATCH})")
+    p.add_argument("--warmup", type=int, help="linear warmup iterations (default 500)")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes per rank")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="mixed precision on CUDA: bf16 where supported, else fp16 (default on)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<data>-<time>)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
+                   help="continue from PATH, or from <out>/last.pt, or the newest runs/*/last.pt")
+    p.add_argument("--pretrained", metavar="PATH", help="VGG16 ImageNet weights for the backbone")
+    p.add_argument("--width", type=float, help="channel width multiplier (default 1)")
+    p.add_argument("--eval-every", type=int, metavar="K",
+                   help="evaluate every K epochs and at the end (default: at the end; 0: never)")
+    p.add_argument("--val-split", help="evaluation split (default: data.build_source's)")
+    p.add_argument("--seed", type=int, help="seed of the weights, data order and augmentation")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    p.add_argument("--max-steps", type=int,
+                   help="stop at this step (checkpoint, evaluation, picture); the lr schedule "
+                        "still spans --epochs, and --resume continues it")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "log_every", "max_steps", "workers", "warmup", "gpus"):
+        value = getattr(args, name)
+        low = 0 if name in ("workers", "warmup", "gpus") else 1
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.lr is not None and not args.lr > 0:
+        p.error("--lr must be positive")
+    if args.width is not None and not args.width > 0:
+        p.error("--width must be positive")
+    if args.eval_every is not None and args.eval_every < 0:
+        p.error("--eval-every must be 0 or more")
+    if args.resume is None and args.data is None:
+        p.error("--data is required (or --resume to continue a run)")
+    return args
+
+
+# -----------------------------------------------------------------------------------------------
+# Settings: data-set defaults, or those of the run being resumed
+
+def newest_last_checkpoint(runs_dir="runs"):
+    found = [p for p in glob.glob(os.path.join(glob.escape(runs_dir), "*", "last.pt"))
+             if os.path.isfile(p)]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def read_checkpoint(path):
+    """A train.py checkpoint (weights_only=True) or UsageError naming the file."""
+    try:
+        ckpt = ssd.read_weights(path)
+    except ssd.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    missing = [k for k in ("model", "config", "optimizer", "scheduler", "step", "train_args")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UsageError(f"{path}: not a train.py checkpoint (no {missing[0]!r}); use it with "
+                         "--pretrained or detect.py instead")
+    return ckpt
+
+
+def settings(args):
+    """-> dict of everything a rank needs (plain types: it crosses to spawned processes)."""
+    s = dict(resume=None)
+    if args.resume is not None:
+        path = args.resume
+        if path == "auto" and args.out:
+            path = os.path.join(args.out, "last.pt")
+            if not os.path.isfile(path):
+                raise UsageError(f"{path}: no checkpoint to resume")
+        elif path == "auto":
+            path = newest_last_checkpoint()
+            if path is None:
+                raise UsageError("--resume: no runs/*/last.pt to continue (give a path)")
+        saved = read_checkpoint(path)["train_args"]
+        for key in RUN_KEYS:
+            given = getattr(args, key, None)  # some settings have no flag
+            if key == "epochs" and given is not None:
+                saved[key] = given
+            elif given is not None and given != saved.get(key):
+                raise UsageError(f"--{key.replace('_', '-')} {given}: {path} was trained with "
+                                 f"{saved.get(key)}; a resumed run keeps its settings")
+        s.update(saved, resume=path, out=args.out or os.path.dirname(os.path.abspath(path)))
+    else:
+        d = DATASETS[args.data]
+        s.update(data=args.data, data_root=args.data_root, size=args.size or 300,
+                 width=args.width or d["width"], batch_size=args.batch_size or d["batch_size"],
+                 seed=0 if args.seed is None else args.seed,
+                 warmup=d["warmup"] if args.warmup is None else args.warmup,
+                 clip=d["clip"], val_split=args.val_split, pretrained=args.pretrained,
+                 epochs=args.epochs or d["epochs"])
+        s["lr"] = args.lr or d["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
+        if args.data != "shapes" and not args.data_root:
+            raise UsageError(f"--data {args.data} needs --data-root DIR")
+        if args.pretrained and not os.path.isfile(args.pretrained):
+            raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
+        out = args.out
+        if out is None:
+            out = os.path.join("runs", f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+            base, k = out, 1
+            while os.path.exists(out):
+                k += 1
+                out = f"{base}-{k}"
+        elif os.path.isfile(os.path.join(out, "last.pt")):
+            raise UsageError(f"{out}/last.pt exists: continue it with --resume or choose another "
+                             "--out")
+        s["out"] = out
+    cuda = torch.cuda.is_available()
+    gpus = args.gpus if args.gpus is not None else (1 if cuda else 0)
+    s.update(gpus=gpus, cuda=cuda and gpus > 0, workers=args.workers, log_every=args.log_every,
+             max_steps=args.max_steps,
+             eval_every=args.eval_every, amp=args.amp)
+    return s
+
+
+# -----------------------------------------------------------------------------------------------
+# Schedule, RNG, data order
+
+def init_from_scratch(model):
+    """He (Kaiming) initialisation of the VGG and extra layers for training without --pretrained.
+
+    ssd.py starts every conv Xavier-uniform, as the references do around a pretrained VGG16; from
+    scratch, without BatchNorm, that halves the signal's variance at each of the 15+ ReLU layers
+    (the conv7 source starts ~50x weaker than conv4_3 and the deepest heads see almost nothing).
+    He init keeps the variance; conv1_1 is also divided by the pixel std, as the input is 0-255
+    minus the mean, not unit-scaled. The heads keep their Xavier init."""
+    convs = [m for m in [*model.vgg, *model.extras] if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(conv.bias)
+    with torch.no_grad():
+        convs[0].weight /= PIXEL_STD
+
+
+def param_groups(model, lr, scratch):
+    """SGD parameter groups. From scratch, conv1_1's weight gets lr / PIXEL_STD^2 and weight decay
+    x PIXEL_STD^2: its input is on the 0-255 scale, so its gradient is ~PIXEL_STD times too large
+    for a weight ~PIXEL_STD times too small (at the shared lr it would change several-fold per
+    step). With these two factors SGD moves it exactly as it would move PIXEL_STD x the weight on
+    input / PIXEL_STD. A pretrained conv1_1 is left to the recipe."""
+    first = model.vgg[0].weight
+    if not scratch:
+        return [dict(params=list(model.parameters()))]
+    return [dict(params=[p for p in model.parameters() if p is not first]),
+            dict(params=[first], lr=lr / PIXEL_STD**2, weight_decay=WEIGHT_DECAY * PIXEL_STD**2)]
+
+
+def lr_factor(it, total, warmup):
+    """lr multiplier at iteration `it` of `total`: linear from WARMUP_FROM to 1 over `warmup`
+    iterations, times DECAY for every DECAY_AT fraction of the schedule passed."""
+    warm = WARMUP_FROM + (1 - WARMUP_FROM) * it / warmup if it < warmup else 1.0
+    return warm * DECAY ** sum(it >= round(f * total) for f in DECAY_AT)
+
+
+def rng_state():
+    """Every global generator's state as tensors and plain lists (weights_only=True can load it)."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
+                           has_gauss=int(np_state[3]), cached_gaussian=float(np_state[4])),
+                python=dict(version=py_state[0], state=list(py_state[1]), gauss=py_state[2]))
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def seed_all(*key):
+    """Seed torch, numpy and random from a tuple of ints."""
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class EpochSeeded(torch.utils.data.Dataset):
+    """Seeds every generator from (seed, epoch, index) before producing an item, so an image's
+    augmentation depends on nothing else: not the number of workers, not which worker gets it,
+    not whether the run was stopped and resumed in the middle of the epoch. (data.TrainTransform
+    draws from a Generator seeded by torch.initial_seed().)"""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        for k in range(MAX_UNREADABLE):  # a damaged image costs a warning, not the run
+            seed_all(self.seed, self.epoch, (i + k) % len(self))
+            try:
+                return self.dataset[(i + k) % len(self)]
+            except data.DataError as e:
+                print(f"warning: {e}; training on the next image instead", file=sys.stderr,
+                      flush=True)
+        raise data.DataError(f"{MAX_UNREADABLE} unreadable images in a row from index {i}")
+
+
+def epoch_batches(num_images, epoch, seed, rank, world, per_rank):
+    """This rank's batches of one epoch: DistributedSampler's shuffle (seed + epoch), the tail that
+    does not fill a batch dropped, so every rank takes the same number of steps."""
+    sampler = torch.utils.data.DistributedSampler(range(num_images), num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [order[i:i + per_rank] for i in range(0, len(order) - per_rank + 1, per_rank)]
+
+
+# -----------------------------------------------------------------------------------------------
+# Output: log lines, metrics.jsonl, checkpoints, the detection picture
+
+def duration(seconds):
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class MetricsFile:
+    """<out>/metrics.jsonl, appended one JSON object per line. On resume, lines logged after the
+    checkpoint (by the run that was stopped) are dropped, so each step appears once."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        if resume_step is not None and os.path.isfile(path):
+            with open(path) as f:
+                rows = [line for line in f if line.strip()]
+            keep = []
+            for line in rows:
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line)
+                except ValueError:  # a line cut short by the kill
+                    pass
+            with open(path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(path + ".tmp", path)
+
+    def write(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def link_or_copy(src, dst):
+    """dst becomes the same file as src, atomically (a hard link where the file system has them)."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def write_detections(model, source, path, count=4):
+    """Draw the model's detections on the first `count` images of `source`, in a grid, to `path`."""
+    import detect  # drawing lives with the detection CLI
+    from PIL import Image
+    count = min(count, len(source))
+    images = [source.load_image(i) for i in range(count)]
+    dets = ssd.detect(model, [detect.to_tensor(im) for im in images], score_thr=detect.SCORE_THR)
+    for im, (boxes, scores, labels) in zip(images, dets):
+        detect.draw_detections(im, boxes, scores, labels, model.config["class_names"])
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
+    grid = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
+    for k, im in enumerate(images):
+        grid.paste(im, ((k % cols) * cell_w, (k // cols) * cell_h))
+    tmp = f"{path}.tmp{os.getpid()}.jpg"
+    grid.save(tmp, quality=92)
+    os.replace(tmp, path)
+
+
+def weights_fingerprint(model):
+    """float64 [2 * params]: each tensor's sum and sum of squares; equal across ranks when the
+    replicas agree."""
+    return torch.stack([t for p in model.parameters()
+                        for t in (p.detach().double().sum(), p.detach().double().pow(2).sum())])
+
+
+# -----------------------------------------------------------------------------------------------
+# Training (one rank)
+
+def train(s, rank, local_rank, world):
+    """Train on this rank; -> exit code. Rank 0 alone logs, evaluates and writes files."""
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    device = torch.device(f"cuda:{local_rank}" if s["cuda"] else "cpu")
+    if s["cuda"]:
+        torch.cuda.set_device(device)
+    elif world > 1:  # the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    amp = s["cuda"] and s["amp"] is not False
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    if s["amp"] and not s["cuda"]:
+        log("warning: --amp is for CUDA; training in float32 on the CPU")
+    if s["batch_size"] % world:
+        raise UsageError(f"--batch-size {s['batch_size']} does not split over {world} processes")
+    per_rank = s["batch_size"] // world
+
+    train_source = data.build_source(s["data"], s["data_root"], None, train=True)
+    val_source = data.build_source(s["data"], s["data_root"], s["val_split"], train=False)
+    iters_per_epoch = len(train_source) // world // per_rank
+    if iters_per_epoch == 0:
+        raise UsageError(f"{s['data']}: {len(train_source)} training images, fewer than the "
+                         f"global batch {s['batch_size']}")
+    total = s["epochs"] * iters_per_epoch
+    stop = min(total, s["max_steps"] or total)
+
+    seed_all(s["seed"])  # the same initial weights on every rank
+    anchors = "coco" if s["data"] == "coco" else "voc"
+    model = ssd.build_model(ssd.make_config(s["size"], len(train_source.class_names),
+                                            anchors=anchors, width=s["width"],
+                                            class_names=train_source.class_names))
+    if hasattr(train_source, "category_ids"):  # COCO: labels map back to category ids
+        model.config["category_ids"] = list(train_source.category_ids)
+    if s["pretrained"] and not s["resume"]:
+        try:
+            ssd.load_backbone(model, s["pretrained"])
+        except ssd.CheckpointError as e:
+            raise UsageError(str(e)) from None
+    elif not s["pretrained"]:
+        init_from_scratch(model)
+    model.to(device)
+    if s["cuda"]:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(param_groups(model, s["lr"], scratch=not s["pretrained"]),
+                                lr=s["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, total, s["warmup"]))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+
+    step, best_map = 0, None
+    out = s["out"]
+    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+    if s["resume"]:
+        ckpt = read_checkpoint(s["resume"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UsageError(f"{s['resume']}: weights do not fit the model "
+                             f"({str(e).splitlines()[1].strip()})") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, best_map = int(ckpt["step"]), ckpt.get("best_map")
+        if ckpt.get("rng"):
+            set_rng_state(ckpt["rng"])
+        del ckpt
+        log(f"resumed {s['resume']} at step {step} (epoch {step // iters_per_epoch})")
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(out), "*.pt.tmp*")):  # saves cut short
+            os.remove(stale)
+        metrics = MetricsFile(os.path.join(out, "metrics.jsonl"), step if s["resume"] else None)
+
+    ddp_model = model
+    if world > 1:
+        # no BatchNorm statistics to synchronise; the anchors buffer never changes
+        ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if s["cuda"] else None,
+                                            broadcast_buffers=False)
+    dataset = EpochSeeded(data.DetectionDataset(train_source, data.TrainTransform(s["size"],
+                                                                                  model.config["mean"])),
+                          s["seed"])
+    epochs = s["epochs"]
+    milestones = [round(f * total) for f in DECAY_AT]
+    log(f"data {s['data']}: {len(train_source)} training images, {len(val_source)} validation; "
+        f"{len(train_source.class_names)} classes")
+    log(f"model SSD{s['size']} width {s['width']:g}: {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters; device {device.type}, world size {world}"
+        f"{f' ({dist.get_backend()})' if world > 1 else ''}; amp "
+        f"{str(amp_dtype).split('.')[-1] if amp else 'off'}")
+    log(f"global batch {s['batch_size']} ({per_rank} per process), lr {s['lr']:.3g}, "
+        f"{iters_per_epoch} iterations/epoch x {epochs} epochs = {total} iterations; warmup "
+        f"{s['warmup']} from lr/3, x{DECAY:g} at {milestones[0]} and {milestones[1]}; run folder {out}")
+    if stop < total:
+        log(f"stopping at step {stop} (--max-steps)")
+    if step >= stop:
+        log(f"nothing to do: the run is at step {step} of {stop}")
+        return 0
+
+    def save(epoch_done):
+        ckpt = dict(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    config=model.config, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch_done,
+                    step=step, best_map=best_map, rng=rng_state(),
+                    train_args={k: s[k] for k in RUN_KEYS})
+        ssd.save_checkpoint(last_path, **ckpt)
+
+    def run_eval(epoch_done):
+        nonlocal best_map
+        t0 = time.perf_counter()
+        result = evaluate.evaluate_model(model, val_source, batch_size=EVAL_BATCH, device=device,
+                                         workers=min(2, s["workers"]), log=log)
+        seconds = time.perf_counter() - t0
+        log(f"eval step {step} epoch {epoch_done}: mAP {result['map']:.4f} ({duration(seconds)})")
+        metrics.write(step=step, epoch=epoch_done, map=result["map"], eval_s=round(seconds, 1),
+                      time_s=round(time.perf_counter() - start, 1))
+        improved = best_map is None or result["map"] > best_map
+        best_map = max(result["map"], best_map or 0.0)
+        return improved
+
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+    start = time.perf_counter()
+    window = dict(t=time.perf_counter(), wait=0.0, steps=0, terms=torch.zeros(2, dtype=torch.float64))
+    ddp_model.train()
+    while step < stop:
+        epoch = step // iters_per_epoch
+        dataset.epoch = epoch
+        batches = epoch_batches(len(dataset), epoch, s["seed"], rank, world, per_rank)
+        batches = batches[step - epoch * iters_per_epoch:stop - epoch * iters_per_epoch]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                             num_workers=s["workers"], collate_fn=data.collate,
+                                             pin_memory=s["cuda"])
+        t_wait = time.perf_counter()
+        for images, boxes, labels, _ in loader:
+            window["wait"] += time.perf_counter() - t_wait
+            images = images.to(device, non_blocking=True)
+            if s["cuda"]:
+                images = images.contiguous(memory_format=torch.channels_last)
+            boxes = [b.to(device, non_blocking=True) for b in boxes]
+            labels = [lab.to(device, non_blocking=True) for lab in labels]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                cls_logits, box_deltas = ddp_model(images)  # [B, A, C+1], [B, A, 4]
+            losses = ssd.multibox_loss(cls_logits, box_deltas, model.anchors, boxes, labels)
+            terms = torch.stack([losses["loss_cls"].detach(), losses["loss_box"].detach()]).double()
+            if world > 1:
+                dist.all_reduce(terms)
+                terms /= world
+            terms = terms.cpu()
+            if not torch.isfinite(terms).all():
+                if rank == 0:
+                    print(f"error: non-finite loss at step {step + 1} (loss_cls="
+                          f"{terms[0].item():.4g}, loss_box={terms[1].item():.4g}); last good "
+                          f"checkpoint: {last_path if os.path.isfile(last_path) else 'none yet'}",
+                          file=sys.stderr, flush=True)
+                return 1
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
+            if s["clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            window["steps"] += 1
+            window["terms"] += terms
+            if step % s["log_every"] == 0 or step == stop:
+                now = time.perf_counter()
+                elapsed = now - window["t"]
+                cls_loss, box_loss = (window["terms"] / window["steps"]).tolist()
+                row = dict(step=step, epoch=step / iters_per_epoch,
+                           lr=optimizer.param_groups[0]["lr"], loss=cls_loss + box_loss,
+                           loss_cls=cls_loss, loss_box=box_loss,
+                           images_per_s=window["steps"] * s["batch_size"] / elapsed,
+                           data_wait=window["wait"] / elapsed,
+                           eta_s=(stop - step) * elapsed / window["steps"],
+                           time_s=now - start)
+                mem = ""
+                if s["cuda"]:
+                    row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    mem = f" mem {row['mem_gb']:.1f}G"
+                log(f"step {step}/{total} ep {epoch + 1}/{epochs} lr {row['lr']:.1e} loss "
+                    f"{row['loss']:.3f} (cls {cls_loss:.3f} box {box_loss:.3f}) "
+                    f"{row['images_per_s']:.1f} img/s data {100 * row['data_wait']:.0f}% ETA "
+                    f"{duration(row['eta_s'])}{mem}")
+                if rank == 0:
+                    metrics.write(**{k: round(v, 6) if isinstance(v, float) else v
+                                     for k, v in row.items()})
+                window.update(t=time.perf_counter(), wait=0.0, steps=0, terms=torch.zeros_like(terms))
+            t_wait = time.perf_counter()
+
+        epoch_done = step // iters_per_epoch
+        finished = step >= stop
+        if world > 1 and finished:  # the replicas must agree; check it once, at the end
+            prints = [torch.zeros(2 * len(list(model.parameters())), dtype=torch.float64,
+                                  device=device) for _ in range(world)]
+            dist.all_gather(prints, weights_fingerprint(model).to(device))
+            same = all(torch.equal(prints[0], p) for p in prints[1:])
+            log(f"weights {'identical' if same else 'DIFFERENT'} across {world} processes")
+        if rank == 0:
+            due = s["eval_every"] != 0 and (finished or (
+                s["eval_every"] and epoch_done > 0 and step % (s["eval_every"] * iters_per_epoch) == 0))
+            improved = run_eval(epoch_done) if due else False
+            save(epoch_done)
+            if improved or best_map is None:
+                link_or_copy(last_path, best_path)
+            log(f"saved {last_path}" + (f" and {best_path}" if improved else ""))
+        if world > 1:
+            dist.barrier(device_ids=[local_rank] if s["cuda"] else None)
+
+    if rank == 0:
+        pic = os.path.join(out, "detections.jpg")
+        model.eval()
+        write_detections(model, val_source, pic)
+        model.train()
+        log(f"done: {step} steps in {duration(time.perf_counter() - start)}"
+            f"{f', best mAP {best_map:.4f}' if best_map is not None else ''}; wrote {pic}")
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------
+# Processes
+
+def run(s, rank, local_rank, world):
+    """One rank: join the process group (world > 1), train, leave; -> exit code."""
+    if world > 1:
+        dist.init_process_group("nccl" if s["cuda"] else "gloo", rank=rank, world_size=world,
+                                timeout=DIST_TIMEOUT)
+    try:
+        return train(s, rank, local_rank, world)
+    except (UsageError, data.DataError, ssd.CheckpointError) as e:
+        if rank == 0:  # an error raised in a DataLoader worker arrives with its traceback
+            print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted; continue with --resume {os.path.join(s['out'], 'last.pt')}",
+                  file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def spawned(local_rank, world, s):
+    """Entry point of a process started by --gpus N."""
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
+    code = run(s, local_rank, local_rank, world)
+    if code:
+        sys.exit(code)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        s = settings(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (one or several nodes)
+        world = int(os.environ["WORLD_SIZE"])
+        return run(s, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), world)
+    if s["gpus"] > 1:
+        if not s["cuda"]:
+            print(f"warning: no CUDA: --gpus {s['gpus']} runs {s['gpus']} gloo processes on the "
+                  "CPU", flush=True)
+        elif s["gpus"] > torch.cuda.device_count():
+            print(f"error: --gpus {s['gpus']}: only {torch.cuda.device_count()} CUDA devices",
+                  file=sys.stderr)
+            return 2
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        try:
+            mp.spawn(spawned, args=(s["gpus"], s), nprocs=s["gpus"])
+        except mp.ProcessExitedException as e:
+            return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+        return 0
+    if args.gpus and not s["cuda"]:
+        print("warning: no CUDA: training on the CPU", flush=True)
+    return run(s, 0, 0, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
