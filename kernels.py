@@ -26,6 +26,8 @@ except Exception:  # no Triton (macOS, Windows) or a broken install: the torch c
     triton = None
 
 _CHUNK = 64  # boxes resolved per step of the torch NMS; tuned with bench.py on CPU
+_SMALL_GROUP = 1024  # labels up to this many boxes take the uncompacted path
+_SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels there; tuned with bench.py
 _ROWS_GPU, _ROWS_INTERPRETED = 64, 512  # mask-kernel rows per program (the interpreter likes big blocks)
 
 
@@ -170,6 +172,54 @@ def _greedy_nms_rows(c5, rows, thr):
     return kept[kept != pad]
 
 
+def _greedy_nms_small_rows(c5, rows, thr):
+    """Exact greedy NMS within each row of rows [G, n] for many short rows (same arguments and
+    return as _greedy_nms_rows). Blocks of rows small enough for the cache go through their
+    columns _CHUNK at a time. A chunk's boxes are first checked against the boxes kept so far in
+    their row, packed to the front of a buffer whose unused slots are empty boxes (IoU 0, or NaN
+    against an empty box, never > thr); the others are then resolved among themselves by the
+    fixed point of _greedy_nms_rows, and the kept ones with an area join the buffer."""
+    pad = c5.shape[1] - 1
+    g_all, n = rows.shape
+    block = max(1, _SMALL_BLOCK // (n * n))  # rows per block, so the [g, c, n] IoUs stay in cache
+    kept = []
+    for g0 in range(0, g_all, block):
+        blk = rows[g0:g0 + block]  # [g, n]
+        g = blk.shape[0]
+        bc = c5[:, blk]  # [5, g, n]
+        buf = bc.new_zeros(5, g, n)  # [5, g, n] kept boxes of each row, front-packed
+        count = torch.zeros(g, dtype=torch.long)  # [g] boxes in the buffer
+        width = 0  # max(count)
+        keep = torch.empty(blk.shape, dtype=torch.bool)  # [g, n]
+        for c0 in range(0, n, _CHUNK):
+            cc = bc[:, :, c0:c0 + _CHUNK]  # [5, g, c]
+            # bool reductions are slow on CPU: stay in float, where amax is fast. A NaN (both
+            # boxes empty) only appears in the row of an empty box, which nothing can suppress
+            near = _iou(cc, cc).tril_(-1)  # [g, c, c]: IoU of j with the earlier i of the chunk
+            k = ~(near.amax(2) > thr)  # [g, c] first round, from "all kept"
+            if width:
+                free = ~(_iou(cc, buf[:, :, :width]).amax(2) > thr)  # [g, c] no kept box hits it
+                k &= free
+            while True:
+                nxt = ~((near * k.unsqueeze(1)).amax(2) > thr)
+                if width:
+                    nxt &= free
+                if torch.equal(nxt, k):
+                    break
+                k = nxt
+            keep[:, c0:c0 + _CHUNK] = k
+            if c0 + _CHUNK < n:
+                add = k & (cc[4] > 0)  # [g, c] kept boxes that can suppress
+                slot = count.unsqueeze(1) + add.cumsum(1) - 1  # [g, c]
+                gi, ci = add.nonzero(as_tuple=True)
+                buf[:, gi, slot[gi, ci]] = cc[:, gi, ci]
+                count += add.sum(1)
+                width = int(count.max())
+        kept.append(blk[keep])
+    kept = torch.cat(kept)
+    return kept[kept != pad]
+
+
 def nms(boxes, scores, iou_threshold):
     """Greedy non-maximum suppression.
 
@@ -195,7 +245,8 @@ def batched_nms(boxes, scores, labels, iou_threshold):
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
     if labels is None:
         return _greedy_nms_rows(c5, order.unsqueeze(0), thr)  # already by score
-    kept = [_greedy_nms_rows(c5, rows, thr) for rows in _label_rows(labels, order, len(boxes))]
+    kept = [_greedy_nms_small_rows(c5, rows, thr) if rows.shape[1] <= _SMALL_GROUP
+            else _greedy_nms_rows(c5, rows, thr) for rows in _label_rows(labels, order, len(boxes))]
     return _by_score(torch.cat(kept), scores)
 
 

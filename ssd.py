@@ -360,7 +360,8 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
     NMS (IoU > nms_iou suppresses; nms="soft" uses Gaussian soft-NMS and its decayed scores);
     the best `max_det` per image. Boxes are clipped to the input and scaled to each image's
     original pixels. image_sizes: list of (width, height). Returns a list of (boxes [k, 4] xyxy
-    pixels, scores [k], labels int64 [k] in 1..C), each sorted by decreasing score."""
+    pixels, scores [k], labels int64 [k] in 1..C), each sorted by decreasing score; equal scores
+    keep the lower anchor index (then the lower class) first."""
     b, a, k1 = cls_logits.shape
     c = k1 - 1
     device = cls_logits.device
@@ -376,6 +377,10 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
         keep = top_scores > score_thr
         img_idx, cls_idx, _ = keep.nonzero(as_tuple=True)
         anchor_idx = top_anchor[keep]
+        # the candidate order of the branch above (image, anchor, class), so equal scores are
+        # broken the same way in both: the lower anchor first
+        order = ((img_idx * a + anchor_idx) * c + cls_idx).argsort()
+        img_idx, anchor_idx, cls_idx = img_idx[order], anchor_idx[order], cls_idx[order]
     cand_scores = scores[img_idx, anchor_idx, cls_idx]  # [N]
     group = img_idx * c + cls_idx  # NMS within one class of one image
     cand_boxes = boxes[img_idx, anchor_idx]  # [N, 4]

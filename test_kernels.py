@@ -199,6 +199,28 @@ def test_batched_nms_uneven_labels(path):
     assert got.tolist() == ref_nms(boxes, scores, labels, 0.5)
 
 
+def test_batched_nms_many_small_labels_torch_path(monkeypatch):
+    # like an untrained SSD's candidates: hundreds of labels of up to 400 boxes, so the torch code
+    # goes through blocks of labels and several chunks per label; grid boxes (ties, duplicates,
+    # empty boxes, heavy suppression) and spread-out float boxes (most kept) in turn
+    monkeypatch.setenv("SSD_KERNELS", "torch")
+    g = torch.Generator().manual_seed(13)
+    sizes = torch.randint(1, 401, (300,), generator=g).tolist()
+    parts = [hard_boxes(n, seed=i)[:2] if i % 2 else smooth_boxes(n, seed=i)
+             for i, n in enumerate(sizes)]
+    boxes, scores = torch.cat([b for b, _ in parts]), torch.cat([s for _, s in parts])
+    labels = torch.repeat_interleave(torch.arange(len(sizes)) * 7 - 500, torch.tensor(sizes))
+    shuffle = torch.randperm(len(boxes), generator=g)  # labels interleaved in the input
+    boxes, scores, labels = boxes[shuffle], scores[shuffle], labels[shuffle]
+    got = kernels.batched_nms(boxes, scores, labels, 0.45)
+    want = []  # labels never interact: the reference runs per label, then merges by score
+    for lab in labels.unique():
+        idx = (labels == lab).nonzero().flatten()
+        want += idx[ref_nms(boxes[idx], scores[idx], None, 0.45)].tolist()
+    want.sort(key=lambda i: (-scores[i].item(), i))
+    assert got.tolist() == want
+
+
 def test_batched_nms_separates_labels(path):
     boxes = torch.tensor([[0.0, 0, 10, 10]] * 4)
     scores = torch.tensor([0.1, 0.4, 0.3, 0.2])

@@ -190,18 +190,32 @@ def test_few_steps_on_shapes(tmp_path, capsys):
     assert Image.open(out / "detections.jpg").size == (600, 600)  # 2 x 2 grid of 300 x 300
 
 
-def test_few_steps_on_bccd_with_evaluation(shared_data, tmp_path, capsys):
+def test_few_steps_on_bccd(shared_data, tmp_path, capsys):
     out = tmp_path / "run"
     code = train.main(["--data", "voc", "--data-root", str(shared_data / "bccd" / "BCCD"),
-                       "--batch-size", "2", "--max-steps", "2", "--out", str(out), *TINY])
+                       "--batch-size", "2", "--max-steps", "2", "--eval-every", "0",
+                       "--out", str(out), *TINY])
     assert code == 0
     text = capsys.readouterr().out
     assert "87 validation" in text  # BCCD has no test split: val.txt
     ckpt = read_ckpt(out / "last.pt")
+    assert ckpt["step"] == 2
     assert sorted(ckpt["config"]["class_names"]) == ["Platelets", "RBC", "WBC"]
+
+
+def test_evaluation_every_epoch_and_best_checkpoint(tmp_path, capsys):
+    root = write_voc(tmp_path / "voc", [1, 2, 1, 1], val=2)
+    out = tmp_path / "run"
+    code = train.main(["--data", "voc", "--data-root", str(root), "--batch-size", "2",
+                       "--epochs", "2", "--eval-every", "1", "--out", str(out), *TINY])
+    assert code == 0
     evals = [r for r in metrics(out) if "map" in r]
-    assert len(evals) == 1 and 0.0 <= evals[0]["map"] <= 1.0 and evals[0]["step"] == 2
-    assert ckpt["best_map"] == evals[0]["map"]
+    assert [r["step"] for r in evals] == [2, 4]  # after each epoch of 2 steps
+    assert all(0.0 <= r["map"] <= 1.0 for r in evals)
+    assert "mAP 11-point" in capsys.readouterr().out  # evaluate.py's report
+    best = read_ckpt(out / "best.pt")
+    assert read_ckpt(out / "last.pt")["best_map"] == best["best_map"] == max(r["map"] for r in evals)
+    assert best["step"] == max(evals, key=lambda r: r["map"])["step"]  # first of equals
 
 
 def test_images_without_boxes_train(tmp_path):
@@ -260,12 +274,12 @@ def run_cli(args, **kwargs):
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
-    root = write_voc(tmp_path / "voc", [1, 2, 0, 1, 3, 1])  # 3 steps per epoch at batch 2
+    root = write_voc(tmp_path / "voc", [1, 2, 0, 3])  # 2 steps per epoch at batch 2
     common = ["--data", "voc", "--data-root", str(root), "--batch-size", "2", "--epochs", "3",
               "--eval-every", "0", "--lr", "0.003", *TINY]
     assert train.main([*common, "--out", str(tmp_path / "straight")]) == 0
     straight = read_ckpt(tmp_path / "straight" / "last.pt")
-    assert straight["step"] == 9
+    assert straight["step"] == 6
 
     # killed (SIGKILL: no clean-up) as soon as the first epoch's checkpoint exists
     killed = tmp_path / "killed"
@@ -276,24 +290,24 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     stopped_at = read_ckpt(killed / "last.pt")["step"]
-    assert stopped_at in (3, 6)  # an epoch boundary (9 would mean the kill came too late)
+    assert stopped_at in (2, 4)  # an epoch boundary (6 would mean the kill came too late)
     (killed / "last.pt.tmp99999").write_bytes(b"half a checkpoint")  # a save cut short
 
     # a mid-epoch stop (--max-steps) resumed too: the augmentation of image i in epoch e is
     # drawn from (seed, e, i) only
     again = ["--eval-every", "0", *TINY]  # settings of this invocation only
-    assert train.main(["--resume", str(killed / "last.pt"), "--max-steps", str(stopped_at + 2),
+    assert train.main(["--resume", str(killed / "last.pt"), "--max-steps", str(stopped_at + 1),
                        *again]) == 0
-    assert read_ckpt(killed / "last.pt")["step"] == stopped_at + 2
+    assert read_ckpt(killed / "last.pt")["step"] == stopped_at + 1
     assert train.main(["--resume", "--out", str(killed), *again]) == 0
     resumed = read_ckpt(killed / "last.pt")
-    assert resumed["step"] == 9
+    assert resumed["step"] == 6
     assert same_weights(straight["model"], resumed["model"])
     for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert resumed["scheduler"] == straight["scheduler"]
     steps = [r["step"] for r in metrics(killed) if "loss" in r]
-    assert steps == list(range(1, 10))  # each step logged once, the killed run's extras dropped
+    assert steps == list(range(1, 7))  # each step logged once, the killed run's extras dropped
 
 
 def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
