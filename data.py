@@ -903,3 +903,29 @@ def collate(batch):
     images, boxes, labels, indices = zip(*batch)
     return (torch.stack(images), list(boxes), list(labels),
             torch.tensor(indices, dtype=torch.int64))
+
+
+def write_shapes(folder, split="val", num_images=8):
+    """Save the first `num_images` of a shapes split as PNG files (the quick start's detect.py
+    input); returns the paths."""
+    os.makedirs(folder, exist_ok=True)
+    source = ShapesDetection(split)
+    paths = []
+    for i in range(min(num_images, len(source))):
+        path = os.path.join(folder, f"shapes_{split}_{i:03d}.png")
+        source.load_image(i).save(path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Write images of the built-in synthetic shapes set to a folder, e.g. to try "
+                    "detect.py on a model trained with `train.py --data shapes`.")
+    parser.add_argument("folder", help="where to write shapes_<split>_NNN.png")
+    parser.add_argument("--split", choices=sorted(ShapesDetection.SPLITS), default="val")
+    parser.add_argument("--num", type=int, default=8, help="how many images (default 8)")
+    args = parser.parse_args()
+    print(f"wrote {len(write_shapes(args.folder, args.split, args.num))} images to {args.folder}")

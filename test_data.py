@@ -696,3 +696,12 @@ def test_detection_dataset_and_collate(tmp_path):
     assert len(eval_items[2]) == 2 and eval_items[3] == 0
     np.testing.assert_allclose(eval_items[1][1].numpy(), [4 / 40, 4 / 30, 30 / 40, 25 / 30],
                                rtol=1e-6)
+
+
+def test_write_shapes_saves_the_generated_images(tmp_path):
+    paths = data.write_shapes(tmp_path / "s", "val", 3)
+    source = data.ShapesDetection("val")
+    assert len(paths) == 3
+    for i, p in enumerate(paths):
+        saved = np.asarray(Image.open(p).convert("RGB"))
+        assert np.array_equal(saved, np.asarray(source.load_image(i)))
