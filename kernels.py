@@ -9,7 +9,8 @@ first.
 
 - CUDA tensors run Triton kernels: pairwise IoU, and NMS as a bitmask kernel (bit j of row i says
   "i would suppress j") followed by a greedy sweep that stays on the device, one program per label.
-- CPU tensors run vectorised torch code (exact greedy NMS in chunks; see `_greedy_nms_rows`).
+- CPU tensors run vectorised torch code (exact greedy NMS in chunks; see `_greedy_nms_rows`, and
+  `_greedy_nms_small_rows` for the many small labels of SSD's per-class NMS).
 - SSD_KERNELS=torch forces the torch code, SSD_KERNELS=triton the Triton kernels (on CPU tensors that
   needs TRITON_INTERPRET=1 set before Triton is imported, which is how the tests run them).
 Soft-NMS is sequential by nature; it is vectorised torch on every device (all labels step together).
@@ -121,14 +122,15 @@ def _compact(rows, keep, pad):
     return rows.masked_fill(~keep, pad).gather(1, order)[:, : int(keep.sum(1).max())]
 
 
-def _label_rows(labels, order, pad):
+def _label_rows(labels, order, pad, smallest=1):
     """Split score-ordered indices by label into matrices [G, n], one row per label, padded with
-    `pad`; one matrix per power-of-two size class, so a few big labels never pad many small ones."""
+    `pad`; one matrix per power-of-two size class, so a few big labels never pad many small ones
+    (labels with at most `smallest` boxes share one matrix: fewer, wider steps)."""
     order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
     _, counts = torch.unique_consecutive(labels[order], return_counts=True)  # [L]
     slot = torch.repeat_interleave(torch.arange(len(counts), device=order.device), counts)  # [N]
     rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[slot]  # [N]
-    size_class = torch.ceil(torch.log2(counts.double())).long()  # [L]
+    size_class = torch.ceil(torch.log2(counts.clamp(min=smallest).double())).long()  # [L]
     for k in size_class.unique().tolist():
         members = size_class == k  # [L]
         row_of_slot = members.long().cumsum(0) - 1  # row of each member label in this matrix
@@ -188,9 +190,9 @@ def _greedy_nms_small_rows(c5, rows, thr):
         g = blk.shape[0]
         bc = c5[:, blk]  # [5, g, n]
         buf = bc.new_zeros(5, g, n)  # [5, g, n] kept boxes of each row, front-packed
-        count = torch.zeros(g, dtype=torch.long)  # [g] boxes in the buffer
+        count = torch.zeros(g, dtype=torch.long, device=rows.device)  # [g] boxes in the buffer
         width = 0  # max(count)
-        keep = torch.empty(blk.shape, dtype=torch.bool)  # [g, n]
+        keep = torch.empty(blk.shape, dtype=torch.bool, device=rows.device)  # [g, n]
         for c0 in range(0, n, _CHUNK):
             cc = bc[:, :, c0:c0 + _CHUNK]  # [5, g, c]
             # bool reductions are slow on CPU: stay in float, where amax is fast. A NaN (both
@@ -246,7 +248,8 @@ def batched_nms(boxes, scores, labels, iou_threshold):
     if labels is None:
         return _greedy_nms_rows(c5, order.unsqueeze(0), thr)  # already by score
     kept = [_greedy_nms_small_rows(c5, rows, thr) if rows.shape[1] <= _SMALL_GROUP
-            else _greedy_nms_rows(c5, rows, thr) for rows in _label_rows(labels, order, len(boxes))]
+            else _greedy_nms_rows(c5, rows, thr)
+            for rows in _label_rows(labels, order, len(boxes), smallest=8)]
     return _by_score(torch.cat(kept), scores)
 
 

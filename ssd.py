@@ -365,25 +365,46 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
     b, a, k1 = cls_logits.shape
     c = k1 - 1
     device = cls_logits.device
-    scores = F.softmax(cls_logits.float(), -1)[..., 1:]  # [B, A, C]
-    boxes = decode(box_deltas.float(), anchors.float()).clamp(0.0, 1.0)  # [B, A, 4]
-    passed = scores > score_thr  # [B, A, C]
-    if passed.sum(1).max() <= topk:
-        # a trained model: a few hundred of the B*A*C scores pass, no class needs its top-k cut
-        img_idx, anchor_idx, cls_idx = passed.nonzero(as_tuple=True)  # each [N]
+    logits = cls_logits.float()  # [B, A, C+1]
+    found = None
+    if score_thr > 0:
+        # A trained model: few anchors can pass, so softmax and decode only those. A probability
+        # is exp(x - max) / sum with sum >= 1, so a class passes only if its logit is within
+        # ln(score_thr) of the anchor's top logit; the 0.01 margin dwarfs exp's rounding.
+        best_fg = logits[..., 1:].amax(-1)  # [B, A]
+        near = best_fg - torch.maximum(best_fg, logits[..., 0]) > math.log(score_thr) - 0.01
+        img_near, anchor_near = near.nonzero(as_tuple=True)  # each [R]
+        if len(img_near) * 4 <= b * a:
+            # a softmax row does not depend on the other rows: same values as the full softmax
+            probs = F.softmax(logits[img_near, anchor_near], -1)[:, 1:]  # [R, C]
+            row, cls_idx = (probs > score_thr).nonzero(as_tuple=True)  # each [N]
+            img_idx, anchor_idx = img_near[row], anchor_near[row]  # (image, anchor, class) order
+            if len(row) == 0 or torch.bincount(img_idx * c + cls_idx).max() <= topk:
+                found = probs[row, cls_idx]  # [N] no class needs its top-k cut
+    if found is not None:
+        cand_scores = found
+        cand_boxes = decode(box_deltas[img_idx, anchor_idx].float(),
+                            anchors[anchor_idx].float()).clamp(0.0, 1.0)  # [N, 4]
     else:
-        # e.g. an untrained model's flat softmax: the best `topk` anchors of each (image, class)
-        top_scores, top_anchor = scores.transpose(1, 2).topk(min(topk, a), dim=2)  # [B, C, k]
-        keep = top_scores > score_thr
-        img_idx, cls_idx, _ = keep.nonzero(as_tuple=True)
-        anchor_idx = top_anchor[keep]
-        # the candidate order of the branch above (image, anchor, class), so equal scores are
-        # broken the same way in both: the lower anchor first
-        order = ((img_idx * a + anchor_idx) * c + cls_idx).argsort()
-        img_idx, anchor_idx, cls_idx = img_idx[order], anchor_idx[order], cls_idx[order]
-    cand_scores = scores[img_idx, anchor_idx, cls_idx]  # [N]
+        scores = F.softmax(logits, -1)[..., 1:]  # [B, A, C]
+        boxes = decode(box_deltas.float(), anchors.float()).clamp(0.0, 1.0)  # [B, A, 4]
+        passed = scores > score_thr  # [B, A, C]
+        if passed.sum(1, dtype=torch.int32).max() <= topk:  # int32: faster than int64 here
+            # a few hundred of the B*A*C scores pass, no class needs its top-k cut
+            img_idx, anchor_idx, cls_idx = passed.nonzero(as_tuple=True)  # each [N]
+        else:
+            # e.g. an untrained model's flat softmax: the best `topk` anchors of each (image, class)
+            top_scores, top_anchor = scores.transpose(1, 2).topk(min(topk, a), dim=2)  # [B, C, k]
+            keep = top_scores > score_thr
+            img_idx, cls_idx, _ = keep.nonzero(as_tuple=True)
+            anchor_idx = top_anchor[keep]
+            # the candidate order of the branch above (image, anchor, class), so equal scores are
+            # broken the same way in both: the lower anchor first
+            order = ((img_idx * a + anchor_idx) * c + cls_idx).argsort()
+            img_idx, anchor_idx, cls_idx = img_idx[order], anchor_idx[order], cls_idx[order]
+        cand_scores = scores[img_idx, anchor_idx, cls_idx]  # [N]
+        cand_boxes = boxes[img_idx, anchor_idx]  # [N, 4]
     group = img_idx * c + cls_idx  # NMS within one class of one image
-    cand_boxes = boxes[img_idx, anchor_idx]  # [N, 4]
     if nms == "soft":
         kept, kept_scores = kernels.soft_nms(cand_boxes, cand_scores, group, iou_threshold=nms_iou)
     elif nms == "hard":

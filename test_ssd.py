@@ -353,6 +353,28 @@ def test_postprocess_equals_slow_reference(score_thr, topk):
     assert per_class.max() <= topk
 
 
+def test_postprocess_trained_like_outputs_equal_slow_reference():
+    # background sure almost everywhere, a few anchors confident: the path that runs the softmax
+    # only on anchors whose class logits come within ln(score_thr) of their top logit
+    gen = torch.Generator().manual_seed(4)
+    anchors = torch.cat([torch.rand(300, 2, generator=gen),
+                         0.05 + 0.3 * torch.rand(300, 2, generator=gen)], 1)
+    cls_logits = torch.randn(2, 300, 6, generator=gen)
+    cls_logits[..., 0] += 7.0
+    sure = torch.rand(2, 300, generator=gen) < 0.1  # [B, A]
+    cls_logits[..., 1:][sure] += 9.0 * torch.rand(int(sure.sum()), 5, generator=gen)
+    box_deltas = torch.randn(2, 300, 4, generator=gen)
+    sizes = [(640, 480), (300, 300)]
+    got = ssd.postprocess(cls_logits, box_deltas, anchors, sizes, score_thr=0.01, nms_iou=0.45,
+                          topk=100, max_det=50)
+    ref = slow_postprocess(cls_logits, box_deltas, anchors, sizes, 0.01, 0.45, 100, 50)
+    for (b, s, lab), (rb, rs, rl) in zip(got, ref):
+        assert len(s) == len(rs) > 0
+        torch.testing.assert_close(s, rs.float(), atol=1e-6, rtol=1e-5)
+        assert torch.equal(lab, rl)
+        torch.testing.assert_close(b, rb, atol=1e-3, rtol=1e-5)
+
+
 def test_postprocess_sorted_labels_in_range_and_clipped():
     model = ssd.ssd300(4, width=0.125).eval()
     with torch.no_grad():
