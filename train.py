@@ -55,20 +55,21 @@ DIST_TIMEOUT = datetime.timedelta(hours=1)  # other ranks wait this long while r
 # Per data set. lr None = BASE_LR * batch / BASE_BATCH.
 DATASETS = {
     # 120k iterations x 32 images (Caffe, amdegroot, lufficc) over VOC07+12's 16,551 images
-    "voc": dict(epochs=232, batch_size=32, lr=None, warmup=500, width=1.0, clip=None),
+    "voc": dict(epochs=232, batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd"),
     # 120 passes over train2017: torchvision's reference (and mmdetection's 24 epochs x repeat 5),
     # whose ssd300_vgg16 is the checkpoint people compare with; Caffe's 400k x 32 over
     # trainval35k is about 109 passes.
-    "coco": dict(epochs=120, batch_size=32, lr=None, warmup=500, width=1.0, clip=None),
-    # Quick start, tuned to reach VOC mAP >= 0.5 in 5 minutes on 2 CPU cores from scratch. Departures
-    # from the recipe: a 1/8-wide network, a shorter warmup and a larger lr (the plain recipe
-    # learns nothing visible in a few hundred iterations).
-    "shapes": dict(epochs=6, batch_size=16, lr=1e-2, warmup=50, width=0.125, clip=None),
+    "coco": dict(epochs=120, batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd"),
+    # Quick start, tuned to reach VOC mAP >= 0.5 in 5 minutes on 2 CPU cores from scratch (measured:
+    # 0.81 in 3m47s). Departures from the recipe: a 1/8-wide network, AdamW instead of SGD (SGD
+    # from scratch without BatchNorm learned nothing visible in a few hundred iterations), lr 2e-3,
+    # 50 warmup iterations.
+    "shapes": dict(epochs=5, batch_size=16, lr=2e-3, warmup=50, width=0.125, optimizer="adamw"),
 }
 
 # Flags that define a run: on --resume they come from the checkpoint (--epochs may be given again
 # to lengthen it).
-RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "warmup", "clip",
+RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "warmup", "optimizer",
             "val_split", "pretrained", "epochs")
 
 
@@ -175,7 +176,7 @@ def settings(args):
                  width=args.width or d["width"], batch_size=args.batch_size or d["batch_size"],
                  seed=0 if args.seed is None else args.seed,
                  warmup=d["warmup"] if args.warmup is None else args.warmup,
-                 clip=d["clip"], val_split=args.val_split, pretrained=args.pretrained,
+                 optimizer=d["optimizer"], val_split=args.val_split, pretrained=args.pretrained,
                  epochs=args.epochs or d["epochs"])
         s["lr"] = args.lr or d["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
         if args.data != "shapes" and not args.data_root:
@@ -415,11 +416,13 @@ def train(s, rank, local_rank, world):
             raise UsageError(str(e)) from None
     elif not s["pretrained"]:
         init_from_scratch(model)
-    model.to(device)
-    if s["cuda"]:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, s["lr"], scratch=not s["pretrained"]),
-                                lr=s["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    # channels_last: faster on GPUs (tensor cores) and on CPUs too (1.6x for width 0.125 on 2 cores)
+    model.to(device, memory_format=torch.channels_last)
+    if s["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=WEIGHT_DECAY)
+    else:
+        optimizer = torch.optim.SGD(param_groups(model, s["lr"], scratch=not s["pretrained"]),
+                                    lr=s["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, total, s["warmup"]))
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
@@ -465,7 +468,8 @@ def train(s, rank, local_rank, world):
         f"parameters; device {device.type}, world size {world}"
         f"{f' ({dist.get_backend()})' if world > 1 else ''}; amp "
         f"{str(amp_dtype).split('.')[-1] if amp else 'off'}")
-    log(f"global batch {s['batch_size']} ({per_rank} per process), lr {s['lr']:.3g}, "
+    log(f"global batch {s['batch_size']} ({per_rank} per process), {type(optimizer).__name__} "
+        f"lr {s['lr']:.3g}, "
         f"{iters_per_epoch} iterations/epoch x {epochs} epochs = {total} iterations; warmup "
         f"{s['warmup']} from lr/3, x{DECAY:g} at {milestones[0]} and {milestones[1]}; run folder {out}")
     if stop < total:
@@ -510,9 +514,8 @@ def train(s, rank, local_rank, world):
         t_wait = time.perf_counter()
         for images, boxes, labels, _ in loader:
             window["wait"] += time.perf_counter() - t_wait
-            images = images.to(device, non_blocking=True)
-            if s["cuda"]:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last)  # [B, 3, S, S]
             boxes = [b.to(device, non_blocking=True) for b in boxes]
             labels = [lab.to(device, non_blocking=True) for lab in labels]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
@@ -532,9 +535,6 @@ def train(s, rank, local_rank, world):
                 return 1
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
-            if s["clip"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip"])
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
