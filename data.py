@@ -555,14 +555,32 @@ def _is_voc_folder(path):
     return (path / "Annotations").is_dir() and (path / "ImageSets" / "Main").is_dir()
 
 
+def _voc_folder_split(root, train):
+    """Default split of one VOC-layout folder (see build_source)."""
+    main = root / "ImageSets" / "Main"
+
+    def has(name):
+        return (main / f"{name}.txt").is_file()
+
+    if has("test"):  # VOC2007-like: trainval is disjoint from test
+        if not train:
+            return "test"
+        return "trainval" if has("trainval") or not has("train") else "train"
+    if not train:
+        return "val"
+    # trainval contains val, the evaluation split here: train on train alone
+    return "train" if has("train") or not has("trainval") else "trainval"
+
+
 def build_source(name, data_root=None, split=None, train=True):
     """The source for `train.py --data NAME` / `evaluate.py`; `split` overrides the defaults.
 
-    voc: `data_root` a VOC-layout folder (or a list of them) -> that folder with split trainval
-    (train) / test (evaluation), or train / val where those split files are absent (BCCD has no
-    test split). Otherwise VOCdevkit years under data_root/VOCdevkit/ or data_root/: training ->
-    VOC2007 + VOC2012 trainval where present (07+12), evaluation -> VOC2007 test (VOC2012 val
-    when there is no VOC2007).
+    voc: `data_root` a VOC-layout folder (or a list of them) -> in a folder with a test split,
+    trainval (training; train if only that exists) / test (evaluation); in one without (BCCD),
+    train (training; trainval if there is no train) / val (evaluation), so that training never
+    sees the evaluation images through trainval. Otherwise VOCdevkit years under
+    data_root/VOCdevkit/ or data_root/: training -> VOC2007 + VOC2012 trainval where present
+    (07+12), evaluation -> VOC2007 test (VOC2012 val when there is no VOC2007).
     coco: train2017 (training) / val2017 (evaluation); when that json is absent and there is
     exactly one annotations/instances_*.json, that one (tiny_coco has only train2017).
     shapes: the synthetic set, split train / val.
@@ -576,15 +594,8 @@ def build_source(name, data_root=None, split=None, train=True):
         if roots is None and _is_voc_folder(Path(data_root)):
             roots = [Path(data_root)]
         if roots is not None:
-            sources = []
-            for root in roots:
-                chosen = split
-                if chosen is None:
-                    main = root / "ImageSets" / "Main"
-                    first, second = ("trainval", "train") if train else ("test", "val")
-                    chosen = first if (main / f"{first}.txt").is_file() or not (
-                        main / f"{second}.txt").is_file() else second
-                sources.append(VOCDetection(root, chosen))
+            sources = [VOCDetection(root, split or _voc_folder_split(root, train))
+                       for root in roots]
             return sources[0] if len(sources) == 1 else ConcatSource(sources)
         base = Path(data_root)
         looked = []

@@ -40,7 +40,8 @@ COCO_CLASSES = [
 ]
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
-MEAN = (123.0, 117.0, 104.0)  # RGB mean on the 0-255 scale; the caffe-style VGG16 every SSD starts from
+# RGB mean on the 0-255 scale; the caffe-style VGG16 every SSD starts from
+MEAN = (123.0, 117.0, 104.0)
 
 # -----------------------------------------------------------------------------------------------
 # Presets (facts §1, §4). Anchor sizes come from the Caffe/mmdetection integer-percentage rule.
@@ -75,13 +76,18 @@ def anchor_sizes(size, dataset):
 def make_config(size, num_classes, anchors="voc", clip="none", width=1.0, class_names=None,
                 mean=MEAN):
     """The plain-types dict that fully describes a model; it travels in every checkpoint."""
-    assert size in GEOMETRY, f"size must be 300 or 512, got {size}"
-    assert anchors in ("voc", "coco"), f"anchors must be 'voc' or 'coco', got {anchors!r}"
-    assert clip in ("none", "wh", "all"), f"clip must be 'none', 'wh' or 'all', got {clip!r}"
+    # ValueError, not assert: the checks must hold under python -O too
+    if size not in GEOMETRY:
+        raise ValueError(f"size must be 300 or 512, got {size}")
+    if anchors not in ("voc", "coco"):
+        raise ValueError(f"anchors must be 'voc' or 'coco', got {anchors!r}")
+    if clip not in ("none", "wh", "all"):
+        raise ValueError(f"clip must be 'none', 'wh' or 'all', got {clip!r}")
     if class_names is None:
         class_names = (VOC_CLASSES if num_classes == 20 else COCO_CLASSES if num_classes == 80
                        else [f"class{i}" for i in range(1, num_classes + 1)])
-    assert len(class_names) == num_classes, "need one class name per object class"
+    if len(class_names) != num_classes:
+        raise ValueError("need one class name per object class")
     return dict(size=size, width=float(width), num_classes=int(num_classes),
                 class_names=list(class_names), anchors=anchors, clip=clip,
                 mean=[float(m) for m in mean])
@@ -182,10 +188,11 @@ class SSD(nn.Module):
 
     def forward(self, x):
         cls, box = [], []
+        k1 = self.config["num_classes"] + 1
         for f, cls_head, box_head in zip(self.features(x), self.cls_heads, self.box_heads):
             b = f.shape[0]
-            # channel = anchor * K + k, so NCHW -> NHWC -> [B, H*W*anchors, K] keeps the anchor order
-            cls.append(cls_head(f).permute(0, 2, 3, 1).reshape(b, -1, self.config["num_classes"] + 1))
+            # channel = anchor * K + k: NCHW -> NHWC -> [B, H*W*anchors, K] keeps the anchor order
+            cls.append(cls_head(f).permute(0, 2, 3, 1).reshape(b, -1, k1))
             box.append(box_head(f).permute(0, 2, 3, 1).reshape(b, -1, 4))
         return torch.cat(cls, 1), torch.cat(box, 1)  # [B, A, C+1], [B, A, 4]
 
@@ -338,7 +345,8 @@ def multibox_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, neg_pos_
         ce = F.cross_entropy(cls_logits.flatten(0, 1), cls_t.flatten(), reduction="none")
         ce = ce.view_as(cls_t)  # [B, A]
         with torch.no_grad():
-            # rank negatives by loss; positives go last. Stable sort: equal losses keep anchor order.
+            # rank negatives by loss; positives go last. Stable sort: equal losses keep the
+            # anchor order.
             neg_ce = ce.detach().masked_fill(pos, -math.inf)
             order = neg_ce.sort(dim=1, descending=True, stable=True)[1]
             rank = order.argsort(1)  # [B, A]
@@ -352,6 +360,15 @@ def multibox_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, neg_pos_
 # -----------------------------------------------------------------------------------------------
 # Post-processing (facts §10)
 
+def last_dim_max(x):
+    """x.amax(-1), by halving: torch's reduction over short rows (21 or 91 classes) is 1.5-2x
+    slower on CPU than these few elementwise maxima (bench.py postprocess)."""
+    while x.shape[-1] > 1:
+        half = (x.shape[-1] + 1) // 2
+        x = torch.maximum(x[..., :half], x[..., -half:])  # the halves overlap when odd: harmless
+    return x[..., 0]
+
+
 def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nms_iou=0.45,
                 topk=400, max_det=200, nms="hard"):
     """Detections per image from raw outputs, with no Python loop over images or classes.
@@ -361,17 +378,18 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
     the best `max_det` per image. Boxes are clipped to the input and scaled to each image's
     original pixels. image_sizes: list of (width, height). Returns a list of (boxes [k, 4] xyxy
     pixels, scores [k], labels int64 [k] in 1..C), each sorted by decreasing score; equal scores
-    keep the lower anchor index (then the lower class) first."""
+    keep the lower anchor index (then the lower class) first, also for which candidates make a
+    class's top-k."""
+    if nms not in ("hard", "soft"):
+        raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")
     b, a, k1 = cls_logits.shape
     c = k1 - 1
-    device = cls_logits.device
     logits = cls_logits.float()  # [B, A, C+1]
-    found = None
     if score_thr > 0:
         # A trained model: few anchors can pass, so softmax and decode only those. A probability
         # is exp(x - max) / sum with sum >= 1, so a class passes only if its logit is within
         # ln(score_thr) of the anchor's top logit; the 0.01 margin dwarfs exp's rounding.
-        best_fg = logits[..., 1:].amax(-1)  # [B, A]
+        best_fg = last_dim_max(logits[..., 1:])  # [B, A]
         near = best_fg - torch.maximum(best_fg, logits[..., 0]) > math.log(score_thr) - 0.01
         img_near, anchor_near = near.nonzero(as_tuple=True)  # each [R]
         if len(img_near) * 4 <= b * a:
@@ -380,53 +398,116 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
             row, cls_idx = (probs > score_thr).nonzero(as_tuple=True)  # each [N]
             img_idx, anchor_idx = img_near[row], anchor_near[row]  # (image, anchor, class) order
             if len(row) == 0 or torch.bincount(img_idx * c + cls_idx).max() <= topk:
-                found = probs[row, cls_idx]  # [N] no class needs its top-k cut
-    if found is not None:
-        cand_scores = found
-        cand_boxes = decode(box_deltas[img_idx, anchor_idx].float(),
-                            anchors[anchor_idx].float()).clamp(0.0, 1.0)  # [N, 4]
+                # no class needs its top-k cut: every candidate goes to the NMS
+                return nms_and_scale(probs[row, cls_idx], img_idx, anchor_idx, cls_idx, c,
+                                     box_deltas, anchors, image_sizes, nms_iou, max_det, nms)
+    scores = F.softmax(logits, -1)[..., 1:]  # [B, A, C]
+    if nms == "hard" and max_det < topk * c:
+        found = best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk,
+                           max_det)
+        if found is not None:
+            return found
+    passed = scores > score_thr  # [B, A, C]
+    if passed.sum(1, dtype=torch.int32).max() <= topk:  # int32: faster than int64 here
+        img_idx, anchor_idx, cls_idx = passed.nonzero(as_tuple=True)  # each [N]
     else:
-        scores = F.softmax(logits, -1)[..., 1:]  # [B, A, C]
-        boxes = decode(box_deltas.float(), anchors.float()).clamp(0.0, 1.0)  # [B, A, 4]
-        passed = scores > score_thr  # [B, A, C]
-        if passed.sum(1, dtype=torch.int32).max() <= topk:  # int32: faster than int64 here
-            # a few hundred of the B*A*C scores pass, no class needs its top-k cut
-            img_idx, anchor_idx, cls_idx = passed.nonzero(as_tuple=True)  # each [N]
-        else:
-            # e.g. an untrained model's flat softmax: the best `topk` anchors of each (image, class)
-            top_scores, top_anchor = scores.transpose(1, 2).topk(min(topk, a), dim=2)  # [B, C, k]
-            keep = top_scores > score_thr
-            img_idx, cls_idx, _ = keep.nonzero(as_tuple=True)
-            anchor_idx = top_anchor[keep]
-            # the candidate order of the branch above (image, anchor, class), so equal scores are
-            # broken the same way in both: the lower anchor first
-            order = ((img_idx * a + anchor_idx) * c + cls_idx).argsort()
-            img_idx, anchor_idx, cls_idx = img_idx[order], anchor_idx[order], cls_idx[order]
-        cand_scores = scores[img_idx, anchor_idx, cls_idx]  # [N]
-        cand_boxes = boxes[img_idx, anchor_idx]  # [N, 4]
-    group = img_idx * c + cls_idx  # NMS within one class of one image
+        # e.g. an untrained model's flat softmax: the best `topk` anchors of each (image, class)
+        cut = scores.transpose(1, 2).topk(min(topk, a), dim=2).values[..., -1:]  # [B, C, 1]
+        # ties at the cut: the lower anchors (the stable sort below) take the free places
+        above = scores > cut.transpose(1, 2)  # [B, A, C] surely in the top-k
+        free = topk - above.sum(1, keepdim=True)  # [B, 1, C] places left for scores == cut
+        chosen = above & passed
+        tied = (scores == cut.transpose(1, 2)) & passed  # [B, A, C]
+        if bool(tied.any()):
+            chosen |= tied & (tied.cumsum(1) <= free)
+        img_idx, anchor_idx, cls_idx = chosen.nonzero(as_tuple=True)  # each [N]
+    return nms_and_scale(scores[img_idx, anchor_idx, cls_idx], img_idx, anchor_idx, cls_idx, c,
+                         box_deltas, anchors, image_sizes, nms_iou, max_det, nms)
+
+
+def nms_and_scale(cand_scores, img_idx, anchor_idx, cls_idx, num_classes, box_deltas, anchors,
+                  image_sizes, nms_iou, max_det, nms):
+    """postprocess's last steps on candidates given as (score, image, anchor, 0-based class)
+    [N] each, in (image, anchor, class) order: decode, class-aware NMS within each image, the
+    best max_det per image, scaling to pixels."""
+    cand_boxes = decode(box_deltas[img_idx, anchor_idx].float(),
+                        anchors[anchor_idx].float()).clamp(0.0, 1.0)  # [N, 4]
+    group = img_idx * num_classes + cls_idx  # NMS within one class of one image
     if nms == "soft":
         kept, kept_scores = kernels.soft_nms(cand_boxes, cand_scores, group, iou_threshold=nms_iou)
-    elif nms == "hard":
+    else:
         kept = kernels.batched_nms(cand_boxes, cand_scores, group, nms_iou)
         kept_scores = cand_scores[kept]
-    else:
-        raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")
     # kept is sorted by decreasing score; a stable sort by image keeps that order inside each image
     img_of_kept = img_idx[kept]
     by_img = img_of_kept.sort(stable=True)[1]
     kept, kept_scores, img_of_kept = kept[by_img], kept_scores[by_img], img_of_kept[by_img]
-    counts = torch.bincount(img_of_kept, minlength=b)  # [B]
+    counts = torch.bincount(img_of_kept, minlength=len(image_sizes))  # [B]
     starts = torch.cumsum(counts, 0) - counts
-    rank_in_img = torch.arange(len(kept), device=device) - starts[img_of_kept]
-    top = rank_in_img < max_det
-    kept, kept_scores, img_of_kept = kept[top], kept_scores[top], img_of_kept[top]
+    top = torch.arange(len(kept), device=kept.device) - starts[img_of_kept] < max_det
+    kept = kept[top]
+    return scale_to_pixels(cand_boxes[kept], kept_scores[top], cls_idx[kept] + 1,
+                           img_of_kept[top], image_sizes)
+
+
+def best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk, max_det):
+    """postprocess with hard NMS when many candidates pass (an untrained or poor model: up to
+    topk * C per image) and only max_det are wanted. Each image's candidates go through the NMS
+    best first (kernels.nms_rows), which stops once max_det are kept, so only the few hundred
+    best candidates are looked at: those above a cut-off score v, set so that at least 4 *
+    max_det anchors have a class above it. Exact: the candidates above v are the top of the
+    score order, and an image's answer is final once max_det are kept or v <= score_thr; else
+    returns None (postprocess then runs the NMS on every candidate)."""
+    b, a, c = scores.shape
+    device = scores.device
+    best = last_dim_max(scores)  # [B, A] each anchor's top class score
+    v = best.topk(min(4 * max_det, a), dim=1).values[:, -1]  # [B]
+    cut = v.clamp(min=score_thr)  # [B]
+    img_idx, anchor_idx, cls_idx = (scores > cut.view(b, 1, 1)).nonzero(as_tuple=True)  # [N]
+    cand_scores = scores[img_idx, anchor_idx, cls_idx]  # [N] in (image, anchor, class) order
+    # image by image, by decreasing score; the stable sorts keep the lower anchor, then the lower
+    # class, first among equal scores
+    order = cand_scores.sort(descending=True, stable=True).indices
+    order = order[img_idx[order].sort(stable=True).indices]  # [N]
+    # a class's top-k: its first `topk` candidates in this order (all are above v, so the ones
+    # below v cannot come before them)
+    group = (img_idx * c + cls_idx)[order]  # [N]
+    by_group = group.sort(stable=True).indices  # [N]
+    counts = torch.bincount(group, minlength=b * c)  # [B*C]
+    rank = torch.empty_like(group)
+    rank[by_group] = torch.arange(len(group), device=device) - (counts.cumsum(0) - counts)[
+        group[by_group]]
+    order = order[rank < topk]
+    img_idx, anchor_idx, cls_idx = img_idx[order], anchor_idx[order], cls_idx[order]
+    # one row per image, padded
+    per_img = torch.bincount(img_idx, minlength=b)  # [B]
+    col = torch.arange(len(order), device=device) - (per_img.cumsum(0) - per_img)[img_idx]
+    n = int(per_img.max()) if len(order) else 0
+    row_boxes = scores.new_zeros(b, n, 4)  # [B, n, 4]
+    row_boxes[img_idx, col] = decode(box_deltas[img_idx, anchor_idx].float(),
+                                     anchors[anchor_idx].float()).clamp(0.0, 1.0)
+    row_labels = torch.zeros(b, n, dtype=torch.long, device=device)
+    row_labels[img_idx, col] = cls_idx
+    valid = torch.zeros(b, n, dtype=torch.bool, device=device)
+    valid[img_idx, col] = True
+    keep = kernels.nms_rows(row_boxes, row_labels, valid, nms_iou, max_det)  # [B, n]
+    if not bool(((keep.sum(1) >= max_det) | (v <= score_thr)).all()):
+        return None  # some image's first candidates were too few
+    keep &= keep.cumsum(1) <= max_det
+    ri, ci = keep.nonzero(as_tuple=True)  # image by image, by decreasing score
+    row_scores = scores.new_zeros(b, n)
+    row_scores[img_idx, col] = cand_scores[order]
+    return scale_to_pixels(row_boxes[ri, ci], row_scores[ri, ci], row_labels[ri, ci] + 1, ri,
+                           image_sizes)
+
+
+def scale_to_pixels(boxes, scores, labels, img, image_sizes):
+    """Detections [K] sorted by image (then by decreasing score) -> one (boxes in pixels of the
+    image's original size, scores, labels) per image."""
     scale = torch.tensor([[w, h, w, h] for w, h in image_sizes], dtype=torch.float32,
-                         device=device)  # [B, 4]
-    out_boxes = cand_boxes[kept] * scale[img_of_kept]
-    out_labels = cls_idx[kept] + 1
-    sizes = torch.bincount(img_of_kept, minlength=b).tolist()
-    return list(zip(out_boxes.split(sizes), kept_scores.split(sizes), out_labels.split(sizes)))
+                         device=boxes.device)  # [B, 4]
+    sizes = torch.bincount(img, minlength=len(image_sizes)).tolist()
+    return list(zip((boxes * scale[img]).split(sizes), scores.split(sizes), labels.split(sizes)))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -734,7 +815,8 @@ def load_backbone(model, path, source=None):
     model's input normalisation (config mean). Prints what it loaded and what kept its initial
     values; returns the model.vgg indices it loaded."""
     path = str(path)
-    assert source in (None, "torchvision", "caffe"), "source must be 'torchvision' or 'caffe'"
+    if source not in (None, "torchvision", "caffe"):
+        raise ValueError("source must be 'torchvision' or 'caffe'")
     if model.config["width"] != 1.0:
         raise CheckpointError(f"{path}: VGG16 weights fit width 1.0, the model has width "
                               f"{model.config['width']}")

@@ -205,9 +205,41 @@ def test_bccd_class_list_and_counts(shared_data):
         assert (a["width"], a["height"]) == (640, 480) and not a["difficult"].any()
         assert (a["boxes"][:, 2:] > a["boxes"][:, :2]).all()
         assert (a["boxes"] >= 0).all() and (a["boxes"][:, [0, 2]] <= 640).all()
-    # no test split: training takes trainval, evaluation falls back to val
-    assert len(data.build_source("voc", root, None, train=True)) == 292
-    assert len(data.build_source("voc", root, None, train=False)) == 87
+
+
+def source_ids(src):
+    return {src.image_id(i) for i in range(len(src))}
+
+
+def test_build_source_voc_folder_default_splits(tmp_path):
+    images = {i: (20, 20, [("cat", 2, 2, 9, 9, 0)]) for i in "abcd"}
+    # no test split (BCCD's layout): train / val, never trainval, which holds the val images
+    root = write_voc(tmp_path / "noTest", images,
+                     {"train": ["a", "b"], "val": ["c"], "trainval": ["a", "b", "c"]})
+    train = data.build_source("voc", root, None, train=True)
+    val = data.build_source("voc", root, None, train=False)
+    assert (train.split, source_ids(train)) == ("train", {"a", "b"})
+    assert (val.split, source_ids(val)) == ("val", {"c"})
+    # an explicit split still wins
+    assert data.build_source("voc", root, "trainval", train=True).split == "trainval"
+    assert data.build_source("voc", root, "train", train=False).split == "train"
+    # only trainval and val: training has nothing else to take
+    (root / "ImageSets" / "Main" / "train.txt").unlink()
+    assert data.build_source("voc", root, None, train=True).split == "trainval"
+    # with a test split (VOC2007's layout): trainval / test, as before
+    root = write_voc(tmp_path / "withTest", images,
+                     {"train": ["a"], "val": ["b"], "trainval": ["a", "b"], "test": ["c", "d"]})
+    assert data.build_source("voc", root, None, train=True).split == "trainval"
+    assert source_ids(data.build_source("voc", root, None, train=False)) == {"c", "d"}
+
+
+def test_build_source_bccd_trains_on_train_and_evaluates_on_val(shared_data):
+    root = shared_data / "bccd" / "BCCD"
+    train = data.build_source("voc", root, None, train=True)
+    val = data.build_source("voc", root, None, train=False)
+    assert (train.split, len(train)) == ("train", 205)
+    assert (val.split, len(val)) == ("val", 87)
+    assert not source_ids(train) & source_ids(val)
 
 
 # --- COCO -----------------------------------------------------------------------------------------

@@ -228,6 +228,60 @@ def test_batched_nms_separates_labels(path):
     assert kernels.batched_nms(boxes, scores, labels, 0.5).tolist() == [1, 2]
 
 
+# ----------------------------------------------------------------------------- nms_rows
+def ref_nms_rows(boxes, labels, valid, thr, max_kept):
+    """Per row: walk the columns in order, keep a valid box unless a kept box of its label
+    overlaps it with IoU > thr; stop at max_kept kept."""
+    keep = torch.zeros(labels.shape, dtype=torch.bool)
+    for r in range(labels.shape[0]):
+        iou = ref_iou(boxes[r], boxes[r]).astype(np.float64)
+        kept = []
+        for j in range(labels.shape[1]):
+            if len(kept) == max_kept:
+                break
+            if valid[r, j] and not any(iou[i, j] > thr and labels[r, i] == labels[r, j]
+                                       for i in kept):
+                kept.append(j)
+        keep[r, kept] = True
+    return keep
+
+
+@pytest.mark.parametrize("n,num_labels,max_kept", [(0, 1, 5), (1, 1, 1), (70, 1, 1000),
+                                                   (300, 4, 1000), (300, 4, 25), (500, 30, 64),
+                                                   (200, 200, 0)])
+def test_nms_rows_matches_reference(n, num_labels, max_kept):
+    # rows of grid boxes (exact IoU ties with the threshold, duplicates, empty boxes) and of
+    # smooth boxes; some entries invalid; max_kept both cutting the rows short and not
+    rows = [hard_boxes(n, seed=n + r, labels=num_labels) for r in range(2)]
+    smooth = smooth_boxes(n, seed=n)
+    boxes = torch.stack([rows[0][0], rows[1][0], smooth[0]])  # [3, n, 4]
+    labels = torch.stack([rows[0][2], rows[1][2], rows[0][2]])  # [3, n]
+    valid = torch.rand(3, n, generator=torch.Generator().manual_seed(n)) > 0.2
+    valid[2] &= torch.arange(n) % 10 == 0  # a row that fills up late or never
+    for thr in (0.5, 1 / 3):
+        got = kernels.nms_rows(boxes, labels, valid, thr, max_kept)
+        want = ref_nms_rows(boxes, labels, valid, thr, max_kept)
+        # a full row is not looked at after the chunk where it filled up; the extra kept boxes
+        # of that chunk are the next ones the reference would keep
+        cut = got & (got.cumsum(1) <= max_kept)
+        for r in range(3):
+            if max_kept and int(got[r].sum()) >= max_kept:
+                last = int(cut[r].nonzero()[-1])  # where the row filled up
+                assert not got[r, (last // kernels._CHUNK + 1) * kernels._CHUNK:].any()
+        assert torch.equal(cut, want)
+
+
+def test_nms_rows_agrees_with_batched_nms_on_each_row():
+    # the contract: the first max_kept of what batched_nms keeps, row by row
+    g = torch.Generator().manual_seed(3)
+    boxes, scores = smooth_boxes(800, seed=3)
+    labels = torch.randint(0, 5, (800,), generator=g)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    keep = kernels.nms_rows(boxes[order][None], labels[order][None],
+                            torch.ones(1, 800, dtype=torch.bool), 0.45, 10**6)
+    assert order[keep[0]].tolist() == kernels.batched_nms(boxes, scores, labels, 0.45).tolist()
+
+
 # ----------------------------------------------------------------------------- soft_nms
 @pytest.mark.parametrize("method", ["gaussian", "linear"])
 @pytest.mark.parametrize("n,num_labels", [(1, 0), (64, 0), (200, 0), (300, 7)])

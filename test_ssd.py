@@ -72,6 +72,27 @@ def test_anchor_order_rows_then_columns():
     torch.testing.assert_close(a[4 * 38, :2], torch.tensor([0.5 * step, 1.5 * step]))
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(size=400), "size must be 300 or 512, got 400"),
+    (dict(anchors="kitti"), "anchors must be 'voc' or 'coco', got 'kitti'"),
+    (dict(clip="xy"), "clip must be 'none', 'wh' or 'all', got 'xy'"),
+    (dict(class_names=["a", "b"]), "need one class name per object class"),
+])
+def test_make_config_bad_argument_raises_value_error(kwargs, message):
+    # a ValueError, not an assert: python -O must not let a bad config through
+    args = dict(size=300, num_classes=3) | kwargs
+    with pytest.raises(ValueError) as e:
+        ssd.make_config(**args)
+    assert str(e.value) == message
+
+
+def test_load_backbone_bad_source_raises_value_error(tmp_path):
+    model = ssd.ssd300(3, width=0.0625)  # the source is checked before the file or the width
+    with pytest.raises(ValueError) as e:
+        ssd.load_backbone(model, tmp_path / "vgg16.pth", source="keras")
+    assert str(e.value) == "source must be 'torchvision' or 'caffe'"
+
+
 # --- network -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("num_classes,params", [(90, 35_641_826), (80, 34_305_206),
@@ -299,7 +320,9 @@ def slow_postprocess(cls_logits, box_deltas, anchors, sizes, score_thr, nms_iou,
     """Per image, per class loop with a plain greedy NMS (suppress IoU > thr)."""
     results = []
     for i, (w, h) in enumerate(sizes):
-        probs = torch.softmax(cls_logits[i].double(), -1)
+        # float32 softmax as postprocess computes it: which scores are exactly equal (ties) and
+        # their order then agree; the rest of the reference is in float64
+        probs = torch.softmax(cls_logits[i].float(), -1).double()
         boxes = ssd.decode(box_deltas[i].double(), anchors.double()).clamp(0, 1)
         dets = []
         for c in range(1, probs.shape[1]):
@@ -321,7 +344,7 @@ def slow_postprocess(cls_logits, box_deltas, anchors, sizes, score_thr, nms_iou,
                 if ok:
                     kept.append(a)
             dets += [(float(s[a]), c, a) for a in kept]
-        dets.sort(key=lambda d: -d[0])
+        dets.sort(key=lambda d: (-d[0], d[2], d[1]))  # equal scores: lower anchor, then class
         dets = dets[:max_det]
         scale = torch.tensor([w, h, w, h], dtype=torch.float64)
         results.append((torch.stack([boxes[a] * scale for _, _, a in dets]).float()
@@ -330,8 +353,25 @@ def slow_postprocess(cls_logits, box_deltas, anchors, sizes, score_thr, nms_iou,
     return results
 
 
+def only_full_nms(monkeypatch):
+    """Make postprocess skip its best-first shortcut (ssd.best_first) and run the NMS on every
+    candidate, so both ways are tested on the same inputs."""
+    monkeypatch.setattr(ssd, "best_first", lambda *args: None)
+
+
+def assert_same_detections(got, ref):
+    for (b, s, lab), (rb, rs, rl) in zip(got, ref, strict=True):
+        assert len(s) == len(rs)
+        torch.testing.assert_close(s, rs.float(), atol=1e-6, rtol=1e-5)
+        assert torch.equal(lab, rl)
+        torch.testing.assert_close(b, rb, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
 @pytest.mark.parametrize("score_thr,topk", [(0.05, 30), (0.3, 150)])  # top-k cut / threshold only
-def test_postprocess_equals_slow_reference(score_thr, topk):
+def test_postprocess_equals_slow_reference(score_thr, topk, shortcut, monkeypatch):
+    if not shortcut:
+        only_full_nms(monkeypatch)
     gen = torch.Generator().manual_seed(2)
     anchors = torch.cat([torch.rand(150, 2, generator=gen),
                          0.05 + 0.3 * torch.rand(150, 2, generator=gen)], 1)
@@ -373,6 +413,64 @@ def test_postprocess_trained_like_outputs_equal_slow_reference():
         torch.testing.assert_close(s, rs.float(), atol=1e-6, rtol=1e-5)
         assert torch.equal(lab, rl)
         torch.testing.assert_close(b, rb, atol=1e-3, rtol=1e-5)
+
+
+def count_best_first(monkeypatch):
+    """Record what ssd.best_first returns (None: it could not finish) in the returned list."""
+    calls, real = [], ssd.best_first
+    monkeypatch.setattr(ssd, "best_first", lambda *args: calls.append(real(*args)) or calls[-1])
+    return calls
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_postprocess_untrained_outputs_equal_slow_reference(shortcut, monkeypatch):
+    # an untrained model's flat softmax: every class of every anchor passes the threshold and
+    # fills its top-k, and far more boxes survive the NMS than max_det: the best-first shortcut
+    calls = count_best_first(monkeypatch) if shortcut else only_full_nms(monkeypatch)
+    gen = torch.Generator().manual_seed(6)
+    anchors = torch.cat([torch.rand(400, 2, generator=gen),
+                         0.02 + 0.2 * torch.rand(400, 2, generator=gen)], 1)
+    cls_logits = 0.3 * torch.randn(2, 400, 13, generator=gen)
+    cls_logits[..., 1] += 0.5  # class 1 would take more than its top-k of the best scores
+    box_deltas = 0.3 * torch.randn(2, 400, 4, generator=gen)
+    sizes = [(640, 480), (300, 300)]
+    got = ssd.postprocess(cls_logits, box_deltas, anchors, sizes, topk=6, max_det=40)
+    ref = slow_postprocess(cls_logits, box_deltas, anchors, sizes, 0.01, 0.45, 6, 40)
+    assert_same_detections(got, ref)
+    assert all(len(s) == 40 and torch.bincount(lab).max() == 6 for _, s, lab in got)
+    assert not shortcut or (len(calls) == 1 and calls[0] is not None)
+
+
+@pytest.mark.parametrize("max_det", [40, 1000])
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_postprocess_exact_ties_and_heavy_suppression_equal_slow_reference(shortcut, max_det,
+                                                                           monkeypatch):
+    # integer logits: many exactly equal scores, across anchors (who makes a class's top-k, and
+    # the order of the output) and across classes. Image 0: every decoded box is the same, so
+    # each class keeps one box, and class 6 scores below the others: the best-first shortcut
+    # cannot finish there and postprocess falls back to the full NMS. Image 1: spread boxes.
+    calls = count_best_first(monkeypatch) if shortcut else only_full_nms(monkeypatch)
+    gen = torch.Generator().manual_seed(8)
+    anchors = torch.cat([torch.rand(300, 2, generator=gen),
+                         0.05 + 0.2 * torch.rand(300, 2, generator=gen)], 1)
+    cls_logits = torch.randint(0, 3, (2, 300, 7), generator=gen).float()
+    cls_logits[0, :, 6] -= 3.0
+    box_deltas = torch.randn(2, 300, 4, generator=gen)
+    box_deltas[0] = ssd.encode(torch.tensor([[0.2, 0.2, 0.6, 0.7]]).expand(300, 4), anchors)
+    sizes = [(640, 480), (300, 300)]
+    for images in ([0, 1], [1]):
+        got = ssd.postprocess(cls_logits[images], box_deltas[images], anchors,
+                              [sizes[i] for i in images], topk=25, max_det=max_det)
+        ref = slow_postprocess(cls_logits[images], box_deltas[images], anchors,
+                               [sizes[i] for i in images], 0.01, 0.45, 25, max_det)
+        assert_same_detections(got, ref)
+        # image 1: most of each class's top 25 survive the NMS
+        assert len(got[-1][1]) == 40 if max_det == 40 else 6 * 25 > len(got[-1][1]) > 120
+        assert torch.bincount(got[-1][2]).max() <= 25
+        if len(images) == 2:
+            assert len(got[0][1]) == 6 and got[0][2][-1] == 6  # image 0: one box per class
+    if shortcut and max_det == 40:
+        assert calls[0] is None and calls[1] is not None  # fell back / finished
 
 
 def test_postprocess_sorted_labels_in_range_and_clipped():

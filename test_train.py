@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,24 @@ def test_help_lists_the_flags(capsys):
         assert flag in text
 
 
+def test_help_shows_the_defaults_per_data_set(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
+    for default in ("--epochs EPOCHS passes over the training set (default per --data: voc 232, "
+                    "coco 120, shapes 5;",
+                    "(default per --data: voc 32, coco 32, shapes 16)",
+                    "(default per --data: voc 0.001 x batch / 32, coco 0.001 x batch / 32, "
+                    "shapes 0.003)",
+                    "(default per --data: voc 500, coco 500, shapes 50)",
+                    "(default per --data: voc 1, coco 1, shapes 0.0625)",
+                    "input size (default: 300)", "per rank (default: 2)",
+                    "augmentation (default: 0)", "log lines (default: 20)"):
+        assert default in text
+    for key in ("epochs", "batch_size", "warmup", "width"):  # the help follows the table
+        assert f"shapes {train.DATASETS['shapes'][key]:g}" in text
+
+
 def test_few_steps_on_shapes(tmp_path, capsys):
     out = tmp_path / "run"
     code = train.main(["--data", "shapes", "--batch-size", "2", "--max-steps", "3",
@@ -264,6 +283,13 @@ def test_nan_guard_stops_with_the_step_and_terms(tmp_path, monkeypatch, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert train.main(["--resume", str(tmp_path / "junk.pt")]) == 2
     assert "junk.pt: not a checkpoint" in capsys.readouterr().err
+    # settings out of range in a checkpoint: one line, exit 2 (make_config's ValueError)
+    ckpt = read_ckpt(out / "last.pt")
+    ckpt["train_args"]["size"] = 400
+    torch.save(ckpt, tmp_path / "edited.pt")
+    assert train.main(["--resume", str(tmp_path / "edited.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'edited.pt'}: size must be 300 or 512, got 400\n"
 
 
 def run_cli(args, **kwargs):
@@ -308,6 +334,23 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed["scheduler"] == straight["scheduler"]
     steps = [r["step"] for r in metrics(killed) if "loss" in r]
     assert steps == list(range(1, 7))  # each step logged once, the killed run's extras dropped
+
+
+def test_ddp_wrapper_passes_no_deprecated_argument(tmp_path):
+    # torch 2.13+ warns (FutureWarning) on DistributedDataParallel(broadcast_buffers=...)
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = ssd.ssd300(3, width=0.0625)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            ddp = train.wrap_ddp(model, None)
+        assert ddp.module is model and ddp.broadcast_buffers is False  # no sync in forward
+        assert torch.equal(model.anchors, ssd.anchors(model.config))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):

@@ -1,9 +1,9 @@
 """Train SSD300 / SSD512 on VOC, COCO, any VOC-layout folder or the built-in synthetic shapes set.
 
-    python train.py --data shapes                               # quick start: 5 minutes, 2 CPU cores
-    python train.py --data voc --data-root ~/data --gpus 2      # VOC07+12 on 2 GPUs (DDP, NCCL)
+    python train.py --data shapes                           # quick start: 5 minutes, 2 CPU cores
+    python train.py --data voc --data-root ~/data --gpus 2  # VOC07+12 on 2 GPUs (DDP, NCCL)
     torchrun --nproc_per_node=8 train.py --data coco --data-root ~/coco --pretrained vgg16.pth
-    python train.py --resume                                    # continue the newest runs/*/last.pt
+    python train.py --resume                                # continue the newest runs/*/last.pt
 
 Recipe of the reference implementations (facts §9): SGD, momentum 0.9, weight decay 5e-4, lr 1e-3
 per 32 images scaled linearly with the global batch, linear warmup over 500 iterations from 1/3 of
@@ -20,6 +20,7 @@ Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage, data or checkpo
 import argparse
 import datetime
 import glob
+import inspect
 import json
 import math
 import os
@@ -79,37 +80,61 @@ class UsageError(Exception):
     """A user mistake: printed as one line, exit code 2."""
 
 
+def per_data(key, show=str):
+    """Help text for a default that depends on --data, e.g. 'voc 232, coco 120, shapes 5'."""
+    return ", ".join(f"{name} {show(d[key])}" for name, d in DATASETS.items())
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--data", choices=sorted(DATASETS), help="data set (required unless --resume)")
+    p.add_argument("--data", choices=sorted(DATASETS),
+                   help="data set; several defaults below depend on it (required unless --resume)")
     p.add_argument("--data-root", metavar="DIR",
                    help="voc: a VOC-layout folder or a folder holding VOCdevkit/VOC2007, VOC2012; "
-                        "coco: the folder with annotations/ and train2017/")
-    p.add_argument("--size", type=int, choices=[300, 512], help="input size (default 300)")
+                        "coco: the folder with annotations/ and train2017/ (required for voc and "
+                        "coco; shapes needs none)")
+    p.add_argument("--size", type=int, choices=[300, 512], help="input size (default: 300)")
     p.add_argument("--gpus", type=int,
                    help="processes: 0 = CPU, N > 1 = N DDP processes (default: 1 if CUDA, else 0)")
-    p.add_argument("--epochs", type=int, help="passes over the training set (default per data set)")
-    p.add_argument("--batch-size", type=int, help="global batch, split over the processes")
-    p.add_argument("--lr", type=float, help=f"peak lr (default {BASE_LR:g} x batch / {BASE_BATCH})")
-    p.add_argument("--warmup", type=int, help="linear warmup iterations (default 500)")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes per rank")
+    p.add_argument("--epochs", type=int,
+                   help=f"passes over the training set (default per --data: {per_data('epochs')}; "
+                        "voc's is Caffe's 120k iterations x 32 images over VOC07+12, coco's "
+                        "torchvision's)")
+    p.add_argument("--batch-size", type=int, help="global batch, split over the processes "
+                   f"(default per --data: {per_data('batch_size')})")
+    linear_lr = f"{BASE_LR:g} x batch / {BASE_BATCH}"
+    p.add_argument("--lr", type=float, help="peak lr (default per --data: "
+                   f"{per_data('lr', lambda v: linear_lr if v is None else f'{v:g}')})")
+    p.add_argument("--warmup", type=int, help="linear warmup iterations "
+                   f"(default per --data: {per_data('warmup')})")
+    p.add_argument("--workers", type=int, default=2,
+                   help="data loading processes per rank (default: %(default)s)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="mixed precision on CUDA: bf16 where supported, else fp16 (default on)")
-    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<data>-<time>)")
+                   help="mixed precision on CUDA: bf16 where supported, else fp16 (default: on "
+                        "with CUDA; the CPU always trains in float32)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<data>-<time>; with "
+                   "--resume, the checkpoint's folder)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                   help="continue from PATH, or from <out>/last.pt, or the newest runs/*/last.pt")
-    p.add_argument("--pretrained", metavar="PATH", help="VGG16 ImageNet weights for the backbone")
-    p.add_argument("--width", type=float, help="channel width multiplier (default 1)")
+                   help="continue from PATH, or from <out>/last.pt, or the newest runs/*/last.pt, "
+                        "with the settings saved there (default: start a new run)")
+    p.add_argument("--pretrained", metavar="PATH",
+                   help="VGG16 ImageNet weights for the backbone (default: none, trained from "
+                        "scratch)")
+    p.add_argument("--width", type=float, help="channel width multiplier "
+                   f"(default per --data: {per_data('width', lambda v: f'{v:g}')})")
     p.add_argument("--eval-every", type=int, metavar="K",
                    help="evaluate every K epochs and at the end (default: at the end; 0: never)")
-    p.add_argument("--val-split", help="evaluation split (default: data.build_source's)")
-    p.add_argument("--seed", type=int, help="seed of the weights, data order and augmentation")
-    p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    p.add_argument("--val-split", help="evaluation split (default: data.build_source's: voc: test, "
+                   "or val in a folder without a test split; coco: val2017; shapes: val)")
+    p.add_argument("--seed", type=int,
+                   help="seed of the weights, data order and augmentation (default: 0)")
+    p.add_argument("--log-every", type=int, default=20,
+                   help="steps between log lines (default: %(default)s)")
     p.add_argument("--max-steps", type=int,
                    help="stop at this step (checkpoint, evaluation, picture); the lr schedule "
-                        "still spans --epochs, and --resume continues it")
+                        "still spans --epochs, and --resume continues it (default: no limit)")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "log_every", "max_steps", "workers", "warmup", "gpus"):
         value = getattr(args, name)
@@ -248,8 +273,9 @@ def rng_state():
     np_state, py_state = np.random.get_state(), random.getstate()
     return dict(torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
-                           has_gauss=int(np_state[3]), cached_gaussian=float(np_state[4])),
+                numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)),
+                           pos=int(np_state[2]), has_gauss=int(np_state[3]),
+                           cached_gaussian=float(np_state[4])),
                 python=dict(version=py_state[0], state=list(py_state[1]), gauss=py_state[2]))
 
 
@@ -406,9 +432,12 @@ def train(s, rank, local_rank, world):
 
     seed_all(s["seed"])  # the same initial weights on every rank
     anchors = "coco" if s["data"] == "coco" else "voc"
-    model = ssd.build_model(ssd.make_config(s["size"], len(train_source.class_names),
-                                            anchors=anchors, width=s["width"],
-                                            class_names=train_source.class_names))
+    try:  # the flags are checked by parse_args; a resumed checkpoint's settings are not
+        config = ssd.make_config(s["size"], len(train_source.class_names), anchors=anchors,
+                                 width=s["width"], class_names=train_source.class_names)
+    except ValueError as e:
+        raise UsageError(f"{s['resume'] or 'settings'}: {e}") from None
+    model = ssd.build_model(config)
     if hasattr(train_source, "category_ids"):  # COCO: labels map back to category ids
         model.config["category_ids"] = list(train_source.category_ids)
     if s["pretrained"] and not s["resume"]:
@@ -456,24 +485,23 @@ def train(s, rank, local_rank, world):
 
     ddp_model = model
     if world > 1:
-        # no BatchNorm statistics to synchronise; the anchors buffer never changes
-        ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if s["cuda"] else None,
-                                            broadcast_buffers=False)
-    dataset = EpochSeeded(data.DetectionDataset(train_source, data.TrainTransform(s["size"],
-                                                                                  model.config["mean"])),
-                          s["seed"])
+        ddp_model = wrap_ddp(model, [local_rank] if s["cuda"] else None)
+    transform = data.TrainTransform(s["size"], model.config["mean"])
+    dataset = EpochSeeded(data.DetectionDataset(train_source, transform), s["seed"])
     epochs = s["epochs"]
     milestones = [round(f * total) for f in DECAY_AT]
     log(f"data {s['data']}: {len(train_source)} training images, {len(val_source)} validation; "
         f"{len(train_source.class_names)} classes")
-    log(f"model SSD{s['size']} width {s['width']:g}: {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters; device {device.type}, world size {world}"
+    num_params = sum(p.numel() for p in model.parameters())
+    log(f"model SSD{s['size']} width {s['width']:g}: {num_params:,} parameters; "
+        f"device {device.type}, world size {world}"
         f"{f' ({dist.get_backend()})' if world > 1 else ''}; amp "
         f"{str(amp_dtype).split('.')[-1] if amp else 'off'}")
     log(f"global batch {s['batch_size']} ({per_rank} per process), {type(optimizer).__name__} "
         f"lr {s['lr']:.3g}, "
         f"{iters_per_epoch} iterations/epoch x {epochs} epochs = {total} iterations; warmup "
-        f"{s['warmup']} from lr/3, x{DECAY:g} at {milestones[0]} and {milestones[1]}; run folder {out}")
+        f"{s['warmup']} from lr/3, x{DECAY:g} at {milestones[0]} and {milestones[1]}; "
+        f"run folder {out}")
     if stop < total:
         log(f"stopping at step {stop} (--max-steps)")
     if step >= stop:
@@ -503,7 +531,8 @@ def train(s, rank, local_rank, world):
 
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     start = time.perf_counter()
-    window = dict(t=time.perf_counter(), wait=0.0, steps=0, terms=torch.zeros(2, dtype=torch.float64))
+    window = dict(t=time.perf_counter(), wait=0.0, steps=0,
+                  terms=torch.zeros(2, dtype=torch.float64))
     ddp_model.train()
     while step < stop:
         epoch = step // iters_per_epoch
@@ -565,7 +594,8 @@ def train(s, rank, local_rank, world):
                 if rank == 0:
                     metrics.write(**{k: round(v, 6) if isinstance(v, float) else v
                                      for k, v in row.items()})
-                window.update(t=time.perf_counter(), wait=0.0, steps=0, terms=torch.zeros_like(terms))
+                window.update(t=time.perf_counter(), wait=0.0, steps=0,
+                              terms=torch.zeros_like(terms))
             t_wait = time.perf_counter()
 
         epoch_done = step // iters_per_epoch
@@ -578,7 +608,8 @@ def train(s, rank, local_rank, world):
             log(f"weights {'identical' if same else 'DIFFERENT'} across {world} processes")
         if rank == 0:
             due = s["eval_every"] != 0 and (finished or (
-                s["eval_every"] and epoch_done > 0 and step % (s["eval_every"] * iters_per_epoch) == 0))
+                s["eval_every"] and epoch_done > 0
+                and step % (s["eval_every"] * iters_per_epoch) == 0))
             improved = run_eval(epoch_done) if due else False
             save(epoch_done)
             if improved or best_map is None:
@@ -599,6 +630,16 @@ def train(s, rank, local_rank, world):
 
 # -----------------------------------------------------------------------------------------------
 # Processes
+
+def wrap_ddp(model, device_ids):
+    """DistributedDataParallel without syncing buffers at each forward: there are no BatchNorm
+    statistics, and the one buffer (the anchors) is a function of the config, never changed."""
+    # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers, which still
+    # broadcasts the buffers once at construction: the same anchors on every rank, so no change.
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
 
 def run(s, rank, local_rank, world):
     """One rank: join the process group (world > 1), train, leave; -> exit code."""
