@@ -62,6 +62,7 @@ TOPK = 400  # Caffe top_k per class before NMS (facts §10)
 SSD_CLASSES = (20, 80)  # VOC, COCO
 IMAGE_SIZE = 300.0  # kernel boxes in SSD300 input pixels
 SLOW_ROUND_S = 0.5  # cases slower than this get at most 3 timed rounds, slower than 3 s only 2
+FAST_ROUND_S = 0.02  # rounds faster than this are repeated for about a second
 
 
 # ----------------------------------------------------------------------------- timing
@@ -95,6 +96,8 @@ def time_side_by_side(fns, device, repeat, warmup=True):
     if warmup:  # Triton compiles, caches fill; not counted
         times = {name: [] for name in fns}
     rounds = min(repeat, 2 if slowest > 3.0 else 3) if slowest > SLOW_ROUND_S else repeat
+    if slowest < FAST_ROUND_S:  # a few ms: many rounds (~1 s), so one slow round moves nothing
+        rounds = max(rounds, min(300, int(1.0 / max(slowest, 1e-4))))
     while min(len(ts) for ts in times.values()) < rounds:
         one_round()
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}, out

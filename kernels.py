@@ -9,12 +9,16 @@ first.
 
 - CUDA tensors run Triton kernels: pairwise IoU, and NMS as a bitmask kernel (bit j of row i says
   "i would suppress j") followed by a greedy sweep that stays on the device, one program per label.
-- CPU tensors run vectorised torch code (exact greedy NMS in chunks; see `_greedy_nms_rows`, and
-  `_greedy_nms_small_rows` for the many small labels of SSD's per-class NMS).
+- CPU tensors run vectorised torch code (exact greedy NMS in chunks; see `_greedy_nms_rows`,
+  `_greedy_nms_small_rows` for the many small labels of SSD's per-class NMS, and
+  `_greedy_nms_band` for a trained model's few hundred candidates). `nms_rows` is the NMS of
+  SSD's post-processing when only the best max_det boxes of each image are wanted: it walks the
+  candidates best first and stops early (any device).
 - SSD_KERNELS=torch forces the torch code, SSD_KERNELS=triton the Triton kernels (on CPU tensors that
   needs TRITON_INTERPRET=1 set before Triton is imported, which is how the tests run them).
 Soft-NMS is sequential by nature; it is vectorised torch on every device (all labels step together).
 """
+import functools
 import math
 import os
 
@@ -29,6 +33,7 @@ except Exception:  # no Triton (macOS, Windows) or a broken install: the torch c
 _CHUNK = 64  # boxes resolved per step of the torch NMS; tuned with bench.py on CPU
 _SMALL_GROUP = 1024  # labels up to this many boxes take the uncompacted path
 _SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels there; tuned with bench.py
+_BAND = 128  # labels of at most this many + 1 boxes take the banded NMS (_greedy_nms_band)
 _ROWS_GPU, _ROWS_INTERPRETED = 64, 512  # mask-kernel rows per program (the interpreter likes big blocks)
 
 
@@ -48,6 +53,7 @@ def _use_triton(t):
     return True
 
 
+@functools.lru_cache(maxsize=64)
 def _f32_threshold(x):
     """Largest float32 <= x: for a float32 IoU v, v > x (compared exactly, as torchvision's C++ does
     in double) holds exactly when v > this value, so every engine can compare in float32."""
@@ -247,10 +253,43 @@ def batched_nms(boxes, scores, labels, iou_threshold):
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
     if labels is None:
         return _greedy_nms_rows(c5, order.unsqueeze(0), thr)  # already by score
+    order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
+    sorted_labels = labels[order]
+    width = int(torch.unique_consecutive(sorted_labels, return_counts=True)[1].max()) - 1
+    if width <= _BAND and len(order) * width <= _SMALL_BLOCK // 8:
+        return _by_score(_greedy_nms_band(c5, order, sorted_labels, width, thr), scores)
     kept = [_greedy_nms_small_rows(c5, rows, thr) if rows.shape[1] <= _SMALL_GROUP
             else _greedy_nms_rows(c5, rows, thr)
             for rows in _label_rows(labels, order, len(boxes), smallest=8)]
     return _by_score(torch.cat(kept), scores)
+
+
+def _greedy_nms_band(c5, order, sorted_labels, width, thr):
+    """Exact greedy class-aware NMS when no label has more than width + 1 boxes (a trained SSD's
+    few hundred candidates): order [N] indices into c5 (see _coords) sorted by label, then by
+    decreasing score; sorted_labels = their labels. A box can only be suppressed by one of the
+    `width` entries before it in this order, so IoUs are computed in a band [N, width] (sliding
+    windows, no padded per-label matrices, no gathers), then resolved by the fixed point of
+    _greedy_nms_rows (at most width + 1 rounds). Returns the kept indices, in the given order."""
+    if width == 0:
+        return order  # one box per label: nothing to suppress
+    n = len(order)
+
+    def windows(x, pad):  # [..., N] -> [..., N, W]: entry (j, d) is x at position j - W + d
+        x = torch.cat([x.new_full(x.shape[:-1] + (width,), pad), x], -1)
+        return x.unfold(-1, width, 1)[..., :n, :]
+
+    c = c5[:, order]  # [5, N]
+    # IoU of each box with the width boxes before it, zero unless they share its label; the
+    # padding boxes are empty (IoU 0, or NaN in the row of an empty box, which nothing suppresses)
+    same = windows(sorted_labels, 0) == sorted_labels.unsqueeze(1)  # [N, W]
+    near = _iou(c.unsqueeze(2), windows(c, 0.0)).view(n, width) * same  # [N, W]
+    keep = ~(near.amax(1) > thr)  # first round, from "all kept"
+    while True:
+        nxt = ~((near * windows(keep, False)).amax(1) > thr)
+        if torch.equal(nxt, keep):
+            return order[keep]
+        keep = nxt
 
 
 def nms_rows(boxes, labels, valid, iou_threshold, max_kept):

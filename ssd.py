@@ -437,17 +437,21 @@ def nms_and_scale(cand_scores, img_idx, anchor_idx, cls_idx, num_classes, box_de
         kept, kept_scores = kernels.soft_nms(cand_boxes, cand_scores, group, iou_threshold=nms_iou)
     else:
         kept = kernels.batched_nms(cand_boxes, cand_scores, group, nms_iou)
-        kept_scores = cand_scores[kept]
+        kept_scores = None
     # kept is sorted by decreasing score; a stable sort by image keeps that order inside each image
     img_of_kept = img_idx[kept]
-    by_img = img_of_kept.sort(stable=True)[1]
-    kept, kept_scores, img_of_kept = kept[by_img], kept_scores[by_img], img_of_kept[by_img]
-    counts = torch.bincount(img_of_kept, minlength=len(image_sizes))  # [B]
-    starts = torch.cumsum(counts, 0) - counts
-    top = torch.arange(len(kept), device=kept.device) - starts[img_of_kept] < max_det
-    kept = kept[top]
-    return scale_to_pixels(cand_boxes[kept], kept_scores[top], cls_idx[kept] + 1,
-                           img_of_kept[top], image_sizes)
+    if len(image_sizes) > 1:
+        by_img = img_of_kept.sort(stable=True).indices
+        counts = torch.bincount(img_of_kept, minlength=len(image_sizes))  # [B]
+        rank = torch.arange(len(kept), device=kept.device) - (counts.cumsum(0) - counts)[
+            img_of_kept[by_img]]
+        by_img = by_img[rank < max_det]  # the best max_det of each image
+    else:  # one image (the usual call from detect.py): a plain cut, no sort
+        by_img = slice(0, max_det)
+    kept, img_of_kept = kept[by_img], img_of_kept[by_img]
+    kept_scores = cand_scores[kept] if kept_scores is None else kept_scores[by_img]
+    return scale_to_pixels(cand_boxes[kept], kept_scores, cls_idx[kept] + 1, img_of_kept,
+                           image_sizes)
 
 
 def best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk, max_det):
@@ -506,6 +510,8 @@ def scale_to_pixels(boxes, scores, labels, img, image_sizes):
     image's original size, scores, labels) per image."""
     scale = torch.tensor([[w, h, w, h] for w, h in image_sizes], dtype=torch.float32,
                          device=boxes.device)  # [B, 4]
+    if len(image_sizes) == 1:
+        return [(boxes * scale, scores, labels)]
     sizes = torch.bincount(img, minlength=len(image_sizes)).tolist()
     return list(zip((boxes * scale[img]).split(sizes), scores.split(sizes), labels.split(sizes)))
 

@@ -221,6 +221,23 @@ def test_batched_nms_many_small_labels_torch_path(monkeypatch):
     assert got.tolist() == want
 
 
+@pytest.mark.parametrize("per_label", [3, 129, 130])  # banded path (<= 129 a label) / rows path
+def test_batched_nms_chains(path, per_label):
+    # boxes sliding along x: each overlaps the next (IoU 0.6) but not the one after, so greedy
+    # NMS keeps every other box, and each decision depends on the one before (a chain as long as
+    # the label); two labels interleaved, a third with a single box
+    x = torch.arange(per_label).float() * 2.5
+    row = torch.stack([x, torch.zeros_like(x), x + 10, torch.full_like(x, 10)], 1)
+    boxes = torch.cat([row, row + 0.25, row[:1]])
+    scores = torch.cat([1 - x / 1000, 1 - x / 1000 - 1e-4, torch.ones(1)])
+    labels = torch.cat([torch.zeros(per_label), torch.ones(per_label), torch.full((1,), 5.0)]).long()
+    shuffle = torch.randperm(len(boxes), generator=torch.Generator().manual_seed(per_label))
+    boxes, scores, labels = boxes[shuffle], scores[shuffle], labels[shuffle]
+    got = kernels.batched_nms(boxes, scores, labels, 0.5)
+    want = ref_nms(boxes, scores, labels, 0.5)
+    assert got.tolist() == want and len(want) == 2 * ((per_label + 1) // 2) + 1
+
+
 def test_batched_nms_separates_labels(path):
     boxes = torch.tensor([[0.0, 0, 10, 10]] * 4)
     scores = torch.tensor([0.1, 0.4, 0.3, 0.2])
