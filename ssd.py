@@ -382,6 +382,8 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
     class's top-k."""
     if nms not in ("hard", "soft"):
         raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")
+    if topk < 1 or max_det < 1:
+        raise ValueError(f"topk and max_det must be at least 1, got {topk} and {max_det}")
     b, a, k1 = cls_logits.shape
     c = k1 - 1
     logits = cls_logits.float()  # [B, A, C+1]

@@ -473,6 +473,13 @@ def test_postprocess_exact_ties_and_heavy_suppression_equal_slow_reference(short
         assert calls[0] is None and calls[1] is not None  # fell back / finished
 
 
+def test_postprocess_bad_arguments_raise_value_error():
+    cls, box, anchors = torch.zeros(1, 4, 3), torch.zeros(1, 4, 4), torch.full((4, 4), 0.5)
+    for kwargs in (dict(nms="fast"), dict(topk=0), dict(max_det=0)):
+        with pytest.raises(ValueError):
+            ssd.postprocess(cls, box, anchors, [(10, 10)], **kwargs)
+
+
 def test_postprocess_sorted_labels_in_range_and_clipped():
     model = ssd.ssd300(4, width=0.125).eval()
     with torch.no_grad():
