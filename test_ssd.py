@@ -473,6 +473,29 @@ def test_postprocess_exact_ties_and_heavy_suppression_equal_slow_reference(short
         assert calls[0] is None and calls[1] is not None  # fell back / finished
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["trained", "untrained"])
+def test_postprocess_on_cuda_matches_cpu(kind):
+    # the same raw outputs post-processed on the GPU (Triton batched_nms, or nms_rows for the
+    # best-first shortcut) and on the CPU give the same detections
+    model = ssd.ssd300(20, width=0.25).eval()
+    gen = torch.Generator().manual_seed(9)
+    cls = torch.randn(3, len(model.anchors), 21, generator=gen)
+    if kind == "trained":
+        cls[..., 0] += 8.0
+        sure = torch.rand(3, len(model.anchors), generator=gen) < 0.03
+        cls[..., 1:][sure] += 12.0 * torch.rand(int(sure.sum()), 20, generator=gen)
+    box = 0.5 * torch.randn(3, len(model.anchors), 4, generator=gen)
+    sizes = [(640, 480), (300, 300), (100, 700)]
+    cpu = ssd.postprocess(cls, box, model.anchors, sizes)
+    gpu = ssd.postprocess(cls.cuda(), box.cuda(), model.anchors.cuda(), sizes)
+    for (b, s, lab), (gb, gs, gl) in zip(cpu, gpu, strict=True):
+        assert len(s) == len(gs) > 0
+        torch.testing.assert_close(gs.cpu(), s, atol=1e-5, rtol=1e-4)
+        assert torch.equal(gl.cpu(), lab)
+        torch.testing.assert_close(gb.cpu(), b, atol=1e-2, rtol=1e-4)
+
+
 def test_postprocess_bad_arguments_raise_value_error():
     cls, box, anchors = torch.zeros(1, 4, 3), torch.zeros(1, 4, 4), torch.full((4, 4), 0.5)
     for kwargs in (dict(nms="fast"), dict(topk=0), dict(max_det=0)):
