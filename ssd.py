@@ -415,7 +415,7 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
     else:
         # e.g. an untrained model's flat softmax: the best `topk` anchors of each (image, class)
         cut = scores.transpose(1, 2).topk(min(topk, a), dim=2).values[..., -1:]  # [B, C, 1]
-        # ties at the cut: the lower anchors (the stable sort below) take the free places
+        # scores equal to the cut: the lowest anchors take the places left
         above = scores > cut.transpose(1, 2)  # [B, A, C] surely in the top-k
         free = topk - above.sum(1, keepdim=True)  # [B, 1, C] places left for scores == cut
         chosen = above & passed
