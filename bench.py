@@ -7,7 +7,8 @@ needed; its columns show "-" without it). Every figure is a median over repeats.
 
 Sections (one function each, `bench_<section>(device, args) -> list of rows`): model (forward),
 postprocess, e2e (uint8 photos -> detections), data (pipeline per worker), train (SGD steps),
-eval (VOC mAP), kernels (box_iou / nms / batched_nms / soft_nms, torch and Triton engines). A row: section, name, ms (ours), torchvision_ms, speedup (torchvision_ms / ms: > 1 means ours is
+eval (VOC mAP), kernels (box_iou / nms / batched_nms / soft_nms, torch and Triton engines). A row:
+section, name, ms (ours), torchvision_ms, speedup (torchvision_ms / ms: > 1 means ours is
 faster), images_per_s, target (text) and ok (whether it holds), same (ours equals torchvision's).
 Model, e2e and train use torch's default threads (all cores; --threads overrides); the other
 sections are single-core figures and run on 1 thread, as torchvision's C++ NMS does.
@@ -192,7 +193,8 @@ def bench_model(device, args):
         if tv is not None:
             fns["tv"] = lambda x=x: tv.head(list(tv.backbone(x).values()))
         with torch.no_grad():
-            ms, _ = time_side_by_side(fns, device, args.repeat, warmup=b == 1 or device.type == "cuda")
+            ms, _ = time_side_by_side(fns, device, args.repeat,
+                                      warmup=b == 1 or device.type == "cuda")
         for layout, key in (("NCHW", "nchw"), ("channels_last", "cl")):
             rows.append(row("model", f"forward b={b} {layout}", ms[key], ms.get("tv"), images=b))
     return rows
@@ -204,7 +206,8 @@ def bench_postprocess(device, args):
     fills its top 400: ~36,000 NMS candidates per image)."""
     ours, tv = model_pair(device.type)
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad(), threads(args.model_threads):  # one forward on all cores for the flat outputs
+    # one forward on all cores for the flat outputs
+    with torch.no_grad(), threads(args.model_threads):
         flat = ours(ssd.preprocess([im.to(device) for im in random_photos(max(BATCHES), gen)], 300,
                                    ours.config["mean"]))
     cases = {"realistic": realistic_outputs(ours, max(BATCHES), gen), "untrained": flat}
@@ -241,10 +244,12 @@ def bench_e2e(device, args):
         if tv is not None:
             fns["tv"] = lambda p=photos: tv([im.to(device).float() / 255 for im in p])
         with torch.no_grad():
-            ms, _ = time_side_by_side(fns, device, args.repeat, warmup=b == 1 or device.type == "cuda")
+            ms, _ = time_side_by_side(fns, device, args.repeat,
+                                      warmup=b == 1 or device.type == "cuda")
         speedup = ms["tv"] / ms["ours"] if "tv" in ms else None
         rows.append(row("e2e", f"b={b} ssd.detect", ms["ours"], ms.get("tv"), images=b,
-                        target=f">= {E2E_TARGET:g}x tv", ok=speedup >= E2E_TARGET if speedup else None))
+                        target=f">= {E2E_TARGET:g}x tv",
+                        ok=speedup >= E2E_TARGET if speedup else None))
     return rows
 
 
@@ -258,7 +263,8 @@ def synthetic_voc_folder(root, count=DATA_IMAGES, size=(500, 375)):
             os.path.join(root, "JPEGImages", f"{i:06d}.jpg"), quality=90)
         objects = "".join(f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x}"
                           f"</xmin><ymin>{y}</ymin><xmax>{x + 150}</xmax><ymax>{y + 120}</ymax>"
-                          "</bndbox></object>" for name, x, y in (("dog", 40, 60), ("cat", 250, 200)))
+                          "</bndbox></object>"
+                          for name, x, y in (("dog", 40, 60), ("cat", 250, 200)))
         with open(os.path.join(root, "Annotations", f"{i:06d}.xml"), "w") as f:
             f.write(f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height>"
                     f"<depth>3</depth></size>{objects}</annotation>")
@@ -274,7 +280,8 @@ def bench_data(device, args):
         folder = BCCD if BCCD.is_dir() else synthetic_voc_folder(tmp)
         source = data.VOCDetection(folder, "trainval")
         n, rows = min(DATA_IMAGES, len(source)), []
-        for name, transform in (("train", data.TrainTransform(300)), ("test", data.TestTransform(300))):
+        for name, transform in (("train", data.TrainTransform(300)),
+                                ("test", data.TestTransform(300))):
             dataset = data.DetectionDataset(source, transform)
             ms, _ = time_side_by_side({"ours": lambda d=dataset: [d[i] for i in range(n)]},
                                       torch.device("cpu"), args.repeat)
@@ -293,7 +300,8 @@ def bench_train(device, args):
     b = spec["batch"]
     x = (torch.randn(b, 3, 300, 300, generator=gen) * 60).to(device)  # [B, 3, S, S]
     xy = torch.rand(b, 3, 2, generator=gen) * 0.6
-    boxes = [t.to(device) for t in torch.cat([xy, xy + 0.1 + torch.rand(b, 3, 2, generator=gen) * 0.3], 2)]
+    boxes = [t.to(device)
+             for t in torch.cat([xy, xy + 0.1 + torch.rand(b, 3, 2, generator=gen) * 0.3], 2)]
     labels = [torch.randint(1, 21, (3,), generator=gen).to(device) for _ in range(b)]
     amp = device.type == "cuda"
     layouts = (True,) if device.type == "cuda" else (True, False)
@@ -335,7 +343,8 @@ def bench_eval(device, args):
 
 # ----------------------------------------------------------------------------- kernels
 def on_engine(path, fn):
-    """fn() with kernels.py forced onto one engine ("torch" / "triton") by its SSD_KERNELS switch."""
+    """fn() with kernels.py forced onto one engine ("torch" / "triton") by its SSD_KERNELS
+    switch."""
     old = os.environ.get("SSD_KERNELS")
     os.environ["SSD_KERNELS"] = path
     try:
@@ -355,7 +364,8 @@ def random_boxes(n, gen):
 
 
 def clustered_boxes(n, gen, objects=30):
-    """Detector-like boxes: many jittered copies around a few dozen objects, so most are suppressed."""
+    """Detector-like boxes: many jittered copies around a few dozen objects, so most are
+    suppressed."""
     centre = torch.rand(objects, 2, generator=gen) * IMAGE_SIZE  # [O, 2]
     size = torch.rand(objects, 2, generator=gen) * 100 + 10  # [O, 2]
     obj = torch.randint(objects, (n,), generator=gen)  # [n]
@@ -381,7 +391,8 @@ def compare_paths(name, ours, reference, device, args, check, paths=None):
     """One row: time our engines and torchvision's op (when given) on the same inputs.
     ours / reference: functions of no arguments; check(ours_result, reference_result) -> bool."""
     if paths is None:
-        paths = ["torch"] + (["triton"] if device.type == "cuda" and kernels.triton is not None else [])
+        paths = ["torch"] + (["triton"] if device.type == "cuda" and kernels.triton is not None
+                             else [])
     fns = {p: partial(on_engine, p, ours) for p in paths}
     if reference is not None:
         fns["torchvision"] = reference
@@ -393,7 +404,8 @@ def compare_paths(name, ours, reference, device, args, check, paths=None):
 
 
 def same_keep(a, b):
-    return torch.equal(a.sort().values, b.sort().values)  # same kept set (score order checked in tests)
+    # same kept set (score order checked in tests)
+    return torch.equal(a.sort().values, b.sort().values)
 
 
 def same_iou(a, b):
@@ -401,7 +413,8 @@ def same_iou(a, b):
 
 
 def bench_kernels(device, args):
-    """IoU and NMS at several N (single class), then class-aware NMS and Soft-NMS at SSD300 shapes."""
+    """IoU and NMS at several N (single class), then class-aware NMS and Soft-NMS at SSD300
+    shapes."""
     gen = torch.Generator().manual_seed(0)
     tv = torchvision.ops if torchvision is not None else None
     rows = []
@@ -413,8 +426,9 @@ def bench_kernels(device, args):
             rows.append(compare_paths(f"nms N={n} {kind}", ours, ref, device, args, same_keep))
         other = boxes[: min(n, IOU_COLUMNS)]
         ref = partial(tv.box_iou, boxes, other) if tv else None
-        rows.append(compare_paths(f"box_iou {n}x{len(other)}", partial(kernels.box_iou, boxes, other), ref,
-                                  device, args, same_iou))
+        rows.append(compare_paths(f"box_iou {n}x{len(other)}",
+                                  partial(kernels.box_iou, boxes, other), ref, device, args,
+                                  same_iou))
     for c in SSD_CLASSES:
         boxes, scores, labels = (t.to(device) for t in ssd_postprocess_input(c, gen))
         ours = partial(kernels.batched_nms, boxes, scores, labels, IOU_THRESHOLD)
@@ -424,8 +438,8 @@ def bench_kernels(device, args):
     # Soft-NMS has one engine (torch) on every device and no torchvision counterpart
     boxes, scores, labels = (t.to(device) for t in ssd_postprocess_input(SSD_CLASSES[0], gen))
     rows.append(compare_paths(f"soft_nms SSD300 {SSD_CLASSES[0]} classes (N={len(boxes)})",
-                              partial(kernels.soft_nms, boxes, scores, labels), None, device, args, None,
-                              paths=["torch"]))
+                              partial(kernels.soft_nms, boxes, scores, labels), None, device, args,
+                              None, paths=["torch"]))
     return rows
 
 
@@ -502,7 +516,8 @@ def main(argv=None):
               flush=True)
 
     benches = {"model": bench_model, "postprocess": bench_postprocess, "e2e": bench_e2e,
-               "data": bench_data, "train": bench_train, "eval": bench_eval, "kernels": bench_kernels}
+               "data": bench_data, "train": bench_train, "eval": bench_eval,
+               "kernels": bench_kernels}
     rows = []
     for name in (s for s in SECTIONS if s in wanted):  # in SECTIONS order
         t = time.perf_counter()

@@ -14,8 +14,8 @@ first.
   `_greedy_nms_band` for a trained model's few hundred candidates). `nms_rows` is the NMS of
   SSD's post-processing when only the best max_det boxes of each image are wanted: it walks the
   candidates best first and stops early (any device).
-- SSD_KERNELS=torch forces the torch code, SSD_KERNELS=triton the Triton kernels (on CPU tensors that
-  needs TRITON_INTERPRET=1 set before Triton is imported, which is how the tests run them).
+- SSD_KERNELS=torch forces the torch code, SSD_KERNELS=triton the Triton kernels (on CPU tensors
+  that needs TRITON_INTERPRET=1 set before Triton is imported, which is how the tests run them).
 Soft-NMS is sequential by nature; it is vectorised torch on every device (all labels step together).
 """
 import functools
@@ -34,7 +34,8 @@ _CHUNK = 64  # boxes resolved per step of the torch NMS; tuned with bench.py on 
 _SMALL_GROUP = 1024  # labels up to this many boxes take the uncompacted path
 _SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels there; tuned with bench.py
 _BAND = 128  # labels of at most this many + 1 boxes take the banded NMS (_greedy_nms_band)
-_ROWS_GPU, _ROWS_INTERPRETED = 64, 512  # mask-kernel rows per program (the interpreter likes big blocks)
+# mask-kernel rows per program (the interpreter likes big blocks)
+_ROWS_GPU, _ROWS_INTERPRETED = 64, 512
 
 
 def _use_triton(t):
@@ -82,7 +83,8 @@ def _coords(b):
 
 def _iou(a, b):
     """IoU of a [5, ..., n] with b [5, ..., m] (see _coords) -> [..., n, m] float32, NaN where both
-    boxes are empty. Rounding order as torchvision's kernels: inter / ((area_a + area_b) - inter)."""
+    boxes are empty. Rounding order as torchvision's kernels:
+    inter / ((area_a + area_b) - inter)."""
     ax1, ay1, ax2, ay2, area_a = a.unsqueeze(-1).unbind(0)  # each [..., n, 1]
     bx1, by1, bx2, by2, area_b = b.unsqueeze(-2).unbind(0)  # each [..., 1, m]
     inter = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)  # [..., n, m]
@@ -238,7 +240,8 @@ def nms(boxes, scores, iou_threshold):
 
 
 def batched_nms(boxes, scores, labels, iou_threshold):
-    """Class-aware NMS: boxes only suppress boxes of the same label (labels [N] int; None = one class).
+    """Class-aware NMS: boxes only suppress boxes of the same label (labels [N] int; None = one
+    class).
 
     boxes [N, 4] xyxy, scores [N]. Returns int64 indices of the kept boxes over all labels, by
     decreasing score, equal scores lower index first. Empty input -> empty."""
@@ -371,7 +374,8 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
                 torch.empty(0, dtype=out_dtype, device=boxes.device))
     thr = _f32_threshold(iou_threshold)
     pad = boxes.shape[0]  # index of an empty box with score 0 that pads the rows
-    c5 = _coords(torch.cat([boxes.float(), boxes.new_zeros(1, 4, dtype=torch.float32)]))  # [5, N + 1]
+    c5 = _coords(torch.cat([boxes.float(),
+                            boxes.new_zeros(1, 4, dtype=torch.float32)]))  # [5, N + 1]
     scores = torch.cat([scores.float(), scores.new_zeros(1, dtype=torch.float32)])  # [N + 1]
     order = _score_order(scores[:pad])
     groups = [order.unsqueeze(0)] if labels is None else _label_rows(labels, order, pad)
@@ -410,7 +414,8 @@ def _nms_triton(boxes, scores, labels, thr):
     """Greedy (class-aware) NMS with the Triton kernels. Boxes are sorted by label, then score, and
     each label is a segment with its own bitmask and its own sweep program, so labels run in
     parallel and never compare with each other. If label sizes are very uneven (padding the grid to
-    the largest label would waste work), all boxes form one segment and the kernel compares labels."""
+    the largest label would waste work), all boxes form one segment and the kernel compares
+    labels."""
     device, n = boxes.device, boxes.shape[0]
     order = _score_order(scores)
     rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
@@ -433,14 +438,16 @@ def _nms_triton(boxes, scores, labels, thr):
     mask = torch.empty(int(sizes.sum()), dtype=torch.long, device=device)
     removed = torch.zeros(total_words, dtype=torch.long, device=device)
     keep_words = torch.empty(total_words, dtype=torch.long, device=device)
-    sorted_labels = labels[order].contiguous() if compare_labels else counts  # unread without labels
+    sorted_labels = (labels[order].contiguous() if compare_labels
+                     else counts)  # unread without labels
     grid = (len(counts), triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))
     _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, start, counts, mask_off, mask,
                            thr, COMPARE_LABELS=compare_labels, ROWS=rows_per_prog,
                            enable_fp_fusion=False)
     _nms_sweep_kernel[(len(counts),)](mask, counts, mask_off, word_off, removed, keep_words,
                                         CHUNK=32 if boxes.is_cuda else 512)
-    segment = torch.repeat_interleave(torch.arange(len(counts), device=device), counts, output_size=n)
+    segment = torch.repeat_interleave(torch.arange(len(counts), device=device), counts,
+                                      output_size=n)
     pos = torch.arange(n, device=device) - start[segment]  # [N] position within its segment
     kept = (keep_words[word_off[segment] + pos // 64] >> (pos % 64)) & 1  # [N]
     kept = order[kept.bool()]
@@ -530,6 +537,7 @@ if triton is not None:
                 hit = tl.load(removed_ptr + word_off + cols, mask=inside, other=0)  # [CHUNK]
                 for k in tl.static_range(64):  # OR in the rows of the kept boxes
                     take = inside & (((kept >> k) & 1) != 0)
-                    hit = hit | tl.load(mask_base + (w * 64 + k) * n_words + cols, mask=take, other=0)
+                    hit = hit | tl.load(mask_base + (w * 64 + k) * n_words + cols, mask=take,
+                                        other=0)
                 tl.store(removed_ptr + word_off + cols, hit, mask=inside)
             tl.debug_barrier()  # the next word's load of `removed` must see these stores

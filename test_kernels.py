@@ -32,8 +32,10 @@ def ref_iou(a, b):
     """IoU matrix in float32, straight from the definition (empty boxes: 0)."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     area = lambda x: np.maximum(x[:, 2] - x[:, 0], 0) * np.maximum(x[:, 3] - x[:, 1], 0)
-    iw = np.maximum(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0)
-    ih = np.maximum(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0)
+    iw = np.maximum(np.minimum(a[:, None, 2], b[None, :, 2])
+                    - np.maximum(a[:, None, 0], b[None, :, 0]), 0)
+    ih = np.maximum(np.minimum(a[:, None, 3], b[None, :, 3])
+                    - np.maximum(a[:, None, 1], b[None, :, 1]), 0)
     inter = iw * ih
     union = (area(a)[:, None] + area(b)[None, :]) - inter
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -41,8 +43,8 @@ def ref_iou(a, b):
 
 
 def ref_nms(boxes, scores, labels, thr):
-    """Greedy NMS, one box at a time: walk down (score desc, index asc), keep a box unless a kept box
-    of its label overlaps it with IoU > thr (the float32 IoU compared exactly with thr)."""
+    """Greedy NMS, one box at a time: walk down (score desc, index asc), keep a box unless a kept
+    box of its label overlaps it with IoU > thr (the float32 IoU compared exactly with thr)."""
     iou = ref_iou(boxes, boxes).astype(np.float64)
     scores = scores.float().tolist()
     labels = np.zeros(len(scores), np.int64) if labels is None else labels.numpy()
@@ -56,7 +58,8 @@ def ref_nms(boxes, scores, labels, thr):
 
 
 def ref_soft_nms(boxes, scores, labels, sigma, score_threshold, method, iou_threshold):
-    """Soft-NMS, one box at a time, in float32; ties go to the earlier box in (score desc, index)."""
+    """Soft-NMS, one box at a time, in float32; ties go to the earlier box in
+    (score desc, index)."""
     iou = ref_iou(boxes, boxes)
     cur = scores.float().numpy().copy()
     labels = [0] * len(cur) if labels is None else labels.tolist()
@@ -230,7 +233,8 @@ def test_batched_nms_chains(path, per_label):
     row = torch.stack([x, torch.zeros_like(x), x + 10, torch.full_like(x, 10)], 1)
     boxes = torch.cat([row, row + 0.25, row[:1]])
     scores = torch.cat([1 - x / 1000, 1 - x / 1000 - 1e-4, torch.ones(1)])
-    labels = torch.cat([torch.zeros(per_label), torch.ones(per_label), torch.full((1,), 5.0)]).long()
+    labels = torch.cat([torch.zeros(per_label), torch.ones(per_label),
+                        torch.full((1,), 5.0)]).long()
     shuffle = torch.randperm(len(boxes), generator=torch.Generator().manual_seed(per_label))
     boxes, scores, labels = boxes[shuffle], scores[shuffle], labels[shuffle]
     got = kernels.batched_nms(boxes, scores, labels, 0.5)
@@ -304,9 +308,10 @@ def test_nms_rows_agrees_with_batched_nms_on_each_row():
 @pytest.mark.parametrize("n,num_labels", [(1, 0), (64, 0), (200, 0), (300, 7)])
 def test_soft_nms_matches_reference(method, n, num_labels):
     boxes, scores = smooth_boxes(n, seed=n)
-    labels = torch.randint(0, num_labels, (n,), generator=torch.Generator().manual_seed(1)) if num_labels else None
-    keep, new = kernels.soft_nms(boxes, scores, labels, sigma=0.5, score_threshold=0.05, method=method,
-                                 iou_threshold=0.3)
+    labels = (torch.randint(0, num_labels, (n,), generator=torch.Generator().manual_seed(1))
+              if num_labels else None)
+    keep, new = kernels.soft_nms(boxes, scores, labels, sigma=0.5, score_threshold=0.05,
+                                 method=method, iou_threshold=0.3)
     ref_keep, ref_new = ref_soft_nms(boxes, scores, labels, 0.5, 0.05, method, 0.3)
     assert keep.dtype == torch.int64 and keep.tolist() == ref_keep
     np.testing.assert_allclose(new.numpy(), ref_new, rtol=1e-5)
@@ -319,7 +324,8 @@ def test_soft_nms_known_values():
     keep, new = kernels.soft_nms(boxes, scores, method="gaussian", sigma=0.5, score_threshold=0.001)
     assert keep.tolist() == [0, 1, 2]
     assert new.tolist() == pytest.approx([0.9, 0.8 * math.exp(-0.25 / 0.5), 0.01])
-    keep, new = kernels.soft_nms(boxes, scores, method="linear", iou_threshold=0.3, score_threshold=0.02)
+    keep, new = kernels.soft_nms(boxes, scores, method="linear", iou_threshold=0.3,
+                                 score_threshold=0.02)
     assert keep.tolist() == [0, 1] and new.tolist() == pytest.approx([0.9, 0.4])
     keep, new = kernels.soft_nms(boxes, scores, method="linear", iou_threshold=0.5)
     assert new.tolist() == pytest.approx([0.9, 0.8, 0.01])  # IoU 1/2 is not > 1/2: no decay
@@ -335,7 +341,8 @@ def test_empty_inputs(path):
     assert kernels.batched_nms(boxes, scores, torch.zeros(0, dtype=torch.long), 0.5).shape == (0,)
     keep, new = kernels.soft_nms(boxes, scores)
     assert keep.shape == (0,) and new.shape == (0,)
-    keep, new = kernels.soft_nms(torch.ones(2, 4), torch.tensor([1e-4, 2e-4]))  # all below threshold
+    # all below threshold
+    keep, new = kernels.soft_nms(torch.ones(2, 4), torch.tensor([1e-4, 2e-4]))
     assert keep.shape == (0,) and keep.dtype == torch.int64
 
 
@@ -386,7 +393,10 @@ def test_triton_on_gpu_matches_cpu(monkeypatch):
     for n, num_labels in ((65, 1), (3000, 1), (8000, 20), (20000, 80), (5000, 5000)):
         boxes, scores, labels = hard_boxes(n, seed=n, labels=num_labels)
         cpu_keep = kernels.batched_nms(boxes, scores, labels, 0.5)
-        assert torch.equal(kernels.batched_nms(boxes.cuda(), scores.cuda(), labels.cuda(), 0.5).cpu(), cpu_keep)
+        assert torch.equal(
+            kernels.batched_nms(boxes.cuda(), scores.cuda(), labels.cuda(), 0.5).cpu(), cpu_keep)
         boxes, scores = smooth_boxes(n, seed=n)
-        assert torch.equal(kernels.nms(boxes.cuda(), scores.cuda(), 0.45).cpu(), kernels.nms(boxes, scores, 0.45))
-        assert torch.equal(kernels.box_iou(boxes.cuda(), boxes[:300].cuda()).cpu(), kernels.box_iou(boxes, boxes[:300]))
+        assert torch.equal(kernels.nms(boxes.cuda(), scores.cuda(), 0.45).cpu(),
+                           kernels.nms(boxes, scores, 0.45))
+        assert torch.equal(kernels.box_iou(boxes.cuda(), boxes[:300].cuda()).cpu(),
+                           kernels.box_iou(boxes, boxes[:300]))

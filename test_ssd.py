@@ -154,7 +154,7 @@ def test_decode_clamps_log_size():
     assert ssd.LOG_SIZE_CLAMP == pytest.approx(4.1352, abs=1e-4)
 
 
-# --- matching (facts §5) ---------------------------------------------------------------------------
+# --- matching (facts §5) -------------------------------------------------------------------------
 
 def slow_match(anchors, boxes, labels, thr=0.5):
     """Per-anchor reference: best box if IoU >= thr; then each box, in order, takes its best

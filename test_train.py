@@ -198,7 +198,8 @@ def test_few_steps_on_shapes(tmp_path, capsys):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert math.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["loss_cls"] + r["loss_box"])
+        assert (math.isfinite(r["loss"])
+                and r["loss"] == pytest.approx(r["loss_cls"] + r["loss_box"]))
         assert r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["lr"] > 0
     ckpt = read_ckpt(out / "last.pt")
     assert ckpt["step"] == 3 and ckpt["config"]["width"] == 0.0625
@@ -233,7 +234,8 @@ def test_evaluation_every_epoch_and_best_checkpoint(tmp_path, capsys):
     assert all(0.0 <= r["map"] <= 1.0 for r in evals)
     assert "mAP 11-point" in capsys.readouterr().out  # evaluate.py's report
     best = read_ckpt(out / "best.pt")
-    assert read_ckpt(out / "last.pt")["best_map"] == best["best_map"] == max(r["map"] for r in evals)
+    assert (read_ckpt(out / "last.pt")["best_map"] == best["best_map"]
+            == max(r["map"] for r in evals))
     assert best["step"] == max(evals, key=lambda r: r["map"])["step"]  # first of equals
 
 
@@ -329,7 +331,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     resumed = read_ckpt(killed / "last.pt")
     assert resumed["step"] == 6
     assert same_weights(straight["model"], resumed["model"])
-    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+    for a, b in zip(straight["optimizer"]["state"].values(),
+                    resumed["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert resumed["scheduler"] == straight["scheduler"]
     steps = [r["step"] for r in metrics(killed) if "loss" in r]
