@@ -10,7 +10,7 @@ first.
 - CUDA tensors run Triton kernels: pairwise IoU, and NMS as a bitmask kernel (bit j of row i says
   "i would suppress j") followed by a greedy sweep that stays on the device, one program per label.
 - CPU tensors run vectorised torch code (exact greedy NMS in chunks; see `_greedy_nms_rows`,
-  `_greedy_nms_small_rows` for the many small labels of SSD's per-class NMS, and
+  `_sweep_rows` for the many small labels of SSD's per-class NMS, and
   `_greedy_nms_band` for a trained model's few hundred candidates). `nms_rows` is the NMS of
   SSD's post-processing when only the best max_det boxes of each image are wanted: it walks the
   candidates best first and stops early (any device).
@@ -182,52 +182,70 @@ def _greedy_nms_rows(c5, rows, thr):
     return kept[kept != pad]
 
 
-def _greedy_nms_small_rows(c5, rows, thr):
-    """Exact greedy NMS within each row of rows [G, n] for many short rows (same arguments and
-    return as _greedy_nms_rows). Blocks of rows small enough for the cache go through their
-    columns _CHUNK at a time. A chunk's boxes are first checked against the boxes kept so far in
-    their row, packed to the front of a buffer whose unused slots are empty boxes (IoU 0, or NaN
-    against an empty box, never > thr); the others are then resolved among themselves by the
-    fixed point of _greedy_nms_rows, and the kept ones with an area join the buffer."""
-    pad = c5.shape[1] - 1
-    g_all, n = rows.shape
-    block = max(1, _SMALL_BLOCK // (n * n))  # rows per block, so the [g, c, n] IoUs stay in cache
-    kept = []
+def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
+    """Exact greedy NMS along each row of rc [5, G, n] (boxes as _coords gives them, each row in
+    priority order). valid [G, n]: the entries to consider; the others are never kept and
+    suppress nothing. labels [G, n]: if given, an entry is only suppressed by kept entries of its
+    own label. max_kept: if given, a row is not looked at after the chunk in which it reaches
+    max_kept kept entries (the rest stay False). Returns keep [G, n] bool.
+
+    Blocks of rows small enough for the cache go through their columns _CHUNK at a time. A
+    chunk's boxes are first checked against the boxes kept so far in their row, packed to the
+    front of a buffer whose unused slots are empty boxes (IoU 0, or NaN against an empty box,
+    never > thr); the others are then resolved among themselves by the fixed point of
+    _greedy_nms_rows, and the kept ones with an area join the buffer. Bool reductions are slow on
+    CPU, so the tests stay in float, where amax is fast; a NaN (both boxes empty) only appears in
+    the row of an empty box, which nothing can suppress."""
+    g_all, n = valid.shape
+    keep = torch.zeros(g_all, n, dtype=torch.bool, device=valid.device)
+    cap = n if max_kept is None else min(n, max_kept + _CHUNK)  # buffer slots a row can need
+    block = max(1, _SMALL_BLOCK // max(n * cap, 1))  # rows per block: [g, c, cap] stays in cache
     for g0 in range(0, g_all, block):
-        blk = rows[g0:g0 + block]  # [g, n]
-        g = blk.shape[0]
-        bc = c5[:, blk]  # [5, g, n]
-        buf = bc.new_zeros(5, g, n)  # [5, g, n] kept boxes of each row, front-packed
-        count = torch.zeros(g, dtype=torch.long, device=rows.device)  # [g] boxes in the buffer
+        bc, v = rc[:, g0:g0 + block], valid[g0:g0 + block]  # [5, g, n], [g, n]
+        lab = None if labels is None else labels[g0:g0 + block]  # [g, n]
+        g = v.shape[0]
+        buf = bc.new_zeros(5, g, cap)  # [5, g, cap] kept boxes of each row, front-packed
+        buf_label = None if lab is None else lab.new_zeros(g, cap)
+        count = torch.zeros(g, dtype=torch.long, device=v.device)  # [g] boxes in the buffer
+        kept_count = torch.zeros(g, dtype=torch.long, device=v.device)  # [g]
         width = 0  # max(count)
-        keep = torch.empty(blk.shape, dtype=torch.bool, device=rows.device)  # [g, n]
         for c0 in range(0, n, _CHUNK):
-            cc = bc[:, :, c0:c0 + _CHUNK]  # [5, g, c]
-            # bool reductions are slow on CPU: stay in float, where amax is fast. A NaN (both
-            # boxes empty) only appears in the row of an empty box, which nothing can suppress
-            near = _iou(cc, cc).tril_(-1)  # [g, c, c]: IoU of j with the earlier i of the chunk
-            k = ~(near.amax(2) > thr)  # [g, c] first round, from "all kept"
+            cols = slice(c0, c0 + _CHUNK)
+            k0 = v[:, cols]  # [g, c] may be kept
+            if max_kept is not None:
+                is_open = kept_count < max_kept  # [g]
+                if c0 and not bool(is_open.any()):
+                    break
+                k0 = k0 & is_open.unsqueeze(1)
+            cc = bc[:, :, cols]  # [5, g, c]
+            near = _iou(cc, cc)  # [g, c, c]: IoU of j with the earlier i (below the diagonal)
+            if lab is not None:
+                near *= lab[:, cols].unsqueeze(2) == lab[:, cols].unsqueeze(1)
+            near.tril_(-1)
             if width:
-                free = ~(_iou(cc, buf[:, :, :width]).amax(2) > thr)  # [g, c] no kept box hits it
-                k &= free
+                hit = _iou(cc, buf[:, :, :width])  # [g, c, w]
+                if lab is not None:
+                    hit *= lab[:, cols].unsqueeze(2) == buf_label[:, :width].unsqueeze(1)
+                k0 = k0 & ~(hit.amax(2) > thr)  # no kept box of an earlier chunk hits it
+            k = k0 & ~(near.amax(2) > thr)  # first round, from "every candidate kept"
             while True:
-                nxt = ~((near * k.unsqueeze(1)).amax(2) > thr)
-                if width:
-                    nxt &= free
+                nxt = k0 & ~((near * k.unsqueeze(1)).amax(2) > thr)
                 if torch.equal(nxt, k):
                     break
                 k = nxt
-            keep[:, c0:c0 + _CHUNK] = k
+            keep[g0:g0 + g, cols] = k
             if c0 + _CHUNK < n:
+                if max_kept is not None:
+                    kept_count += k.sum(1)
                 add = k & (cc[4] > 0)  # [g, c] kept boxes that can suppress
                 slot = count.unsqueeze(1) + add.cumsum(1) - 1  # [g, c]
                 gi, ci = add.nonzero(as_tuple=True)
                 buf[:, gi, slot[gi, ci]] = cc[:, gi, ci]
+                if lab is not None:
+                    buf_label[gi, slot[gi, ci]] = lab[:, cols][gi, ci]
                 count += add.sum(1)
                 width = int(count.max())
-        kept.append(blk[keep])
-    kept = torch.cat(kept)
-    return kept[kept != pad]
+    return keep
 
 
 def nms(boxes, scores, iou_threshold):
@@ -261,9 +279,10 @@ def batched_nms(boxes, scores, labels, iou_threshold):
     width = int(torch.unique_consecutive(sorted_labels, return_counts=True)[1].max()) - 1
     if width <= _BAND and len(order) * width <= _SMALL_BLOCK // 8:
         return _by_score(_greedy_nms_band(c5, order, sorted_labels, width, thr), scores)
-    kept = [_greedy_nms_small_rows(c5, rows, thr) if rows.shape[1] <= _SMALL_GROUP
+    pad = len(boxes)
+    kept = [rows[_sweep_rows(c5[:, rows], rows != pad, thr)] if rows.shape[1] <= _SMALL_GROUP
             else _greedy_nms_rows(c5, rows, thr)
-            for rows in _label_rows(labels, order, len(boxes), smallest=8)]
+            for rows in _label_rows(labels, order, pad, smallest=8)]
     return _by_score(torch.cat(kept), scores)
 
 
@@ -308,50 +327,13 @@ def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
 
     Why it exists: SSD keeps at most 200 detections per image, but an untrained or poor model
     gives ~36,000 candidates per image; going down the scores and stopping when 200 are kept does
-    a few hundred boxes' work instead of all of it. Chunk by chunk, like _greedy_nms_small_rows: a
-    chunk is first checked against the boxes kept so far in its row (front-packed in a buffer
-    whose unused slots are empty boxes, IoU 0 or NaN, never > thr), then resolved inside itself by
-    the fixed point described in _greedy_nms_rows."""
+    a few hundred boxes' work instead of all of it (see _sweep_rows, which batched_nms also uses
+    for its many small labels)."""
     b, n = labels.shape
-    thr = _f32_threshold(iou_threshold)
-    keep = torch.zeros(b, n, dtype=torch.bool, device=boxes.device)
     if n == 0 or max_kept <= 0:
-        return keep
+        return torch.zeros(b, n, dtype=torch.bool, device=boxes.device)
     c5 = _coords(boxes.reshape(-1, 4).float()).view(5, b, n)  # [5, B, n]
-    cap = min(n, max_kept + _CHUNK)  # a row stops adding once it holds max_kept
-    buf = c5.new_zeros(5, b, cap)  # [5, B, cap] kept boxes of each row, front-packed
-    buf_label = labels.new_zeros(b, cap)  # [B, cap]
-    count = torch.zeros(b, dtype=torch.long, device=boxes.device)  # [B] boxes in the buffer
-    width = 0  # max(count)
-    for c0 in range(0, n, _CHUNK):
-        is_open = count < max_kept  # [B]
-        if c0 and not bool(is_open.any()):
-            break
-        cc = c5[:, :, c0:c0 + _CHUNK]  # [5, B, c]
-        lab = labels[:, c0:c0 + _CHUNK]  # [B, c]
-        k0 = valid[:, c0:c0 + _CHUNK] & is_open.unsqueeze(1)  # [B, c] may be kept
-        if width:
-            same = lab.unsqueeze(2) == buf_label[:, :width].unsqueeze(1)  # [B, c, w]
-            hit = (_iou(cc, buf[:, :, :width]) * same).amax(2) > thr  # [B, c]
-            k0 &= ~hit
-        # IoU of entry j with the earlier entries i of its label in the chunk; as in
-        # _greedy_nms_small_rows, amax in float is faster than a bool reduction on CPU
-        near = (_iou(cc, cc) * (lab.unsqueeze(2) == lab.unsqueeze(1))).tril_(-1)  # [B, c, c]
-        k = k0 & ~(near.amax(2) > thr)  # first round, from "every candidate kept"
-        while True:
-            nxt = k0 & ~((near * k.unsqueeze(1)).amax(2) > thr)
-            if torch.equal(nxt, k):
-                break
-            k = nxt
-        keep[:, c0:c0 + _CHUNK] = k
-        if c0 + _CHUNK < n:
-            slot = count.unsqueeze(1) + k.cumsum(1) - 1  # [B, c] buffer slot of each kept entry
-            ri, ci = k.nonzero(as_tuple=True)
-            buf[:, ri, slot[ri, ci]] = cc[:, ri, ci]
-            buf_label[ri, slot[ri, ci]] = lab[ri, ci]
-            count += k.sum(1)
-            width = int(count.max())
-    return keep
+    return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
 
 
 def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, method="gaussian",
