@@ -444,10 +444,7 @@ def nms_and_scale(cand_scores, img_idx, anchor_idx, cls_idx, num_classes, box_de
     img_of_kept = img_idx[kept]
     if len(image_sizes) > 1:
         by_img = img_of_kept.sort(stable=True).indices
-        counts = torch.bincount(img_of_kept, minlength=len(image_sizes))  # [B]
-        rank = torch.arange(len(kept), device=kept.device) - (counts.cumsum(0) - counts)[
-            img_of_kept[by_img]]
-        by_img = by_img[rank < max_det]  # the best max_det of each image
+        by_img = by_img[rank_in_group(img_of_kept[by_img], len(image_sizes)) < max_det]
     else:  # one image (the usual call from detect.py): a plain cut, no sort
         by_img = slice(0, max_det)
     kept, img_of_kept = kept[by_img], img_of_kept[by_img]
@@ -479,16 +476,13 @@ def best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, top
     # below v cannot come before them)
     group = (img_idx * c + cls_idx)[order]  # [N]
     by_group = group.sort(stable=True).indices  # [N]
-    counts = torch.bincount(group, minlength=b * c)  # [B*C]
     rank = torch.empty_like(group)
-    rank[by_group] = torch.arange(len(group), device=device) - (counts.cumsum(0) - counts)[
-        group[by_group]]
+    rank[by_group] = rank_in_group(group[by_group], b * c)
     order = order[rank < topk]
     img_idx, anchor_idx, cls_idx = img_idx[order], anchor_idx[order], cls_idx[order]
     # one row per image, padded
-    per_img = torch.bincount(img_idx, minlength=b)  # [B]
-    col = torch.arange(len(order), device=device) - (per_img.cumsum(0) - per_img)[img_idx]
-    n = int(per_img.max()) if len(order) else 0
+    col = rank_in_group(img_idx, b)  # [N]
+    n = int(col.max()) + 1 if len(order) else 0
     row_boxes = scores.new_zeros(b, n, 4)  # [B, n, 4]
     row_boxes[img_idx, col] = decode(box_deltas[img_idx, anchor_idx].float(),
                                      anchors[anchor_idx].float()).clamp(0.0, 1.0)
@@ -505,6 +499,14 @@ def best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, top
     row_scores[img_idx, col] = cand_scores[order]
     return scale_to_pixels(row_boxes[ri, ci], row_scores[ri, ci], row_labels[ri, ci] + 1, ri,
                            image_sizes)
+
+
+def rank_in_group(sorted_keys, num_groups):
+    """Each entry's position among the entries with its key: sorted_keys [N] int64 in
+    0..num_groups-1, ascending -> [N] (0 for the first of each key)."""
+    counts = torch.bincount(sorted_keys, minlength=num_groups)
+    return (torch.arange(len(sorted_keys), device=sorted_keys.device)
+            - (counts.cumsum(0) - counts)[sorted_keys])
 
 
 def scale_to_pixels(boxes, scores, labels, img, image_sizes):
