@@ -793,3 +793,46 @@ def test_torchrun_shards_give_the_same_numbers(voc_run):
     assert p.stdout.count("mAP 11-point") == 1  # only rank 0 reports
     assert "eval 2/2 images" in p.stderr  # rank 0's progress over its half
     assert read_json(out) == voc_run["json"]
+
+
+def test_bf16_map_is_within_0_002_of_float32(tmp_path):
+    """test_detect.py's blob finder (it fires where the image is bright), with a box head that
+    widens its boxes where it fires so that bfloat16 rounding reaches the boxes: the VOC mAP (in
+    [0, 1]) under bf16 autocast is within 0.002 (0.2 points) of float32's, and the convolutions did
+    run in bfloat16."""
+    import torch
+    from PIL import Image
+    import data
+    from test_detect import blob_finder
+    rng, root = np.random.default_rng(8), tmp_path / "voc"
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True)
+    ids = [f"{i:06d}" for i in range(6)]
+    for i, image_id in enumerate(ids):
+        w, h, objects = 200 + 20 * i, 160, []
+        image = Image.new("RGB", (w, h))
+        for x in (10, w // 2 + 10):
+            side, y = int(rng.integers(18, 30)), int(rng.integers(5, h - 35))
+            image.paste((255, 255, 255), (x, y, x + side, y + side))
+            objects.append(VOC_OBJECT.format(name="blob", difficult=0, x1=x + 1, y1=y + 1,
+                                             x2=x + side, y2=y + side))
+        image.save(root / "JPEGImages" / f"{image_id}.png")
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            VOC_XML.format(id=image_id, w=w, h=h, objects="".join(objects)))
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
+    source = data.build_source("voc", root, "test", train=False)
+    model = blob_finder()
+    with torch.no_grad():
+        model.box_heads[0].weight[2, 0, 1, 1] = 0.01  # anchor 0's dw = 0.2 where it fires
+    dtypes, threads = [], torch.get_num_threads()
+    model.vgg[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    torch.set_num_threads(1)  # tiny convolutions: more threads only spin (see test_detect.py)
+    try:
+        maps = [evaluate.evaluate_model(model, source, workers=0, log=lambda *a: None,
+                                        progress=False, bf16=bf16)["map_11point"]
+                for bf16 in (False, True)]
+    finally:
+        torch.set_num_threads(threads)
+    assert dtypes[0] == torch.float32 and dtypes[-1] == torch.bfloat16
+    # equal-score duplicates around each square keep this mAP low
+    assert maps[0] > 0.02 and abs(maps[1] - maps[0]) <= 0.002, maps
