@@ -469,8 +469,8 @@ def test_cuda_gives_the_cpu_detections(tmp_path, weights, capsys):
 # --- a torchvision ssd300_vgg16 checkpoint --------------------------------------------------------
 
 def torchvision_state_dict(model):
-    """Our SSD300 state_dict under torchvision's ssd300_vgg16 key names (facts §2.6), written out
-    here independently of ssd.py's loader."""
+    """Our SSD300 state_dict under the key names of torchvision.models.detection.ssd300_vgg16,
+    written out here independently of ssd.py's loader."""
     ours = model.state_dict()
     rename = {"l2norm.weight": "backbone.scale_weight"}
     for i in [0, 2, 5, 7, 10, 12, 14, 17, 19, 21]:  # conv1_1 .. conv4_3
@@ -500,7 +500,7 @@ def torchvision_checkpoint(tmp_path_factory):
         for head in model.cls_heads:
             head.weight.mul_(2.0)
     sd = torchvision_state_dict(model)
-    assert sum(v.numel() for v in sd.values()) == 35_641_826  # facts §2.5: torchvision's count
+    assert sum(v.numel() for v in sd.values()) == 35_641_826  # torchvision ssd300_vgg16's count
     assert sd["head.classification_head.module_list.0.weight"].shape == (364, 512, 3, 3)
     assert sd["head.regression_head.module_list.5.weight"].shape == (16, 256, 3, 3)
     path = tmp_path_factory.mktemp("tv") / "ssd300_vgg16_coco.pth"
