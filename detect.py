@@ -312,6 +312,8 @@ def _video_io(path, target):
     """(frames: (PIL RGB, seconds) iterator, write(PIL), close(), fps, frame count or 0)."""
     import av  # optional: only videos need it
     source = av.open(path)
+    if not source.streams.video:
+        raise ValueError("no video stream")
     stream = source.streams.video[0]
     stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate or 25
@@ -360,7 +362,7 @@ def run_stream(args, model, path, taken, options):
     written as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
     names, gif = model.config["class_names"], Path(path).suffix.lower() == ".gif"
     target = output_path(args.out, path, taken, ".gif" if gif else ".mp4")
-    errors, done, entry = (OSError, ValueError, EOFError, IndexError, MemoryError), 0, None
+    errors, done, entry = (OSError, ValueError, EOFError, MemoryError), 0, None
     try:
         if not gif:
             import av

@@ -536,12 +536,13 @@ class CocoJson:
 
 
 def voc_annotations(root, split=None):
-    """(image ids, ground truth, class names) of a VOC-layout folder (or a VOCdevkit: VOC2007) from
-    Annotations/ and ImageSets/Main/<split>.txt alone, no image looked for, parsed as
-    data.VOCDetection parses them (the same class list, boxes and difficult flags)."""
+    """(image ids, ground truth, class names) of a VOC-layout folder (or of a VOCdevkit: VOC2007,
+    else VOC2012, as data.build_source picks for evaluation) from Annotations/ and
+    ImageSets/Main/<split>.txt alone, no image looked for, parsed as data.VOCDetection parses them
+    (the same class list, boxes and difficult flags)."""
     root = Path(root)
-    root = next((r for r in (root, root / "VOCdevkit" / "VOC2007", root / "VOC2007")
-                 if data._is_voc_folder(r)), root)
+    root = next((r for r in (root, *(root / d / y for y in ("VOC2007", "VOC2012")
+                                     for d in ("VOCdevkit", ""))) if data._is_voc_folder(r)), root)
     split_file = root / "ImageSets" / "Main" / f"{split or data._voc_folder_split(root, False)}.txt"
     if not split_file.is_file():
         raise EvalError(f"{split_file}: split file not found")
