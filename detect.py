@@ -1,15 +1,23 @@
 """Run an SSD on images: draw the boxes on copies, print one line per image, optionally write JSON.
 
     python detect.py photo.jpg holiday/ 'scans/*.png' --weights runs/voc/best.pt --json dets.json
+    python detect.py clip.mp4 anim.gif --out annotated/ --json frames.json --bf16
 
 PATHs are image files, folders (their image files, not recursive) and globs (quote them; Python
 expands them, so they work the same on every shell). --weights takes anything ssd.load_model reads:
 our checkpoints and torchvision ssd300_vgg16, amdegroot ssd.pytorch or mmdetection SSD files.
 Without it the newest runs/*/best.pt is used.
 
+Videos (.mp4, .avi, .mov, .mkv, .webm, ...; decoded by PyAV, `pip install av`) and animated GIFs
+(Pillow) are read, detected in batches of frames and written as they go: <out>/<stem>.mp4 (H.264,
+or MPEG-4 part 2 where libx264 is missing; same size and frame rate) and <out>/<stem>.gif (frame
+durations and loop kept). Progress (frames/s, ETA) goes to stderr.
+
 JSON: [{"image": path, "width": w, "height": h, "detections": [{"box": [x1, y1, x2, y2], "score":
 s, "label": i, "name": str}]}], boxes xyxy in pixels of the image as displayed (EXIF orientation
-applied), no +1. Images that could not be read are left out of it and named on stderr instead.
+applied), no +1. A video or animated GIF has {"video": path, "width", "height", "fps", "frames":
+[{"frame": k, "time": seconds, "detections": [...]}]} (every frame). Inputs that could not be read
+are left out of it and named on stderr instead.
 Exit code 0: all done; 1: some inputs failed, the rest were processed; 2: bad usage, no weights, or
 no image could be read.
 """
@@ -26,14 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageSequence
 
 import data
 import ssd
 
 # -----------------------------------------------------------------------------------------------
 # Defaults
-SCORE_THR = 0.5  # for drawing; evaluation keeps everything above 0.01 (paper / Caffe, facts §10)
+SCORE_THR = 0.5  # for drawing; evaluation keeps everything above 0.01 (SSD paper, Caffe ssd)
 NMS_IOU = 0.45  # paper / Caffe
 TOPK = 400  # candidates per class before NMS (Caffe top_k)
 MAX_DET = 200  # detections per image (Caffe keep_top_k)
@@ -41,6 +49,8 @@ BATCH_SIZE = 8
 OUT_DIR = "runs/detect"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm"}
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv"}
+PROGRESS_EVERY_S = 2.0
 NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a few minutes on a "
               "CPU) or pass --weights FILE (ours, torchvision ssd300_vgg16, amdegroot ssd.pytorch "
               "or mmdetection SSD)")
@@ -50,11 +60,16 @@ class UsageError(Exception):
     """A mistake that stops the whole run (exit 2): the message is printed as is."""
 
 
+class StreamError(Exception):
+    """A video or GIF that could not be processed: one line, the path first; the run goes on."""
+
+
 # -----------------------------------------------------------------------------------------------
 # Inputs
 
 def is_image_name(path):
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    """An image or video by its extension (what folders and globs pick up)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
 def image_files_in(folder):
@@ -140,34 +155,41 @@ def label_font(size):
 
 def draw_detections(image, boxes, scores, labels, class_names):
     """Draw boxes [k, 4] xyxy pixels with "name 0.87" labels on `image` (PIL RGB, in place).
-    Lowest scores are drawn first, so the best detections end up on top."""
+    Lowest scores are drawn first, so the best detections end up on top. Each label sits above its
+    box (inside its top edge where there is no room), moved down below any label already placed
+    (best first) that it would cover. Returns the label rectangles (x1, y1, x2, y2), per box."""
     w, h = image.size
     line = max(2, round(min(w, h) / 200))
     font = label_font(max(12, round(min(w, h) / 32)))
     draw = ImageDraw.Draw(image)
-    for i in reversed(range(len(scores))):
-        x1, y1, x2, y2 = boxes[i].tolist()
-        label = int(labels[i])
-        colour = class_colour(label)
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
-        text = f"{class_names[label - 1]} {float(scores[i]):.2f}"
+    texts = [f"{class_names[int(c) - 1]} {float(s):.2f}" for s, c in zip(scores, labels)]
+    rects = []
+    for (x1, y1, _, _), text in zip(boxes.tolist(), texts):
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left + 2 * line, bottom - top + 2 * line
-        # above the box when there is room, else just inside its top edge; always inside the image
         tx = min(max(0.0, x1), max(0.0, w - tw))
         ty = y1 - th if y1 - th >= 0 else min(max(0.0, y1), max(0.0, h - th))
-        draw.rectangle([tx, ty, tx + tw, ty + th], fill=colour)
-        draw.text((tx + line - left, ty + line - top), text, fill=text_colour(colour), font=font)
-    return image
+        while hit := [r for r in rects if r[0] < tx + tw and tx < r[2] and r[1] < ty + th
+                      and ty < r[3]]:
+            ty = max(r[3] for r in hit)  # only ever down: ends after at most len(rects) moves
+        rects.append((tx, ty, tx + tw, ty + th))
+    for i in reversed(range(len(scores))):
+        colour = class_colour(int(labels[i]))
+        draw.rectangle(boxes[i].tolist(), outline=colour, width=line)
+        draw.rectangle(rects[i], fill=colour)
+        left, top = draw.textbbox((0, 0), texts[i], font=font)[:2]
+        draw.text((rects[i][0] + line - left, rects[i][1] + line - top), texts[i],
+                  fill=text_colour(colour), font=font)
+    return rects
 
 
-def output_path(out_dir, image_path, taken):
-    """<out_dir>/<stem>.jpg; a numeric suffix when that name is already used in this run or is one
+def output_path(out_dir, image_path, taken, ext=".jpg"):
+    """<out_dir>/<stem><ext>; a numeric suffix when that name is already used in this run or is one
     of the inputs (so an input is never overwritten, and same-named images from different folders
     all survive). Adds the choice to `taken` (a set of real paths)."""
     stem = Path(image_path).stem
     for n in itertools.count():
-        candidate = os.path.join(out_dir, f"{stem}.jpg" if n == 0 else f"{stem}_{n}.jpg")
+        candidate = os.path.join(out_dir, f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
         if os.path.realpath(candidate) not in taken:
             taken.add(os.path.realpath(candidate))
             return candidate
@@ -193,7 +215,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image, video or GIF files, folders or globs")
     p.add_argument("--weights", help="checkpoint (default: the newest runs/*/best.pt)")
     p.add_argument("--score-thr", type=float, default=SCORE_THR,
                    help=f"keep detections scoring above this (default {SCORE_THR})")
@@ -208,9 +231,14 @@ def parse_args(argv):
     p.add_argument("--out", default=OUT_DIR,
                    help=f"folder for the drawn images (default {OUT_DIR})")
     p.add_argument("--json", metavar="FILE", help="also write all detections to this JSON file")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default cuda when available, else cpu")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                   help=f"images per forward pass, any sizes mixed (default {BATCH_SIZE})")
+                   help=f"images or frames per forward pass, any sizes mixed "
+                        f"(default {BATCH_SIZE})")
     args = p.parse_args(argv)
     if not 0.0 <= args.score_thr < 1.0:
         p.error("--score-thr must be in [0, 1)")
@@ -255,6 +283,125 @@ def summary_line(path, scores, labels, class_names, ms):
     return f"{path}: {objects} {ms:.0f} ms"
 
 
+def _detect(model, images, args, options):
+    """ssd.detect on PIL images, under bfloat16 autocast with --bf16 (postprocess decodes in
+    float32 whatever the head's dtype)."""
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, torch.bfloat16, enabled=args.bf16):
+        return ssd.detect(model, [to_tensor(im) for im in images], **options)
+
+
+def _as_json(boxes, scores, labels, names):
+    return [{"box": [round(v, 2) for v in box], "score": round(float(s), 6), "label": int(c),
+             "name": names[int(c) - 1]} for box, s, c in zip(boxes.tolist(), scores, labels)]
+
+
+def is_stream(path):
+    """A video by its extension, or a GIF of more than one frame."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gif":
+        try:
+            with Image.open(path) as im:
+                return getattr(im, "n_frames", 1) > 1
+        except (OSError, ValueError):
+            return False  # the image path reports it
+    return suffix in VIDEO_EXTENSIONS
+
+
+def _video_io(path, target):
+    """(frames: (PIL RGB, seconds) iterator, write(PIL), close(), fps, frame count or 0)."""
+    import av  # optional: only videos need it
+    source = av.open(path)
+    if not source.streams.video:
+        raise ValueError("no video stream")
+    stream = source.streams.video[0]
+    stream.thread_type = "AUTO"
+    rate = stream.average_rate or stream.guessed_rate or 25
+    out = av.open(target, "w", format="mp4")
+    enc = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
+    enc.width, enc.height = stream.codec_context.width, stream.codec_context.height
+    enc.pix_fmt = "yuv420p" if enc.width % 2 == 0 == enc.height % 2 else "yuv444p"  # odd sizes
+
+    def frames():
+        for k, frame in enumerate(source.decode(stream)):
+            yield frame.to_image(), float(frame.time) if frame.time is not None else k / rate
+
+    def write(image):
+        out.mux(enc.encode(av.VideoFrame.from_image(image)))
+
+    def close():
+        out.mux(enc.encode())  # flush the encoder
+        out.close()
+        source.close()
+    return frames(), write, close, float(rate), stream.frames
+
+
+def _gif_io(path, target):
+    """As _video_io for an animated GIF (Pillow); the drawn frames are kept until close()."""
+    gif = Image.open(path)
+    drawn, durations = [], []
+
+    def frames():
+        t = 0.0
+        for frame in ImageSequence.Iterator(gif):
+            durations.append(frame.info.get("duration", 100))
+            yield frame.convert("RGB"), t
+            t += durations[-1] / 1000
+
+    def close():
+        drawn[0].save(target, "GIF", save_all=True, append_images=drawn[1:], duration=durations,
+                      loop=gif.info.get("loop", 0))
+        gif.close()
+    fps = 1000 * gif.n_frames / max(1, sum(f.info.get("duration", 100) for f in
+                                           ImageSequence.Iterator(gif)))
+    return frames(), drawn.append, close, fps, gif.n_frames
+
+
+def run_stream(args, model, path, taken, options):
+    """Detect on every frame of a video or animated GIF, batch by batch; the annotated copy is
+    written as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
+    names, gif = model.config["class_names"], Path(path).suffix.lower() == ".gif"
+    target = output_path(args.out, path, taken, ".gif" if gif else ".mp4")
+    errors, done, entry = (OSError, ValueError, EOFError, MemoryError), 0, None
+    try:
+        if not gif:
+            import av
+            errors += (av.FFmpegError,)
+    except ImportError:
+        raise StreamError(f"{path}: a video needs PyAV (pip install av)") from None
+    start = last = time.perf_counter()
+    try:
+        frames, write, close, fps, total = (_gif_io if gif else _video_io)(path, target + ".part")
+        while batch := list(itertools.islice(frames, args.batch_size)):
+            for (image, t), (boxes, scores, labels) in zip(
+                    batch, _detect(model, [im for im, _ in batch], args, options)):
+                draw_detections(image, boxes, scores, labels, names)
+                write(image)
+                entry = entry or {"video": path, "width": image.width, "height": image.height,
+                                  "fps": round(fps, 3), "frames": []}
+                entry["frames"].append({"frame": done, "time": round(t, 4),
+                                        "detections": _as_json(boxes, scores, labels, names)})
+                done += 1
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S:
+                rate, last = done / (now - start), now
+                eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
+                print(f"{path}: frame {done}/{total or '?'} {rate:.1f} frames/s{eta}",
+                      file=sys.stderr, flush=True)
+        if entry is None:
+            raise ValueError("no frame")
+        close()
+        os.replace(target + ".part", target)
+    except errors as e:
+        if os.path.exists(target + ".part"):
+            os.remove(target + ".part")
+        raise StreamError(f"{path}: failed at frame {done} ({e})") from None
+    objects = sum(len(f["detections"]) for f in entry["frames"])
+    print(f"{path}: {done} frames, {objects} object{'s' if objects != 1 else ''}, "
+          f"{done / (time.perf_counter() - start):.1f} frames/s -> {target}")
+    return entry
+
+
 def run(args, model, files):
     """Detect on `files` in batches; draw, print, collect JSON. Returns (results, failures)."""
     names = model.config["class_names"]
@@ -262,6 +409,8 @@ def run(args, model, files):
                    max_det=args.max_det, nms=args.nms)
     taken = {os.path.realpath(f) for f in files}
     results, failures = [], 0
+    streams = [f for f in files if is_stream(f)]
+    files = [f for f in files if f not in streams]
     for start in range(0, len(files), args.batch_size):
         batch = []  # (path, PIL image, seconds spent reading it)
         for path in files[start:start + args.batch_size]:
@@ -274,7 +423,7 @@ def run(args, model, files):
         if not batch:
             continue
         t0 = time.perf_counter()
-        detections = ssd.detect(model, [to_tensor(im) for _, im, _ in batch], **options)
+        detections = _detect(model, [im for _, im, _ in batch], args, options)
         model_share = (time.perf_counter() - t0) / len(batch)
         for (path, image, read_s), (boxes, scores, labels) in zip(batch, detections):
             draw_detections(image, boxes, scores, labels, names)
@@ -287,11 +436,14 @@ def run(args, model, files):
                 failures += 1
                 continue
             print(summary_line(path, scores, labels, names, 1000 * (read_s + model_share)))
-            results.append({
-                "image": path, "width": image.width, "height": image.height,
-                "detections": [{"box": [round(v, 2) for v in box], "score": round(float(s), 6),
-                                "label": int(c), "name": names[int(c) - 1]}
-                               for box, s, c in zip(boxes.tolist(), scores, labels)]})
+            results.append({"image": path, "width": image.width, "height": image.height,
+                            "detections": _as_json(boxes, scores, labels, names)})
+    for path in streams:
+        try:
+            results.append(run_stream(args, model, path, taken, options))
+        except StreamError as e:
+            print(e, file=sys.stderr)
+            failures += 1
     return results, failures
 
 
@@ -317,10 +469,12 @@ def main(argv=None):
         except OSError as e:
             print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
             failures += 1
-    objects = sum(len(r["detections"]) for r in results)
-    print(f"{len(results)} image{'s' if len(results) != 1 else ''}, {objects} objects, "
-          f"{failures} failed, {time.perf_counter() - t0:.1f} s (weights {weights}); "
-          f"drawn images in {args.out}"
+    objects = sum(len(d) for r in results for d in (
+        [f["detections"] for f in r["frames"]] if "frames" in r else [r["detections"]]))
+    print(f"{len(results)} input{'s' if len(results) != 1 else ''}, {objects} "
+          f"object{'s' if objects != 1 else ''}, {failures} failed, "
+          f"{time.perf_counter() - t0:.1f} s (weights {weights})"
+          + (f"; drawn copies in {args.out}" if results else "")
           + (f", detections in {args.json}" if args.json and results else ""))
     if not results:
         return 2

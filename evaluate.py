@@ -1,13 +1,17 @@
 """Evaluate detections: PASCAL VOC mAP and COCO AP, from a checkpoint or from a results file.
 
     python evaluate.py --voc --weights runs/voc/best.pt                     # VOC2007 test
-    python evaluate.py --voc --data-root shared/data/bccd/BCCD --split val --weights W
+    python evaluate.py --voc --data-root data/BCCD --split val --weights W --bf16
     python evaluate.py --voc --results dets/          # a folder of comp4_det_test_<class>.txt
     python evaluate.py --coco --weights W --json-out metrics.json       # COCO val2017
-    python evaluate.py --coco --results detections_val2017.json
+    python evaluate.py --coco --results detections_val2017.json         # no images needed
+    python evaluate.py --coco --ann instances_val2014.json --results dets.json
     torchrun --nproc_per_node 4 evaluate.py --coco --weights W          # images sharded over GPUs
 
-VOC (ssd-facts.md §12, the devkit's VOCevaldet.m): per class, detections are ranked by score with
+A results file needs the annotations only (COCO: the json; VOC: Annotations/ and the split file);
+images are read only with --weights.
+
+VOC (VOCevaldet.m of the PASCAL VOC 2007 devkit): per class, detections are ranked by score with
 a stable sort (equal scores keep image order, then the order within the image). Each detection
 takes the ground truth object of its class in its image with the highest IoU, whether that object
 is already taken or not (first object on ties). If that IoU is >= 0.5: a `difficult` object makes
@@ -488,6 +492,74 @@ def is_coco_source(source):
     return hasattr(source, "ann_file") and hasattr(source, "category_ids")
 
 
+def coco_ann_file(root, split=None):
+    """root/annotations/instances_<split>.json; without a split val2017, or the only
+    instances_*.json there (data.build_source's rule)."""
+    folder = Path(root) / "annotations"
+    found = sorted(folder.glob("instances_*.json"))
+    if split is None and not (folder / "instances_val2017.json").is_file() and len(found) == 1:
+        return found[0]
+    return folder / f"instances_{split or 'val2017'}.json"
+
+
+class CocoJson:
+    """The source interface over any COCO annotation json, in the file's image order. Images are
+    looked for only when read: in `image_dir`, by default <root>/<split> for
+    <root>/annotations/instances_<split>.json, else the json's own folder."""
+
+    def __init__(self, ann_file, image_dir=None):
+        self.ann_file, coco = str(ann_file), load_coco(ann_file)
+        p = Path(ann_file)
+        layout = p.parent.parent / p.stem[len("instances_"):]
+        self.image_dir = Path(image_dir or (layout if p.parent.name == "annotations"
+                                            and p.stem.startswith("instances_")
+                                            and layout.is_dir() else p.parent))
+        self.category_ids = sorted(coco.getCatIds())
+        self.class_names = [str(coco.cats[c]["name"]) for c in self.category_ids]
+        self.ids = [im["id"] for im in coco.dataset["images"]]
+        self.files = [coco.imgs[i]["file_name"] for i in self.ids]
+        label = {c: k for k, c in enumerate(self.category_ids, start=1)}
+        self.labels = [np.array([label[a["category_id"]] for a in coco.imgToAnns[i]], np.int64)
+                       for i in self.ids]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def image_id(self, i):
+        return self.ids[i]
+
+    def load_image(self, i):
+        return data.load_image(self.image_dir / self.files[i])
+
+    def annotation(self, i):  # the labels only: COCO boxes are scored by pycocotools on the json
+        return {"labels": self.labels[i].copy()}
+
+
+def voc_annotations(root, split=None):
+    """(image ids, ground truth, class names) of a VOC-layout folder (or of a VOCdevkit: VOC2007,
+    else VOC2012, as data.build_source picks for evaluation) from Annotations/ and
+    ImageSets/Main/<split>.txt alone, no image looked for, parsed as data.VOCDetection parses them
+    (the same class list, boxes and difficult flags)."""
+    root = Path(root)
+    root = next((r for r in (root, *(root / d / y for y in ("VOC2007", "VOC2012")
+                                     for d in ("VOCdevkit", ""))) if data._is_voc_folder(r)), root)
+    split_file = root / "ImageSets" / "Main" / f"{split or data._voc_folder_split(root, False)}.txt"
+    if not split_file.is_file():
+        raise EvalError(f"{split_file}: split file not found")
+    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise EvalError(f"{split_file}: no image ids")
+    xml = [str(root / "Annotations" / f"{i}.xml") for i in ids]
+    raws = [data._voc_raw(x) for x in xml]
+    names = data.VOC_CLASSES if {n for r in raws for n, _, _ in r["objects"]} <= set(
+        data.VOC_CLASSES) else data._voc_names_in_folder(root / "Annotations")
+    label_of = {name: k for k, name in enumerate(names, start=1)}
+    # the image is opened only for an XML without <size>
+    gt = [data.VOCDetection._convert(x, r, str(root / "JPEGImages" / f"{i}.jpg"), label_of)
+          for x, r, i in zip(xml, raws, ids)]
+    return ids, gt, list(names)
+
+
 def class_mapping(model, source, name="model"):
     """int64 [C_model + 1]: the source label of each model label (0 = a class the data lacks).
 
@@ -543,9 +615,9 @@ def _duration(seconds):
         f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
-def predict(model, source, indices, mapping, batch_size=8, workers=2, progress=True,
+def predict(model, source, indices, mapping, batch_size=8, workers=2, progress=True, bf16=False,
             **detect_options):
-    """Run the model on source images `indices` in batches.
+    """Run the model on source images `indices` in batches (under bfloat16 autocast with bf16).
 
     Returns (detections: {index: (boxes [k,4] pixels, scores [k], labels [k] source labels)},
     failed: list of error lines for images that could not be read). Detections of model classes
@@ -556,10 +628,12 @@ def predict(model, source, indices, mapping, batch_size=8, workers=2, progress=T
     detections, failed = {}, []
     start = last = time.perf_counter()
     done, total = 0, len(indices)
+    autocast = torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=bf16)
     for batch in loader:
         failed += [err for _, image, err in batch if image is None]
         ok = [(i, image) for i, image, _ in batch if image is not None]
-        outputs = ssd.detect(model, [image for _, image in ok], **detect_options) if ok else []
+        with autocast:  # postprocess decodes in float32 whatever the head's dtype
+            outputs = ssd.detect(model, [image for _, image in ok], **detect_options) if ok else []
         for (i, _), (boxes, scores, labels) in zip(ok, outputs):
             labels = mapping[labels.numpy()]
             keep = labels > 0
@@ -588,9 +662,16 @@ def score_detections(source, indices, detections, metric="11point", log=print):
         result = coco_eval(results, source.ann_file, image_ids, source.class_names)
         result.update(map=result["stats"][0], images=len(indices))
     else:
-        ground_truth = [source.annotation(i) for i in indices]
-        result = voc_eval(detections, ground_truth, source.class_names)
-        result.update(map=result[f"map_{metric}"], metric=metric, images=len(indices))
+        return _voc_result(detections, [source.annotation(i) for i in indices],
+                           source.class_names, metric, log)
+    print_result(result, log)
+    return result
+
+
+def _voc_result(detections, ground_truth, class_names, metric, log):
+    """voc_eval plus the headline "map" (the `metric` mAP), "metric" and "images"; printed."""
+    result = voc_eval(detections, ground_truth, class_names)
+    result.update(map=result[f"map_{metric}"], metric=metric, images=len(ground_truth))
     print_result(result, log)
     return result
 
@@ -615,7 +696,7 @@ def print_result(result, log=print):
 
 
 def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="11point", log=print,
-                   progress=True, name="model", **detect_options):
+                   progress=True, name="model", bf16=False, **detect_options):
     """Detect on every image of a data.py source and score it (train.py's --eval-every).
 
     Returns the --json-out dict (VOC: map_11point, map_area, per_class_11point, per_class_area;
@@ -634,7 +715,7 @@ def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="
     try:
         indices = list(range(len(source)))
         detections, failed = predict(model, source, indices, mapping, batch_size, workers, progress,
-                                     **detect_options)
+                                     bf16, **detect_options)
     finally:
         model.train(was_training)
     for line in failed:
@@ -648,7 +729,8 @@ def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="evaluate.py",
+        prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2],
         description="VOC mAP (11-point and area, difficult objects ignored) or COCO AP "
                     "(pycocotools) of a checkpoint or of a results file. Under torchrun the "
                     "images are sharded over the processes.")
@@ -660,24 +742,33 @@ def parse_args(argv=None):
                       help="VOC metric on the built-in synthetic shapes set (split val; no files)")
     p.add_argument("--data-root", help="VOC: a VOCdevkit folder (split 'test' means VOC2007 test) "
                    f"or any VOC-layout folder (default {DEFAULT_ROOT['voc']}); COCO: a folder with "
-                   "annotations/instances_<split>.json and <split>/ "
+                   "annotations/instances_<split>.json and, for --weights, <split>/ "
                    f"(default {DEFAULT_ROOT['coco']})")
     p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt (default: test, or val in a "
                    "folder without a test split; VOC2007 test under a VOCdevkit); COCO: the "
                    "<split> of instances_<split>.json (default: val2017, or the only "
                    "instances_*.json there)")
+    p.add_argument("--ann", metavar="FILE", help="COCO: this annotation json instead of "
+                   "--data-root/--split (any name, any folder)")
+    p.add_argument("--images", metavar="DIR", help="COCO with --weights: the images' folder "
+                   "(default: <root>/<split> for <root>/annotations/instances_<split>.json, "
+                   "else the folder of --ann)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--weights", help="checkpoint, any format ssd.load_model reads")
     what.add_argument("--results", help="COCO: a results json [{image_id, category_id, bbox: "
                       "[x,y,w,h], score}]; VOC: a folder of comp4_det_test_<class>.txt files "
-                      "(<image_id> <score> <x1> <y1> <x2> <y2>, 1-based)")
+                      "(<image_id> <score> <x1> <y1> <x2> <y2>, 1-based). Needs no image")
     p.add_argument("--metric", choices=METRICS, default="11point",
-                   help="VOC headline metric: 11point (VOC2007, default) or area (VOC2010+); "
-                        "both are printed")
+                   help="VOC headline metric: 11point (VOC2007) or area (VOC2010+); both are "
+                        "printed (default %(default)s)")
     p.add_argument("--json-out", help="write every number (per-class APs included) to this json")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (per process)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per batch, per process (default %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=2, help="image loading processes")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="image loading processes (default %(default)s)")
     p.add_argument("--save-results", help="with --weights: also write the detections (VOC: a "
                    "folder of comp4 files; COCO: a results json) to score again with --results")
     args = p.parse_args(argv)
@@ -685,6 +776,10 @@ def parse_args(argv=None):
         p.error("--batch-size must be >= 1 and --workers >= 0")
     if args.save_results and not args.weights:
         p.error("--save-results needs --weights")
+    if (args.ann or args.images) and not args.coco:
+        p.error("--ann and --images are for --coco")
+    if args.ann and (args.data_root or args.split):
+        p.error("--ann replaces --data-root and --split: give one or the other")
     return args
 
 
@@ -714,31 +809,48 @@ def run(args, rank=0, world=1, device=None):
     """Evaluate as the arguments say; returns (result dict or None on ranks > 0, failed count)."""
     name = "coco" if args.coco else "shapes" if args.shapes else "voc"
     root = args.data_root or DEFAULT_ROOT.get(name)
-    source = data.build_source(name, root, args.split, train=False)
-    indices = list(range(len(source)))
-    if not indices:
-        raise EvalError(f"{root}: no images to evaluate")
+    if not args.shapes and not args.ann and not Path(root).is_dir():
+        raise EvalError(f"{root}: folder does not exist"
+                        + ("" if args.data_root else " (the default; give --data-root DIR)"))
+    ann = (args.ann or coco_ann_file(root, args.split)) if args.coco else None
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    if args.results:
+    if args.results:  # the annotations only: no image is looked for
         if rank != 0:
             return None, 0
         if args.coco:
-            results = read_coco_results(args.results)
-            result = coco_eval(results, source.ann_file, [source.image_id(i) for i in indices],
-                               source.class_names, name=args.results)
-            result.update(map=result["stats"][0], images=len(indices))
+            gt = load_coco(ann)
+            result = coco_eval(read_coco_results(args.results), gt, name=args.results)
+            result.update(map=result["stats"][0], images=len(gt.getImgIds()))
             print_result(result, log)
             return result, 0
-        detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
-                                      source.class_names, log)
-        return score_detections(source, indices, detections, args.metric, log), 0
+        if args.shapes:
+            s = data.build_source(name, None, args.split, train=False)
+            ids, gt, names = list(map(s.image_id, range(len(s)))), [
+                s.annotation(i) for i in range(len(s))], s.class_names
+        else:
+            ids, gt, names = voc_annotations(root, args.split)
+        detections = read_voc_results(args.results, ids, names, log)
+        return _voc_result(detections, gt, names, args.metric, log), 0
 
+    if args.coco:
+        source = CocoJson(ann, args.images)
+        missing = [f for f in source.files if not (source.image_dir / f).is_file()]
+        if missing and not source.image_dir.is_dir():
+            raise EvalError(f"{source.image_dir}: image folder not found (give --images DIR)")
+        if missing:
+            more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
+            raise EvalError(f"{source.image_dir / missing[0]}: image not found{more}")
+    else:
+        source = data.build_source(name, root, args.split, train=False)
+    indices = list(range(len(source)))
+    if not indices:
+        raise EvalError(f"{ann or root}: no images to evaluate")
     device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = ssd.load_model(args.weights, device=device)
     mapping = class_mapping(model, source, args.weights)
     detections, failed = predict(model, source, indices[rank::world], mapping, args.batch_size,
-                                 args.workers, progress=rank == 0)
+                                 args.workers, rank == 0, args.bf16)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, (detections, failed))
@@ -750,7 +862,7 @@ def run(args, rank=0, world=1, device=None):
         print(f"evaluate.py: skipped {line}", file=sys.stderr)
     indices = [i for i in indices if i in detections]
     if not indices:
-        raise EvalError(f"{root}: none of the {len(source)} images could be read")
+        raise EvalError(f"{ann or root}: none of the {len(source)} images could be read")
     ordered = [detections[i] for i in indices]
     if args.save_results:
         ids = [source.image_id(i) for i in indices]

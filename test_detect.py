@@ -11,16 +11,18 @@ is, and a box in the wrong orientation or scale shows.
 """
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, ImageSequence
 
 import detect
 import ssd
@@ -467,8 +469,8 @@ def test_cuda_gives_the_cpu_detections(tmp_path, weights, capsys):
 # --- a torchvision ssd300_vgg16 checkpoint --------------------------------------------------------
 
 def torchvision_state_dict(model):
-    """Our SSD300 state_dict under torchvision's ssd300_vgg16 key names (facts §2.6), written out
-    here independently of ssd.py's loader."""
+    """Our SSD300 state_dict under the key names of torchvision.models.detection.ssd300_vgg16,
+    written out here independently of ssd.py's loader."""
     ours = model.state_dict()
     rename = {"l2norm.weight": "backbone.scale_weight"}
     for i in [0, 2, 5, 7, 10, 12, 14, 17, 19, 21]:  # conv1_1 .. conv4_3
@@ -498,7 +500,7 @@ def torchvision_checkpoint(tmp_path_factory):
         for head in model.cls_heads:
             head.weight.mul_(2.0)
     sd = torchvision_state_dict(model)
-    assert sum(v.numel() for v in sd.values()) == 35_641_826  # facts §2.5: torchvision's count
+    assert sum(v.numel() for v in sd.values()) == 35_641_826  # torchvision ssd300_vgg16's count
     assert sd["head.classification_head.module_list.0.weight"].shape == (364, 512, 3, 3)
     assert sd["head.regression_head.module_list.5.weight"].shape == (16, 256, 3, 3)
     path = tmp_path_factory.mktemp("tv") / "ssd300_vgg16_coco.pth"
@@ -536,3 +538,112 @@ def test_torchvision_checkpoint_loads_and_matches(tmp_path, torchvision_checkpoi
     mine = [(d["box"], d["score"], d["label"]) for d in got]
     assert all(any(same(r, m) for m in mine) for r in ref)
     assert all(any(same(m, r) for r in ref) or m[1] < cut + 1e-3 for m in mine)
+
+
+# --- videos and animated GIFs -----------------------------------------------------------------
+
+FRAME_SIZE, EMPTY_FRAME = (96, 64), 3
+
+
+def frame_square(k):
+    """The white square of frame k (moving right), or None on EMPTY_FRAME (all black)."""
+    return None if k == EMPTY_FRAME else (8 + 6 * k, 20, 32 + 6 * k, 44)
+
+
+def moving_frames(n):
+    return [square_image(FRAME_SIZE, sq) if sq else Image.new("RGB", FRAME_SIZE)
+            for sq in map(frame_square, range(n))]
+
+
+def drawn_on(image):
+    """Does the frame hold saturated (box or label) pixels? The inputs are grey only."""
+    a = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.int16))  # [H, W, 3]
+    return bool(((a.max(2).values - a.min(2).values) > 100).any())
+
+
+def check_frames(entry, n, fps, frames_out):
+    assert len(entry["frames"]) == n and entry["fps"] == pytest.approx(fps, rel=1e-3)
+    assert (entry["width"], entry["height"]) == FRAME_SIZE
+    for k, (f, image) in enumerate(zip(entry["frames"], frames_out)):
+        assert f["frame"] == k and f["time"] == pytest.approx(k / fps, abs=1e-3)
+        sq = frame_square(k)
+        assert bool(f["detections"]) == (sq is not None) == drawn_on(image), k
+        assert all(inside(d, sq, *FRAME_SIZE) for d in f["detections"])
+
+
+def test_video_round_trip(tmp_path, weights, capsys):
+    av = pytest.importorskip("av")
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("mpeg4", rate=12)
+        stream.width, stream.height, stream.pix_fmt = *FRAME_SIZE, "yuv420p"
+        for image in moving_frames(10):
+            out.mux(stream.encode(av.VideoFrame.from_image(image)))
+        out.mux(stream.encode())
+    code, results, out, err = detect_json(capsys, tmp_path, weights, clip,
+                                          extra=("--batch-size", "4"))
+    assert code == 0 and re.search(r"clip.mp4: 10 frames, \d+ objects, [\d.]+ frames/s", out), out
+    with av.open(str(tmp_path / "drawn" / "clip.mp4")) as written:
+        s = written.streams.video[0]
+        size = (s.codec_context.width, s.codec_context.height)
+        assert s.average_rate == 12 and size == FRAME_SIZE
+        frames = [f.to_image() for f in written.decode(s)]
+    assert results[0]["video"] == str(clip)
+    check_frames(results[0], 10, 12, frames)
+    # a truncated copy and a file of garbage: one line each, the image after them is still done
+    (tmp_path / "cut.mp4").write_bytes(clip.read_bytes()[:len(clip.read_bytes()) // 2])
+    (tmp_path / "junk.mp4").write_bytes(os.urandom(3000))
+    square_image(SIZE, SQUARE).save(tmp_path / "still.png")
+    code, results, out, err = detect_json(capsys, tmp_path, weights, tmp_path / "cut.mp4",
+                                          tmp_path / "junk.mp4", tmp_path / "still.png")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 2 and "cut.mp4: " in lines[0] + lines[1], err
+    assert "junk.mp4: " in err
+    assert [r.get("image") for r in results] == [str(tmp_path / "still.png")]
+    assert not list((tmp_path / "drawn").glob("*.part"))
+
+
+def test_animated_gif_round_trip_and_no_pyav(tmp_path, weights, capsys, monkeypatch):
+    frames, durations = moving_frames(6), [40, 80, 120, 60, 100, 200]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:],
+                   duration=durations, loop=3)
+    monkeypatch.setitem(sys.modules, "av", None)  # no PyAV: GIFs need only Pillow
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 100)
+    code, results, out, err = detect_json(capsys, tmp_path, weights, tmp_path / "clip.mp4",
+                                          tmp_path / "anim.gif", extra=("--bf16",))
+    assert code == 1
+    assert err.strip() == f"{tmp_path / 'clip.mp4'}: a video needs PyAV (pip install av)"
+    with Image.open(tmp_path / "drawn" / "anim.gif") as gif:
+        assert gif.n_frames == 6 and gif.size == FRAME_SIZE and gif.info.get("loop") == 3
+        written = [(f.info["duration"], f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
+    assert [d for d, _ in written] == durations
+    entry = results[0]
+    times = [sum(durations[:k]) / 1000 for k in range(6)]
+    assert [f["time"] for f in entry["frames"]] == pytest.approx(times)
+    for k, (f, (_, image)) in enumerate(zip(entry["frames"], written)):
+        assert bool(f["detections"]) == (frame_square(k) is not None) == drawn_on(image), k
+
+
+def test_neighbouring_labels_do_not_overlap():
+    im = Image.new("RGB", (200, 150))
+    boxes = torch.tensor([[20.0, 60.0, 70.0, 120.0], [40.0, 62.0, 90.0, 120.0],
+                          [30.0, 61.0, 80.0, 110.0]])
+    rects = detect.draw_detections(im, boxes, torch.tensor([0.9, 0.8, 0.7]),
+                                   torch.tensor([1, 2, 3]), NAMES)
+    for i in range(3):
+        for j in range(i):
+            a, b = rects[i], rects[j]
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    assert rects[0][3] == 60.0  # the best keeps its place just above its box
+
+
+def test_summary_wording_and_default_device(tmp_path, weights, capsys):
+    square_image(SIZE, (40, 30, 62, 52)).save(tmp_path / "one.png")
+    code, out, _ = run_main(capsys, tmp_path / "one.png", "--weights", weights, "--out",
+                            tmp_path / "d", "--max-det", "1")
+    assert code == 0 and "1 input, 1 object, 0 failed" in out.splitlines()[-1]
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    code, out, _ = run_main(capsys, tmp_path / "bad.png", "--weights", weights, "--out",
+                            tmp_path / "d")
+    assert code == 2 and "drawn" not in out
+    assert detect.parse_args(["x"]).device == ("cuda" if torch.cuda.is_available() else "cpu")

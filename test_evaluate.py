@@ -418,6 +418,74 @@ def test_coco_results_writer_uses_category_ids_and_xywh():
                     "score": 0.5}]
 
 
+def jittered_results(anns, rng, cats=(3, 7, 18)):
+    """0-2 detections per object: its box moved and scaled a little, mostly its category, random
+    score."""
+    results = []
+    for a in anns:
+        for _ in range(rng.integers(0, 3)):
+            x, y, w, h = a["bbox"]
+            cat = a["category_id"] if rng.uniform() < 0.8 else int(rng.choice(cats))
+            results.append({"image_id": a["image_id"], "category_id": cat,
+                            "bbox": [x + rng.normal(0, 4), y + rng.normal(0, 4),
+                                     w * rng.uniform(.8, 1.2), h * rng.uniform(.8, 1.2)],
+                            "score": float(rng.uniform())})
+    return results
+
+
+def printed_stats(out):
+    """The 12 COCO numbers as evaluate.py prints them (one '<short> <long> <value>' line each)."""
+    shorts = [short for short, _ in evaluate.COCO_STAT_NAMES]
+    return [float(line.split()[-1]) for line in out.splitlines() if line.split()[:1] in [
+        [s] for s in shorts]]
+
+
+def test_coco_results_file_needs_only_the_annotation_json(tmp_path, capsys):
+    """No image on disk: --ann A.json and --data-root D (with and without an empty image folder)
+    print the 12 numbers of pycocotools called directly."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    ann = root / "annotations" / "instances_val2014.json"
+    _, anns = make_coco_json(ann, np.random.default_rng(5))
+    results = jittered_results(anns, np.random.default_rng(6))
+    (tmp_path / "R.json").write_text(json.dumps(results))
+    expected = [float(s) for s in pycocotools_direct(ann, results).stats]
+    assert 0.1 < expected[0] < 0.9
+    runs = [["--ann", ann], ["--data-root", root, "--split", "val2014"], ["--data-root", root]]
+    for k, where in enumerate(runs + runs[1:2]):
+        if k == 3:
+            (root / "val2014").mkdir()  # an empty image folder changes nothing either
+        assert evaluate.main(["--coco", *map(str, where), "--results", str(tmp_path / "R.json"),
+                              "--json-out", str(tmp_path / "o.json")]) == 0
+        assert read_json(tmp_path / "o.json")["stats"] == expected
+        assert printed_stats(capsys.readouterr().out) == pytest.approx(expected, abs=5e-5)
+
+
+def test_voc_results_folder_needs_only_annotations_and_split(tmp_path):
+    """A VOC tree without JPEGImages/: comp4 files score as the devkit reference does."""
+    rng = np.random.default_rng(7)
+    gt_raw, det_lines = random_voc_problem(rng, num_images=20)
+    root, names = tmp_path / "voc", evaluate.data.VOC_CLASSES[:3]  # VOC names: labels 1..3
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    ids = [f"{i:06d}" for i in range(len(gt_raw))]
+    for image_id, objs in zip(ids, gt_raw):
+        (root / "Annotations" / f"{image_id}.xml").write_text(VOC_XML.format(
+            id=image_id, w=400, h=400, objects="".join(VOC_OBJECT.format(
+                name=names[c - 1], difficult=int(d), x1=x1, y1=y1, x2=x2, y2=y2)
+                for c, x1, y1, x2, y2, d in objs)))
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
+    write_comp4(tmp_path / "dets", det_lines, names, ids)
+    assert evaluate.main(["--voc", "--data-root", str(root), "--results", str(tmp_path / "dets"),
+                          "--json-out", str(tmp_path / "o.json")]) == 0
+    r = read_json(tmp_path / "o.json")
+    ref11, ref_area = devkit_reference(det_lines, gt_raw, 3)
+    assert r["images"] == 20 and 0.05 < r["map_11point"] < 0.95
+    for c, name in enumerate(names, start=1):
+        assert r["per_class_11point"][name] == pytest.approx(ref11[c], abs=1e-12)
+        assert r["per_class_area"][name] == pytest.approx(ref_area[c], abs=1e-12)
+
+
 def test_tiny_coco_ground_truth_fed_back(shared_data):
     ann_file = shared_data / "tiny_coco" / "tiny_coco" / "annotations" / "instances_train2017.json"
     anns = json.loads(ann_file.read_text())["annotations"]
@@ -431,39 +499,28 @@ def test_tiny_coco_ground_truth_fed_back(shared_data):
     assert r["stats"][8] == 1.0
 
 
-# ----------------------------------------------------------------------------- real data, sources
-def test_bccd_ground_truth_fed_back(shared_data):
-    import data
-    source = data.build_source("voc", shared_data / "bccd" / "BCCD", "val", train=False)
-    indices = list(range(0, len(source), 9))
-    gt = [source.annotation(i) for i in indices]
-    r = evaluate.score_detections(source, indices, image_boxes(gt), log=lambda *a: None)
-    assert r["map"] == r["map_11point"] == r["map_area"] == 1.0 and r["images"] == len(indices)
-    assert set(r["per_class_area"]) == {"RBC", "WBC", "Platelets"}
-    # boxes shifted by 20-45% of their width (IoU 0.38-0.67), random scores: the devkit
-    # reference on the raw numbers
-    rng = np.random.default_rng(0)
-    shift = [rng.uniform(0.2, 0.45, size=(len(g["boxes"]), 1))
-             * (g["boxes"][:, 2:3] - g["boxes"][:, 0:1]) for g in gt]
-    shifted = [(g["boxes"] + np.array([1, 0, 1, 0]) * dx, rng.uniform(size=len(g["labels"])),
-                g["labels"]) for g, dx in zip(gt, shift)]
-    r = evaluate.score_detections(source, indices, shifted, log=lambda *a: None)
-    det_lines, gt_raw = raw_from_ours(shifted, gt)
-    ref11, ref_area = devkit_reference(det_lines, gt_raw, 3)
-    for c, name in enumerate(source.class_names, start=1):
-        assert r["per_class_11point"][name] == pytest.approx(ref11[c], abs=1e-12)
-        assert r["per_class_area"][name] == pytest.approx(ref_area[c], abs=1e-12)
-    assert 0.05 < r["map_area"] < 0.95
-
-
-def test_tiny_coco_source_ground_truth_fed_back(shared_data):
-    import data
-    source = data.build_source("coco", shared_data / "tiny_coco" / "tiny_coco", None, train=False)
-    indices = list(range(len(source)))
-    gt = [source.annotation(i) for i in indices]
-    r = evaluate.score_detections(source, indices, image_boxes(gt), log=lambda *a: None)
-    assert r["map"] == r["stats"][0] == 1.0 and r["images"] == 50
-    assert r["per_class"]["person"] == 1.0 and math.isnan(r["per_class"]["airplane"])
+# ----------------------------------------------------------------------------- sources
+def test_coco_json_source_ground_truth_fed_back(tmp_path):
+    """Any COCO json as a source (no image on disk): its objects fed back score AP 1; a category
+    without objects is nan."""
+    images, anns = make_coco_json(tmp_path / "gt.json", np.random.default_rng(3))
+    gt = json.loads((tmp_path / "gt.json").read_text())
+    gt["categories"].append({"id": 50, "name": "airplane"})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    source = evaluate.CocoJson(tmp_path / "gt.json")
+    assert evaluate.is_coco_source(source) and source.image_dir == tmp_path
+    label = {c: k for k, c in enumerate(source.category_ids, start=1)}
+    dets = []
+    for i in range(len(source)):
+        objs = [a for a in anns if a["image_id"] == source.image_id(i) and not a["iscrowd"]]
+        boxes = np.array([a["bbox"] for a in objs], np.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        dets.append((boxes, np.ones(len(objs)), [label[a["category_id"]] for a in objs]))
+        assert sorted(source.annotation(i)["labels"]) == sorted(
+            label[a["category_id"]] for a in anns if a["image_id"] == source.image_id(i))
+    r = evaluate.score_detections(source, list(range(len(source))), dets, log=lambda *a: None)
+    assert r["map"] == r["stats"][0] == 1.0 and r["images"] == len(images)
+    assert r["per_class"]["car"] == 1.0 and math.isnan(r["per_class"]["airplane"])
 
 
 # ----------------------------------------------------------------------------- checkpoints, CLI
@@ -610,7 +667,7 @@ def test_voc_checkpoint_and_results_file_paths_agree(voc_run, tiny_checkpoints):
     assert evaluate._json_safe(r["per_class_area"]) == a["per_class_area"]
 
 
-def test_coco_checkpoint_and_results_file_paths_agree(tmp_path, tiny_checkpoints):
+def test_coco_checkpoint_and_results_file_paths_agree(tmp_path, tiny_checkpoints, capsys):
     import data
     import ssd
     make_coco_tree(tmp_path / "coco", np.random.default_rng(1),
@@ -627,6 +684,18 @@ def test_coco_checkpoint_and_results_file_paths_agree(tmp_path, tiny_checkpoints
     assert a == b and a["images"] == 4 and 0.1 < a["stats"][0] < 0.9
     ev = pycocotools_direct(tmp_path / "coco" / "annotations" / "instances_val2017.json", results)
     assert a["stats"] == [float(s) for s in ev.stats]
+    # --ann: instances_val2017.json of the layout finds <root>/val2017; a json elsewhere reads
+    # its images from --images (and without them says which are missing)
+    ann, other = tmp_path / "coco" / "annotations" / "instances_val2017.json", tmp_path / "x.json"
+    other.write_text(ann.read_text())
+    w = ["--weights", str(tiny_checkpoints / "coco.pt"), "--workers", "0",
+         "--json-out", str(tmp_path / "d.json")]
+    images = str(tmp_path / "coco" / "val2017")
+    for where in (["--ann", str(ann)], ["--ann", str(other), "--images", images]):
+        assert evaluate.main(["--coco", *where, *w]) == 0 and read_json(tmp_path / "d.json") == a
+    capsys.readouterr()
+    assert evaluate.main(["--coco", "--ann", str(other), *w]) == 2
+    assert f"{tmp_path / '1.png'}: image not found (and 3 more of 4)" in capsys.readouterr().err
     source = data.build_source("coco", tmp_path / "coco", None, train=False)
     r = evaluate.evaluate_model(ssd.load_model(tiny_checkpoints / "coco.pt"), source, workers=0,
                                 log=lambda *a: None, progress=False)
@@ -639,7 +708,7 @@ def test_coco_checkpoint_and_results_file_paths_agree(tmp_path, tiny_checkpoints
     assert read_json(tmp_path / "c.json")["stats"] == [-1.0 if s == -1 else 0.0 for s in a["stats"]]
 
 
-def test_bccd_subset_checkpoint(shared_data, tiny_checkpoints):
+def test_subset_source_checkpoint(tmp_path, tiny_checkpoints):
     import data
     import ssd
 
@@ -660,14 +729,18 @@ def test_bccd_subset_checkpoint(shared_data, tiny_checkpoints):
         def annotation(self, i):
             return self.source.annotation(self.indices[i])
 
-    source = Subset(data.build_source("voc", shared_data / "bccd" / "BCCD", "val", train=False),
-                    [0, 30, 60])
+    names = ("RBC", "WBC", "Platelets")
+    make_voc_tree(tmp_path / "blood", np.random.default_rng(4), num_images=6, names=names)
+    source = Subset(data.build_source("voc", tmp_path / "blood", "test", train=False), [0, 2, 4])
     r = evaluate.evaluate_model(ssd.load_model(tiny_checkpoints / "blood.pt"), source, workers=0,
                                 log=lambda *a: None, progress=False)
-    assert r["images"] == 3 and set(r["per_class_11point"]) == {"RBC", "WBC", "Platelets"}
+    assert r["images"] == 3 and set(r["per_class_11point"]) == set(source.class_names) <= set(names)
     assert 0.0 <= r["map_area"] <= 1.0
-    message = r"voc.pt: the model does not know 3 class\(es\) that the data has objects of "
-    with pytest.raises(evaluate.EvalError, match=message + r"\(Platelets, RBC, WBC\)"):
+    present = sorted({source.class_names[int(c) - 1] for i in range(3)
+                      for c in source.annotation(i)["labels"]})
+    message = (rf"voc.pt: the model does not know {len(present)} class\(es\) that the data has "
+               rf"objects of \({', '.join(present)}\)")
+    with pytest.raises(evaluate.EvalError, match=message):
         evaluate.evaluate_model(ssd.load_model(tiny_checkpoints / "voc.pt"), source, workers=0,
                                 name=str(tiny_checkpoints / "voc.pt"))
 
@@ -700,11 +773,12 @@ def test_cli_subprocess_help_and_error(tmp_path):
                                     capture_output=True, text=True, cwd=tmp_path, timeout=120)
     p = run("--help")
     assert p.returncode == 0 and "--json-out" in p.stdout and "comp4_det_test" in p.stdout
+    assert "(default 8)" in p.stdout and "examples:" in p.stdout and "--ann" in p.stdout
     (tmp_path / "r.json").write_text("[]")
     p = run("--coco", "--data-root", str(tmp_path / "nothing"),
             "--results", str(tmp_path / "r.json"))
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "nothing" in p.stderr
+    assert p.stderr.strip() == f"evaluate.py: error: {tmp_path / 'nothing'}: folder does not exist"
 
 
 def test_torchrun_shards_give_the_same_numbers(voc_run):
@@ -719,3 +793,59 @@ def test_torchrun_shards_give_the_same_numbers(voc_run):
     assert p.stdout.count("mAP 11-point") == 1  # only rank 0 reports
     assert "eval 2/2 images" in p.stderr  # rank 0's progress over its half
     assert read_json(out) == voc_run["json"]
+
+
+def test_bf16_map_is_within_0_002_of_float32(tmp_path):
+    """test_detect.py's blob finder made to grade its scores: the green channel passes through the
+    backbone too, so after L2Norm the red one is 20 r / |(r, g)| and a patch's score falls as its
+    green rises. 300x300 images (no resize) hold 4x4-pixel patches, each inside one 8-pixel cell:
+    exactly that cell fires, with its 30x30 anchor. Some patches are objects (a 30x30 box around
+    the patch), the others are false positives, and one object per image has no patch. The head
+    also widens its boxes a little, so that bfloat16 rounding reaches boxes and scores alike: the
+    VOC mAP (in [0, 1]) under bf16 autocast is within 0.002 (0.2 points) of float32's, and the
+    convolutions did run in bfloat16."""
+    import torch
+    from PIL import Image
+    import data
+    from test_detect import blob_finder
+    rng, root = np.random.default_rng(8), tmp_path / "voc"
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True)
+    ids = [f"{i:06d}" for i in range(6)]
+    # green levels whose scores stay apart by more than bfloat16's step (0.125 at L2Norm's 14-20):
+    # near-equal scores may swap ranks under bf16, which moves an AP by about a point
+    greens = iter(rng.permutation(np.linspace(177, 255, 4 * len(ids)).round().astype(int)))
+    cells = [(cx, cy) for cx in (4, 12, 20, 28) for cy in (4, 12, 20, 28)]  # centres 8 c + 4
+    for image_id in ids:
+        image, objects = Image.new("RGB", (300, 300)), []
+        for k, j in enumerate(rng.permutation(len(cells))[:5]):
+            cx, cy = cells[j]
+            if k < 4:  # patches 0-2 are objects, 3 a false positive; 4: an object it misses
+                image.paste((255, int(next(greens)), 0),
+                            (8 * cx + 2, 8 * cy + 2, 8 * cx + 6, 8 * cy + 6))
+            if k != 3:  # a 30x30 box around the cell centre (1-based VOC pixels)
+                objects.append(VOC_OBJECT.format(name="blob", difficult=0, x1=8 * cx - 10,
+                                                 y1=8 * cy - 10, x2=8 * cx + 19, y2=8 * cy + 19))
+        image.save(root / "JPEGImages" / f"{image_id}.png")
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            VOC_XML.format(id=image_id, w=300, h=300, objects="".join(objects)))
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
+    source = data.build_source("voc", root, "test", train=False)
+    model = blob_finder()
+    with torch.no_grad():
+        for layer in model.vgg[:23]:
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.weight[1, 1, 1, 1] = 1.0  # green passes through as well
+        model.box_heads[0].weight[2, 0, 1, 1] = 0.01  # anchor 0's dw ~ 0.1-0.2 where it fires
+    dtypes, threads = [], torch.get_num_threads()
+    model.vgg[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    torch.set_num_threads(1)  # tiny convolutions: more threads only spin (see test_detect.py)
+    try:
+        results = [evaluate.evaluate_model(model, source, workers=0, log=lambda *a: None,
+                                           progress=False, bf16=bf16) for bf16 in (False, True)]
+    finally:
+        torch.set_num_threads(threads)
+    assert dtypes[0] == torch.float32 and dtypes[-1] == torch.bfloat16
+    maps = [r["map_11point"] for r in results] + [r["map_area"] for r in results]
+    assert 0.3 < maps[0] < 0.95 and 0.3 < maps[2] < 0.95, maps  # graded: neither 0 nor 1
+    assert abs(maps[1] - maps[0]) <= 0.002 and abs(maps[3] - maps[2]) <= 0.002, maps
