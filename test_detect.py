@@ -166,7 +166,8 @@ def test_every_image_mode_is_read_and_the_square_found(tmp_path, weights, capsys
     folder.mkdir()
     modes = write_mode_images(folder)
     assert {Image.open(folder / n).mode for n in modes} >= {
-        "RGB", "L", "1", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F"}
+        "RGB", "L", "1", "P", "RGBA", "LA", "CMYK", "I", "F"}
+    assert Image.open(folder / "i16.png").mode in ("I;16", "I")  # Pillow < 10.1 reads "I"
     code, results, out, err = detect_json(capsys, tmp_path, weights, folder)
     assert code == 0, err
     assert err == ""
