@@ -542,3 +542,41 @@ def test_preprocess_warps_and_subtracts_mean():
     assert x.shape == (1, 3, 300, 300)
     torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([200 - m for m in ssd.MEAN]))
     assert math.isclose(float(x[0, 0].mean()), 77.0, abs_tol=1e-4)
+
+
+def test_preprocess_mixed_sizes_equals_one_image_at_a_time():
+    # images of one size are resized together; each must come out as if resized alone, in order
+    g = torch.Generator().manual_seed(4)
+    shapes = [(3, 40, 70), (3, 90, 30), (3, 40, 70), (3, 300, 300), (3, 90, 30)]
+    images = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in shapes]
+    mean = torch.tensor(ssd.MEAN).view(3, 1, 1)
+    expected = torch.stack([torch.nn.functional.interpolate(
+        im[None].float(), size=(300, 300), mode="bilinear", align_corners=False)[0] - mean
+        for im in images])  # [B, 3, 300, 300]
+    assert torch.equal(ssd.preprocess(images, 300, ssd.MEAN), expected)
+
+
+def test_detect_bf16_matches_float32(monkeypatch):
+    # bf16 keeps ~3 significant digits: on a random model (width 0.25, logits of a few units) the
+    # scores move by < 0.01 and the boxes by < 1 px, so each confident detection has a twin of the
+    # same label within 2 px and 0.02 of its score; a few may swap with a near neighbour in the NMS
+    # or at the max_det cut, so 90% of each side's top 20 must have a twin among the other's 200
+    torch.manual_seed(0)
+    model = ssd.ssd300(20, width=0.25).eval()
+    g = torch.Generator().manual_seed(1)
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 6, 8, generator=g) * 255,
+                                             size=(240, 320), mode="bilinear")  # photo-like
+    images = list((smooth + 20 * torch.randn(smooth.shape, generator=g)).clamp(0, 255).byte())
+    seen = []
+    model.vgg[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    real = ssd.postprocess
+    monkeypatch.setattr(ssd, "postprocess", lambda c, b, *a, **k: seen.append(c.dtype)
+                        or real(c, b, *a, **k))
+    fp32, bf16 = ssd.detect(model, images), ssd.detect(model, images, bf16=True)
+    assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.float32]
+    for one, other in ((fp32, bf16), (bf16, fp32)):
+        for (b, s, lab), (b2, s2, lab2) in zip(one, other):
+            twin = ((b[:20, None] - b2[None]).abs().amax(-1) < 2.0) & (lab[:20, None] == lab2)
+            twin &= (s[:20, None] - s2[None]).abs() < 0.02  # [20, K]
+            assert twin.any(1).sum() >= 18
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(fp32, bf16))  # bf16 did run
