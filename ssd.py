@@ -541,13 +541,13 @@ def preprocess(images, size, mean=MEAN, device=None):
     groups = {}
     for i, im in enumerate(images):
         groups.setdefault(tuple(im.shape), []).append(i)
-    x = torch.cat([F.interpolate(torch.stack([images[i] for i in idx]).to(device, non_blocking=True)
-                                 .float(), size=(size, size), mode="bilinear", align_corners=False)
-                   for idx in groups.values()]) - m  # [B, 3, S, S] grouped by size
-    if len(groups) == 1:
-        return x
+    x = [F.interpolate(torch.stack([images[i] for i in idx]).to(device, non_blocking=True).float(),
+                       size=(size, size), mode="bilinear", align_corners=False) - m
+         for idx in groups.values()]  # [n, 3, S, S] per size
+    if len(x) == 1:
+        return x[0]
     order = torch.tensor([i for idx in groups.values() for i in idx]).argsort()
-    return x[order.to(device, non_blocking=True)]  # back to the callers' order
+    return torch.cat(x)[order.to(device, non_blocking=True)]  # [B, 3, S, S] in the callers' order
 
 
 @torch.no_grad()
