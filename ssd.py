@@ -534,15 +534,21 @@ def preprocess(images, size, mean=MEAN, device=None):
     """uint8 RGB images [3, H, W] of any sizes -> float [B, 3, S, S] on `device` (default: the
     first image's): warped (aspect ratio not kept, as in training) with bilinear interpolation as
     torchvision does, minus the mean. Images of one size travel together as uint8 (a quarter of
-    float's bytes) in one copy that does not wait for the GPU, and are resized in one interpolate;
-    each image's values are those of resizing it alone."""
+    float's bytes) in one copy, and are resized in one interpolate; each image's values are those
+    of resizing it alone."""
     device = torch.device(device or images[0].device)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
     groups = {}
     for i, im in enumerate(images):
         groups.setdefault(tuple(im.shape), []).append(i)
-    x = [F.interpolate(torch.stack([images[i] for i in idx]).to(device, non_blocking=True).float(),
-                       size=(size, size), mode="bilinear", align_corners=False) - m
+
+    def stacked(ims):  # [n, 3, H, W]; CPU -> GPU via page-locked memory: an asynchronous DMA copy
+        pin = device.type == "cuda" and ims[0].device.type == "cpu"
+        out = torch.empty((len(ims), *ims[0].shape), dtype=ims[0].dtype, device=ims[0].device,
+                          pin_memory=pin)
+        return torch.stack(ims, out=out).to(device, non_blocking=True)
+    x = [F.interpolate(stacked([images[i] for i in idx]).float(), size=(size, size),
+                       mode="bilinear", align_corners=False) - m
          for idx in groups.values()]  # [n, 3, S, S] per size
     if len(x) == 1:
         return x[0]
