@@ -45,6 +45,7 @@ except Exception:  # only used for comparison
 # ----------------------------------------------------------------------------- config
 SECTIONS = ("model", "postprocess", "e2e", "data", "train", "eval", "kernels")
 BATCHES = (1, 8)
+E2E_BATCHES = {"cpu": (1,), "cuda": (1, 32)}  # 32: the paper's batch; the CPU run stays short
 PHOTO_HW = (480, 640)  # e2e input: a VOC/COCO-sized photo, uint8 RGB
 CONFIDENT_PER_IMAGE = 300  # realistic outputs: anchors a trained model is sure of, per image
 E2E_TARGET = 1.25  # issue 2: end-to-end images/s >= 1.25x torchvision's ssd300_vgg16
@@ -232,24 +233,39 @@ def bench_postprocess(device, args):
 
 
 def bench_e2e(device, args):
-    """uint8 photos -> detections in original pixels. Ours: ssd.detect (which runs the model
-    channels_last); torchvision: model(list of float images in [0, 1]). Untrained weights: flat
-    outputs, the postprocess's worst case."""
+    """uint8 photos -> detections in original pixels: ssd.detect (channels_last model, batched
+    preprocess) next to its forward alone on the preprocessed batch, in float32 and in bf16
+    (torch.autocast; detect(bf16=True)); the gap is preprocess + postprocess + copies. torchvision:
+    model(list of float images in [0, 1]) in float32 (its NMS has no bf16 kernel) and backbone +
+    head in both. Untrained weights: flat outputs, the postprocess's worst case."""
     ours, tv = model_pair(device.type)
-    ours = copy.deepcopy(ours)  # detect converts the model to channels_last: not the shared one
+    ours = copy.deepcopy(ours).to(memory_format=torch.channels_last)  # not the shared model
     gen, rows = torch.Generator().manual_seed(2), []
-    for b in BATCHES:
+
+    def forward(model, x, bf16):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            return model(x)
+    for b in E2E_BATCHES[device.type]:
         photos = random_photos(b, gen)  # on the CPU, as a caller has them
-        fns = {"ours": partial(ssd.detect, ours, photos)}
-        if tv is not None:
-            fns["tv"] = lambda p=photos: tv([im.to(device).float() / 255 for im in p])
-        with torch.no_grad():
-            ms, _ = time_side_by_side(fns, device, args.repeat,
-                                      warmup=b == 1 or device.type == "cuda")
-        speedup = ms["tv"] / ms["ours"] if "tv" in ms else None
-        rows.append(row("e2e", f"b={b} ssd.detect", ms["ours"], ms.get("tv"), images=b,
-                        target=f">= {E2E_TARGET:g}x tv",
-                        ok=speedup >= E2E_TARGET if speedup else None))
+        x = ssd.preprocess(photos, 300, ours.config["mean"], device)  # [B, 3, 300, 300]
+        x = x.contiguous(memory_format=torch.channels_last)
+        for bf16 in (False, True):
+            fns = {"detect": partial(ssd.detect, ours, photos, bf16=bf16),
+                   "forward": partial(forward, ours, x, bf16)}
+            if tv is not None:
+                net = lambda i: tv.head(list(tv.backbone(i).values()))  # noqa: E731
+                fns["tv_forward"] = partial(forward, net, x, bf16)
+                if not bf16:
+                    fns["tv"] = lambda p=photos: tv([im.to(device).float() / 255 for im in p])
+            with torch.no_grad():
+                ms, _ = time_side_by_side(fns, device, args.repeat, warmup=device.type == "cuda")
+            speedup = ms["tv"] / ms["detect"] if "tv" in ms else None
+            kind = "bf16" if bf16 else "fp32"
+            rows.append(row("e2e", f"b={b} ssd.detect {kind}", ms["detect"], ms.get("tv"),
+                            images=b, target=None if bf16 else f">= {E2E_TARGET:g}x tv",
+                            ok=speedup >= E2E_TARGET if speedup else None))
+            rows.append(row("e2e", f"b={b} forward alone {kind}", ms["forward"],
+                            ms.get("tv_forward"), images=b))
     return rows
 
 

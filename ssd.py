@@ -399,7 +399,7 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
             probs = F.softmax(logits[img_near, anchor_near], -1)[:, 1:]  # [R, C]
             row, cls_idx = (probs > score_thr).nonzero(as_tuple=True)  # each [N]
             img_idx, anchor_idx = img_near[row], anchor_near[row]  # (image, anchor, class) order
-            if len(row) == 0 or torch.bincount(img_idx * c + cls_idx).max() <= topk:
+            if counts(img_idx * c + cls_idx, b * c).max() <= topk:
                 # no class needs its top-k cut: every candidate goes to the NMS
                 return nms_and_scale(probs[row, cls_idx], img_idx, anchor_idx, cls_idx, c,
                                      box_deltas, anchors, image_sizes, nms_iou, max_det, nms)
@@ -501,53 +501,81 @@ def best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, top
                            image_sizes)
 
 
+def counts(keys, num_groups):
+    """torch.bincount(keys, minlength=num_groups) for keys [N] int64 in 0..num_groups-1, without
+    bincount's two host synchronisations on CUDA (it reads the keys' min and max to size its
+    output); as fast on the CPU."""
+    return keys.new_zeros(num_groups).scatter_add_(0, keys, torch.ones_like(keys))
+
+
 def rank_in_group(sorted_keys, num_groups):
     """Each entry's position among the entries with its key: sorted_keys [N] int64 in
     0..num_groups-1, ascending -> [N] (0 for the first of each key)."""
-    counts = torch.bincount(sorted_keys, minlength=num_groups)
-    return (torch.arange(len(sorted_keys), device=sorted_keys.device)
-            - (counts.cumsum(0) - counts)[sorted_keys])
+    n = counts(sorted_keys, num_groups)  # [num_groups]
+    first = (n.cumsum(0) - n)[sorted_keys]  # [N] index of the key's first entry
+    return torch.arange(len(sorted_keys), device=sorted_keys.device) - first
 
 
 def scale_to_pixels(boxes, scores, labels, img, image_sizes):
     """Detections [K] sorted by image (then by decreasing score) -> one (boxes in pixels of the
     image's original size, scores, labels) per image."""
-    scale = torch.tensor([[w, h, w, h] for w, h in image_sizes], dtype=torch.float32,
-                         device=boxes.device)  # [B, 4]
+    scale = torch.tensor([[w, h, w, h] for w, h in image_sizes], dtype=torch.float32)  # [B, 4]
+    scale = scale.to(boxes.device, non_blocking=True)  # a blocking copy would wait for the GPU
     if len(image_sizes) == 1:
         return [(boxes * scale, scores, labels)]
-    sizes = torch.bincount(img, minlength=len(image_sizes)).tolist()
+    sizes = counts(img, len(image_sizes)).tolist()  # the one host sync of this step
     return list(zip((boxes * scale[img]).split(sizes), scores.split(sizes), labels.split(sizes)))
 
 
 # -----------------------------------------------------------------------------------------------
 # Inference on images
 
-def preprocess(images, size, mean=MEAN):
-    """uint8 RGB images [3, H, W] of any sizes -> float [B, 3, S, S]: warped (aspect ratio not
-    kept, as in training) with bilinear interpolation as torchvision does, minus the mean."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    out = [F.interpolate(im[None].float(), size=(size, size), mode="bilinear",
-                         align_corners=False) for im in images]
-    return torch.cat(out) - m.to(out[0].device)  # [B, 3, S, S]
+def preprocess(images, size, mean=MEAN, device=None):
+    """uint8 RGB images [3, H, W] of any sizes -> float [B, 3, S, S] on `device` (default: the
+    first image's): warped (aspect ratio not kept, as in training) with bilinear interpolation as
+    torchvision does, minus the mean. Images of one size travel together as uint8 (a quarter of
+    float's bytes) in one copy, and are resized in one interpolate; each image's values are those
+    of resizing it alone."""
+    device = torch.device(device or images[0].device)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
+    groups = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+
+    def stacked(ims):  # [n, 3, H, W]; CPU -> GPU via page-locked memory: an asynchronous DMA copy
+        pin = device.type == "cuda" and ims[0].device.type == "cpu"
+        out = torch.empty((len(ims), *ims[0].shape), dtype=ims[0].dtype, device=ims[0].device,
+                          pin_memory=pin)
+        return torch.stack(ims, out=out).to(device, non_blocking=True)
+    x = [F.interpolate(stacked([images[i] for i in idx]).float(), size=(size, size),
+                       mode="bilinear", align_corners=False) - m
+         for idx in groups.values()]  # [n, 3, S, S] per size
+    if len(x) == 1:
+        return x[0]
+    order = torch.tensor([i for idx in groups.values() for i in idx]).argsort()
+    return torch.cat(x)[order.to(device, non_blocking=True)]  # [B, 3, S, S] in the callers' order
 
 
 @torch.no_grad()
-def detect(model, images, **postprocess_options):
+def detect(model, images, bf16=False, **postprocess_options):
     """Detections for uint8 RGB images [3, H, W] (any sizes) in their original pixels: a list of
     (boxes [k, 4] xyxy, scores [k], labels [k]) on the CPU. Runs on the model's device; the model
-    is switched to channels_last memory format (same weights, faster convolutions)."""
+    is switched to channels_last memory format (same weights, faster convolutions). bf16=True runs
+    the forward under torch.autocast in bfloat16 (CUDA or CPU); the postprocess stays float32."""
     device = next(model.parameters()).device
     cfg = model.config
     # channels_last is faster on CPU (1.1-1.3x, bench.py) and GPU; convert the weights once
     if not model.vgg[0].weight.is_contiguous(memory_format=torch.channels_last):
         model.to(memory_format=torch.channels_last)
-    x = preprocess([im.to(device) for im in images], cfg["size"], cfg["mean"])
-    x = x.contiguous(memory_format=torch.channels_last)
-    cls_logits, box_deltas = model(x)
+    x = preprocess(images, cfg["size"], cfg["mean"], device)
+    with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        cls_logits, box_deltas = model(x.contiguous(memory_format=torch.channels_last))
     sizes = [(im.shape[2], im.shape[1]) for im in images]
-    dets = postprocess(cls_logits, box_deltas, model.anchors, sizes, **postprocess_options)
-    return [tuple(t.cpu() for t in d) for d in dets]
+    dets = postprocess(cls_logits.float(), box_deltas.float(), model.anchors, sizes,
+                       **postprocess_options)
+    # to the host as one copy per field, not one per image and field (each copy waits for the GPU)
+    n = [len(d[1]) for d in dets]
+    return list(zip(*(torch.cat(field).cpu().split(n) for field in zip(*dets))))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -613,12 +641,19 @@ def read_weights(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged files raise many types (zip, EOF, pickle, KeyError...)
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:
-            raise CheckpointError(f"{path}: refused: it holds a {refused[1]} object, not only "
-                                  "tensors and plain containers (weights_only=True)") from e
+        if refused:  # e.g. a whole nn.Module saved with torch.save(model, path)
+            raise CheckpointError(
+                f"{path}: holds Python objects other than tensors and plain containers ("
+                f"{refused[1]}); not loaded, for safety (weights_only). Save the weights alone: "
+                "torch.save(model.state_dict(), path) or ssd.save_checkpoint") from e
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head != b"PK" and head[:1] != b"\x80":  # torch.save's zip, the legacy format's pickle
+            what = "an empty file" if not head else "not the zip or pickle torch.save writes"
+            raise CheckpointError(f"{path}: not a checkpoint: not a PyTorch file ({what})") from e
         detail = str(e).split("WeightsUnpickler error:")[-1].strip()
         reason = type(e).__name__ + (f": {detail.splitlines()[0][:150]}" if detail else "")
-        raise CheckpointError(f"{path}: not a checkpoint (unpickling failed: {reason})") from e
+        raise CheckpointError(f"{path}: not a checkpoint (a damaged PyTorch file: {reason})") from e
 
 
 def tensor(path, sd, key, shape):

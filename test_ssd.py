@@ -542,3 +542,72 @@ def test_preprocess_warps_and_subtracts_mean():
     assert x.shape == (1, 3, 300, 300)
     torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([200 - m for m in ssd.MEAN]))
     assert math.isclose(float(x[0, 0].mean()), 77.0, abs_tol=1e-4)
+
+
+def test_preprocess_mixed_sizes_equals_one_image_at_a_time():
+    # images of one size are resized together; each must come out as if resized alone, in order
+    g = torch.Generator().manual_seed(4)
+    shapes = [(3, 40, 70), (3, 90, 30), (3, 40, 70), (3, 300, 300), (3, 90, 30)]
+    images = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in shapes]
+    mean = torch.tensor(ssd.MEAN).view(3, 1, 1)
+    expected = torch.stack([torch.nn.functional.interpolate(
+        im[None].float(), size=(300, 300), mode="bilinear", align_corners=False)[0] - mean
+        for im in images])  # [B, 3, 300, 300]
+    assert torch.equal(ssd.preprocess(images, 300, ssd.MEAN), expected)
+
+
+def photo_like(n, seed):
+    """uint8 [3, 240, 320] images: smooth colour fields plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 6, 8, generator=g) * 255,
+                                             size=(240, 320), mode="bilinear")  # [n, 3, H, W]
+    return list((smooth + 20 * torch.randn(smooth.shape, generator=g)).clamp(0, 255).byte())
+
+
+def assert_twins(dets, others, px=2.0, score=0.02, top=20, need=18):
+    """Both ways, at least `need` of each image's `top` detections have a twin in the other list:
+    the same label, every coordinate within `px` and the score within `score`. Not all: a
+    detection may swap with a near neighbour in the NMS or at the max_det cut."""
+    for one, other in ((dets, others), (others, dets)):
+        for (b, s, lab), (b2, s2, lab2) in zip(one, other, strict=True):
+            twin = ((b[:top, None] - b2[None]).abs().amax(-1) < px) & (lab[:top, None] == lab2)
+            twin &= (s[:top, None] - s2[None]).abs() < score  # [top, K]
+            assert twin.any(1).sum() >= need
+
+
+def test_detect_bf16_matches_float32(monkeypatch):
+    # bf16 keeps ~3 significant digits: on a random model (width 0.25, logits of a few units) the
+    # scores move by < 0.01 and the boxes by < 1 px, so confident detections have twins within
+    # 2 px and 0.02 (19 or 20 of the top 20 here)
+    torch.manual_seed(0)
+    model = ssd.ssd300(20, width=0.25).eval()
+    images = photo_like(2, seed=1)
+    seen = []
+    model.vgg[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    real = ssd.postprocess
+    monkeypatch.setattr(ssd, "postprocess", lambda c, b, *a, **k: seen.append(c.dtype)
+                        or real(c, b, *a, **k))
+    fp32, bf16 = ssd.detect(model, images), ssd.detect(model, images, bf16=True)
+    assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.float32]
+    assert_twins(fp32, bf16)
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(fp32, bf16))  # bf16 did run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_detect_on_cuda_matches_cpu():
+    # preprocess on the GPU (one uint8 copy per size) equals the CPU's; detect returns CPU tensors
+    # whose detections twin the CPU's in float32 and in bf16 (cuDNN's TF32 and bf16 round)
+    torch.manual_seed(0)
+    model = ssd.ssd300(20, width=0.25).eval()
+    images = photo_like(3, seed=2)
+    images.insert(1, torch.randint(0, 256, (3, 100, 90), dtype=torch.uint8))
+    x = ssd.preprocess(images, 300, ssd.MEAN, "cuda")
+    torch.testing.assert_close(x.cpu(), ssd.preprocess(images, 300, ssd.MEAN), atol=1e-3, rtol=0)
+    cpu = ssd.detect(model, images)
+    gpu_model = ssd.ssd300(20, width=0.25).eval()
+    gpu_model.load_state_dict(model.state_dict())
+    gpu_model.cuda()
+    for bf16 in (False, True):
+        gpu = ssd.detect(gpu_model, images, bf16=bf16)
+        assert all(t.device.type == "cpu" for d in gpu for t in d)
+        assert_twins(cpu, gpu, need=16 if bf16 else 18)  # bf16 rounds ~8x coarser than TF32
