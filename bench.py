@@ -34,6 +34,7 @@ import data
 import evaluate
 import kernels
 import ssd
+import weights
 
 try:
     import torchvision
@@ -117,7 +118,7 @@ def row(section, name, ms, tv_ms=None, images=None, target=None, ok=None, same=N
 @functools.cache
 def model_pair(device_type):
     """(ours, torchvision's ssd300_vgg16 or None) in eval mode with the same random weights: the
-    torchvision model's state_dict read by ssd.load_model, which maps its keys. Without torchvision,
+    torchvision model's state_dict read by weights.load_model, which maps its keys. Without torchvision,
     ours alone: ssd300(90, anchors="coco", clip="wh"), torchvision's configuration."""
     torch.manual_seed(0)
     if torchvision is None:
@@ -125,7 +126,7 @@ def model_pair(device_type):
     tv = ssd300_vgg16(weights=None, weights_backbone=None).eval()
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(tv.state_dict(), os.path.join(tmp, "tv.pt"))
-        ours = ssd.load_model(os.path.join(tmp, "tv.pt"))
+        ours = weights.load_model(os.path.join(tmp, "tv.pt"))
     return ours.to(device_type), tv.to(device_type)
 
 

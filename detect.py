@@ -4,7 +4,7 @@
     python detect.py clip.mp4 anim.gif --out annotated/ --json frames.json --bf16
 
 PATHs are image files, folders (their image files, not recursive) and globs (quote them; Python
-expands them, so they work the same on every shell). --weights takes anything ssd.load_model reads:
+expands them, so they work the same on every shell). --weights takes anything weights.load_model reads:
 our checkpoints and torchvision ssd300_vgg16, amdegroot ssd.pytorch or mmdetection SSD files.
 Without it the newest runs/*/best.pt is used.
 
@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageSequence
 
 import data
 import ssd
+import weights
 
 # -----------------------------------------------------------------------------------------------
 # Defaults
@@ -257,7 +258,7 @@ def load_weights(args):
     if path is None:
         raise UsageError(NO_WEIGHTS)
     try:
-        return ssd.load_model(path, args.device), path
+        return weights.load_model(path, args.device), path
     except ssd.CheckpointError as e:
         raise UsageError(str(e)) from None
 
@@ -284,11 +285,8 @@ def summary_line(path, scores, labels, class_names, ms):
 
 
 def _detect(model, images, args, options):
-    """ssd.detect on PIL images, under bfloat16 autocast with --bf16 (postprocess decodes in
-    float32 whatever the head's dtype)."""
-    device = next(model.parameters()).device.type
-    with torch.autocast(device, torch.bfloat16, enabled=args.bf16):
-        return ssd.detect(model, [to_tensor(im) for im in images], **options)
+    """ssd.detect on PIL images (the forward under bfloat16 autocast with --bf16)."""
+    return ssd.detect(model, [to_tensor(im) for im in images], args.bf16, **options)
 
 
 def _as_json(boxes, scores, labels, names):

@@ -50,6 +50,7 @@ from pycocotools.cocoeval import COCOeval
 
 import data
 import ssd
+import weights
 
 IOU_THRESHOLD = 0.5          # devkit minoverlap; a match needs IoU >= 0.5 (py-faster-rcnn uses >)
 METRICS = ("11point", "area")  # VOC2007 test / VOC2010+
@@ -628,12 +629,10 @@ def predict(model, source, indices, mapping, batch_size=8, workers=2, progress=T
     detections, failed = {}, []
     start = last = time.perf_counter()
     done, total = 0, len(indices)
-    autocast = torch.autocast(next(model.parameters()).device.type, torch.bfloat16, enabled=bf16)
     for batch in loader:
         failed += [err for _, image, err in batch if image is None]
         ok = [(i, image) for i, image, _ in batch if image is not None]
-        with autocast:  # postprocess decodes in float32 whatever the head's dtype
-            outputs = ssd.detect(model, [image for _, image in ok], **detect_options) if ok else []
+        outputs = ssd.detect(model, [im for _, im in ok], bf16, **detect_options) if ok else []
         for (i, _), (boxes, scores, labels) in zip(ok, outputs):
             labels = mapping[labels.numpy()]
             keep = labels > 0
@@ -754,7 +753,7 @@ def parse_args(argv=None):
                    "(default: <root>/<split> for <root>/annotations/instances_<split>.json, "
                    "else the folder of --ann)")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--weights", help="checkpoint, any format ssd.load_model reads")
+    what.add_argument("--weights", help="checkpoint, any format weights.load_model reads")
     what.add_argument("--results", help="COCO: a results json [{image_id, category_id, bbox: "
                       "[x,y,w,h], score}]; VOC: a folder of comp4_det_test_<class>.txt files "
                       "(<image_id> <score> <x1> <y1> <x2> <y2>, 1-based). Needs no image")
@@ -847,7 +846,7 @@ def run(args, rank=0, world=1, device=None):
     if not indices:
         raise EvalError(f"{ann or root}: no images to evaluate")
     device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = ssd.load_model(args.weights, device=device)
+    model = weights.load_model(args.weights, device=device)
     mapping = class_mapping(model, source, args.weights)
     detections, failed = predict(model, source, indices[rank::world], mapping, args.batch_size,
                                  args.workers, rank == 0, args.bf16)

@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import evaluate
+import weights
 
 HERE = Path(__file__).resolve().parent
 
@@ -636,7 +637,7 @@ def voc_run(tmp_path_factory, tiny_checkpoints):
     import ssd
     root = tmp_path_factory.mktemp("voc_run")
     make_voc_tree(root / "voc", np.random.default_rng(0),
-                  model=ssd.load_model(tiny_checkpoints / "voc.pt"))
+                  model=weights.load_model(tiny_checkpoints / "voc.pt"))
     args = ["--voc", "--data-root", str(root / "voc"), "--split", "test",
             "--weights", str(tiny_checkpoints / "voc.pt")]
     assert evaluate.main(args + ["--workers", "0", "--batch-size", "3", "--device", "cpu",
@@ -658,7 +659,7 @@ def test_voc_checkpoint_and_results_file_paths_agree(voc_run, tiny_checkpoints):
     assert 0.1 < a["map_11point"] < 0.9 and 0.1 < a["map_area"] < 0.9
     # and evaluate_model (train.py's entry; here with a loader process) gives the same numbers
     source = data.build_source("voc", root / "voc", "test", train=False)
-    model = ssd.load_model(tiny_checkpoints / "voc.pt")
+    model = weights.load_model(tiny_checkpoints / "voc.pt")
     model.train()
     r = evaluate.evaluate_model(model, source, batch_size=4, workers=1, log=lambda *a: None,
                                 progress=False)
@@ -671,7 +672,7 @@ def test_coco_checkpoint_and_results_file_paths_agree(tmp_path, tiny_checkpoints
     import data
     import ssd
     make_coco_tree(tmp_path / "coco", np.random.default_rng(1),
-                   ssd.load_model(tiny_checkpoints / "coco.pt"))
+                   weights.load_model(tiny_checkpoints / "coco.pt"))
     common = ["--coco", "--data-root", str(tmp_path / "coco")]
     assert evaluate.main(common + ["--weights", str(tiny_checkpoints / "coco.pt"), "--workers", "0",
                                    "--json-out", str(tmp_path / "a.json"),
@@ -697,7 +698,7 @@ def test_coco_checkpoint_and_results_file_paths_agree(tmp_path, tiny_checkpoints
     assert evaluate.main(["--coco", "--ann", str(other), *w]) == 2
     assert f"{tmp_path / '1.png'}: image not found (and 3 more of 4)" in capsys.readouterr().err
     source = data.build_source("coco", tmp_path / "coco", None, train=False)
-    r = evaluate.evaluate_model(ssd.load_model(tiny_checkpoints / "coco.pt"), source, workers=0,
+    r = evaluate.evaluate_model(weights.load_model(tiny_checkpoints / "coco.pt"), source, workers=0,
                                 log=lambda *a: None, progress=False)
     assert r["map"] == a["stats"][0] and r["stats"] == a["stats"]
     # an empty results file scores 0 instead of crashing
@@ -732,7 +733,7 @@ def test_subset_source_checkpoint(tmp_path, tiny_checkpoints):
     names = ("RBC", "WBC", "Platelets")
     make_voc_tree(tmp_path / "blood", np.random.default_rng(4), num_images=6, names=names)
     source = Subset(data.build_source("voc", tmp_path / "blood", "test", train=False), [0, 2, 4])
-    r = evaluate.evaluate_model(ssd.load_model(tiny_checkpoints / "blood.pt"), source, workers=0,
+    r = evaluate.evaluate_model(weights.load_model(tiny_checkpoints / "blood.pt"), source, workers=0,
                                 log=lambda *a: None, progress=False)
     assert r["images"] == 3 and set(r["per_class_11point"]) == set(source.class_names) <= set(names)
     assert 0.0 <= r["map_area"] <= 1.0
@@ -741,7 +742,7 @@ def test_subset_source_checkpoint(tmp_path, tiny_checkpoints):
     message = (rf"voc.pt: the model does not know {len(present)} class\(es\) that the data has "
                rf"objects of \({', '.join(present)}\)")
     with pytest.raises(evaluate.EvalError, match=message):
-        evaluate.evaluate_model(ssd.load_model(tiny_checkpoints / "voc.pt"), source, workers=0,
+        evaluate.evaluate_model(weights.load_model(tiny_checkpoints / "voc.pt"), source, workers=0,
                                 name=str(tiny_checkpoints / "voc.pt"))
 
 

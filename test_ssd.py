@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ssd
+import weights
 
 
 def xyxy_pixels(config):
@@ -89,7 +90,7 @@ def test_make_config_bad_argument_raises_value_error(kwargs, message):
 def test_load_backbone_bad_source_raises_value_error(tmp_path):
     model = ssd.ssd300(3, width=0.0625)  # the source is checked before the file or the width
     with pytest.raises(ValueError) as e:
-        ssd.load_backbone(model, tmp_path / "vgg16.pth", source="keras")
+        weights.load_backbone(model, tmp_path / "vgg16.pth", source="keras")
     assert str(e.value) == "source must be 'torchvision' or 'caffe'"
 
 

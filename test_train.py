@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import ssd
+import weights
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -205,7 +206,7 @@ def test_few_steps_on_shapes(tmp_path, capsys):
     assert ckpt["step"] == 3 and ckpt["config"]["width"] == 0.0625
     assert ckpt["config"]["class_names"] == ["circle", "square", "triangle"]
     assert ckpt["train_args"]["data"] == "shapes"
-    model = ssd.load_model(out / "best.pt")  # best = last while nothing was evaluated
+    model = weights.load_model(out / "best.pt")  # best = last while nothing was evaluated
     assert same_weights(model.state_dict(), ckpt["model"])
     assert Image.open(out / "detections.jpg").size == (600, 600)  # 2 x 2 grid of 300 x 300
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import ssd
+import weights
 from ssd import CheckpointError
 
 # --- the SSD layout, written from the facts sheet ------------------------------------------------
@@ -178,7 +179,7 @@ def test_foreign_detector_matches_reference_forward(tmp_path, fmt, size, outputs
     sd = make_state_dict(fmt, size, outputs, WIDTH, seed=size + outputs)
     path = tmp_path / f"{fmt}.pth"
     save_foreign(path, fmt, sd)
-    model = ssd.load_model(path)
+    model = weights.load_model(path)
     cfg = model.config
     assert not model.training
     assert (cfg["size"], cfg["width"], cfg["num_classes"]) == (size, WIDTH, outputs - 1)
@@ -214,7 +215,7 @@ def test_full_width_foreign_files_load(tmp_path):
     for fmt, outputs, params in cases:
         path = tmp_path / f"{fmt}.pth"
         save_foreign(path, fmt, make_state_dict(fmt, 300, outputs, 1.0, zeros=True))
-        model = ssd.load_model(path)
+        model = weights.load_model(path)
         assert model.config["width"] == 1.0 and model.config["num_classes"] == outputs - 1
         assert sum(p.numel() for p in model.parameters()) == params
         path.unlink()
@@ -225,7 +226,7 @@ def test_amdegroot_data_parallel_prefix_and_201_class_bug(tmp_path):
     path = tmp_path / "ssd300_COCO.pth"
     torch.save({f"module.{k}": v for k, v in sd.items()}, path)
     with pytest.warns(UserWarning, match="201"):
-        model = ssd.load_model(path)
+        model = weights.load_model(path)
     assert model.config["num_classes"] == 200 and model.config["anchors"] == "coco"
     assert model.config["class_names"][0] == "class1"
     assert torch.equal(model.l2norm.weight, sd["L2Norm.weight"])
@@ -243,7 +244,7 @@ def test_mmdetection_background_moves_to_index_0(tmp_path, meta_key):
     path = tmp_path / "mm.pth"
     save_foreign(path, "mmdetection", sd, meta)
     with pytest.warns(UserWarning, match="neither VOC"):
-        model = ssd.load_model(path)
+        model = weights.load_model(path)
     assert model.config["class_names"] == list(names)
     with torch.no_grad():
         cls, _ = model(torch.zeros(1, 3, 300, 300))
@@ -256,7 +257,7 @@ def test_old_mmdetection_keys_ask_for_the_upgrade_script(tmp_path):
     path = tmp_path / "ssd300_coco_2020.pth"
     torch.save({"state_dict": sd, "meta": {}}, path)
     with pytest.raises(CheckpointError, match=r"ssd300_coco_2020.pth: .*upgrade_ssd_version.py"):
-        ssd.load_model(path)
+        weights.load_model(path)
 
 
 def test_matches_real_torchvision_ssd300_vgg16(tmp_path):
@@ -279,7 +280,7 @@ def test_matches_real_torchvision_ssd300_vgg16(tmp_path):
             for r, (o, i, k) in layer_shapes(300, 91).items() for p in ("weight", "bias")}
     keys = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert keys == {**ours, l2_key: [512]}  # our test layout is torchvision's
-    loaded = ssd.load_model(tmp_path / "tv.pt")
+    loaded = weights.load_model(tmp_path / "tv.pt")
     # preprocess (warp + mean) reproduces torchvision's transform on the same image
     x = ssd.preprocess([image], 300, loaded.config["mean"])
     torch.testing.assert_close(x, images.tensors, rtol=0, atol=2e-3)
@@ -304,7 +305,7 @@ def test_checkpoint_round_trip(tmp_path):
     ssd.save_checkpoint(path, model=wrapped, config=model.config, epoch=7, step=1234,
                         best_map=0.5, rng=rng, optimizer={"state": {}, "param_groups": []})
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
-    loaded = ssd.load_model(path)
+    loaded = weights.load_model(path)
     assert loaded.config == model.config and not loaded.training
     x = torch.randn(1, 3, 300, 300)
     with torch.no_grad():
@@ -316,7 +317,7 @@ def test_checkpoint_round_trip(tmp_path):
                for k in raw["model"])
     # the module itself may be passed; its config goes along
     ssd.save_checkpoint(path, model=model)
-    assert ssd.load_model(path).config == model.config
+    assert weights.load_model(path).config == model.config
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -379,7 +380,7 @@ def write_bad(path, kind):
 def test_unreadable_files(tmp_path, full_width_model, kind, reason):
     path = tmp_path / "w.pt"
     write_bad(path, kind)
-    for load in (ssd.load_model, lambda p: ssd.load_backbone(full_width_model, p)):
+    for load in (weights.load_model, lambda p: weights.load_backbone(full_width_model, p)):
         with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: {reason}"):
             load(path)
 
@@ -391,13 +392,13 @@ def test_our_checkpoint_with_a_mismatch(tmp_path):
     ssd.save_checkpoint(path, model=model.state_dict(), config=cfg)
     with pytest.raises(CheckpointError, match=r"w.pt: key 'cls_heads.0.weight' has shape "
                                               r"\[16, 64, 3, 3\], expected \[20, 64, 3, 3\]"):
-        ssd.load_model(path)
+        weights.load_model(path)
     ssd.save_checkpoint(path, model=model.state_dict(), config={"size": 300})
     with pytest.raises(CheckpointError, match=r"w.pt: bad config"):
-        ssd.load_model(path)
+        weights.load_model(path)
     torch.save(model.state_dict(), path)
     with pytest.raises(CheckpointError, match=r"w.pt: a bare state_dict.*save_checkpoint"):
-        ssd.load_model(path)
+        weights.load_model(path)
 
 
 @pytest.mark.parametrize("fmt", ["torchvision", "amdegroot", "mmdetection", "ours"])
@@ -415,15 +416,15 @@ def test_wrong_shape_missing_and_unexpected_keys(tmp_path, fmt):
     save(path, {**sd, key: torch.zeros(shape[0], shape[1] + 1, *shape[2:])})
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: key '{re.escape(key)}' "
                                               rf"has shape \[{shape[0]}, {shape[1] + 1}, "):
-        ssd.load_model(path)
+        weights.load_model(path)
     save(path, {k: v for k, v in sd.items() if k != key})
     with pytest.raises(CheckpointError, match=rf"w.pt: missing key '{re.escape(key)}'"):
-        ssd.load_model(path)
+        weights.load_model(path)
     save(path, {**sd, "extra_thing.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"w.pt: unexpected key 'extra_thing.weight'"):
-        ssd.load_model(path)
+        weights.load_model(path)
     save(path, {**sd, "bn.num_batches_tracked": torch.tensor(5)})  # harmless buffer
-    assert ssd.load_model(path).config["num_classes"] == 20
+    assert weights.load_model(path).config["num_classes"] == 20
 
 
 def test_wrong_number_of_heads(tmp_path):
@@ -433,7 +434,7 @@ def test_wrong_number_of_heads(tmp_path):
     save_foreign(path, "mmdetection", sd)
     with pytest.raises(CheckpointError, match=r"mm.pth: 5 class heads \(bbox_head.cls_convs.N.0."
                                               r"weight\), expected 6 \(SSD300\) or 7"):
-        ssd.load_model(path)
+        weights.load_model(path)
 
 
 def test_unrecognised_detector_format(tmp_path):
@@ -441,7 +442,7 @@ def test_unrecognised_detector_format(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 64)}, path)
     with pytest.raises(CheckpointError, match=r"resnet.pth: unrecognised format \(first keys: "
                                               r"\['conv1.weight', 'fc.weight'\]\)"):
-        ssd.load_model(path)
+        weights.load_model(path)
 
 
 # --- backbones ------------------------------------------------------------------------------------
@@ -476,7 +477,7 @@ def test_backbone_amdegroot_reducedfc(tmp_path, capsys):
     torch.save(sd, path, _use_new_zipfile_serialization=False)  # a 2017 file: legacy format
     model = ssd.ssd300(20)
     head_before = model.cls_heads[0].weight.clone()
-    assert ssd.load_backbone(model, path) == sorted(FEATURE_INDEX.values())
+    assert weights.load_backbone(model, path) == sorted(FEATURE_INDEX.values())
     assert "conv6/conv7 from the file" in capsys.readouterr().out
     for i in FEATURE_INDEX.values():  # same mean (123, 117, 104): nothing to refit
         torch.testing.assert_close(model.vgg[i].weight, sd[f"{i}.weight"], rtol=1e-6, atol=0)
@@ -501,7 +502,7 @@ def test_backbone_torchvision_imagenet_vgg16(tmp_path, capsys):
     path = tmp_path / "vgg16-397923af.pth"
     torch.save(sd, path)
     model = ssd.ssd300(20)
-    assert ssd.load_backbone(model, path) == sorted(FEATURE_INDEX.values())
+    assert weights.load_backbone(model, path) == sorted(FEATURE_INDEX.values())
     assert "torchvision VGG16" in capsys.readouterr().out
     fc6_linear = torch.nn.Linear(25088, 4096)
     fc6_linear.weight.data = sd["classifier.0.weight"]
@@ -531,7 +532,7 @@ def test_backbone_mmdetection_caffe_vgg16(tmp_path, capsys):
     torch.save({"state_dict": sd}, path)
     model = ssd.ssd300(20)
     conv6_before = model.vgg[31].weight.clone()
-    assert ssd.load_backbone(model, path) == sorted(FEATURE_INDEX.values())[:13]
+    assert weights.load_backbone(model, path) == sorted(FEATURE_INDEX.values())[:13]
     assert "conv6/conv7 left at their initial values" in capsys.readouterr().out
     assert torch.equal(model.vgg[31].weight, conv6_before)
     mm_mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
@@ -539,7 +540,7 @@ def test_backbone_mmdetection_caffe_vgg16(tmp_path, capsys):
     # a caffe file under another name: source= says what it is
     other = ssd.ssd300(20)
     torch.save(sd, tmp_path / "vgg16.pth")
-    ssd.load_backbone(other, tmp_path / "vgg16.pth", source="caffe")
+    weights.load_backbone(other, tmp_path / "vgg16.pth", source="caffe")
     assert torch.equal(other.vgg[0].weight, model.vgg[0].weight)
 
 
@@ -548,14 +549,14 @@ def test_backbone_errors(tmp_path, full_width_model):
     path = tmp_path / "vgg.pth"
     torch.save(sd, path)
     with pytest.raises(CheckpointError, match=r"vgg.pth: VGG16 weights fit width 1.0"):
-        ssd.load_backbone(ssd.ssd300(20, width=0.5), path)
+        weights.load_backbone(ssd.ssd300(20, width=0.5), path)
     torch.save({**sd, "7.weight": torch.zeros(128, 128, 1, 1)}, path)
     with pytest.raises(CheckpointError, match=r"vgg.pth: key '7.weight' has shape "
                                               r"\[128, 128, 1, 1\]"):
-        ssd.load_backbone(full_width_model, path)
+        weights.load_backbone(full_width_model, path)
     torch.save({k: v for k, v in sd.items() if k != "28.bias"}, path)
     with pytest.raises(CheckpointError, match=r"vgg.pth: missing key '28.bias'"):
-        ssd.load_backbone(full_width_model, path)
+        weights.load_backbone(full_width_model, path)
     torch.save({"layer1.weight": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match=r"vgg.pth: unrecognised VGG16 format"):
-        ssd.load_backbone(full_width_model, path)
+        weights.load_backbone(full_width_model, path)

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 import evaluate
 import ssd
+import weights
 
 # -----------------------------------------------------------------------------------------------
 # Recipe (facts §9). The paper / Caffe values unless a comment says otherwise.
@@ -442,7 +443,7 @@ def train(s, rank, local_rank, world):
         model.config["category_ids"] = list(train_source.category_ids)
     if s["pretrained"] and not s["resume"]:
         try:
-            ssd.load_backbone(model, s["pretrained"])
+            weights.load_backbone(model, s["pretrained"])
         except ssd.CheckpointError as e:
             raise UsageError(str(e)) from None
     elif not s["pretrained"]:
