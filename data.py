@@ -18,11 +18,13 @@ problems (a box clipped to the image, an unknown class name) are logged as one w
 file on the "data" logger.
 """
 import colorsys
+import glob
 import json
 import logging
 import math
 import os
 import random
+import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from bisect import bisect_right
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from ssd import MEAN, VOC_CLASSES, preprocess
 
@@ -940,3 +942,98 @@ if __name__ == "__main__":
     parser.add_argument("--num", type=int, default=8, help="how many images (default 8)")
     args = parser.parse_args()
     print(f"wrote {len(write_shapes(args.folder, args.split, args.num))} images to {args.folder}")
+
+
+# -----------------------------------------------------------------------------------------------
+# Shared by the scripts (train.py, evaluate.py, detect.py): usage errors, files written atomically,
+# durations, the newest run, drawing detections
+
+class UsageError(Exception):
+    """A mistake that stops a whole command (exit 2); the message is one line, printed as is."""
+
+
+def write_atomic(path, write, mode="w"):
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a crash leaves the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def duration(seconds):
+    """'42s', '3m47s' or '2h05m'."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (
+        f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def newest_run_file(name, runs_dir="runs"):
+    """The most recently written runs/*/<name> (best.pt, last.pt), or None."""
+    found = [p for p in glob.glob(os.path.join(glob.escape(runs_dir), "*", name))
+             if os.path.isfile(p)]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def to_tensor(image):
+    """PIL RGB -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
+
+
+def _class_colour(label):
+    """A saturated colour per class: hues spaced by the golden ratio, so neighbouring labels differ
+    strongly and the colour of a class is the same in every image."""
+    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _text_colour(background):
+    """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+def _label_font(size):
+    try:  # Pillow >= 10.1 scales its built-in font
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # older Pillow: the fixed small bitmap font
+        return ImageFont.load_default()
+
+
+def draw_detections(image, boxes, scores, labels, class_names):
+    """Draw boxes [k, 4] xyxy pixels with "name 0.87" labels on `image` (PIL RGB, in place).
+    Lowest scores are drawn first, so the best detections end up on top. Each label sits above its
+    box (inside its top edge where there is no room), moved down below any label already placed
+    (best first) that it would cover. Returns the label rectangles (x1, y1, x2, y2), per box."""
+    w, h = image.size
+    line = max(2, round(min(w, h) / 200))
+    font = _label_font(max(12, round(min(w, h) / 32)))
+    draw = ImageDraw.Draw(image)
+    texts = [f"{class_names[int(c) - 1]} {float(s):.2f}" for s, c in zip(scores, labels)]
+    rects = []
+    for (x1, y1, _, _), text in zip(boxes.tolist(), texts):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left + 2 * line, bottom - top + 2 * line
+        tx = min(max(0.0, x1), max(0.0, w - tw))
+        ty = y1 - th if y1 - th >= 0 else min(max(0.0, y1), max(0.0, h - th))
+        while hit := [r for r in rects if r[0] < tx + tw and tx < r[2] and r[1] < ty + th
+                      and ty < r[3]]:
+            ty = max(r[3] for r in hit)  # only ever down: ends after at most len(rects) moves
+        rects.append((tx, ty, tx + tw, ty + th))
+    for i in reversed(range(len(scores))):
+        colour = _class_colour(int(labels[i]))
+        draw.rectangle(boxes[i].tolist(), outline=colour, width=line)
+        draw.rectangle(rects[i], fill=colour)
+        left, top = draw.textbbox((0, 0), texts[i], font=font)[:2]
+        draw.text((rects[i][0] + line - left, rects[i][1] + line - top), texts[i],
+                  fill=_text_colour(colour), font=font)
+    return rects

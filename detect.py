@@ -22,19 +22,16 @@ Exit code 0: all done; 1: some inputs failed, the rest were processed; 2: bad us
 no image could be read.
 """
 import argparse
-import colorsys
 import glob
 import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageSequence
+from PIL import Image, ImageSequence
 
 import data
 import ssd
@@ -55,10 +52,6 @@ PROGRESS_EVERY_S = 2.0
 NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a few minutes on a "
               "CPU) or pass --weights FILE (ours, torchvision ssd300_vgg16, amdegroot ssd.pytorch "
               "or mmdetection SSD)")
-
-
-class UsageError(Exception):
-    """A mistake that stops the whole run (exit 2): the message is printed as is."""
 
 
 class StreamError(Exception):
@@ -118,72 +111,6 @@ def collect_inputs(paths):
     return files, errors
 
 
-def newest_checkpoint(runs_dir="runs"):
-    """The most recently written runs/*/best.pt, or None."""
-    found = [p for p in glob.glob(os.path.join(glob.escape(runs_dir), "*", "best.pt"))
-             if os.path.isfile(p)]
-    return max(found, key=os.path.getmtime) if found else None
-
-
-def to_tensor(image):
-    """PIL RGB -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
-
-
-# -----------------------------------------------------------------------------------------------
-# Drawing
-
-def class_colour(label):
-    """A saturated colour per class: hues spaced by the golden ratio, so neighbouring labels differ
-    strongly and the colour of a class is the same in every image."""
-    hue = (label * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def text_colour(background):
-    """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
-    r, g, b = background
-    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
-
-
-def label_font(size):
-    try:  # Pillow >= 10.1 scales its built-in font
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # older Pillow: the fixed small bitmap font
-        return ImageFont.load_default()
-
-
-def draw_detections(image, boxes, scores, labels, class_names):
-    """Draw boxes [k, 4] xyxy pixels with "name 0.87" labels on `image` (PIL RGB, in place).
-    Lowest scores are drawn first, so the best detections end up on top. Each label sits above its
-    box (inside its top edge where there is no room), moved down below any label already placed
-    (best first) that it would cover. Returns the label rectangles (x1, y1, x2, y2), per box."""
-    w, h = image.size
-    line = max(2, round(min(w, h) / 200))
-    font = label_font(max(12, round(min(w, h) / 32)))
-    draw = ImageDraw.Draw(image)
-    texts = [f"{class_names[int(c) - 1]} {float(s):.2f}" for s, c in zip(scores, labels)]
-    rects = []
-    for (x1, y1, _, _), text in zip(boxes.tolist(), texts):
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left + 2 * line, bottom - top + 2 * line
-        tx = min(max(0.0, x1), max(0.0, w - tw))
-        ty = y1 - th if y1 - th >= 0 else min(max(0.0, y1), max(0.0, h - th))
-        while hit := [r for r in rects if r[0] < tx + tw and tx < r[2] and r[1] < ty + th
-                      and ty < r[3]]:
-            ty = max(r[3] for r in hit)  # only ever down: ends after at most len(rects) moves
-        rects.append((tx, ty, tx + tw, ty + th))
-    for i in reversed(range(len(scores))):
-        colour = class_colour(int(labels[i]))
-        draw.rectangle(boxes[i].tolist(), outline=colour, width=line)
-        draw.rectangle(rects[i], fill=colour)
-        left, top = draw.textbbox((0, 0), texts[i], font=font)[:2]
-        draw.text((rects[i][0] + line - left, rects[i][1] + line - top), texts[i],
-                  fill=text_colour(colour), font=font)
-    return rects
-
-
 def output_path(out_dir, image_path, taken, ext=".jpg"):
     """<out_dir>/<stem><ext>; a numeric suffix when that name is already used in this run or is one
     of the inputs (so an input is never overwritten, and same-named images from different folders
@@ -194,19 +121,6 @@ def output_path(out_dir, image_path, taken, ext=".jpg"):
         if os.path.realpath(candidate) not in taken:
             taken.add(os.path.realpath(candidate))
             return candidate
-
-
-def write_json_atomic(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".detect-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # -----------------------------------------------------------------------------------------------
@@ -253,14 +167,14 @@ def parse_args(argv):
 
 def load_weights(args):
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-    path = args.weights or newest_checkpoint()
+        raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    path = args.weights or data.newest_run_file("best.pt")
     if path is None:
-        raise UsageError(NO_WEIGHTS)
+        raise data.UsageError(NO_WEIGHTS)
     try:
         return weights.load_model(path, args.device), path
     except ssd.CheckpointError as e:
-        raise UsageError(str(e)) from None
+        raise data.UsageError(str(e)) from None
 
 
 def prepare_outputs(args):
@@ -268,11 +182,11 @@ def prepare_outputs(args):
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         reason = e.strerror or str(e)
-        raise UsageError(f"{args.out}: cannot create the output folder ({reason})") from None
+        raise data.UsageError(f"{args.out}: cannot create the output folder ({reason})") from None
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
-            raise UsageError(f"{args.json}: its folder does not exist")
+            raise data.UsageError(f"{args.json}: its folder does not exist")
 
 
 def summary_line(path, scores, labels, class_names, ms):
@@ -286,7 +200,7 @@ def summary_line(path, scores, labels, class_names, ms):
 
 def _detect(model, images, args, options):
     """ssd.detect on PIL images (the forward under bfloat16 autocast with --bf16)."""
-    return ssd.detect(model, [to_tensor(im) for im in images], args.bf16, **options)
+    return ssd.detect(model, [data.to_tensor(im) for im in images], args.bf16, **options)
 
 
 def _as_json(boxes, scores, labels, names):
@@ -373,7 +287,7 @@ def run_stream(args, model, path, taken, options):
         while batch := list(itertools.islice(frames, args.batch_size)):
             for (image, t), (boxes, scores, labels) in zip(
                     batch, _detect(model, [im for im, _ in batch], args, options)):
-                draw_detections(image, boxes, scores, labels, names)
+                data.draw_detections(image, boxes, scores, labels, names)
                 write(image)
                 entry = entry or {"video": path, "width": image.width, "height": image.height,
                                   "fps": round(fps, 3), "frames": []}
@@ -424,7 +338,7 @@ def run(args, model, files):
         detections = _detect(model, [im for _, im, _ in batch], args, options)
         model_share = (time.perf_counter() - t0) / len(batch)
         for (path, image, read_s), (boxes, scores, labels) in zip(batch, detections):
-            draw_detections(image, boxes, scores, labels, names)
+            data.draw_detections(image, boxes, scores, labels, names)
             target = output_path(args.out, path, taken)
             try:
                 # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
@@ -456,14 +370,14 @@ def main(argv=None):
     try:
         model, weights = load_weights(args)
         prepare_outputs(args)
-    except UsageError as e:
+    except data.UsageError as e:
         print(e, file=sys.stderr)
         return 2
     results, failures = run(args, model, files)
     failures += len(errors)
     if args.json and results:
         try:
-            write_json_atomic(args.json, results)
+            data.write_atomic(args.json, lambda f: json.dump(results, f, indent=1))
         except OSError as e:
             print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
             failures += 1

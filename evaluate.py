@@ -276,15 +276,6 @@ def make_synthetic_voc(num_images=4952, seed=0, detections_per_image=200, num_cl
 COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")
 
 
-def _write_atomic(path, text):
-    """Write a text file through a temporary file and a rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_det_test_"):
     """Write devkit result files, one per class: `<image_id> <score> <x1> <y1> <x2> <y2>` 1-based.
 
@@ -304,7 +295,7 @@ def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_
                 lines[label].append(f"{image_id} {score!r} {x1!r} {y1!r} {x2!r} {y2!r}\n")
     paths = [folder / f"{prefix}{name}.txt" for name in class_names]
     for c, path in enumerate(paths, start=1):
-        _write_atomic(path, "".join(lines[c]))
+        data.write_atomic(path, lambda f: f.write("".join(lines[c])))
     return paths
 
 
@@ -610,12 +601,6 @@ def _load_batch(source, indices):
     return out
 
 
-def _duration(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
-
-
 def predict(model, source, indices, mapping, batch_size=8, workers=2, progress=True, bf16=False,
             **detect_options):
     """Run the model on source images `indices` in batches (under bfloat16 autocast with bf16).
@@ -642,7 +627,7 @@ def predict(model, source, indices, mapping, batch_size=8, workers=2, progress=T
         if progress and (now - last >= PROGRESS_EVERY_S or done == total):
             rate = done / max(now - start, 1e-9)
             print(f"eval {done}/{total} images  {rate:.1f} img/s  "
-                  f"ETA {_duration((total - done) / rate)}", file=sys.stderr, flush=True)
+                  f"ETA {data.duration((total - done) / rate)}", file=sys.stderr, flush=True)
             last = now
     return detections, failed
 
@@ -866,8 +851,8 @@ def run(args, rank=0, world=1, device=None):
     if args.save_results:
         ids = [source.image_id(i) for i in indices]
         if args.coco:
-            _write_atomic(args.save_results,
-                          json.dumps(coco_results(ordered, ids, source.category_ids)))
+            results = coco_results(ordered, ids, source.category_ids)
+            data.write_atomic(args.save_results, lambda f: json.dump(results, f))
         else:
             write_voc_results(args.save_results, ordered, ids, source.class_names)
         log(f"detections written to {args.save_results}")
@@ -880,8 +865,8 @@ def main(argv=None):
     try:
         result, failed = run(args, rank, world, device)
         if result is not None and args.json_out:
-            _write_atomic(args.json_out,
-                          json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
+            text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
+            data.write_atomic(args.json_out, lambda f: f.write(text))
     except (EvalError, data.DataError, ssd.CheckpointError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,6 @@ Label 0 is background, 1..C are objects. Anchors are (cx, cy, w, h), normalised.
 import math
 import os
 import re
-import warnings
 
 import torch
 import torch.nn as nn

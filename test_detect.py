@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageOps, ImageSequence
 
+import data
 import detect
 import ssd
 
@@ -365,7 +366,7 @@ def test_json_schema_and_drawn_copy(tmp_path, weights, capsys):
     assert max(drawn.getpixel((600, 440))) < 30  # black corner, far from every box
     x1, y1, x2, y2 = dets[0]["box"]
     edge = drawn.getpixel((int(x1) + 1, int((y1 + y2) / 2)))
-    assert max(abs(a - b) for a, b in zip(edge, detect.class_colour(1))) < 40, edge
+    assert max(abs(a - b) for a, b in zip(edge, data._class_colour(1))) < 40, edge
     line = f"{path}: {len(dets)} object"
     assert out.startswith(line) and "ms" in out.splitlines()[0]
 
@@ -398,15 +399,15 @@ def test_batches_mix_sizes_without_changing_results(tmp_path, weights, capsys):
 
 
 def test_drawing_colours_and_label(tmp_path):
-    colours = [detect.class_colour(i) for i in range(1, 21)]
+    colours = [data._class_colour(i) for i in range(1, 21)]
     assert min(sum((a - b) ** 2 for a, b in zip(c, d)) ** 0.5
                for i, c in enumerate(colours) for d in colours[:i]) > 25
-    assert detect.text_colour((250, 240, 40)) == (0, 0, 0)
-    assert detect.text_colour((30, 40, 200)) == (255, 255, 255)
+    assert data._text_colour((250, 240, 40)) == (0, 0, 0)
+    assert data._text_colour((30, 40, 200)) == (255, 255, 255)
     im = Image.new("RGB", (400, 300))
-    detect.draw_detections(im, torch.tensor([[100.0, 120.0, 300.0, 260.0]]), torch.tensor([0.87]),
+    data.draw_detections(im, torch.tensor([[100.0, 120.0, 300.0, 260.0]]), torch.tensor([0.87]),
                            torch.tensor([2]), NAMES)
-    colour = detect.class_colour(2)
+    colour = data._class_colour(2)
     line = max(2, round(300 / 200))
     assert im.getpixel((100, 200)) == colour and im.getpixel((100 + line - 1, 200)) == colour
     assert im.getpixel((100 + line + 2, 200)) == (0, 0, 0)  # inside: untouched
@@ -629,7 +630,7 @@ def test_neighbouring_labels_do_not_overlap():
     im = Image.new("RGB", (200, 150))
     boxes = torch.tensor([[20.0, 60.0, 70.0, 120.0], [40.0, 62.0, 90.0, 120.0],
                           [30.0, 61.0, 80.0, 110.0]])
-    rects = detect.draw_detections(im, boxes, torch.tensor([0.9, 0.8, 0.7]),
+    rects = data.draw_detections(im, boxes, torch.tensor([0.9, 0.8, 0.7]),
                                    torch.tensor([1, 2, 3]), NAMES)
     for i in range(3):
         for j in range(i):

@@ -378,13 +378,12 @@ def link_or_copy(src, dst):
 
 def write_detections(model, source, path, count=4):
     """Draw the model's detections on the first `count` images of `source`, in a grid, to `path`."""
-    import detect  # drawing lives with the detection CLI
     from PIL import Image
     count = min(count, len(source))
     images = [source.load_image(i) for i in range(count)]
-    dets = ssd.detect(model, [detect.to_tensor(im) for im in images], score_thr=detect.SCORE_THR)
+    dets = ssd.detect(model, [data.to_tensor(im) for im in images], score_thr=0.5)  # as detect.py
     for im, (boxes, scores, labels) in zip(images, dets):
-        detect.draw_detections(im, boxes, scores, labels, model.config["class_names"])
+        data.draw_detections(im, boxes, scores, labels, model.config["class_names"])
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
