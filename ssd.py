@@ -275,7 +275,7 @@ def decode(deltas, anchors):
 # -----------------------------------------------------------------------------------------------
 # Matching (facts §5)
 
-def pad_boxes(gt_boxes, gt_labels, device):
+def _pad_boxes(gt_boxes, gt_labels, device):
     """Ragged per-image lists -> padded [B, G, 4] boxes, [B, G] labels (0 where padded)."""
     g = max([len(b) for b in gt_boxes] + [1])
     boxes = torch.zeros(len(gt_boxes), g, 4, device=device)
@@ -286,7 +286,7 @@ def pad_boxes(gt_boxes, gt_labels, device):
     return boxes, labels
 
 
-def batched_iou(a, b):
+def _batched_iou(a, b):
     """IoU of xyxy boxes a [A, 4] with each image's boxes b [B, G, 4] -> [B, A, G]."""
     lt = torch.maximum(a[None, :, None, :2], b[:, None, :, :2])
     rb = torch.minimum(a[None, :, None, 2:], b[:, None, :, 2:])
@@ -308,9 +308,9 @@ def match(anchors, gt_boxes, gt_labels, iou_threshold=0.5):
     [0, 1]; gt_labels a list of int64 [n_i] in 1..C. Returns cls_targets int64 [B, A] and
     box_targets [B, A, 4] (zeros where background)."""
     device = anchors.device
-    boxes, labels = pad_boxes(gt_boxes, gt_labels, device)  # [B, G, 4], [B, G]
+    boxes, labels = _pad_boxes(gt_boxes, gt_labels, device)  # [B, G, 4], [B, G]
     valid = labels > 0  # [B, G]
-    iou = batched_iou(cxcywh_to_xyxy(anchors), boxes)  # [B, A, G]
+    iou = _batched_iou(cxcywh_to_xyxy(anchors), boxes)  # [B, A, G]
     iou = iou.masked_fill(~valid[:, None, :], -1.0)
     best_iou, best_gt = iou.max(2)  # [B, A]
     # every valid box forces its argmax anchor; amax over gt index makes the later box win
@@ -357,20 +357,12 @@ def multibox_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, neg_pos_
 
 
 # -----------------------------------------------------------------------------------------------
-# Post-processing (facts §10)
-
-def last_dim_max(x):
-    """x.amax(-1), by halving: torch's reduction over short rows (21 or 91 classes) is 1.5-2x
-    slower on CPU than these few elementwise maxima (bench.py postprocess)."""
-    while x.shape[-1] > 1:
-        half = (x.shape[-1] + 1) // 2
-        x = torch.maximum(x[..., :half], x[..., -half:])  # the halves overlap when odd: harmless
-    return x[..., 0]
-
+# Post-processing: Caffe DetectionOutput (confidence 0.01, top_k 400, NMS IoU 0.45, keep_top_k 200)
 
 def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nms_iou=0.45,
                 topk=400, max_det=200, nms="hard"):
-    """Detections per image from raw outputs, with no Python loop over images or classes.
+    """Detections per image from raw outputs (Caffe's DetectionOutput layer, torchvision's
+    SSD.postprocess_detections), with no Python loop over images or classes.
 
     Softmax; per class keep scores > score_thr, at most `topk` per class and image; class-aware
     NMS (IoU > nms_iou suppresses; nms="soft" uses Gaussian soft-NMS and its decayed scores);
@@ -383,51 +375,37 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
         raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")
     if topk < 1 or max_det < 1:
         raise ValueError(f"topk and max_det must be at least 1, got {topk} and {max_det}")
-    b, a, k1 = cls_logits.shape
-    c = k1 - 1
-    logits = cls_logits.float()  # [B, A, C+1]
-    if score_thr > 0:
-        # A trained model: few anchors can pass, so softmax and decode only those. A probability
-        # is exp(x - max) / sum with sum >= 1, so a class passes only if its logit is within
-        # ln(score_thr) of the anchor's top logit; the 0.01 margin dwarfs exp's rounding.
-        best_fg = last_dim_max(logits[..., 1:])  # [B, A]
-        near = best_fg - torch.maximum(best_fg, logits[..., 0]) > math.log(score_thr) - 0.01
-        img_near, anchor_near = near.nonzero(as_tuple=True)  # each [R]
-        if len(img_near) * 4 <= b * a:
-            # a softmax row does not depend on the other rows: same values as the full softmax
-            probs = F.softmax(logits[img_near, anchor_near], -1)[:, 1:]  # [R, C]
-            row, cls_idx = (probs > score_thr).nonzero(as_tuple=True)  # each [N]
-            img_idx, anchor_idx = img_near[row], anchor_near[row]  # (image, anchor, class) order
-            if counts(img_idx * c + cls_idx, b * c).max() <= topk:
-                # no class needs its top-k cut: every candidate goes to the NMS
-                return nms_and_scale(probs[row, cls_idx], img_idx, anchor_idx, cls_idx, c,
-                                     box_deltas, anchors, image_sizes, nms_iou, max_det, nms)
-    scores = F.softmax(logits, -1)[..., 1:]  # [B, A, C]
-    if nms == "hard" and max_det < topk * c:
-        found = best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk,
-                           max_det)
-        if found is not None:
-            return found
+    args = box_deltas, anchors, image_sizes, nms_iou, max_det, nms
+    found = _postprocess_fast(cls_logits.float(), score_thr, topk, *args)
+    if found is not None:
+        return found
+    scores = F.softmax(cls_logits.float(), -1)[..., 1:]  # [B, A, C]
+    img_idx, anchor_idx, cls_idx = _top_k_per_class(scores, score_thr, topk)  # each [N]
+    return _nms_and_scale(scores[img_idx, anchor_idx, cls_idx], img_idx, anchor_idx, cls_idx,
+                          scores.shape[2], *args)
+
+
+def _top_k_per_class(scores, score_thr, topk):
+    """(image, anchor, class) indices [N] each, in that order, of the scores [B, A, C] above
+    score_thr that are among their (image, class)'s best `topk`; at a tie on the cut the lower
+    anchors take the places left."""
     passed = scores > score_thr  # [B, A, C]
     if passed.sum(1, dtype=torch.int32).max() <= topk:  # int32: faster than int64 here
-        img_idx, anchor_idx, cls_idx = passed.nonzero(as_tuple=True)  # each [N]
-    else:
-        # e.g. an untrained model's flat softmax: the best `topk` anchors of each (image, class)
-        cut = scores.transpose(1, 2).topk(min(topk, a), dim=2).values[..., -1:]  # [B, C, 1]
-        # scores equal to the cut: the lowest anchors take the places left
-        above = scores > cut.transpose(1, 2)  # [B, A, C] surely in the top-k
-        free = topk - above.sum(1, keepdim=True)  # [B, 1, C] places left for scores == cut
-        chosen = above & passed
-        tied = (scores == cut.transpose(1, 2)) & passed  # [B, A, C]
-        if bool(tied.any()):
-            chosen |= tied & (tied.cumsum(1) <= free)
-        img_idx, anchor_idx, cls_idx = chosen.nonzero(as_tuple=True)  # each [N]
-    return nms_and_scale(scores[img_idx, anchor_idx, cls_idx], img_idx, anchor_idx, cls_idx, c,
-                         box_deltas, anchors, image_sizes, nms_iou, max_det, nms)
+        return passed.nonzero(as_tuple=True)
+    # e.g. an untrained model's flat softmax: the best `topk` anchors of each (image, class)
+    cut = scores.transpose(1, 2).topk(min(topk, scores.shape[1]), dim=2).values[..., -1:]
+    cut = cut.transpose(1, 2)  # [B, 1, C]
+    above = scores > cut  # [B, A, C] surely in the top-k
+    free = topk - above.sum(1, keepdim=True)  # [B, 1, C] places left for scores == cut
+    chosen = above & passed
+    tied = (scores == cut) & passed  # [B, A, C]
+    if bool(tied.any()):
+        chosen |= tied & (tied.cumsum(1) <= free)
+    return chosen.nonzero(as_tuple=True)
 
 
-def nms_and_scale(cand_scores, img_idx, anchor_idx, cls_idx, num_classes, box_deltas, anchors,
-                  image_sizes, nms_iou, max_det, nms):
+def _nms_and_scale(cand_scores, img_idx, anchor_idx, cls_idx, num_classes, box_deltas, anchors,
+                   image_sizes, nms_iou, max_det, nms):
     """postprocess's last steps on candidates given as (score, image, anchor, 0-based class)
     [N] each, in (image, anchor, class) order: decode, class-aware NMS within each image, the
     best max_det per image, scaling to pixels."""
@@ -443,16 +421,67 @@ def nms_and_scale(cand_scores, img_idx, anchor_idx, cls_idx, num_classes, box_de
     img_of_kept = img_idx[kept]
     if len(image_sizes) > 1:
         by_img = img_of_kept.sort(stable=True).indices
-        by_img = by_img[rank_in_group(img_of_kept[by_img], len(image_sizes)) < max_det]
+        by_img = by_img[_rank_in_group(img_of_kept[by_img], len(image_sizes)) < max_det]
     else:  # one image (the usual call from detect.py): a plain cut, no sort
         by_img = slice(0, max_det)
     kept, img_of_kept = kept[by_img], img_of_kept[by_img]
     kept_scores = cand_scores[kept] if kept_scores is None else kept_scores[by_img]
-    return scale_to_pixels(cand_boxes[kept], kept_scores, cls_idx[kept] + 1, img_of_kept,
-                           image_sizes)
+    return _scale_to_pixels(cand_boxes[kept], kept_scores, cls_idx[kept] + 1, img_of_kept,
+                            image_sizes)
 
 
-def best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk, max_det):
+def _rank_in_group(sorted_keys, num_groups):
+    """Each entry's position among the entries with its key: sorted_keys [N] int64 in
+    0..num_groups-1, ascending -> [N] (0 for the first of each key)."""
+    n = _counts(sorted_keys, num_groups)  # [num_groups]
+    first = (n.cumsum(0) - n)[sorted_keys]  # [N] index of the key's first entry
+    return torch.arange(len(sorted_keys), device=sorted_keys.device) - first
+
+
+def _scale_to_pixels(boxes, scores, labels, img, image_sizes):
+    """Detections [K] sorted by image (then by decreasing score) -> one (boxes in pixels of the
+    image's original size, scores, labels) per image."""
+    scale = torch.tensor([[w, h, w, h] for w, h in image_sizes], dtype=torch.float32)  # [B, 4]
+    scale = scale.to(boxes.device, non_blocking=True)  # a blocking copy would wait for the GPU
+    if len(image_sizes) == 1:
+        return [(boxes * scale, scores, labels)]
+    sizes = _counts(img, len(image_sizes)).tolist()  # the one host sync of this step
+    return list(zip((boxes * scale[img]).split(sizes), scores.split(sizes), labels.split(sizes)))
+
+
+# -----------------------------------------------------------------------------------------------
+# Post-processing, fast paths (bench.py postprocess): the same detections from fewer candidates
+
+def _postprocess_fast(logits, score_thr, topk, box_deltas, anchors, image_sizes, nms_iou,
+                      max_det, nms):
+    """postprocess's answer computed on fewer candidates, or None where neither shortcut applies:
+    a trained model has few anchors that can pass score_thr (softmax and decode only those); an
+    untrained one has thousands, of which only max_det per image are kept (_best_first)."""
+    b, a, k1 = logits.shape  # logits [B, A, C+1] float32
+    c = k1 - 1
+    args = box_deltas, anchors, image_sizes, nms_iou, max_det, nms
+    if score_thr > 0:
+        # A probability is exp(x - max) / sum with sum >= 1, so a class passes only if its logit
+        # is within ln(score_thr) of the anchor's top logit; the 0.01 margin dwarfs exp's rounding.
+        best_fg = _last_dim_max(logits[..., 1:])  # [B, A]
+        near = best_fg - torch.maximum(best_fg, logits[..., 0]) > math.log(score_thr) - 0.01
+        img_near, anchor_near = near.nonzero(as_tuple=True)  # each [R]
+        if len(img_near) * 4 <= b * a:
+            # a softmax row does not depend on the other rows: same values as the full softmax
+            probs = F.softmax(logits[img_near, anchor_near], -1)[:, 1:]  # [R, C]
+            row, cls_idx = (probs > score_thr).nonzero(as_tuple=True)  # each [N]
+            img_idx, anchor_idx = img_near[row], anchor_near[row]  # (image, anchor, class) order
+            if _counts(img_idx * c + cls_idx, b * c).max() <= topk:
+                # no class needs its top-k cut: every candidate goes to the NMS
+                return _nms_and_scale(probs[row, cls_idx], img_idx, anchor_idx, cls_idx, c, *args)
+    if nms == "hard" and max_det < topk * c:
+        scores = F.softmax(logits, -1)[..., 1:]  # [B, A, C]
+        return _best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk,
+                           max_det)
+    return None
+
+
+def _best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk, max_det):
     """postprocess with hard NMS when many candidates pass (an untrained or poor model: up to
     topk * C per image) and only max_det are wanted. Each image's candidates go through the NMS
     best first (kernels.nms_rows), which stops once max_det are kept, so only the few hundred
@@ -462,7 +491,7 @@ def best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, top
     returns None (postprocess then runs the NMS on every candidate)."""
     b, a, c = scores.shape
     device = scores.device
-    best = last_dim_max(scores)  # [B, A] each anchor's top class score
+    best = _last_dim_max(scores)  # [B, A] each anchor's top class score
     v = best.topk(min(4 * max_det, a), dim=1).values[:, -1]  # [B]
     cut = v.clamp(min=score_thr)  # [B]
     img_idx, anchor_idx, cls_idx = (scores > cut.view(b, 1, 1)).nonzero(as_tuple=True)  # [N]
@@ -476,11 +505,11 @@ def best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, top
     group = (img_idx * c + cls_idx)[order]  # [N]
     by_group = group.sort(stable=True).indices  # [N]
     rank = torch.empty_like(group)
-    rank[by_group] = rank_in_group(group[by_group], b * c)
+    rank[by_group] = _rank_in_group(group[by_group], b * c)
     order = order[rank < topk]
     img_idx, anchor_idx, cls_idx = img_idx[order], anchor_idx[order], cls_idx[order]
     # one row per image, padded
-    col = rank_in_group(img_idx, b)  # [N]
+    col = _rank_in_group(img_idx, b)  # [N]
     n = int(col.max()) + 1 if len(order) else 0
     row_boxes = scores.new_zeros(b, n, 4)  # [B, n, 4]
     row_boxes[img_idx, col] = decode(box_deltas[img_idx, anchor_idx].float(),
@@ -496,34 +525,24 @@ def best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, top
     ri, ci = keep.nonzero(as_tuple=True)  # image by image, by decreasing score
     row_scores = scores.new_zeros(b, n)
     row_scores[img_idx, col] = cand_scores[order]
-    return scale_to_pixels(row_boxes[ri, ci], row_scores[ri, ci], row_labels[ri, ci] + 1, ri,
-                           image_sizes)
+    return _scale_to_pixels(row_boxes[ri, ci], row_scores[ri, ci], row_labels[ri, ci] + 1, ri,
+                            image_sizes)
 
 
-def counts(keys, num_groups):
+def _last_dim_max(x):
+    """x.amax(-1), by halving: torch's reduction over short rows (21 or 91 classes) is 1.5-2x
+    slower on CPU than these few elementwise maxima (bench.py postprocess)."""
+    while x.shape[-1] > 1:
+        half = (x.shape[-1] + 1) // 2
+        x = torch.maximum(x[..., :half], x[..., -half:])  # the halves overlap when odd: harmless
+    return x[..., 0]
+
+
+def _counts(keys, num_groups):
     """torch.bincount(keys, minlength=num_groups) for keys [N] int64 in 0..num_groups-1, without
     bincount's two host synchronisations on CUDA (it reads the keys' min and max to size its
     output); as fast on the CPU."""
     return keys.new_zeros(num_groups).scatter_add_(0, keys, torch.ones_like(keys))
-
-
-def rank_in_group(sorted_keys, num_groups):
-    """Each entry's position among the entries with its key: sorted_keys [N] int64 in
-    0..num_groups-1, ascending -> [N] (0 for the first of each key)."""
-    n = counts(sorted_keys, num_groups)  # [num_groups]
-    first = (n.cumsum(0) - n)[sorted_keys]  # [N] index of the key's first entry
-    return torch.arange(len(sorted_keys), device=sorted_keys.device) - first
-
-
-def scale_to_pixels(boxes, scores, labels, img, image_sizes):
-    """Detections [K] sorted by image (then by decreasing score) -> one (boxes in pixels of the
-    image's original size, scores, labels) per image."""
-    scale = torch.tensor([[w, h, w, h] for w, h in image_sizes], dtype=torch.float32)  # [B, 4]
-    scale = scale.to(boxes.device, non_blocking=True)  # a blocking copy would wait for the GPU
-    if len(image_sizes) == 1:
-        return [(boxes * scale, scores, labels)]
-    sizes = counts(img, len(image_sizes)).tolist()  # the one host sync of this step
-    return list(zip((boxes * scale[img]).split(sizes), scores.split(sizes), labels.split(sizes)))
 
 
 # -----------------------------------------------------------------------------------------------

@@ -355,9 +355,9 @@ def slow_postprocess(cls_logits, box_deltas, anchors, sizes, score_thr, nms_iou,
 
 
 def only_full_nms(monkeypatch):
-    """Make postprocess skip its best-first shortcut (ssd.best_first) and run the NMS on every
+    """Make postprocess skip its best-first shortcut (ssd._best_first) and run the NMS on every
     candidate, so both ways are tested on the same inputs."""
-    monkeypatch.setattr(ssd, "best_first", lambda *args: None)
+    monkeypatch.setattr(ssd, "_best_first", lambda *args: None)
 
 
 def assert_same_detections(got, ref):
@@ -417,9 +417,9 @@ def test_postprocess_trained_like_outputs_equal_slow_reference():
 
 
 def count_best_first(monkeypatch):
-    """Record what ssd.best_first returns (None: it could not finish) in the returned list."""
-    calls, real = [], ssd.best_first
-    monkeypatch.setattr(ssd, "best_first", lambda *args: calls.append(real(*args)) or calls[-1])
+    """Record what ssd._best_first returns (None: it could not finish) in the returned list."""
+    calls, real = [], ssd._best_first
+    monkeypatch.setattr(ssd, "_best_first", lambda *args: calls.append(real(*args)) or calls[-1])
     return calls
 
 
