@@ -489,7 +489,8 @@ if triton is not None:
         # one bit per column; the bits are distinct, so their sum is their OR
         bits = tl.sum(tl.where(hit, tl.full([64], 1, tl.int64)[None, :] << bit[None, :], 0), axis=1)
         out = mask_ptr + tl.load(mask_off_ptr + seg) + rows * n_words + word
-        tl.store(out, bits, mask=(rows < count) & (word < n_words))
+        # no `block & scalar` bool: Triton 3.9's interpreter turns it into int64 (not a mask)
+        tl.store(out, bits, mask=rows < tl.where(word < n_words, count, 0))
 
     @triton.jit
     def _nms_sweep_kernel(mask_ptr, count_ptr, mask_off_ptr, word_off_ptr, removed_ptr, keep_ptr,
@@ -518,7 +519,7 @@ if triton is not None:
                 inside = cols < n_words
                 hit = tl.load(removed_ptr + word_off + cols, mask=inside, other=0)  # [CHUNK]
                 for k in tl.static_range(64):  # OR in the rows of the kept boxes
-                    take = inside & (((kept >> k) & 1) != 0)
+                    take = cols < tl.where(((kept >> k) & 1) != 0, n_words, 0)  # inside & kept
                     hit = hit | tl.load(mask_base + (w * 64 + k) * n_words + cols, mask=take,
                                         other=0)
                 tl.store(removed_ptr + word_off + cols, hit, mask=inside)
