@@ -503,7 +503,9 @@ if triton is not None:
         mask_base = mask_ptr + tl.load(mask_off_ptr + seg)
         word_off = tl.load(word_off_ptr + seg)
         n_words = (count + 63) // 64
-        for w in range(0, n_words):
+        # while, not range(tensor): Triton 3.6's interpreter cannot index with a tensor on NumPy 2
+        w = 0
+        while w < n_words:
             cur = tl.load(removed_ptr + word_off + w)  # boxes of word w already suppressed
             for k in tl.static_range(64):
                 row = w * 64 + k
@@ -514,7 +516,8 @@ if triton is not None:
             kept = ~cur & valid
             tl.store(keep_ptr + word_off + w, kept)
             end = tl.where(kept != 0, n_words, w + 1)  # nothing to push when no box was kept
-            for c0 in range(w + 1, end, CHUNK):
+            c0 = w + 1
+            while c0 < end:
                 cols = c0 + tl.arange(0, CHUNK)
                 inside = cols < n_words
                 hit = tl.load(removed_ptr + word_off + cols, mask=inside, other=0)  # [CHUNK]
@@ -523,4 +526,6 @@ if triton is not None:
                     hit = hit | tl.load(mask_base + (w * 64 + k) * n_words + cols, mask=take,
                                         other=0)
                 tl.store(removed_ptr + word_off + cols, hit, mask=inside)
+                c0 += CHUNK
             tl.debug_barrier()  # the next word's load of `removed` must see these stores
+            w += 1
