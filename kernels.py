@@ -5,7 +5,11 @@ zero area, and a zero-area box has IoU 0 with everything. IoU is computed in flo
 input dtype, so float16/bfloat16 inputs give the same result as their float32 copy. The semantics
 are torchvision.ops': a box is suppressed when its IoU with a kept, higher-scoring box is
 > iou_threshold (strictly), results come by decreasing score, and equal scores keep the lower index
-first.
+first. Scores are ordered in their own dtype (float64 ties that float32 would merge stay apart) and,
+as torch.sort (so torchvision.ops.nms) does, a NaN score ranks above every other score. A box with
+a NaN or infinite coordinate never suppresses and is never suppressed: torchvision's IoU with it is
+NaN or 0, never > the threshold; box_iou gives 0 there. Soft-NMS drops NaN scores (NaN >= the
+score threshold is false).
 
 - CUDA tensors run Triton kernels: pairwise IoU, and NMS as a bitmask kernel (bit j of row i says
   "i would suppress j") followed by a greedy sweep that stays on the device, one program per label.
@@ -75,6 +79,14 @@ def _check(boxes, scores=None, labels=None):
             raise ValueError(f"{name} must be [{n}] to match boxes, got shape {tuple(t.shape)}")
 
 
+def _boxes32(b):
+    """[..., 4] boxes -> contiguous float32, a box with a NaN or infinite coordinate replaced by an
+    empty one: torchvision's IoU with such a box is NaN or 0 (never > a threshold), and an empty
+    box is how every engine here already gets that."""
+    b = b.float()
+    return torch.where(torch.isfinite(b).all(-1, keepdim=True), b, 0.0).contiguous()
+
+
 def _coords(b):
     """[N, 4] xyxy -> [5, N]: x1, y1, x2, y2 and area as rows, so gathers give contiguous rows."""
     area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
@@ -97,7 +109,7 @@ def box_iou(a, b):
     IoU(a[i], b[j])). Computed in float32; a zero-area box has IoU 0 with everything."""
     _check(a)
     _check(b)
-    a, b = a.float().contiguous(), b.float().contiguous()
+    a, b = _boxes32(a), _boxes32(b)
     if a.shape[0] == 0 or b.shape[0] == 0:
         return a.new_zeros(a.shape[0], b.shape[0])
     if _use_triton(a):
@@ -266,7 +278,7 @@ def batched_nms(boxes, scores, labels, iou_threshold):
     _check(boxes, scores, labels)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    boxes, scores = boxes.float().contiguous(), scores.float()
+    boxes = _boxes32(boxes)
     thr = _f32_threshold(iou_threshold)
     if _use_triton(boxes):
         return _nms_triton(boxes, scores, labels, thr)
@@ -332,7 +344,7 @@ def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
     b, n = labels.shape
     if n == 0 or max_kept <= 0:
         return torch.zeros(b, n, dtype=torch.bool, device=boxes.device)
-    c5 = _coords(boxes.reshape(-1, 4).float()).view(5, b, n)  # [5, B, n]
+    c5 = _coords(_boxes32(boxes.reshape(-1, 4))).view(5, b, n)  # [5, B, n]
     return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
 
 
@@ -356,7 +368,7 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
                 torch.empty(0, dtype=out_dtype, device=boxes.device))
     thr = _f32_threshold(iou_threshold)
     pad = boxes.shape[0]  # index of an empty box with score 0 that pads the rows
-    c5 = _coords(torch.cat([boxes.float(),
+    c5 = _coords(torch.cat([_boxes32(boxes),
                             boxes.new_zeros(1, 4, dtype=torch.float32)]))  # [5, N + 1]
     scores = torch.cat([scores.float(), scores.new_zeros(1, dtype=torch.float32)])  # [N + 1]
     order = _score_order(scores[:pad])

@@ -42,15 +42,23 @@ def ref_iou(a, b):
         return np.where(union > 0, inter / union, np.float32(0)).astype(np.float32)
 
 
+def ref_order(scores):
+    """torchvision's order: NaN scores first (torch.sort's descending order), then by decreasing
+    score in the scores' own precision, equal scores lower index first."""
+    s = scores.double().tolist()
+    return sorted(range(len(s)), key=lambda i: (not math.isnan(s[i]), -s[i], i))
+
+
 def ref_nms(boxes, scores, labels, thr):
-    """Greedy NMS, one box at a time: walk down (score desc, index asc), keep a box unless a kept
-    box of its label overlaps it with IoU > thr (the float32 IoU compared exactly with thr)."""
-    iou = ref_iou(boxes, boxes).astype(np.float64)
-    scores = scores.float().tolist()
+    """Greedy NMS, one box at a time: walk down ref_order, keep a box unless a kept box of its
+    label overlaps it with IoU > thr (the float32 IoU compared exactly with thr; a box with a
+    non-finite coordinate gets a NaN or infinite area, so its IoU is NaN or 0, never > thr)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        iou = ref_iou(boxes, boxes).astype(np.float64)
     labels = np.zeros(len(scores), np.int64) if labels is None else labels.numpy()
     suppressed = np.zeros(len(scores), bool)
     kept = []
-    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+    for i in ref_order(scores):
         if not suppressed[i]:
             kept.append(i)
             suppressed |= (iou[i] > thr) & (labels == labels[i])
@@ -400,3 +408,50 @@ def test_triton_on_gpu_matches_cpu(monkeypatch):
                            kernels.nms(boxes, scores, 0.45))
         assert torch.equal(kernels.box_iou(boxes.cuda(), boxes[:300].cuda()).cpu(),
                            kernels.box_iou(boxes, boxes[:300]))
+
+
+# ----------------------------------------------------------------------------- non-finite input
+def test_nan_box_suppresses_nothing_and_is_not_suppressed(path):
+    # torchvision.ops.nms keeps [0, 1] here: IoU with the NaN box is NaN, and NaN > 0.5 is false
+    boxes = torch.tensor([[0.0, 0, 10, 10], [math.nan, 0, 10, 10], [0, 0, 10, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert kernels.nms(boxes, scores, 0.5).tolist() == [0, 1]
+    assert kernels.batched_nms(boxes, scores, torch.zeros(3, dtype=torch.long), 0.5).tolist() == [0, 1]
+    keep = kernels.nms_rows(boxes[None], torch.zeros(1, 3, dtype=torch.long),
+                            torch.ones(1, 3, dtype=torch.bool), 0.5, 10)
+    assert keep.tolist() == [[True, True, False]]
+    assert kernels.box_iou(boxes, boxes)[1].tolist() == [0.0, 0.0, 0.0]
+
+
+def nonfinite_boxes(n, seed, labels):
+    """hard_boxes with NaN and infinite coordinates in some boxes and NaN / inf scores."""
+    boxes, scores, lab = hard_boxes(n, seed, labels)
+    g = torch.Generator().manual_seed(seed)
+    bad = [math.nan, math.inf, -math.inf]
+    for i, k in enumerate(torch.randint(0, n, (n // 8,), generator=g).tolist()):
+        boxes[k, i % 4] = bad[i % 3]
+    special = torch.randint(0, n, (n // 16,), generator=g)
+    scores[special] = torch.tensor([math.nan, math.inf, -math.inf])[torch.arange(len(special)) % 3]
+    return boxes, scores, lab
+
+
+@pytest.mark.parametrize("n,num_labels", [(3, 1), (200, 1), (300, 5), (1000, 1)])
+def test_nonfinite_inputs_match_reference(path, n, num_labels):
+    boxes, scores, labels = nonfinite_boxes(n, seed=n, labels=num_labels)
+    want = ref_nms(boxes, scores, labels, 0.5)
+    assert kernels.batched_nms(boxes, scores, labels, 0.5).tolist() == want
+    if num_labels == 1:
+        assert kernels.nms(boxes, scores, 0.5).tolist() == want
+    order = torch.tensor(ref_order(scores))  # torchvision's order: NaN first, then descending
+    keep = kernels.nms_rows(boxes[order][None], labels[order][None],
+                            torch.ones(1, n, dtype=torch.bool), 0.5, 10**6)
+    assert order[keep[0]].tolist() == want
+
+
+def test_float64_scores_keep_their_order(path):
+    # equal in float32, different in float64: torchvision orders them by the float64 value
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30], [20, 20, 30, 30]])
+    scores = torch.tensor([0.5, 0.5 + 1e-12, 0.25, 0.25], dtype=torch.float64)
+    assert kernels.nms(boxes, scores, 0.5).tolist() == [1, 2]
+    assert kernels.batched_nms(boxes, scores, torch.tensor([0, 0, 1, 1]), 0.5).tolist() == [1, 2]
+    assert kernels.batched_nms(boxes, scores, torch.tensor([0, 1, 2, 3]), 0.5).tolist() == [1, 0, 2, 3]
