@@ -20,7 +20,8 @@ score threshold is false).
   candidates best first and stops early (any device).
 - SSD_KERNELS=torch forces the torch code, SSD_KERNELS=triton the Triton kernels (on CPU tensors
   that needs TRITON_INTERPRET=1 set before Triton is imported, which is how the tests run them).
-Soft-NMS is sequential by nature; it is vectorised torch on every device (all labels step together).
+Soft-NMS is sequential by nature: on CUDA one Triton program per label runs its whole decay loop
+(no host sync per step); on CPU the torch code steps all labels together.
 """
 import functools
 import math
@@ -366,14 +367,24 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
     if boxes.shape[0] == 0:
         return (torch.empty(0, dtype=torch.long, device=boxes.device),
                 torch.empty(0, dtype=out_dtype, device=boxes.device))
-    thr = _f32_threshold(iou_threshold)
+    thr, boxes, scores = _f32_threshold(iou_threshold), _boxes32(boxes), scores.float()
+    run = _soft_nms_triton if _use_triton(boxes) else _soft_nms_torch
+    keep, new_scores = run(boxes, scores, labels, sigma, score_threshold, method == "linear", thr)
+    order = torch.argsort(keep)  # unique indices: any sort is stable here
+    keep, new_scores = keep[order], new_scores[order]
+    order = _score_order(new_scores)
+    return keep[order], new_scores[order].to(out_dtype)
+
+
+def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
+    """soft_nms in torch, all labels of a size class stepping together; returns the picked
+    (indices, new scores), in no particular order."""
     pad = boxes.shape[0]  # index of an empty box with score 0 that pads the rows
-    c5 = _coords(torch.cat([_boxes32(boxes),
-                            boxes.new_zeros(1, 4, dtype=torch.float32)]))  # [5, N + 1]
-    scores = torch.cat([scores.float(), scores.new_zeros(1, dtype=torch.float32)])  # [N + 1]
+    c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1]
+    scores = torch.cat([scores, scores.new_zeros(1)])  # [N + 1]
     order = _score_order(scores[:pad])
     groups = [order.unsqueeze(0)] if labels is None else _label_rows(labels, order, pad)
-    picked, picked_scores, picked_ok = [], [], []
+    picked, picked_scores, picked_ok = [order[:0]], [scores[:0]], [order[:0] > 0]
     for rows in groups:  # [G, n]
         rc = c5[:, rows]  # [5, G, n]
         cur = scores[rows]  # [G, n] current scores
@@ -388,20 +399,42 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
             alive.scatter_(1, best, False)
             iou = _iou(rc.gather(2, best.expand(5, -1, -1)), rc).squeeze(1)  # [G, n]
             iou = iou.nan_to_num_(0.0)
-            if method == "gaussian":
-                cur = cur * torch.exp(-(iou * iou) / sigma)
-            else:
+            if linear:
                 cur = torch.where(iou > thr, cur * (1.0 - iou), cur)
+            else:
+                cur = cur * torch.exp(-(iou * iou) / sigma)
             alive &= cur >= score_threshold
-    if not picked:
-        return (torch.empty(0, dtype=torch.long, device=boxes.device),
-                torch.empty(0, dtype=out_dtype, device=boxes.device))
     ok = torch.cat(picked_ok)
-    keep, new_scores = torch.cat(picked)[ok], torch.cat(picked_scores)[ok]
-    order = torch.argsort(keep)
-    keep, new_scores = keep[order], new_scores[order]
-    order = _score_order(new_scores)
-    return keep[order], new_scores[order].to(out_dtype)
+    return torch.cat(picked)[ok], torch.cat(picked_scores)[ok]
+
+
+def _segments(order, labels):
+    """order [N] by score -> (order by label then score, start [S], count [S]) of each label's
+    segment (one segment without labels)."""
+    if labels is None:
+        return order, order.new_zeros(1), order.new_full((1,), len(order))
+    order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
+    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]  # [S]
+    return order, counts.cumsum(0) - counts, counts
+
+
+def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr):
+    """soft_nms with one Triton program per label running the whole decay loop; returns the picked
+    (indices, new scores), in no particular order. The only host syncs are the label split and
+    the final compaction."""
+    n = boxes.shape[0]
+    order, start, counts = _segments(_score_order(scores), labels)
+    cur = scores[order].contiguous()  # [N] current scores, decayed in place by the kernel
+    pos, new = torch.empty_like(order), torch.empty_like(cur)  # [N] picks of each segment
+    picks = torch.empty_like(counts)  # [S]
+    _soft_nms_kernel[(len(counts),)](boxes[order].contiguous(), cur, start, counts, pos, new,
+                                     picks, sigma, score_threshold, thr, LINEAR=linear,
+                                     BLOCK=min(1024, triton.next_power_of_2(int(counts.max()))),
+                                     enable_fp_fusion=False)
+    segment = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device), counts,
+                                      output_size=n)  # [N]
+    ok = torch.arange(n, device=boxes.device) - start[segment] < picks[segment]  # [N] slot used
+    return order[(start[segment] + pos)[ok]], new[ok]
 
 
 def _nms_triton(boxes, scores, labels, thr):
@@ -503,6 +536,52 @@ if triton is not None:
         out = mask_ptr + tl.load(mask_off_ptr + seg) + rows * n_words + word
         # no `block & scalar` bool: Triton 3.9's interpreter turns it into int64 (not a mask)
         tl.store(out, bits, mask=rows < tl.where(word < n_words, count, 0))
+
+    @triton.jit
+    def _soft_nms_kernel(boxes_ptr, cur_ptr, start_ptr, count_ptr, pos_ptr, new_ptr, picks_ptr,
+                         sigma, score_thr, iou_thr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
+        """Soft-NMS of one segment (a label, boxes by decreasing score): pick the best live score
+        (first in segment order among equals), record it, decay the others, until none is live.
+        A picked box's score becomes NaN (NaN >= score_thr is false), so it is never live again."""
+        seg = tl.program_id(0)
+        start = tl.load(start_ptr + seg)
+        count = tl.load(count_ptr + seg)
+        box, cur = boxes_ptr + start * 4, cur_ptr + start
+        lane = tl.arange(0, BLOCK)
+        picks = count * 0
+        go = count > 0
+        while go:
+            best, best_val = count * 0 - 1, tl.full([], -float("inf"), tl.float32)
+            c0 = 0
+            while c0 < count:  # best live score of the segment
+                col = c0 + lane
+                s = tl.load(cur + col, mask=col < count, other=float("nan"))  # [BLOCK]
+                s = tl.where(s >= score_thr, s, -float("inf"))
+                m = tl.max(s, axis=0)
+                better = tl.where(m >= score_thr, m > best_val, False)  # strict: earlier wins ties
+                best = tl.where(better, c0 + tl.argmax(s, axis=0), best)
+                best_val = tl.where(better, m, best_val)
+                c0 += BLOCK
+            go = best >= 0
+            tl.store(pos_ptr + start + picks, best, mask=go)
+            tl.store(new_ptr + start + picks, best_val, mask=go)
+            picks += go.to(picks.dtype)
+            end = tl.where(go, count, 0)
+            row = tl.where(go, best, 0) + tl.arange(0, 1)  # [1]
+            c0 = 0
+            while c0 < end:  # decay the segment by its overlap with the pick
+                col = c0 + lane
+                iou = tl.sum(_iou_tile(box, box, row, col, count, count), axis=0)  # [BLOCK]
+                s = tl.load(cur + col, mask=col < count, other=0.0)
+                if LINEAR:
+                    s = tl.where(iou > iou_thr, s * (1.0 - iou), s)
+                else:
+                    s = s * tl.exp(-tl.math.div_rn(iou * iou, sigma))
+                s = tl.where(col == best, float("nan"), s)
+                tl.store(cur + col, s, mask=col < count)
+                c0 += BLOCK
+            tl.debug_barrier()  # the next pick must see the decayed scores
+        tl.store(picks_ptr + seg, picks)
 
     @triton.jit
     def _nms_sweep_kernel(mask_ptr, count_ptr, mask_off_ptr, word_off_ptr, removed_ptr, keep_ptr,

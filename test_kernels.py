@@ -68,10 +68,11 @@ def ref_nms(boxes, scores, labels, thr):
 def ref_soft_nms(boxes, scores, labels, sigma, score_threshold, method, iou_threshold):
     """Soft-NMS, one box at a time, in float32; ties go to the earlier box in
     (score desc, index)."""
-    iou = ref_iou(boxes, boxes)
+    with np.errstate(invalid="ignore", over="ignore"):
+        iou = ref_iou(boxes, boxes)
     cur = scores.float().numpy().copy()
     labels = [0] * len(cur) if labels is None else labels.tolist()
-    rank = {i: r for r, i in enumerate(sorted(range(len(cur)), key=lambda i: (-float(cur[i]), i)))}
+    rank = {i: r for r, i in enumerate(ref_order(scores.float()))}
     alive = {i for i in range(len(cur)) if cur[i] >= score_threshold}
     out = []
     while alive:
@@ -324,6 +325,27 @@ def test_soft_nms_matches_reference(method, n, num_labels):
     assert keep.dtype == torch.int64 and keep.tolist() == ref_keep
     np.testing.assert_allclose(new.numpy(), ref_new, rtol=1e-5)
     assert (new[:-1] >= new[1:]).all()
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+@pytest.mark.parametrize("n,num_labels", [(64, 1), (120, 5)])
+def test_soft_nms_engines_match_reference_and_each_other(path, monkeypatch, method, n, num_labels):
+    # the Triton kernel (interpreted) and the torch code: same kept set, order and decayed scores
+    # as the reference, also with non-finite boxes and NaN / inf scores
+    boxes, scores = smooth_boxes(n, seed=n)
+    boxes[:: n // 4] = boxes[1:: n // 4]  # duplicates: IoU 1
+    _, _, labels = nonfinite_boxes(n, seed=n, labels=num_labels)
+    boxes[5, 2], boxes[9, 1], scores[3], scores[7], scores[11] = math.nan, math.inf, math.nan, \
+        math.inf, -math.inf
+    args = dict(sigma=0.5, score_threshold=0.05, method=method, iou_threshold=0.3)
+    keep, new = kernels.soft_nms(boxes, scores, labels, **args)
+    ref_keep, ref_new = ref_soft_nms(boxes, scores, labels, 0.5, 0.05, method, 0.3)
+    assert keep.tolist() == ref_keep
+    np.testing.assert_allclose(new.numpy(), ref_new, rtol=1e-5)
+    monkeypatch.setenv("SSD_KERNELS", "torch")
+    torch_keep, torch_new = kernels.soft_nms(boxes, scores, labels, **args)
+    assert torch.equal(keep, torch_keep)
+    np.testing.assert_allclose(new.numpy(), torch_new.numpy(), rtol=1e-6)
 
 
 def test_soft_nms_known_values():
