@@ -80,16 +80,12 @@ def _check(boxes, scores=None, labels=None):
             raise ValueError(f"{name} must be [{n}] to match boxes, got shape {tuple(t.shape)}")
 
 
-def _boxes32(b):
-    """[..., 4] boxes -> contiguous float32, a box with a NaN or infinite coordinate replaced by an
-    empty one: torchvision's IoU with such a box is NaN or 0 (never > a threshold), and an empty
-    box is how every engine here already gets that."""
-    b = b.float()
-    return torch.where(torch.isfinite(b).all(-1, keepdim=True), b, 0.0).contiguous()
-
-
 def _coords(b):
-    """[N, 4] xyxy -> [5, N]: x1, y1, x2, y2 and area as rows, so gathers give contiguous rows."""
+    """[N, 4] xyxy -> [5, N] float32: x1, y1, x2, y2 and area as rows, so gathers give contiguous
+    rows. A box with a NaN or infinite coordinate becomes an empty box (as _load_box does): its
+    IoU in torchvision is NaN or 0, never > a threshold, and an empty box's is 0 here."""
+    b = b.float()
+    b = torch.where(torch.isfinite(b).all(1, keepdim=True), b, 0.0)
     area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
     return torch.cat([b.t(), area.unsqueeze(0)])
 
@@ -110,7 +106,7 @@ def box_iou(a, b):
     IoU(a[i], b[j])). Computed in float32; a zero-area box has IoU 0 with everything."""
     _check(a)
     _check(b)
-    a, b = _boxes32(a), _boxes32(b)
+    a, b = a.float().contiguous(), b.float().contiguous()
     if a.shape[0] == 0 or b.shape[0] == 0:
         return a.new_zeros(a.shape[0], b.shape[0])
     if _use_triton(a):
@@ -279,7 +275,7 @@ def batched_nms(boxes, scores, labels, iou_threshold):
     _check(boxes, scores, labels)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    boxes = _boxes32(boxes)
+    boxes = boxes.float().contiguous()
     thr = _f32_threshold(iou_threshold)
     if _use_triton(boxes):
         return _nms_triton(boxes, scores, labels, thr)
@@ -345,7 +341,7 @@ def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
     b, n = labels.shape
     if n == 0 or max_kept <= 0:
         return torch.zeros(b, n, dtype=torch.bool, device=boxes.device)
-    c5 = _coords(_boxes32(boxes.reshape(-1, 4))).view(5, b, n)  # [5, B, n]
+    c5 = _coords(boxes.reshape(-1, 4)).view(5, b, n)  # [5, B, n]
     return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
 
 
@@ -367,7 +363,7 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
     if boxes.shape[0] == 0:
         return (torch.empty(0, dtype=torch.long, device=boxes.device),
                 torch.empty(0, dtype=out_dtype, device=boxes.device))
-    thr, boxes, scores = _f32_threshold(iou_threshold), _boxes32(boxes), scores.float()
+    thr, boxes, scores = _f32_threshold(iou_threshold), boxes.float().contiguous(), scores.float()
     run = _soft_nms_triton if _use_triton(boxes) else _soft_nms_torch
     keep, new_scores = run(boxes, scores, labels, sigma, score_threshold, method == "linear", thr)
     order = torch.argsort(keep)  # unique indices: any sort is stable here
@@ -442,59 +438,65 @@ def _nms_triton(boxes, scores, labels, thr):
     each label is a segment with its own bitmask and its own sweep program, so labels run in
     parallel and never compare with each other. If label sizes are very uneven (padding the grid to
     the largest label would waste work), all boxes form one segment and the kernel compares
-    labels."""
+    labels. The sweep marks the kept boxes in score order, so one boolean index (the only host
+    sync without labels) gives the result by score: 2 kernels and a sort and gather around them."""
     device, n = boxes.device, boxes.shape[0]
-    order = _score_order(scores)
+    score_order = _score_order(scores)  # [N]
     rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
-    if labels is None:
-        counts = torch.tensor([n], device=device)
-    else:
-        order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
-        _, counts = torch.unique_consecutive(labels[order], return_counts=True)  # [S]
-    words = (counts + 63) // 64  # [S] 64-bit mask words per row of each segment
-    useful = (counts + rows_per_prog - 1) // rows_per_prog * words  # [S] mask programs with work
-    nmax, useful = torch.stack([counts.max(), useful.sum()]).tolist()  # one host sync
-    grid_programs = len(counts) * triton.cdiv(nmax, rows_per_prog) * triton.cdiv(nmax, 64)
-    compare_labels = labels is not None and grid_programs > 4 * useful + 4096
-    if compare_labels:
-        counts = torch.tensor([n], device=device)
-        words, nmax = (counts + 63) // 64, n
-    sizes = counts * words  # [S] mask words per segment
-    start, mask_off, word_off = (c.cumsum(0) - c for c in (counts, sizes, words))
-    total_words = int(words.sum())
-    mask = torch.empty(int(sizes.sum()), dtype=torch.long, device=device)
+    segmented = labels is not None
+    if segmented:
+        perm = torch.sort(labels[score_order], stable=True).indices  # [N] by label, then score
+        order, start, counts = _segments(score_order, labels)
+        words = (counts + 63) // 64  # [S] 64-bit mask words per row of each segment
+        useful = (counts + rows_per_prog - 1) // rows_per_prog * words  # [S] busy mask programs
+        nmax, useful = torch.stack([counts.max(), useful.sum()]).tolist()  # one host sync
+        grid_programs = len(counts) * triton.cdiv(nmax, rows_per_prog) * triton.cdiv(nmax, 64)
+        segmented = grid_programs <= 4 * useful + 4096
+    if segmented:
+        sizes = counts * words  # [S] mask words per segment
+        meta = torch.stack([start, counts, sizes.cumsum(0) - sizes, words.cumsum(0) - words])
+        total_words, total_size = torch.stack([words.sum(), sizes.sum()]).tolist()  # [4, S]
+    else:  # one segment: everything is known on the host
+        order, nmax, meta = score_order if labels is None else score_order[perm], n, boxes
+        total_words = triton.cdiv(n, 64)
+        total_size = n * total_words
+    mask = torch.empty(total_size, dtype=torch.long, device=device)
     removed = torch.zeros(total_words, dtype=torch.long, device=device)
-    keep_words = torch.empty(total_words, dtype=torch.long, device=device)
-    sorted_labels = (labels[order].contiguous() if compare_labels
-                     else counts)  # unread without labels
-    grid = (len(counts), triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))
-    _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, start, counts, mask_off, mask,
-                           thr, COMPARE_LABELS=compare_labels, ROWS=rows_per_prog,
+    flags = torch.zeros(n, dtype=torch.uint8, device=device)  # [N] kept, in score order
+    compare = labels is not None and not segmented
+    sorted_labels = labels[order].contiguous() if compare else boxes  # unread without `compare`
+    segments = meta.shape[1] if segmented else 1
+    grid = (segments, triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))
+    _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, meta, segments, n, mask, thr,
+                           COMPARE_LABELS=compare, SEGMENTED=segmented, ROWS=rows_per_prog,
                            enable_fp_fusion=False)
-    _nms_sweep_kernel[(len(counts),)](mask, counts, mask_off, word_off, removed, keep_words,
-                                        CHUNK=32 if boxes.is_cuda else 512)
-    segment = torch.repeat_interleave(torch.arange(len(counts), device=device), counts,
-                                      output_size=n)
-    pos = torch.arange(n, device=device) - start[segment]  # [N] position within its segment
-    kept = (keep_words[word_off[segment] + pos // 64] >> (pos % 64)) & 1  # [N]
-    kept = order[kept.bool()]
-    return kept if labels is None else _by_score(kept, scores)
+    _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed,
+                                   perm if labels is not None else flags, flags,
+                                   SEGMENTED=segmented, PERMUTED=labels is not None,
+                                   CHUNK=32 if boxes.is_cuda else 512)
+    return score_order[flags.view(torch.bool)]
 
 
 if triton is not None:
 
     @triton.jit
+    def _load_box(ptr, idx, n):
+        """Boxes idx (< n) of an [n, 4] array as 4 blocks; a box with a NaN or infinite coordinate
+        (or past n) is loaded as the empty box 0, 0, 0, 0 (see _coords)."""
+        x1 = tl.load(ptr + idx * 4 + 0, mask=idx < n, other=0.0)
+        y1 = tl.load(ptr + idx * 4 + 1, mask=idx < n, other=0.0)
+        x2 = tl.load(ptr + idx * 4 + 2, mask=idx < n, other=0.0)
+        y2 = tl.load(ptr + idx * 4 + 3, mask=idx < n, other=0.0)
+        inf = float("inf")
+        ok = (tl.abs(x1) < inf) & (tl.abs(y1) < inf) & (tl.abs(x2) < inf) & (tl.abs(y2) < inf)
+        return (tl.where(ok, x1, 0.0), tl.where(ok, y1, 0.0), tl.where(ok, x2, 0.0),
+                tl.where(ok, y2, 0.0))
+
+    @triton.jit
     def _iou_tile(a_ptr, b_ptr, rows, cols, n, m):
         """IoU of a[rows] with b[cols] -> [len(rows), len(cols)] float32, 0 where both are empty."""
-        ra, cb = rows < n, cols < m
-        ax1 = tl.load(a_ptr + rows * 4 + 0, mask=ra, other=0.0)
-        ay1 = tl.load(a_ptr + rows * 4 + 1, mask=ra, other=0.0)
-        ax2 = tl.load(a_ptr + rows * 4 + 2, mask=ra, other=0.0)
-        ay2 = tl.load(a_ptr + rows * 4 + 3, mask=ra, other=0.0)
-        bx1 = tl.load(b_ptr + cols * 4 + 0, mask=cb, other=0.0)
-        by1 = tl.load(b_ptr + cols * 4 + 1, mask=cb, other=0.0)
-        bx2 = tl.load(b_ptr + cols * 4 + 2, mask=cb, other=0.0)
-        by2 = tl.load(b_ptr + cols * 4 + 3, mask=cb, other=0.0)
+        ax1, ay1, ax2, ay2 = _load_box(a_ptr, rows, n)
+        bx1, by1, bx2, by2 = _load_box(b_ptr, cols, m)
         w = tl.minimum(ax2[:, None], bx2[None, :]) - tl.maximum(ax1[:, None], bx1[None, :])
         h = tl.minimum(ay2[:, None], by2[None, :]) - tl.maximum(ay1[:, None], by1[None, :])
         inter = tl.maximum(w, 0.0) * tl.maximum(h, 0.0)  # [len(rows), len(cols)]
@@ -513,13 +515,20 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * m + cols[None, :], iou, mask=inside)
 
     @triton.jit
-    def _nms_mask_kernel(boxes_ptr, labels_ptr, start_ptr, count_ptr, mask_off_ptr, mask_ptr, thr,
-                         COMPARE_LABELS: tl.constexpr, ROWS: tl.constexpr):
+    def _segment(meta_ptr, seg, segments, n, SEGMENTED: tl.constexpr):
+        """start, count, mask offset and word offset of segment seg (see _nms_triton)."""
+        if SEGMENTED:
+            return (tl.load(meta_ptr + seg), tl.load(meta_ptr + segments + seg),
+                    tl.load(meta_ptr + 2 * segments + seg), tl.load(meta_ptr + 3 * segments + seg))
+        else:
+            return 0, n, 0, 0
+
+    @triton.jit(do_not_specialize=["segments", "n"])
+    def _nms_mask_kernel(boxes_ptr, labels_ptr, meta_ptr, segments, n, mask_ptr, thr,
+                         COMPARE_LABELS: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr):
         """Segment s, rows block r, word w: mask[row, w] bit b = box (row) would suppress box
         (w*64 + b) of the same segment: it comes later in score order and IoU > thr."""
-        seg = tl.program_id(0)
-        start = tl.load(start_ptr + seg)
-        count = tl.load(count_ptr + seg)
+        start, count, mask_off, _ = _segment(meta_ptr, tl.program_id(0), segments, n, SEGMENTED)
         n_words = (count + 63) // 64
         rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         word = tl.program_id(2).to(tl.int64)
@@ -533,9 +542,52 @@ if triton is not None:
             hit = hit & (la[:, None] == lb[None, :])
         # one bit per column; the bits are distinct, so their sum is their OR
         bits = tl.sum(tl.where(hit, tl.full([64], 1, tl.int64)[None, :] << bit[None, :], 0), axis=1)
-        out = mask_ptr + tl.load(mask_off_ptr + seg) + rows * n_words + word
+        out = mask_ptr + mask_off + rows * n_words + word
         # no `block & scalar` bool: Triton 3.9's interpreter turns it into int64 (not a mask)
         tl.store(out, bits, mask=rows < tl.where(word < n_words, count, 0))
+
+    @triton.jit(do_not_specialize=["segments", "n"])
+    def _nms_sweep_kernel(mask_ptr, meta_ptr, segments, n, removed_ptr, perm_ptr, flags_ptr,
+                          SEGMENTED: tl.constexpr, PERMUTED: tl.constexpr, CHUNK: tl.constexpr):
+        """Greedy pass over one segment's mask, 64 boxes (one word) at a time: resolve the word's
+        boxes in order against its diagonal word, then OR the kept rows into `removed` for the
+        later words. Sets flags[perm[start + i]] (flags[i] if not PERMUTED) for each kept box i."""
+        seg = tl.program_id(0)
+        start, count, mask_off, word_off = _segment(meta_ptr, seg, segments, n, SEGMENTED)
+        mask_base = mask_ptr + mask_off
+        n_words = (count + 63) // 64
+        bit = tl.arange(0, 64)
+        # while, not range(tensor): Triton 3.6's interpreter cannot index with a tensor on NumPy 2
+        w = 0
+        while w < n_words:
+            cur = tl.load(removed_ptr + word_off + w)  # boxes of word w already suppressed
+            for k in tl.static_range(64):
+                row = w * 64 + k
+                diag = tl.load(mask_base + row * n_words + w, mask=row < count, other=0)
+                cur = cur | tl.where(((cur >> k) & 1) == 0, diag, 0)  # box k kept -> apply its row
+            pos = start + w * 64 + bit  # [64]
+            kept = ((cur >> bit) & 1) == 0  # [64]
+            inside = pos < start + tl.where(kept, count, 0)  # kept and in the segment
+            if PERMUTED:
+                pos = tl.load(perm_ptr + pos, mask=inside, other=0)
+            tl.store(flags_ptr + pos, tl.full([64], 1, tl.uint8), mask=inside)
+            left = tl.minimum(count - w * 64, 63)
+            valid = tl.where(count - w * 64 >= 64, -1, (tl.full([], 1, tl.int64) << left) - 1)
+            kept = ~cur & valid
+            end = tl.where(kept != 0, n_words, w + 1)  # nothing to push when no box was kept
+            c0 = w + 1
+            while c0 < end:
+                cols = c0 + tl.arange(0, CHUNK)
+                inside = cols < n_words
+                hit = tl.load(removed_ptr + word_off + cols, mask=inside, other=0)  # [CHUNK]
+                for k in tl.static_range(64):  # OR in the rows of the kept boxes
+                    take = cols < tl.where(((kept >> k) & 1) != 0, n_words, 0)  # inside & kept
+                    hit = hit | tl.load(mask_base + (w * 64 + k) * n_words + cols, mask=take,
+                                        other=0)
+                tl.store(removed_ptr + word_off + cols, hit, mask=inside)
+                c0 += CHUNK
+            tl.debug_barrier()  # the next word's load of `removed` must see these stores
+            w += 1
 
     @triton.jit
     def _soft_nms_kernel(boxes_ptr, cur_ptr, start_ptr, count_ptr, pos_ptr, new_ptr, picks_ptr,
@@ -582,41 +634,3 @@ if triton is not None:
                 c0 += BLOCK
             tl.debug_barrier()  # the next pick must see the decayed scores
         tl.store(picks_ptr + seg, picks)
-
-    @triton.jit
-    def _nms_sweep_kernel(mask_ptr, count_ptr, mask_off_ptr, word_off_ptr, removed_ptr, keep_ptr,
-                          CHUNK: tl.constexpr):
-        """Greedy pass over one segment's mask, 64 boxes (one word) at a time: resolve the word's
-        boxes in order against its diagonal word, then OR the kept rows into `removed` for the
-        later words. Writes keep bits per word."""
-        seg = tl.program_id(0)
-        count = tl.load(count_ptr + seg)
-        mask_base = mask_ptr + tl.load(mask_off_ptr + seg)
-        word_off = tl.load(word_off_ptr + seg)
-        n_words = (count + 63) // 64
-        # while, not range(tensor): Triton 3.6's interpreter cannot index with a tensor on NumPy 2
-        w = 0
-        while w < n_words:
-            cur = tl.load(removed_ptr + word_off + w)  # boxes of word w already suppressed
-            for k in tl.static_range(64):
-                row = w * 64 + k
-                diag = tl.load(mask_base + row * n_words + w, mask=row < count, other=0)
-                cur = cur | tl.where(((cur >> k) & 1) == 0, diag, 0)  # box k kept -> apply its row
-            left = tl.minimum(count - w * 64, 63)
-            valid = tl.where(count - w * 64 >= 64, -1, (tl.full([], 1, tl.int64) << left) - 1)
-            kept = ~cur & valid
-            tl.store(keep_ptr + word_off + w, kept)
-            end = tl.where(kept != 0, n_words, w + 1)  # nothing to push when no box was kept
-            c0 = w + 1
-            while c0 < end:
-                cols = c0 + tl.arange(0, CHUNK)
-                inside = cols < n_words
-                hit = tl.load(removed_ptr + word_off + cols, mask=inside, other=0)  # [CHUNK]
-                for k in tl.static_range(64):  # OR in the rows of the kept boxes
-                    take = cols < tl.where(((kept >> k) & 1) != 0, n_words, 0)  # inside & kept
-                    hit = hit | tl.load(mask_base + (w * 64 + k) * n_words + cols, mask=take,
-                                        other=0)
-                tl.store(removed_ptr + word_off + cols, hit, mask=inside)
-                c0 += CHUNK
-            tl.debug_barrier()  # the next word's load of `removed` must see these stores
-            w += 1
