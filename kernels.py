@@ -405,13 +405,13 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
 
 
 def _segments(order, labels):
-    """order [N] by score -> (order by label then score, start [S], count [S]) of each label's
-    segment (one segment without labels)."""
+    """order [N] by score -> (order by label then score, perm [N] with order = the given
+    order[perm], start [S], count [S]) of each label's segment (one segment without labels)."""
     if labels is None:
-        return order, order.new_zeros(1), order.new_full((1,), len(order))
-    order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
-    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]  # [S]
-    return order, counts.cumsum(0) - counts, counts
+        return order, None, order.new_zeros(1), order.new_full((1,), len(order))
+    perm = torch.sort(labels[order], stable=True).indices  # [N] by label, then by score
+    counts = torch.unique_consecutive(labels[order[perm]], return_counts=True)[1]  # [S]
+    return order[perm], perm, counts.cumsum(0) - counts, counts
 
 
 def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr):
@@ -419,7 +419,7 @@ def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr)
     (indices, new scores), in no particular order. The only host syncs are the label split and
     the final compaction."""
     n = boxes.shape[0]
-    order, start, counts = _segments(_score_order(scores), labels)
+    order, _, start, counts = _segments(_score_order(scores), labels)
     cur = scores[order].contiguous()  # [N] current scores, decayed in place by the kernel
     pos, new = torch.empty_like(order), torch.empty_like(cur)  # [N] picks of each segment
     picks = torch.empty_like(counts)  # [S]
@@ -445,24 +445,24 @@ def _nms_triton(boxes, scores, labels, thr):
     rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
     segmented = labels is not None
     if segmented:
-        perm = torch.sort(labels[score_order], stable=True).indices  # [N] by label, then score
-        order, start, counts = _segments(score_order, labels)
+        order, perm, start, counts = _segments(score_order, labels)
         words = (counts + 63) // 64  # [S] 64-bit mask words per row of each segment
+        sizes = counts * words  # [S] mask words per segment
         useful = (counts + rows_per_prog - 1) // rows_per_prog * words  # [S] busy mask programs
-        nmax, useful = torch.stack([counts.max(), useful.sum()]).tolist()  # one host sync
+        nmax, useful, total_words, total_size = torch.stack(
+            [counts.max(), useful.sum(), words.sum(), sizes.sum()]).tolist()  # one host sync
         grid_programs = len(counts) * triton.cdiv(nmax, rows_per_prog) * triton.cdiv(nmax, 64)
         segmented = grid_programs <= 4 * useful + 4096
     if segmented:
-        sizes = counts * words  # [S] mask words per segment
         meta = torch.stack([start, counts, sizes.cumsum(0) - sizes, words.cumsum(0) - words])
-        total_words, total_size = torch.stack([words.sum(), sizes.sum()]).tolist()  # [4, S]
     else:  # one segment: everything is known on the host
-        order, nmax, meta = score_order if labels is None else score_order[perm], n, boxes
+        order, nmax, meta = order if labels is not None else score_order, n, boxes
         total_words = triton.cdiv(n, 64)
         total_size = n * total_words
     mask = torch.empty(total_size, dtype=torch.long, device=device)
-    removed = torch.zeros(total_words, dtype=torch.long, device=device)
-    flags = torch.zeros(n, dtype=torch.uint8, device=device)  # [N] kept, in score order
+    scratch = torch.zeros(total_words * 8 + n, dtype=torch.uint8, device=device)  # one memset
+    removed = scratch[: total_words * 8].view(torch.long)  # [W] suppressed boxes, 64 a word
+    flags = scratch[total_words * 8:]  # [N] kept, in score order
     compare = labels is not None and not segmented
     sorted_labels = labels[order].contiguous() if compare else boxes  # unread without `compare`
     segments = meta.shape[1] if segmented else 1
