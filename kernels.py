@@ -425,7 +425,8 @@ def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr)
     pos, new = torch.empty_like(order), torch.empty_like(cur)  # [N] picks of each segment
     picks = torch.empty_like(counts)  # [S]
     _soft_nms_kernel[(len(counts),)](boxes[order].contiguous(), cur, start, counts, pos, new,
-                                     picks, sigma, score_threshold, thr, LINEAR=linear,
+                                     picks, float(sigma), float(score_threshold), thr,
+                                     LINEAR=linear,
                                      BLOCK=min(1024, triton.next_power_of_2(int(counts.max()))),
                                      enable_fp_fusion=False)
     segment = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device), counts,
@@ -568,10 +569,10 @@ if triton is not None:
                 cur = cur | tl.where(((cur >> k) & 1) == 0, diag, 0)  # box k kept -> apply its row
             pos = start + w * 64 + bit  # [64]
             kept = ((cur >> bit) & 1) == 0  # [64]
-            inside = pos < start + tl.where(kept, count, 0)  # kept and in the segment
+            mine = pos < start + tl.where(kept, count, 0)  # kept and in the segment
             if PERMUTED:
-                pos = tl.load(perm_ptr + pos, mask=inside, other=0)
-            tl.store(flags_ptr + pos, tl.full([64], 1, tl.uint8), mask=inside)
+                pos = tl.load(perm_ptr + pos, mask=mine, other=0)
+            tl.store(flags_ptr + pos, tl.full([64], 1, tl.uint8), mask=mine)
             left = tl.minimum(count - w * 64, 63)
             valid = tl.where(count - w * 64 >= 64, -1, (tl.full([], 1, tl.int64) << left) - 1)
             kept = ~cur & valid
