@@ -3,6 +3,7 @@ CPU, see conftest.py) against slow, obviously-correct references written with nu
 import importlib.util
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -417,6 +418,47 @@ def test_import_and_run_without_triton(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- real GPU
+COMPILE_FOR_GPU = """
+import itertools, sys
+import kernels
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+target = GPUTarget("cuda", 90, 32)  # H100 / H200
+backend = make_backend(target)
+options = backend.parse_options({"enable_fp_fusion": False})
+for name, types, fixed, flags in [
+        ("_iou_kernel", "*fp32 *fp32 *fp32 i32 i32", dict(BLOCK_N=64, BLOCK_M=64), []),
+        ("_nms_mask_kernel", "*fp32 *i64 *i64 i32 i32 *i64 fp32", dict(ROWS=64),
+         ["COMPARE_LABELS", "SEGMENTED"]),
+        ("_nms_sweep_kernel", "*i64 *i64 i32 i32 *i64 *i64 *u8", dict(CHUNK=32),
+         ["SEGMENTED", "PERMUTED"]),
+        ("_soft_nms_kernel", "*fp32 *fp32 *i64 *i64 *i64 *fp32 *i64 fp32 fp32 fp32",
+         dict(BLOCK=512), ["LINEAR"])]:
+    fn = getattr(kernels, name)
+    for values in itertools.product([False, True], repeat=len(flags)):
+        const = dict(fixed, **dict(zip(flags, values)))
+        sig = dict(zip(fn.arg_names, types.split() + ["constexpr"] * len(const)))
+        context = ir.context()
+        ir.load_dialects(context)
+        backend.load_dialects(context)
+        ASTSource(fn=fn, signature=sig, constexprs=const).make_ir(
+            target, options, backend.get_codegen_implementation(options),
+            backend.get_module_map(), context)
+"""
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
+def test_kernels_compile_for_the_gpu():
+    # the interpreter runs code that the GPU compiler refuses (e.g. a loop-carried variable that
+    # changes shape): build every kernel variant's Triton IR for a CUDA target, which needs no GPU,
+    # in a process without the interpreter
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True,
+                         text=True, cwd=Path(kernels.__file__).parent, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @needs_gpu
 def test_triton_on_gpu_matches_cpu(monkeypatch):
     monkeypatch.delenv("SSD_KERNELS", raising=False)  # CUDA tensors take the Triton kernels
