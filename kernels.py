@@ -535,18 +535,22 @@ if triton is not None:
         rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         word = tl.program_id(2).to(tl.int64)
         bit = tl.arange(0, 64).to(tl.int64)
-        cols = word * 64 + bit
-        iou = _iou_tile(boxes_ptr + start * 4, boxes_ptr + start * 4, rows, cols, count, count)
-        hit = (iou > thr) & (cols[None, :] > rows[:, None])  # [ROWS, 64]
-        if COMPARE_LABELS:
-            la = tl.load(labels_ptr + start + rows, mask=rows < count, other=0)
-            lb = tl.load(labels_ptr + start + cols, mask=cols < count, other=0)
-            hit = hit & (la[:, None] == lb[None, :])
-        # one bit per column; the bits are distinct, so their sum is their OR
-        bits = tl.sum(tl.where(hit, tl.full([64], 1, tl.int64)[None, :] << bit[None, :], 0), axis=1)
-        out = mask_ptr + mask_off + rows * n_words + word
-        # no `block & scalar` bool: Triton 3.9's interpreter turns it into int64 (not a mask)
-        tl.store(out, bits, mask=rows < tl.where(word < n_words, count, 0))
+        # words left of the diagonal (all columns before all rows) are never read: skipped
+        if word * 64 + 63 >= tl.program_id(1) * ROWS:
+            cols = word * 64 + bit
+            box = boxes_ptr + start * 4
+            iou = _iou_tile(box, box, rows, cols, count, count)  # [ROWS, 64]
+            hit = (iou > thr) & (cols[None, :] > rows[:, None])  # [ROWS, 64]
+            if COMPARE_LABELS:
+                la = tl.load(labels_ptr + start + rows, mask=rows < count, other=0)
+                lb = tl.load(labels_ptr + start + cols, mask=cols < count, other=0)
+                hit = hit & (la[:, None] == lb[None, :])
+            # one bit per column; the bits are distinct, so their sum is their OR
+            one = tl.full([64], 1, tl.int64)
+            bits = tl.sum(tl.where(hit, one[None, :] << bit[None, :], 0), axis=1)  # [ROWS]
+            out = mask_ptr + mask_off + rows * n_words + word
+            # no `block & scalar` bool: Triton 3.9's interpreter turns it into int64 (not a mask)
+            tl.store(out, bits, mask=rows < tl.where(word < n_words, count, 0))
 
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_sweep_kernel(mask_ptr, meta_ptr, segments, n, removed_ptr, perm_ptr, flags_ptr,
