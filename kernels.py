@@ -8,11 +8,13 @@ are torchvision.ops': a box is suppressed when its IoU with a kept, higher-scori
 first. Scores are ordered in their own dtype (float64 ties that float32 would merge stay apart) and,
 as torch.sort (so torchvision.ops.nms) does, a NaN score ranks above every other score. A box with
 a NaN or infinite coordinate never suppresses and is never suppressed: torchvision's IoU with it is
-NaN or 0, never > the threshold; box_iou gives 0 there. Soft-NMS drops NaN scores (NaN >= the
-score threshold is false).
+NaN or 0, never > the threshold; box_iou gives 0 there. Soft-NMS decays scores in float32 and
+drops NaN scores (NaN >= the score threshold is false).
 
 - CUDA tensors run Triton kernels: pairwise IoU, and NMS as a bitmask kernel (bit j of row i says
-  "i would suppress j") followed by a greedy sweep that stays on the device, one program per label.
+  "i would suppress j") followed by a greedy sweep that stays on the device, one program per label,
+  and flags the kept boxes in score order (single-class NMS: one host sync, at the end). The
+  kernels run under Triton's interpreter (3.6 to 3.9) and compile for CUDA (tested without a GPU).
 - CPU tensors run vectorised torch code (exact greedy NMS in chunks; see `_greedy_nms_rows`,
   `_sweep_rows` for the many small labels of SSD's per-class NMS, and
   `_greedy_nms_band` for a trained model's few hundred candidates). `nms_rows` is the NMS of
