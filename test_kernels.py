@@ -472,6 +472,18 @@ def test_triton_on_gpu_matches_cpu(monkeypatch):
                            kernels.nms(boxes, scores, 0.45))
         assert torch.equal(kernels.box_iou(boxes.cuda(), boxes[:300].cuda()).cpu(),
                            kernels.box_iou(boxes, boxes[:300]))
+        boxes, scores, labels = nonfinite_boxes(n, seed=n, labels=num_labels)
+        want = kernels.batched_nms(boxes, scores, labels, 0.5)
+        assert torch.equal(
+            kernels.batched_nms(boxes.cuda(), scores.cuda(), labels.cuda(), 0.5).cpu(), want)
+        assert torch.equal(kernels.nms(boxes.cuda(), scores.cuda(), 0.5).cpu(),
+                           kernels.nms(boxes, scores, 0.5))
+        if n <= 8000:  # Soft-NMS: the kernel against the torch engine
+            boxes, scores = smooth_boxes(n, seed=n)
+            keep, new = kernels.soft_nms(boxes.cuda(), scores.cuda(), labels.cuda())
+            ref_keep, ref_new = kernels.soft_nms(boxes, scores, labels)
+            assert torch.equal(keep.cpu(), ref_keep)
+            torch.testing.assert_close(new.cpu(), ref_new, rtol=1e-5, atol=0)
 
 
 # ----------------------------------------------------------------------------- non-finite input
