@@ -433,8 +433,9 @@ def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr)
                                      enable_fp_fusion=False)
     segment = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device), counts,
                                       output_size=n)  # [N]
-    ok = torch.arange(n, device=boxes.device) - start[segment] < picks[segment]  # [N] slot used
-    return order[(start[segment] + pos)[ok]], new[ok]
+    used = torch.arange(n, device=boxes.device) - start[segment] < picks[segment]  # [N]
+    used = used.nonzero().squeeze(1)  # [K] one host sync
+    return order[start[segment[used]] + pos[used]], new[used]
 
 
 def _nms_triton(boxes, scores, labels, thr):
