@@ -409,6 +409,9 @@ def same_keep(a, b):
     return torch.equal(a.sort().values, b.sort().values)
 
 
+SOFT_NMS_GPU_TARGET_MS = 2.0
+
+
 def same_soft(a, b):
     # same picks in the same order, scores within float32 rounding of exp
     return torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], rtol=1e-5, atol=0)
@@ -448,6 +451,9 @@ def bench_kernels(device, args):
             f"soft_nms {method} SSD300 {SSD_CLASSES[0]} classes (N={len(boxes)})",
             partial(kernels.soft_nms, boxes, scores, labels, method=method), None, device, args,
             same_soft))
+        if device.type == "cuda":  # the Triton kernel's goal on an H100 / H200 class GPU
+            rows[-1].update(target=f"<= {SOFT_NMS_GPU_TARGET_MS:g} ms",
+                            ok=rows[-1]["ms"] <= SOFT_NMS_GPU_TARGET_MS)
     return rows
 
 
