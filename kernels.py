@@ -87,7 +87,7 @@ def _coords(b):
     rows. A box with a NaN or infinite coordinate becomes an empty box (as _load_box does): its
     IoU in torchvision is NaN or 0, never > a threshold, and an empty box's is 0 here."""
     b = b.float()
-    if b.is_cuda or not b.sum().isfinite():  # a finite sum: all finite (a sync, free on CPU)
+    if b.is_cuda or not math.isfinite(b.sum().item()):  # finite sum: all finite (1 us on CPU)
         b = torch.where(torch.isfinite(b).all(1, keepdim=True), b, 0.0)
     area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
     return torch.cat([b.t(), area.unsqueeze(0)])
