@@ -432,7 +432,7 @@ for name, types, fixed, flags in [
         ("_iou_kernel", "*fp32 *fp32 *fp32 i32 i32", dict(BLOCK_N=64, BLOCK_M=64), []),
         ("_nms_mask_kernel", "*fp32 *i64 *i64 i32 i32 *i64 fp32", dict(ROWS=64),
          ["COMPARE_LABELS", "SEGMENTED"]),
-        ("_nms_sweep_kernel", "*i64 *i64 i32 i32 *i64 *i64 *u8", dict(CHUNK=32),
+        ("_nms_sweep_kernel", "*i64 *i64 i32 i32 *i64 *i64 *u8", dict(CHUNK=128),
          ["SEGMENTED", "PERMUTED"]),
         ("_soft_nms_kernel", "*fp32 *fp32 *i64 *i64 *i64 *fp32 *i64 fp32 fp32 fp32",
          dict(BLOCK=512), ["LINEAR"])]:
