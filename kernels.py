@@ -5,10 +5,16 @@ zero area, and a zero-area box has IoU 0 with everything. IoU is computed in flo
 input dtype, so float16/bfloat16 inputs give the same result as their float32 copy. The semantics
 are torchvision.ops': a box is suppressed when its IoU with a kept, higher-scoring box is
 > iou_threshold (strictly), results come by decreasing score, and equal scores keep the lower index
-first.
+first. Scores are ordered in their own dtype (float64 ties that float32 would merge stay apart) and,
+as torch.sort (so torchvision.ops.nms) does, a NaN score ranks above every other score. A box with
+a NaN or infinite coordinate never suppresses and is never suppressed: torchvision's IoU with it is
+NaN or 0, never > the threshold; box_iou gives 0 there. Soft-NMS decays scores in float32 and
+drops NaN scores (NaN >= the score threshold is false).
 
 - CUDA tensors run Triton kernels: pairwise IoU, and NMS as a bitmask kernel (bit j of row i says
-  "i would suppress j") followed by a greedy sweep that stays on the device, one program per label.
+  "i would suppress j") followed by a greedy sweep that stays on the device, one program per label,
+  and flags the kept boxes in score order (single-class NMS: one host sync, at the end). The
+  kernels run under Triton's interpreter (3.6 to 3.9) and compile for CUDA (tested without a GPU).
 - CPU tensors run vectorised torch code (exact greedy NMS in chunks; see `_greedy_nms_rows`,
   `_sweep_rows` for the many small labels of SSD's per-class NMS, and
   `_greedy_nms_band` for a trained model's few hundred candidates). `nms_rows` is the NMS of
@@ -16,7 +22,8 @@ first.
   candidates best first and stops early (any device).
 - SSD_KERNELS=torch forces the torch code, SSD_KERNELS=triton the Triton kernels (on CPU tensors
   that needs TRITON_INTERPRET=1 set before Triton is imported, which is how the tests run them).
-Soft-NMS is sequential by nature; it is vectorised torch on every device (all labels step together).
+Soft-NMS is sequential by nature: on CUDA one Triton program per label runs its whole decay loop
+(no host sync per step); on CPU the torch code steps all labels together.
 """
 import functools
 import math
@@ -76,7 +83,12 @@ def _check(boxes, scores=None, labels=None):
 
 
 def _coords(b):
-    """[N, 4] xyxy -> [5, N]: x1, y1, x2, y2 and area as rows, so gathers give contiguous rows."""
+    """[N, 4] xyxy -> [5, N] float32: x1, y1, x2, y2 and area as rows, so gathers give contiguous
+    rows. A box with a NaN or infinite coordinate becomes an empty box (as _load_box does): its
+    IoU in torchvision is NaN or 0, never > a threshold, and an empty box's is 0 here."""
+    b = b.float()
+    if b.is_cuda or not math.isfinite(b.sum().item()):  # finite sum: all finite (1 us on CPU)
+        b = torch.where(torch.isfinite(b).all(1, keepdim=True), b, 0.0)
     area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
     return torch.cat([b.t(), area.unsqueeze(0)])
 
@@ -266,7 +278,7 @@ def batched_nms(boxes, scores, labels, iou_threshold):
     _check(boxes, scores, labels)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    boxes, scores = boxes.float().contiguous(), scores.float()
+    boxes = boxes.float().contiguous()
     thr = _f32_threshold(iou_threshold)
     if _use_triton(boxes):
         return _nms_triton(boxes, scores, labels, thr)
@@ -332,7 +344,7 @@ def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
     b, n = labels.shape
     if n == 0 or max_kept <= 0:
         return torch.zeros(b, n, dtype=torch.bool, device=boxes.device)
-    c5 = _coords(boxes.reshape(-1, 4).float()).view(5, b, n)  # [5, B, n]
+    c5 = _coords(boxes.reshape(-1, 4)).view(5, b, n)  # [5, B, n]
     return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
 
 
@@ -354,14 +366,24 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
     if boxes.shape[0] == 0:
         return (torch.empty(0, dtype=torch.long, device=boxes.device),
                 torch.empty(0, dtype=out_dtype, device=boxes.device))
-    thr = _f32_threshold(iou_threshold)
+    thr, boxes, scores = _f32_threshold(iou_threshold), boxes.float().contiguous(), scores.float()
+    run = _soft_nms_triton if _use_triton(boxes) else _soft_nms_torch
+    keep, new_scores = run(boxes, scores, labels, sigma, score_threshold, method == "linear", thr)
+    order = torch.argsort(keep)  # unique indices: any sort is stable here
+    keep, new_scores = keep[order], new_scores[order]
+    order = _score_order(new_scores)
+    return keep[order], new_scores[order].to(out_dtype)
+
+
+def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
+    """soft_nms in torch, all labels of a size class stepping together; returns the picked
+    (indices, new scores), in no particular order."""
     pad = boxes.shape[0]  # index of an empty box with score 0 that pads the rows
-    c5 = _coords(torch.cat([boxes.float(),
-                            boxes.new_zeros(1, 4, dtype=torch.float32)]))  # [5, N + 1]
-    scores = torch.cat([scores.float(), scores.new_zeros(1, dtype=torch.float32)])  # [N + 1]
+    c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1]
+    scores = torch.cat([scores, scores.new_zeros(1)])  # [N + 1]
     order = _score_order(scores[:pad])
     groups = [order.unsqueeze(0)] if labels is None else _label_rows(labels, order, pad)
-    picked, picked_scores, picked_ok = [], [], []
+    picked, picked_scores, picked_ok = [order[:0]], [scores[:0]], [order[:0] > 0]
     for rows in groups:  # [G, n]
         rc = c5[:, rows]  # [5, G, n]
         cur = scores[rows]  # [G, n] current scores
@@ -376,20 +398,44 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
             alive.scatter_(1, best, False)
             iou = _iou(rc.gather(2, best.expand(5, -1, -1)), rc).squeeze(1)  # [G, n]
             iou = iou.nan_to_num_(0.0)
-            if method == "gaussian":
-                cur = cur * torch.exp(-(iou * iou) / sigma)
-            else:
+            if linear:
                 cur = torch.where(iou > thr, cur * (1.0 - iou), cur)
+            else:
+                cur = cur * torch.exp(-(iou * iou) / sigma)
             alive &= cur >= score_threshold
-    if not picked:
-        return (torch.empty(0, dtype=torch.long, device=boxes.device),
-                torch.empty(0, dtype=out_dtype, device=boxes.device))
     ok = torch.cat(picked_ok)
-    keep, new_scores = torch.cat(picked)[ok], torch.cat(picked_scores)[ok]
-    order = torch.argsort(keep)
-    keep, new_scores = keep[order], new_scores[order]
-    order = _score_order(new_scores)
-    return keep[order], new_scores[order].to(out_dtype)
+    return torch.cat(picked)[ok], torch.cat(picked_scores)[ok]
+
+
+def _segments(order, labels):
+    """order [N] by score -> (order by label then score, perm [N] with order = the given
+    order[perm], start [S], count [S]) of each label's segment (one segment without labels)."""
+    if labels is None:
+        return order, None, order.new_zeros(1), order.new_full((1,), len(order))
+    perm = torch.sort(labels[order], stable=True).indices  # [N] by label, then by score
+    counts = torch.unique_consecutive(labels[order[perm]], return_counts=True)[1]  # [S]
+    return order[perm], perm, counts.cumsum(0) - counts, counts
+
+
+def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr):
+    """soft_nms with one Triton program per label running the whole decay loop; returns the picked
+    (indices, new scores), in no particular order. The only host syncs are the label split and
+    the final compaction."""
+    n = boxes.shape[0]
+    order, _, start, counts = _segments(_score_order(scores), labels)
+    cur = scores[order].contiguous()  # [N] current scores, decayed in place by the kernel
+    pos, new = torch.empty_like(order), torch.empty_like(cur)  # [N] picks of each segment
+    picks = torch.empty_like(counts)  # [S]
+    _soft_nms_kernel[(len(counts),)](boxes[order].contiguous(), cur, start, counts, pos, new,
+                                     picks, float(sigma), float(score_threshold), thr,
+                                     LINEAR=linear,
+                                     BLOCK=min(1024, triton.next_power_of_2(int(counts.max()))),
+                                     enable_fp_fusion=False)
+    segment = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device), counts,
+                                      output_size=n)  # [N]
+    used = torch.arange(n, device=boxes.device) - start[segment] < picks[segment]  # [N]
+    used = used.nonzero().squeeze(1)  # [K] one host sync
+    return order[start[segment[used]] + pos[used]], new[used]
 
 
 def _nms_triton(boxes, scores, labels, thr):
@@ -397,59 +443,67 @@ def _nms_triton(boxes, scores, labels, thr):
     each label is a segment with its own bitmask and its own sweep program, so labels run in
     parallel and never compare with each other. If label sizes are very uneven (padding the grid to
     the largest label would waste work), all boxes form one segment and the kernel compares
-    labels."""
+    labels. The sweep marks the kept boxes in score order, so one boolean index (the only host
+    sync without labels) gives the result by score: 2 kernels and a sort and gather around them."""
     device, n = boxes.device, boxes.shape[0]
-    order = _score_order(scores)
+    score_order = _score_order(scores)  # [N]
     rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
-    if labels is None:
-        counts = torch.tensor([n], device=device)
-    else:
-        order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
-        _, counts = torch.unique_consecutive(labels[order], return_counts=True)  # [S]
-    words = (counts + 63) // 64  # [S] 64-bit mask words per row of each segment
-    useful = (counts + rows_per_prog - 1) // rows_per_prog * words  # [S] mask programs with work
-    nmax, useful = torch.stack([counts.max(), useful.sum()]).tolist()  # one host sync
-    grid_programs = len(counts) * triton.cdiv(nmax, rows_per_prog) * triton.cdiv(nmax, 64)
-    compare_labels = labels is not None and grid_programs > 4 * useful + 4096
-    if compare_labels:
-        counts = torch.tensor([n], device=device)
-        words, nmax = (counts + 63) // 64, n
-    sizes = counts * words  # [S] mask words per segment
-    start, mask_off, word_off = (c.cumsum(0) - c for c in (counts, sizes, words))
-    total_words = int(words.sum())
-    mask = torch.empty(int(sizes.sum()), dtype=torch.long, device=device)
-    removed = torch.zeros(total_words, dtype=torch.long, device=device)
-    keep_words = torch.empty(total_words, dtype=torch.long, device=device)
-    sorted_labels = (labels[order].contiguous() if compare_labels
-                     else counts)  # unread without labels
-    grid = (len(counts), triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))
-    _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, start, counts, mask_off, mask,
-                           thr, COMPARE_LABELS=compare_labels, ROWS=rows_per_prog,
+    segmented = labels is not None
+    if segmented:
+        order, perm, start, counts = _segments(score_order, labels)
+        words = (counts + 63) // 64  # [S] 64-bit mask words per row of each segment
+        sizes = counts * words  # [S] mask words per segment
+        useful = (counts + rows_per_prog - 1) // rows_per_prog * words  # [S] busy mask programs
+        nmax, useful, total_words, total_size = torch.stack(
+            [counts.max(), useful.sum(), words.sum(), sizes.sum()]).tolist()  # one host sync
+        grid_programs = len(counts) * triton.cdiv(nmax, rows_per_prog) * triton.cdiv(nmax, 64)
+        segmented = grid_programs <= 4 * useful + 4096
+    if segmented:
+        meta = torch.stack([start, counts, sizes.cumsum(0) - sizes, words.cumsum(0) - words])
+    else:  # one segment: everything is known on the host
+        order, nmax, meta = order if labels is not None else score_order, n, boxes
+        total_words = triton.cdiv(n, 64)
+        total_size = n * total_words
+    mask = torch.empty(total_size, dtype=torch.long, device=device)
+    scratch = torch.zeros(total_words * 8 + n, dtype=torch.uint8, device=device)  # one memset
+    removed = scratch[: total_words * 8].view(torch.long)  # [W] suppressed boxes, 64 a word
+    flags = scratch[total_words * 8:]  # [N] kept, in score order
+    compare = labels is not None and not segmented
+    sorted_labels = labels[order].contiguous() if compare else boxes  # unread without `compare`
+    segments = meta.shape[1] if segmented else 1
+    grid = (segments, triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))
+    _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, meta, segments, n, mask, thr,
+                           COMPARE_LABELS=compare, SEGMENTED=segmented, ROWS=rows_per_prog,
                            enable_fp_fusion=False)
-    _nms_sweep_kernel[(len(counts),)](mask, counts, mask_off, word_off, removed, keep_words,
-                                        CHUNK=32 if boxes.is_cuda else 512)
-    segment = torch.repeat_interleave(torch.arange(len(counts), device=device), counts,
-                                      output_size=n)
-    pos = torch.arange(n, device=device) - start[segment]  # [N] position within its segment
-    kept = (keep_words[word_off[segment] + pos // 64] >> (pos % 64)) & 1  # [N]
-    kept = order[kept.bool()]
-    return kept if labels is None else _by_score(kept, scores)
+    # CHUNK: later words the sweep updates per step; 128 (a word per thread of 4 warps) leaves a
+    # 20,000-box sweep ~1 latency-bound step per word instead of ~5 at 32
+    _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed,
+                                   perm if labels is not None else flags, flags,
+                                   SEGMENTED=segmented, PERMUTED=labels is not None,
+                                   CHUNK=128 if boxes.is_cuda else 512)
+    return score_order[flags.view(torch.bool)]
 
 
 if triton is not None:
 
     @triton.jit
+    def _load_box(ptr, idx, n):
+        """Boxes idx (< n) of an [n, 4] array as 4 blocks; a box with a NaN or infinite coordinate
+        (or past n) is loaded as the empty box 0, 0, 0, 0 (see _coords)."""
+        x1 = tl.load(ptr + idx * 4 + 0, mask=idx < n, other=0.0)
+        y1 = tl.load(ptr + idx * 4 + 1, mask=idx < n, other=0.0)
+        x2 = tl.load(ptr + idx * 4 + 2, mask=idx < n, other=0.0)
+        y2 = tl.load(ptr + idx * 4 + 3, mask=idx < n, other=0.0)
+        inf = float("inf")
+        ok = (tl.abs(x1) < inf) & (tl.abs(y1) < inf) & (tl.abs(x2) < inf) & (tl.abs(y2) < inf)
+        return (tl.where(ok, x1, 0.0), tl.where(ok, y1, 0.0), tl.where(ok, x2, 0.0),
+                tl.where(ok, y2, 0.0))
+
+    @triton.jit
     def _iou_tile(a_ptr, b_ptr, rows, cols, n, m):
         """IoU of a[rows] with b[cols] -> [len(rows), len(cols)] float32, 0 where both are empty."""
-        ra, cb = rows < n, cols < m
-        ax1 = tl.load(a_ptr + rows * 4 + 0, mask=ra, other=0.0)
-        ay1 = tl.load(a_ptr + rows * 4 + 1, mask=ra, other=0.0)
-        ax2 = tl.load(a_ptr + rows * 4 + 2, mask=ra, other=0.0)
-        ay2 = tl.load(a_ptr + rows * 4 + 3, mask=ra, other=0.0)
-        bx1 = tl.load(b_ptr + cols * 4 + 0, mask=cb, other=0.0)
-        by1 = tl.load(b_ptr + cols * 4 + 1, mask=cb, other=0.0)
-        bx2 = tl.load(b_ptr + cols * 4 + 2, mask=cb, other=0.0)
-        by2 = tl.load(b_ptr + cols * 4 + 3, mask=cb, other=0.0)
+        ax1, ay1, ax2, ay2 = _load_box(a_ptr, rows, n)
+        bx1, by1, bx2, by2 = _load_box(b_ptr, cols, m)
         w = tl.minimum(ax2[:, None], bx2[None, :]) - tl.maximum(ax1[:, None], bx1[None, :])
         h = tl.minimum(ay2[:, None], by2[None, :]) - tl.maximum(ay1[:, None], by1[None, :])
         inter = tl.maximum(w, 0.0) * tl.maximum(h, 0.0)  # [len(rows), len(cols)]
@@ -468,58 +522,126 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * m + cols[None, :], iou, mask=inside)
 
     @triton.jit
-    def _nms_mask_kernel(boxes_ptr, labels_ptr, start_ptr, count_ptr, mask_off_ptr, mask_ptr, thr,
-                         COMPARE_LABELS: tl.constexpr, ROWS: tl.constexpr):
+    def _segment(meta_ptr, seg, segments, n, SEGMENTED: tl.constexpr):
+        """start, count, mask offset and word offset of segment seg (see _nms_triton)."""
+        if SEGMENTED:
+            return (tl.load(meta_ptr + seg), tl.load(meta_ptr + segments + seg),
+                    tl.load(meta_ptr + 2 * segments + seg), tl.load(meta_ptr + 3 * segments + seg))
+        else:
+            return 0, n, 0, 0
+
+    @triton.jit(do_not_specialize=["segments", "n"])
+    def _nms_mask_kernel(boxes_ptr, labels_ptr, meta_ptr, segments, n, mask_ptr, thr,
+                         COMPARE_LABELS: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr):
         """Segment s, rows block r, word w: mask[row, w] bit b = box (row) would suppress box
         (w*64 + b) of the same segment: it comes later in score order and IoU > thr."""
-        seg = tl.program_id(0)
-        start = tl.load(start_ptr + seg)
-        count = tl.load(count_ptr + seg)
+        start, count, mask_off, _ = _segment(meta_ptr, tl.program_id(0), segments, n, SEGMENTED)
         n_words = (count + 63) // 64
         rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         word = tl.program_id(2).to(tl.int64)
         bit = tl.arange(0, 64).to(tl.int64)
-        cols = word * 64 + bit
-        iou = _iou_tile(boxes_ptr + start * 4, boxes_ptr + start * 4, rows, cols, count, count)
-        hit = (iou > thr) & (cols[None, :] > rows[:, None])  # [ROWS, 64]
-        if COMPARE_LABELS:
-            la = tl.load(labels_ptr + start + rows, mask=rows < count, other=0)
-            lb = tl.load(labels_ptr + start + cols, mask=cols < count, other=0)
-            hit = hit & (la[:, None] == lb[None, :])
-        # one bit per column; the bits are distinct, so their sum is their OR
-        bits = tl.sum(tl.where(hit, tl.full([64], 1, tl.int64)[None, :] << bit[None, :], 0), axis=1)
-        out = mask_ptr + tl.load(mask_off_ptr + seg) + rows * n_words + word
-        tl.store(out, bits, mask=(rows < count) & (word < n_words))
+        # words left of the diagonal (all columns before all rows) are never read: skipped
+        if word * 64 + 63 >= tl.program_id(1) * ROWS:
+            cols = word * 64 + bit
+            box = boxes_ptr + start * 4
+            iou = _iou_tile(box, box, rows, cols, count, count)  # [ROWS, 64]
+            hit = (iou > thr) & (cols[None, :] > rows[:, None])  # [ROWS, 64]
+            if COMPARE_LABELS:
+                la = tl.load(labels_ptr + start + rows, mask=rows < count, other=0)
+                lb = tl.load(labels_ptr + start + cols, mask=cols < count, other=0)
+                hit = hit & (la[:, None] == lb[None, :])
+            # one bit per column; the bits are distinct, so their sum is their OR
+            one = tl.full([64], 1, tl.int64)
+            bits = tl.sum(tl.where(hit, one[None, :] << bit[None, :], 0), axis=1)  # [ROWS]
+            out = mask_ptr + mask_off + rows * n_words + word
+            # no `block & scalar` bool: Triton 3.9's interpreter turns it into int64 (not a mask)
+            tl.store(out, bits, mask=rows < tl.where(word < n_words, count, 0))
 
-    @triton.jit
-    def _nms_sweep_kernel(mask_ptr, count_ptr, mask_off_ptr, word_off_ptr, removed_ptr, keep_ptr,
-                          CHUNK: tl.constexpr):
+    @triton.jit(do_not_specialize=["segments", "n"])
+    def _nms_sweep_kernel(mask_ptr, meta_ptr, segments, n, removed_ptr, perm_ptr, flags_ptr,
+                          SEGMENTED: tl.constexpr, PERMUTED: tl.constexpr, CHUNK: tl.constexpr):
         """Greedy pass over one segment's mask, 64 boxes (one word) at a time: resolve the word's
         boxes in order against its diagonal word, then OR the kept rows into `removed` for the
-        later words. Writes keep bits per word."""
+        later words. Sets flags[perm[start + i]] (flags[i] if not PERMUTED) for each kept box i."""
         seg = tl.program_id(0)
-        count = tl.load(count_ptr + seg)
-        mask_base = mask_ptr + tl.load(mask_off_ptr + seg)
-        word_off = tl.load(word_off_ptr + seg)
+        start, count, mask_off, word_off = _segment(meta_ptr, seg, segments, n, SEGMENTED)
+        mask_base = mask_ptr + mask_off
         n_words = (count + 63) // 64
-        for w in range(0, n_words):
+        bit = tl.arange(0, 64)
+        # while, not range(tensor): Triton 3.6's interpreter cannot index with a tensor on NumPy 2
+        w = 0
+        while w < n_words:
             cur = tl.load(removed_ptr + word_off + w)  # boxes of word w already suppressed
             for k in tl.static_range(64):
                 row = w * 64 + k
                 diag = tl.load(mask_base + row * n_words + w, mask=row < count, other=0)
                 cur = cur | tl.where(((cur >> k) & 1) == 0, diag, 0)  # box k kept -> apply its row
+            pos = start + w * 64 + bit  # [64]
+            kept = ((cur >> bit) & 1) == 0  # [64]
+            mine = pos < start + tl.where(kept, count, 0)  # kept and in the segment
+            if PERMUTED:
+                pos = tl.load(perm_ptr + pos, mask=mine, other=0)
+            tl.store(flags_ptr + pos, tl.full([64], 1, tl.uint8), mask=mine)
             left = tl.minimum(count - w * 64, 63)
             valid = tl.where(count - w * 64 >= 64, -1, (tl.full([], 1, tl.int64) << left) - 1)
             kept = ~cur & valid
-            tl.store(keep_ptr + word_off + w, kept)
             end = tl.where(kept != 0, n_words, w + 1)  # nothing to push when no box was kept
-            for c0 in range(w + 1, end, CHUNK):
+            c0 = w + 1
+            while c0 < end:
                 cols = c0 + tl.arange(0, CHUNK)
                 inside = cols < n_words
                 hit = tl.load(removed_ptr + word_off + cols, mask=inside, other=0)  # [CHUNK]
                 for k in tl.static_range(64):  # OR in the rows of the kept boxes
-                    take = inside & (((kept >> k) & 1) != 0)
+                    take = cols < tl.where(((kept >> k) & 1) != 0, n_words, 0)  # inside & kept
                     hit = hit | tl.load(mask_base + (w * 64 + k) * n_words + cols, mask=take,
                                         other=0)
                 tl.store(removed_ptr + word_off + cols, hit, mask=inside)
+                c0 += CHUNK
             tl.debug_barrier()  # the next word's load of `removed` must see these stores
+            w += 1
+
+    @triton.jit
+    def _soft_nms_kernel(boxes_ptr, cur_ptr, start_ptr, count_ptr, pos_ptr, new_ptr, picks_ptr,
+                         sigma, score_thr, iou_thr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
+        """Soft-NMS of one segment (a label, boxes by decreasing score): pick the best live score
+        (first in segment order among equals), record it, decay the others, until none is live.
+        A picked box's score becomes NaN (NaN >= score_thr is false), so it is never live again."""
+        seg = tl.program_id(0)
+        start = tl.load(start_ptr + seg)
+        count = tl.load(count_ptr + seg)
+        box, cur = boxes_ptr + start * 4, cur_ptr + start
+        lane = tl.arange(0, BLOCK)
+        picks = count * 0
+        go = count > 0
+        while go:
+            best, best_val = count * 0 - 1, tl.full([], -float("inf"), tl.float32)
+            c0 = 0
+            while c0 < count:  # best live score of the segment
+                col = c0 + lane
+                s = tl.load(cur + col, mask=col < count, other=float("nan"))  # [BLOCK]
+                s = tl.where(s >= score_thr, s, -float("inf"))
+                m = tl.max(s, axis=0)
+                better = tl.where(m >= score_thr, m > best_val, False)  # strict: earlier wins ties
+                best = tl.where(better, c0 + tl.argmax(s, axis=0), best)
+                best_val = tl.where(better, m, best_val)
+                c0 += BLOCK
+            go = best >= 0
+            tl.store(pos_ptr + start + picks, best, mask=go)
+            tl.store(new_ptr + start + picks, best_val, mask=go)
+            picks += go.to(picks.dtype)
+            end = tl.where(go, count, 0)
+            row = tl.where(go, best, 0) + tl.arange(0, 1)  # [1]
+            c0 = 0
+            while c0 < end:  # decay the segment by its overlap with the pick
+                col = c0 + lane
+                iou = tl.sum(_iou_tile(box, box, row, col, count, count), axis=0)  # [BLOCK]
+                s = tl.load(cur + col, mask=col < count, other=0.0)
+                if LINEAR:
+                    s = tl.where(iou > iou_thr, s * (1.0 - iou), s)
+                else:
+                    s = s * tl.exp(-tl.math.div_rn(iou * iou, sigma))
+                s = tl.where(col == best, float("nan"), s)
+                tl.store(cur + col, s, mask=col < count)
+                c0 += BLOCK
+            tl.debug_barrier()  # the next pick must see the decayed scores
+        tl.store(picks_ptr + seg, picks)

@@ -3,6 +3,7 @@ CPU, see conftest.py) against slow, obviously-correct references written with nu
 import importlib.util
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,15 +43,23 @@ def ref_iou(a, b):
         return np.where(union > 0, inter / union, np.float32(0)).astype(np.float32)
 
 
+def ref_order(scores):
+    """torchvision's order: NaN scores first (torch.sort's descending order), then by decreasing
+    score in the scores' own precision, equal scores lower index first."""
+    s = scores.double().tolist()
+    return sorted(range(len(s)), key=lambda i: (not math.isnan(s[i]), -s[i], i))
+
+
 def ref_nms(boxes, scores, labels, thr):
-    """Greedy NMS, one box at a time: walk down (score desc, index asc), keep a box unless a kept
-    box of its label overlaps it with IoU > thr (the float32 IoU compared exactly with thr)."""
-    iou = ref_iou(boxes, boxes).astype(np.float64)
-    scores = scores.float().tolist()
+    """Greedy NMS, one box at a time: walk down ref_order, keep a box unless a kept box of its
+    label overlaps it with IoU > thr (the float32 IoU compared exactly with thr; a box with a
+    non-finite coordinate gets a NaN or infinite area, so its IoU is NaN or 0, never > thr)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        iou = ref_iou(boxes, boxes).astype(np.float64)
     labels = np.zeros(len(scores), np.int64) if labels is None else labels.numpy()
     suppressed = np.zeros(len(scores), bool)
     kept = []
-    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+    for i in ref_order(scores):
         if not suppressed[i]:
             kept.append(i)
             suppressed |= (iou[i] > thr) & (labels == labels[i])
@@ -60,10 +69,11 @@ def ref_nms(boxes, scores, labels, thr):
 def ref_soft_nms(boxes, scores, labels, sigma, score_threshold, method, iou_threshold):
     """Soft-NMS, one box at a time, in float32; ties go to the earlier box in
     (score desc, index)."""
-    iou = ref_iou(boxes, boxes)
+    with np.errstate(invalid="ignore", over="ignore"):
+        iou = ref_iou(boxes, boxes)
     cur = scores.float().numpy().copy()
     labels = [0] * len(cur) if labels is None else labels.tolist()
-    rank = {i: r for r, i in enumerate(sorted(range(len(cur)), key=lambda i: (-float(cur[i]), i)))}
+    rank = {i: r for r, i in enumerate(ref_order(scores.float()))}
     alive = {i for i in range(len(cur)) if cur[i] >= score_threshold}
     out = []
     while alive:
@@ -318,6 +328,28 @@ def test_soft_nms_matches_reference(method, n, num_labels):
     assert (new[:-1] >= new[1:]).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf score * (1 - IoU 1)
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+@pytest.mark.parametrize("n,num_labels", [(64, 1), (120, 5)])
+def test_soft_nms_engines_match_reference_and_each_other(path, monkeypatch, method, n, num_labels):
+    # the Triton kernel (interpreted) and the torch code: same kept set, order and decayed scores
+    # as the reference, also with non-finite boxes and NaN / inf scores
+    boxes, scores = smooth_boxes(n, seed=n)
+    boxes[:: n // 4] = boxes[1:: n // 4]  # duplicates: IoU 1
+    _, _, labels = nonfinite_boxes(n, seed=n, labels=num_labels)
+    boxes[5, 2], boxes[9, 1], scores[3], scores[7], scores[11] = math.nan, math.inf, math.nan, \
+        math.inf, -math.inf
+    args = dict(sigma=0.5, score_threshold=0.05, method=method, iou_threshold=0.3)
+    keep, new = kernels.soft_nms(boxes, scores, labels, **args)
+    ref_keep, ref_new = ref_soft_nms(boxes, scores, labels, 0.5, 0.05, method, 0.3)
+    assert keep.tolist() == ref_keep
+    np.testing.assert_allclose(new.numpy(), ref_new, rtol=1e-5)
+    monkeypatch.setenv("SSD_KERNELS", "torch")
+    torch_keep, torch_new = kernels.soft_nms(boxes, scores, labels, **args)
+    assert torch.equal(keep, torch_keep)
+    np.testing.assert_allclose(new.numpy(), torch_new.numpy(), rtol=1e-6)
+
+
 def test_soft_nms_known_values():
     boxes = torch.tensor([[0.0, 0, 2, 1], [0, 0, 1, 1], [5, 5, 6, 6]])  # IoU(0, 1) = 1/2
     scores = torch.tensor([0.9, 0.8, 0.01])
@@ -387,6 +419,47 @@ def test_import_and_run_without_triton(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- real GPU
+COMPILE_FOR_GPU = """
+import itertools, sys
+import kernels
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+target = GPUTarget("cuda", 90, 32)  # H100 / H200
+backend = make_backend(target)
+options = backend.parse_options({"enable_fp_fusion": False})
+for name, types, fixed, flags in [
+        ("_iou_kernel", "*fp32 *fp32 *fp32 i32 i32", dict(BLOCK_N=64, BLOCK_M=64), []),
+        ("_nms_mask_kernel", "*fp32 *i64 *i64 i32 i32 *i64 fp32", dict(ROWS=64),
+         ["COMPARE_LABELS", "SEGMENTED"]),
+        ("_nms_sweep_kernel", "*i64 *i64 i32 i32 *i64 *i64 *u8", dict(CHUNK=128),
+         ["SEGMENTED", "PERMUTED"]),
+        ("_soft_nms_kernel", "*fp32 *fp32 *i64 *i64 *i64 *fp32 *i64 fp32 fp32 fp32",
+         dict(BLOCK=512), ["LINEAR"])]:
+    fn = getattr(kernels, name)
+    for values in itertools.product([False, True], repeat=len(flags)):
+        const = dict(fixed, **dict(zip(flags, values)))
+        sig = dict(zip(fn.arg_names, types.split() + ["constexpr"] * len(const)))
+        context = ir.context()
+        ir.load_dialects(context)
+        backend.load_dialects(context)
+        ASTSource(fn=fn, signature=sig, constexprs=const).make_ir(
+            target, options, backend.get_codegen_implementation(options),
+            backend.get_module_map(), context)
+"""
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
+def test_kernels_compile_for_the_gpu():
+    # the interpreter runs code that the GPU compiler refuses (e.g. a loop-carried variable that
+    # changes shape): build every kernel variant's Triton IR for a CUDA target, which needs no GPU,
+    # in a process without the interpreter
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True,
+                         text=True, cwd=Path(kernels.__file__).parent, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @needs_gpu
 def test_triton_on_gpu_matches_cpu(monkeypatch):
     monkeypatch.delenv("SSD_KERNELS", raising=False)  # CUDA tensors take the Triton kernels
@@ -400,3 +473,62 @@ def test_triton_on_gpu_matches_cpu(monkeypatch):
                            kernels.nms(boxes, scores, 0.45))
         assert torch.equal(kernels.box_iou(boxes.cuda(), boxes[:300].cuda()).cpu(),
                            kernels.box_iou(boxes, boxes[:300]))
+        boxes, scores, labels = nonfinite_boxes(n, seed=n, labels=num_labels)
+        want = kernels.batched_nms(boxes, scores, labels, 0.5)
+        assert torch.equal(
+            kernels.batched_nms(boxes.cuda(), scores.cuda(), labels.cuda(), 0.5).cpu(), want)
+        assert torch.equal(kernels.nms(boxes.cuda(), scores.cuda(), 0.5).cpu(),
+                           kernels.nms(boxes, scores, 0.5))
+        if n <= 8000:  # Soft-NMS: the kernel against the torch engine
+            boxes, scores = smooth_boxes(n, seed=n)
+            keep, new = kernels.soft_nms(boxes.cuda(), scores.cuda(), labels.cuda())
+            ref_keep, ref_new = kernels.soft_nms(boxes, scores, labels)
+            assert torch.equal(keep.cpu(), ref_keep)
+            torch.testing.assert_close(new.cpu(), ref_new, rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------------------- non-finite input
+def test_nan_box_suppresses_nothing_and_is_not_suppressed(path):
+    # torchvision.ops.nms keeps [0, 1] here: IoU with the NaN box is NaN, and NaN > 0.5 is false
+    boxes = torch.tensor([[0.0, 0, 10, 10], [math.nan, 0, 10, 10], [0, 0, 10, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert kernels.nms(boxes, scores, 0.5).tolist() == [0, 1]
+    assert kernels.batched_nms(boxes, scores, torch.zeros(3, dtype=torch.long), 0.5).tolist() == [0, 1]
+    keep = kernels.nms_rows(boxes[None], torch.zeros(1, 3, dtype=torch.long),
+                            torch.ones(1, 3, dtype=torch.bool), 0.5, 10)
+    assert keep.tolist() == [[True, True, False]]
+    assert kernels.box_iou(boxes, boxes)[1].tolist() == [0.0, 0.0, 0.0]
+
+
+def nonfinite_boxes(n, seed, labels):
+    """hard_boxes with NaN and infinite coordinates in some boxes and NaN / inf scores."""
+    boxes, scores, lab = hard_boxes(n, seed, labels)
+    g = torch.Generator().manual_seed(seed)
+    bad = [math.nan, math.inf, -math.inf]
+    for i, k in enumerate(torch.randint(0, n, (n // 8,), generator=g).tolist()):
+        boxes[k, i % 4] = bad[i % 3]
+    special = torch.randint(0, n, (n // 16,), generator=g)
+    scores[special] = torch.tensor([math.nan, math.inf, -math.inf])[torch.arange(len(special)) % 3]
+    return boxes, scores, lab
+
+
+@pytest.mark.parametrize("n,num_labels", [(3, 1), (200, 1), (300, 5), (1000, 1)])
+def test_nonfinite_inputs_match_reference(path, n, num_labels):
+    boxes, scores, labels = nonfinite_boxes(n, seed=n, labels=num_labels)
+    want = ref_nms(boxes, scores, labels, 0.5)
+    assert kernels.batched_nms(boxes, scores, labels, 0.5).tolist() == want
+    if num_labels == 1:
+        assert kernels.nms(boxes, scores, 0.5).tolist() == want
+    order = torch.tensor(ref_order(scores))  # torchvision's order: NaN first, then descending
+    keep = kernels.nms_rows(boxes[order][None], labels[order][None],
+                            torch.ones(1, n, dtype=torch.bool), 0.5, 10**6)
+    assert order[keep[0]].tolist() == want
+
+
+def test_float64_scores_keep_their_order(path):
+    # equal in float32, different in float64: torchvision orders them by the float64 value
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30], [20, 20, 30, 30]])
+    scores = torch.tensor([0.5, 0.5 + 1e-12, 0.25, 0.25], dtype=torch.float64)
+    assert kernels.nms(boxes, scores, 0.5).tolist() == [1, 2]
+    assert kernels.batched_nms(boxes, scores, torch.tensor([0, 0, 1, 1]), 0.5).tolist() == [1, 2]
+    assert kernels.batched_nms(boxes, scores, torch.tensor([0, 1, 2, 3]), 0.5).tolist() == [1, 0, 2, 3]
