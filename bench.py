@@ -49,19 +49,19 @@ BATCHES = (1, 8)
 E2E_BATCHES = {"cpu": (1,), "cuda": (1, 32)}  # 32: the paper's batch; the CPU run stays short
 PHOTO_HW = (480, 640)  # e2e input: a VOC/COCO-sized photo, uint8 RGB
 CONFIDENT_PER_IMAGE = 300  # realistic outputs: anchors a trained model is sure of, per image
-E2E_TARGET = 1.25  # issue 2: end-to-end images/s >= 1.25x torchvision's ssd300_vgg16
-POSTPROCESS_TARGET = 3.0  # issue 2: postprocess >= 3x faster than postprocess_detections
-EVAL_TARGET_MS = 2000.0  # issue 4: VOC mAP of a VOC2007-test-sized set in < 2 s on one core
+E2E_TARGET = 1.25  # end-to-end images/s >= 1.25x torchvision's ssd300_vgg16 (CPU)
+POSTPROCESS_TARGET = 3.0  # postprocess >= 3x faster than torchvision's postprocess_detections
+EVAL_TARGET_MS = 2000.0  # VOC mAP of a VOC2007-test-sized set in < 2 s on one core
 EVAL_IMAGES = 4952  # VOC2007 test
 BCCD = Path(__file__).resolve().parent.parent / "shared" / "data" / "bccd" / "BCCD"
 DATA_IMAGES = 48  # images per timed pass of the data pipeline
-TRAIN_CPU = dict(widths=(0.25, 0.125), batch=8)  # issue 7: narrow models on the CPU
+TRAIN_CPU = dict(widths=(0.25, 0.125), batch=8)  # narrow models on the CPU
 TRAIN_GPU = dict(widths=(1.0,), batch=32)  # full SSD300, the paper's batch 32, AMP bf16
 NMS_SIZES = (200, 1000, 8732, 20000)  # 8732 = SSD300's anchor count
 IOU_COLUMNS = 1000  # box_iou is timed as [N, 4] x [min(N, IOU_COLUMNS), 4]
-IOU_THRESHOLD = 0.45  # paper / Caffe NMS IoU (facts §10)
-SCORE_THRESHOLD = 0.01  # Caffe DetectionOutput confidence threshold (facts §10)
-TOPK = 400  # Caffe top_k per class before NMS (facts §10)
+IOU_THRESHOLD = 0.45  # NMS IoU of the paper and Caffe's DetectionOutput
+SCORE_THRESHOLD = 0.01  # Caffe DetectionOutput confidence threshold
+TOPK = 400  # Caffe DetectionOutput top_k per class before NMS
 SSD_CLASSES = (20, 80)  # VOC, COCO
 IMAGE_SIZE = 300.0  # kernel boxes in SSD300 input pixels
 SLOW_ROUND_S = 0.5  # cases slower than this get at most 3 timed rounds, slower than 3 s only 2

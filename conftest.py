@@ -13,12 +13,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
-
 
 @pytest.fixture
 def shared_data():
-    """Path to ../shared/data; tests that need it skip where it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not present")
-    return SHARED_DATA
+    """A folder of real samples for the optional extra tests over real data, named by the SSD_DATA
+    environment variable (bccd/BCCD in VOC layout, BCCD_Dataset on GitHub; tiny_coco/ with a COCO
+    annotation json): those tests skip without it. Every other test writes its own data."""
+    folder = Path(os.environ.get("SSD_DATA", ""))
+    if not os.environ.get("SSD_DATA") or not folder.is_dir():
+        pytest.skip("set SSD_DATA to a folder of real samples to run this test")
+    return folder
