@@ -642,11 +642,13 @@ def photometric_params(rng):
 
 
 def _shift_hue(img, degrees):
-    """Rotate the HSV hue of planar float RGB pixels [3, ...] by `degrees`, keeping each pixel's
-    max and min channel (HSV value and chroma); the same as an HSV round trip for 0-255 values.
-    Elementwise arithmetic on whole planes: numpy is slow at reductions over an axis of 3."""
-    r, g, b = img
-    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    """Rotate the HSV hue of planar float RGB pixels [..., 3, H, W] (numpy or torch) by `degrees`
+    (a number, or a tensor broadcasting to [..., H, W]), keeping each pixel's max and min channel
+    (HSV value and chroma); the same as an HSV round trip for 0-255 values. Elementwise
+    arithmetic on whole planes: numpy is slow at reductions over an axis of 3."""
+    xp = torch if torch.is_tensor(img) else np
+    r, g, b = img[..., 0, :, :], img[..., 1, :, :], img[..., 2, :, :]
+    mx, mn = xp.maximum(xp.maximum(r, g), b), xp.minimum(xp.minimum(r, g), b)
     chroma = mx - mn
     is_r = mx == r
     is_g = (mx == g) & ~is_r
@@ -654,17 +656,11 @@ def _shift_hue(img, degrees):
     # hue in sextants [-1, 5) times chroma: g-b when r is the max, b-r+2c when g, r-g+4c when b
     h = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
     h /= chroma + (chroma == 0)  # a grey pixel (chroma 0) stays grey whatever its hue
-    h += np.float32(degrees / 60.0)
-    h += np.float32(6) * (h < 0)
-    h -= np.float32(6) * (h >= 6)  # now in [0, 6)
-    out = np.empty_like(img)
-    np.subtract(np.abs(h - 3), 1, out=out[0])
-    np.subtract(2, np.abs(h - 2), out=out[1])
-    np.subtract(2, np.abs(h - 4), out=out[2])
-    np.clip(out, 0, 1, out=out)
-    out *= chroma
-    out += mn
-    return out
+    h += degrees / 60.0
+    h += 6 * (h < 0)
+    h -= 6 * (h >= 6)  # now in [0, 6)
+    out = xp.stack([xp.abs(h - 3) - 1, 2 - xp.abs(h - 2), 2 - xp.abs(h - 4)], -3)
+    return xp.clip(out, 0, 1) * chroma[..., None, :, :] + mn[..., None, :, :]
 
 
 def _distort_block(img, p):
@@ -751,6 +747,23 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
     return whole, np.ones(n, bool)
 
 
+def _sample_positions(canvas_offset, patch, flip, size):
+    """Image-pixel coordinates (xs [S], ys [S], float64) of the pixel centres that resizing the
+    canvas patch (x0, y0, x1, y1) to size x size, mirrored when `flip`, samples; clamped to the
+    patch as F.interpolate(align_corners=False) clamps to its input."""
+    left, top = canvas_offset
+    x0, y0, x1, y1 = patch
+
+    def positions(length):
+        p = (np.arange(size, dtype=np.float64) + 0.5) * (length / size) - 0.5
+        return np.clip(p, 0, length - 1)
+
+    xs = positions(x1 - x0)
+    if flip:
+        xs = (x1 - x0 - 1) - xs
+    return xs + x0 - left, positions(y1 - y0) + y0 - top
+
+
 def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
     """Network input from RGB pixels [H, W, 3] (uint8 or float, 0-255): the image sits at
     canvas_offset (left, top) on a canvas filled with `mean`; take the integer patch
@@ -759,23 +772,12 @@ def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
     -> float tensor [3, S, S].
 
     One grid_sample of (image - mean) with zero padding gives the same numbers as building the
-    mean-filled canvas, cropping, flipping and resizing; sample positions are clamped to the
-    patch as F.interpolate clamps to its input. `colour` (photometric_params) is applied to just
-    the pixels the sampling reads, which is exact because every photometric step is per pixel.
+    mean-filled canvas, cropping, flipping and resizing. `colour` (photometric_params) is applied
+    to just the pixels the sampling reads, which is exact because every photometric step is per
+    pixel.
     """
     h, w = img.shape[:2]
-    left, top = canvas_offset
-    x0, y0, x1, y1 = patch
-
-    def positions(length):  # patch pixel-centre coordinates sampled by the S output pixels
-        p = (np.arange(size, dtype=np.float64) + 0.5) * (length / size) - 0.5
-        return np.clip(p, 0, length - 1)
-
-    xs = positions(x1 - x0)
-    if flip:
-        xs = (x1 - x0 - 1) - xs
-    xs = xs + x0 - left  # image coordinates
-    ys = positions(y1 - y0) + y0 - top
+    xs, ys = _sample_positions(canvas_offset, patch, flip, size)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     # the image rows / columns bilinear sampling can touch (floor and floor + 1)
     c0, c1 = max(int(math.floor(xs.min())), 0), min(int(math.floor(xs.max())) + 2, w)
@@ -803,10 +805,13 @@ def _as_arrays(boxes, labels):
 
 
 class TrainTransform:
-    """SSD training augmentation (facts §8.1, mmdetection / amdegroot order): photometric
-    distortion -> expand (zoom out) -> min-IoU random crop -> horizontal flip 0.5 -> warp to
-    size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) ->
-    (float [3, S, S], boxes float32 [n', 4] xyxy in [0, 1], labels int64 [n']).
+    """SSD training augmentation (the SSD paper, section 2.2 and 3.6; mmdetection's and
+    amdegroot/ssd.pytorch's order): photometric distortion -> expand (zoom out) -> min-IoU random
+    crop -> horizontal flip 0.5 -> warp to size x size -> minus mean. __call__(PIL RGB image,
+    boxes px [n, 4] xyxy, labels [n]) -> (image, boxes float32 [n', 4] xyxy in [0, 1],
+    labels int64 [n']). image: float [3, S, S]; with on_device, the draws alone:
+    (uint8 pixels [H, W, 3], float64 params [10 + 2S], see _PARAMS) for augment_batch, which
+    applies them to a whole batch on the training device (the same numbers within float error).
 
     Boxes are clipped to the image first and boxes with no area dropped; after the crop only
     boxes whose centre was inside remain, clipped to the patch. An image that has boxes keeps at
@@ -817,8 +822,9 @@ class TrainTransform:
     epoch's workers draw differently, and torch.manual_seed makes a run repeatable.
     """
 
-    def __init__(self, size=300, mean=MEAN):
+    def __init__(self, size=300, mean=MEAN, on_device=False):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
+        self.on_device = on_device
         self._seed, self._rng = None, None
 
     def _generator(self):
@@ -846,10 +852,48 @@ class TrainTransform:
         pw, ph = x1 - x0, y1 - y0
         if flip:
             boxes = np.stack([pw - boxes[:, 2], boxes[:, 1], pw - boxes[:, 0], boxes[:, 3]], 1)
-        out = warp(img, (left, top), patch, flip, self.size, self.mean, colour)
+        if self.on_device:
+            channels = [0, 1, 2] if colour["channels"] is None else list(colour["channels"])
+            params = np.concatenate([[h, w] + [float(colour[k]) for k in _PARAMS[2:7]] + channels,
+                                     *_sample_positions((left, top), patch, flip, self.size)])
+            out = (torch.from_numpy(np.array(img, np.uint8)), torch.from_numpy(params))
+        else:
+            out = warp(img, (left, top), patch, flip, self.size, self.mean, colour)
         boxes = np.clip(boxes / [pw, ph, pw, ph], 0, 1).astype(np.float32)
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return out, torch.from_numpy(boxes[valid]), torch.from_numpy(labels[valid])
+
+
+# one image's draws for augment_batch, then the S x and S y sample positions
+_PARAMS = ("height", "width", "brightness", "contrast_first", "contrast", "saturation", "hue",
+           "red_from", "green_from", "blue_from")
+
+
+def augment_batch(pixels, params, mean):
+    """TrainTransform(on_device=True)'s draws applied to a batch where it lies (the GPU):
+    pixels uint8 [B, H, W, 3] (images top-left aligned, zero padded), params float64
+    [B, 10 + 2S] -> float [B, 3, S, S]. The photometric steps of _distort_block on every pixel,
+    then one grid_sample for the batch: the padding is zeroed after the mean is subtracted, so
+    samples past an image's edge read the mean fill, as warp's zero padding does."""
+    _, h, w, _ = pixels.shape
+    s = (params.shape[1] - len(_PARAMS)) // 2
+    p = params[:, :len(_PARAMS), None, None].float()  # [B, 10, 1, 1]
+    x = pixels.permute(0, 3, 1, 2).float() + p[:, 2:3]  # [B, 3, H, W], brightness
+    first, contrast, sat, hue = p[:, 3:4] > 0, p[:, 4:5], p[:, 5:6], p[:, 6]
+    x = torch.where(first, x * contrast, x)
+    v = x.amax(1, keepdim=True)  # [B, 1, H, W]: HSV value
+    x = (x - v) * sat + v
+    x = torch.where(hue[:, None] != 0, _shift_hue(x, hue), x)
+    x = torch.where(first, x, x * contrast).clamp_(0, 255)
+    x = x.gather(1, p[:, 7:10].long().expand(-1, -1, h, w))  # channel shuffle
+    x = x - torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    inside = ((torch.arange(h, device=x.device).view(1, h, 1) < p[:, 0])
+              & (torch.arange(w, device=x.device).view(1, 1, w) < p[:, 1]))  # [B, H, W]
+    x = x * inside[:, None]
+    gx = ((2 * params[:, len(_PARAMS):len(_PARAMS) + s] + 1) / w - 1).float()  # [B, S]
+    gy = ((2 * params[:, len(_PARAMS) + s:] + 1) / h - 1).float()  # [B, S]
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # [B, S, S, 2]
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class TestTransform:
@@ -910,10 +954,20 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 def collate(batch):
     """[(image, boxes, labels, index)] -> (images [B, 3, S, S], list of B boxes [n_i, 4], list of
-    B labels [n_i], indices int64 [B]); boxes and labels stay ragged lists."""
+    B labels [n_i], indices int64 [B]); boxes and labels stay ragged lists. Images that are
+    TrainTransform(on_device=True)'s (pixels, params) become (uint8 [B, H, W, 3] zero padded
+    to the largest, params [B, P]) for augment_batch."""
     images, boxes, labels, indices = zip(*batch)
-    return (torch.stack(images), list(boxes), list(labels),
-            torch.tensor(indices, dtype=torch.int64))
+    if isinstance(images[0], tuple):
+        pixels, params = zip(*images)
+        padded = torch.zeros(len(pixels), max(p.shape[0] for p in pixels),
+                             max(p.shape[1] for p in pixels), 3, dtype=torch.uint8)
+        for k, p in enumerate(pixels):
+            padded[k, :p.shape[0], :p.shape[1]] = p
+        images = (padded, torch.stack(params))
+    else:
+        images = torch.stack(images)
+    return images, list(boxes), list(labels), torch.tensor(indices, dtype=torch.int64)
 
 
 def write_shapes(folder, split="val", num_images=8):
