@@ -589,6 +589,10 @@ def build_source(name, data_root=None, split=None, train=True):
         return ShapesDetection(split or ("train" if train else "val"))
     if data_root is None:
         raise DataError(f"{name}: a data root is required (--data-root DIR)")
+    for root in data_root if isinstance(data_root, (list, tuple)) else [data_root]:
+        if not Path(root).is_dir():
+            raise DataError(f"{root}: folder does not exist" if not os.path.exists(root)
+                            else f"{root}: not a folder")
     if name == "voc":
         roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else None
         if roots is None and _is_voc_folder(Path(data_root)):
@@ -623,14 +627,15 @@ def build_source(name, data_root=None, split=None, train=True):
 
 
 # -----------------------------------------------------------------------------------------------
-# Augmentation (facts §8): photometric -> expand -> min-IoU crop -> flip -> warp -> normalise.
+# Augmentation (the SSD paper, Liu et al. 2016, section 2.2): photometric -> expand -> min-IoU
+# crop -> flip -> warp -> normalise.
 # Expand, crop, flip and resize are only geometry until the end, where one bilinear sampling of
 # the original image produces the S x S output: the 4x-expanded canvas is never built.
 
 def photometric_params(rng):
-    """Draw SSD's photometric distortion (facts §8.2, mmdetection's PhotoMetricDistortion): each
-    step with probability 0.5: brightness +U(-32, 32), contrast xU(0.5, 1.5) (before or after
-    the HSV steps, 50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle."""
+    """Draw SSD's photometric distortion (the SSD paper, section 2.2; mmdetection's
+    PhotoMetricDistortion): each step with probability 0.5: brightness +U(-32, 32), contrast
+    xU(0.5, 1.5) (before or after the HSV steps, 50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle."""
     def maybe(draw, otherwise):
         return draw() if rng.random() < 0.5 else otherwise
     return dict(brightness=maybe(lambda: rng.uniform(-32, 32), 0.0),
@@ -693,8 +698,9 @@ def photometric_distort(img, p):
 
 
 def expand_params(width, height, rng):
-    """Zoom out (facts §8.3): with probability 0.5 the image goes on a canvas r = U(1, 4) times
-    its size, filled with the mean, at a random offset. -> (canvas_w, canvas_h, left, top)."""
+    """Zoom out (the SSD paper, section 3.6): with probability 0.5 the image goes on a canvas
+    r = U(1, 4) times its size, filled with the mean, at a random offset.
+    -> (canvas_w, canvas_h, left, top)."""
     if rng.random() >= 0.5:
         return width, height, 0, 0
     r = rng.uniform(1, 4)
@@ -716,12 +722,12 @@ def _iou_with(patch, boxes):
 
 
 def min_iou_crop(boxes, width, height, rng, trials=50):
-    """SSD's IoU-constrained random crop (facts §8.4) of a width x height image with xyxy pixel
-    boxes [n, 4]. Mode uniform over CROP_MODES; up to `trials` patches with sides U(0.3, 1) of
-    the image's and h/w in [0.5, 2], integer pixel corners. A patch is accepted when at least one
+    """SSD's IoU-constrained random crop (the SSD paper, section 2.2) of a width x height image
+    with xyxy pixel boxes [n, 4]. Mode uniform over CROP_MODES; up to `trials` patches with
+    sides U(0.3, 1) of the image's and h/w in [0.5, 2], integer pixel corners. A patch is accepted when at least one
     box centre lies strictly inside it and one of those boxes has IoU >= the mode's minimum:
     Caffe's (the paper's) "any box" rule, not mmdetection's "all boxes" (which rarely lets a
-    crowded image have a tight crop, facts §15.19), taken over the kept boxes as torchvision does
+    crowded image have a tight crop), taken over the kept boxes as torchvision does
     so the overlap that justified the crop is one the network sees. An image without boxes takes
     the first patch of valid shape. When every trial fails the whole image is kept.
     -> (patch (x0, y0, x1, y1) ints, keep bool [n]: boxes whose centre is inside)."""

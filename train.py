@@ -114,7 +114,7 @@ def parse_args(argv):
                    help="data loading processes per rank (default: see default_workers)")
     p.add_argument("--augment-on", choices=("cpu", "device"),
                    help="where the augmentation runs: in the workers, or batched on the training "
-                        "device with the workers only decoding (default: device with CUDA, else cpu)")
+                        "device, the workers only decoding (default: device with CUDA, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="mixed precision on CUDA: bf16 where supported, else fp16 (default: on "
