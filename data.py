@@ -635,7 +635,8 @@ def build_source(name, data_root=None, split=None, train=True):
 def photometric_params(rng):
     """Draw SSD's photometric distortion (the SSD paper, section 2.2; mmdetection's
     PhotoMetricDistortion): each step with probability 0.5: brightness +U(-32, 32), contrast
-    xU(0.5, 1.5) (before or after the HSV steps, 50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle."""
+    xU(0.5, 1.5) (before or after the HSV steps, 50/50), saturation xU(0.5, 1.5), hue
+    +U(-18, 18) degrees, channel shuffle."""
     def maybe(draw, otherwise):
         return draw() if rng.random() < 0.5 else otherwise
     return dict(brightness=maybe(lambda: rng.uniform(-32, 32), 0.0),
@@ -724,9 +725,9 @@ def _iou_with(patch, boxes):
 def min_iou_crop(boxes, width, height, rng, trials=50):
     """SSD's IoU-constrained random crop (the SSD paper, section 2.2) of a width x height image
     with xyxy pixel boxes [n, 4]. Mode uniform over CROP_MODES; up to `trials` patches with
-    sides U(0.3, 1) of the image's and h/w in [0.5, 2], integer pixel corners. A patch is accepted when at least one
-    box centre lies strictly inside it and one of those boxes has IoU >= the mode's minimum:
-    Caffe's (the paper's) "any box" rule, not mmdetection's "all boxes" (which rarely lets a
+    sides U(0.3, 1) of the image's and h/w in [0.5, 2], integer pixel corners. A patch is
+    accepted when at least one box centre lies strictly inside it and one of those boxes has
+    IoU >= the mode's minimum: Caffe's (the paper's) "any box" rule, not mmdetection's "all boxes" (which rarely lets a
     crowded image have a tight crop), taken over the kept boxes as torchvision does
     so the overlap that justified the crop is one the network sees. An image without boxes takes
     the first patch of valid shape. When every trial fails the whole image is kept.
