@@ -730,7 +730,8 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
     IoU >= the mode's minimum: Caffe's (the paper's) "any box" rule, not mmdetection's "all
     boxes" (which rarely lets a crowded image have a tight crop), taken over the kept boxes as
     torchvision does so the overlap that justified the crop is one the network sees. An image
-    without boxes takes the first patch of valid shape. When every trial fails the whole image is kept.
+    without boxes takes the first patch of valid shape. When every trial fails the whole image
+    is kept.
     -> (patch (x0, y0, x1, y1) ints, keep bool [n]: boxes whose centre is inside)."""
     n = len(boxes)
     whole = (0, 0, width, height)
