@@ -712,14 +712,13 @@ def expand_params(width, height, rng):
 CROP_MODES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)  # None: keep the whole image; 0.0: any patch
 
 
-def _iou_with(patch, boxes):
-    """IoU of one xyxy box with boxes [n, 4] -> [n]."""
-    iw = np.clip(np.minimum(boxes[:, 2], patch[2]) - np.maximum(boxes[:, 0], patch[0]), 0, None)
-    ih = np.clip(np.minimum(boxes[:, 3], patch[3]) - np.maximum(boxes[:, 1], patch[1]), 0, None)
-    inter = iw * ih
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + (patch[2] - patch[0]) * (patch[3] - patch[1]) - inter
-    return inter / np.maximum(union, 1e-12)
+def _iou_with(patches, boxes):
+    """IoU of xyxy boxes [t, 4] with boxes [n, 4] -> [t, n]."""
+    inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
+                    - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
+    area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [t]
+    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
+    return inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)
 
 
 def min_iou_crop(boxes, width, height, rng, trials=50):
@@ -738,21 +737,20 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
     mode = CROP_MODES[rng.integers(len(CROP_MODES))]
     if mode is None:
         return whole, np.ones(n, bool)
+    # every trial drawn at once (numpy is slow one small array at a time); the first valid wins
+    w, h = rng.uniform(0.3 * width, width, trials), rng.uniform(0.3 * height, height, trials)
+    x0, y0 = rng.uniform(0, 1, trials) * (width - w), rng.uniform(0, 1, trials) * (height - h)
+    patches = np.stack([x0, y0, x0 + w, y0 + h], 1).astype(np.int64)  # [T, 4], int() rounding
+    ok = (h / w >= 0.5) & (h / w <= 2) & (patches[:, 2:] > patches[:, :2]).all(1)  # [T]
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    for _ in range(trials):
-        w, h = rng.uniform(0.3 * width, width), rng.uniform(0.3 * height, height)
-        if not 0.5 <= h / w <= 2:
-            continue
-        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-        patch = (int(x0), int(y0), int(x0 + w), int(y0 + h))
-        if patch[2] <= patch[0] or patch[3] <= patch[1]:
-            continue
-        if n == 0:
-            return patch, np.zeros(0, bool)
-        inside = (cx > patch[0]) & (cx < patch[2]) & (cy > patch[1]) & (cy < patch[3])
-        if inside.any() and _iou_with(patch, boxes[inside]).max() >= mode:
-            return patch, inside
-    return whole, np.ones(n, bool)
+    p = patches[:, :, None]  # [T, 4, 1]
+    inside = (cx > p[:, 0]) & (cx < p[:, 2]) & (cy > p[:, 1]) & (cy < p[:, 3])  # [T, n]
+    if n:
+        ok &= (inside & (_iou_with(patches, boxes) >= mode)).any(1)
+    if not ok.any():
+        return whole, np.ones(n, bool)
+    t = int(ok.argmax())
+    return tuple(int(v) for v in patches[t]), inside[t]
 
 
 def _sample_positions(canvas_offset, patch, flip, size):

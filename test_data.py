@@ -522,7 +522,7 @@ def test_min_iou_crop_centre_rule_and_iou_constraint(monkeypatch):
             # Caffe's rule over the kept boxes: one of them overlaps the patch by min_iou
             ious = [box_iou_slow(patch, b) for b in boxes[keep]]
             assert max(ious) >= min_iou - 1e-9
-    assert cropped > 200
+    assert cropped > 150  # about 200 of the 600 draws (seeds 1-3: 188-205)
     # no boxes: a patch of valid shape is taken at once
     monkeypatch.setattr(data, "CROP_MODES", (0.9,))
     patch, keep = data.min_iou_crop(np.zeros((0, 4)), 100, 80, rng)
