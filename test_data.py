@@ -672,9 +672,11 @@ def test_train_transform_random_numbers_follow_torch_seed():
     assert not torch.equal(other[0], first[0])
 
 
-def test_device_path_matches_the_cpu_path_on_the_same_draws():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device (run by .ci/gpu-check)"))])
+def test_device_path_matches_the_cpu_path_on_the_same_draws(device):
     # images of several sizes (padded into one batch), boxes near the edges, many seeds: every
-    # photometric step, expand, crop and flip occur; augment_batch runs here on CPU tensors
+    # photometric step, expand, crop and flip occur; augment_batch runs on CPU tensors in CI
     rng = np.random.default_rng(0)
     sizes = [(64, 48), (50, 70), (80, 40), (33, 33), (71, 52), (40, 60)] * 4
     cpu, dev = data.TrainTransform(40), data.TrainTransform(40, on_device=True)
@@ -696,7 +698,7 @@ def test_device_path_matches_the_cpu_path_on_the_same_draws():
     p = dict(zip(data._PARAMS, params[:, :len(data._PARAMS)].T))
     assert (p["hue"] != 0).any() and (p["saturation"] != 1).any() and (p["brightness"] != 0).any()
     assert (p["red_from"] != 0).any()  # a channel shuffle
-    out = data.augment_batch(pixels, params, cpu.mean)
+    out = data.augment_batch(pixels.to(device), params.to(device), cpu.mean).cpu()
     assert out.shape == (len(sizes), 3, 40, 40)
     reference = torch.stack([x for x, _, _ in want])  # [B, 3, S, S]
     assert (out - reference).abs().max() < 0.01  # 0-255 scale: float rounding only
