@@ -111,7 +111,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, help="linear warmup iterations "
                    f"(default per --data: {per_data('warmup')})")
     p.add_argument("--workers", type=int,
-                   help="data loading processes per rank (default: see default_workers)")
+                   help="data loading processes per rank (default: the process's share of the "
+                        "cores less one, at most 8; without CUDA a quarter of the share)")
     p.add_argument("--augment-on", choices=("cpu", "device"),
                    help="where the augmentation runs: in the workers, or batched on the training "
                         "device, the workers only decoding (default: device with CUDA, else cpu)")
