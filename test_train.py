@@ -180,7 +180,7 @@ def test_help_shows_the_defaults_per_data_set(capsys):
                     "shapes 0.003)",
                     "(default per --data: voc 500, coco 500, shapes 50)",
                     "(default per --data: voc 1, coco 1, shapes 0.0625)",
-                    "input size (default: 300)", "per rank (default: 2)",
+                    "input size (default: 300)", "per rank (default: the process's share of the cores",
                     "augmentation (default: 0)", "log lines (default: 20)"):
         assert default in text
     for key in ("epochs", "batch_size", "warmup", "width"):  # the help follows the table
