@@ -358,19 +358,24 @@ def bench_pipeline(device, args):
             argv = ["--data", "voc", "--data-root", folder, "--epochs", "1000", "--eval-every",
                     "0", "--max-steps", str(steps), "--log-every", str(window), "--out", out,
                     "--gpus", "1" if device.type == "cuda" else "0", *flags]
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                code = train.main(argv)
+            batch = int(flags[3])
+            name = f"width {flags[1]} b={batch} augment on {flags[5]}" + " compile" * (
+                "--compile" in flags)
+            try:
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    code = train.main(argv)
+            except Exception as e:  # e.g. torch.compile without a compiler: a row, not a crash
+                code = f"{type(e).__name__}: {e}".splitlines()[0]
             if code != 0:
-                raise RuntimeError(f"train.py {' '.join(argv)} failed:\n{log.getvalue()}")
+                print(log.getvalue(), file=sys.stderr)
+                rows.append(row("pipeline", name, None, failed=f"train.py exit {code}"))
+                continue
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 timed = [r for r in map(json.loads, f) if "images_per_s" in r][1:]
             seconds = [window / r["images_per_s"] for r in timed]  # each window's s / batch
-            batch = int(flags[3])
             wait = sum(r["data_wait"] * t for r, t in zip(timed, seconds)) / sum(seconds)
-            rows.append(row("pipeline", f"width {flags[1]} b={batch} augment on {flags[5]}"
-                            + " compile" * ("--compile" in flags),
-                            sum(seconds) * batch * 1e3 / (window * len(timed)), images=batch,
-                            data_wait=wait, steps=steps,
+            rows.append(row("pipeline", name, sum(seconds) * batch * 1e3 / (window * len(timed)),
+                            images=batch, data_wait=wait, steps=steps,
                             workers=train.default_workers(device.type == "cuda", 1)))
     return rows
 
@@ -520,7 +525,7 @@ def print_table(rows):
         same = {True: "yes", False: "NO", None: "-"}[r["same"]]
         note = (f"torch {r['torch_ms']:.2f} ms" if r.get("default_path") == "triton" else
                 f"data wait {r['data_wait']:.0%}, {r['workers']} workers" if "workers" in r else
-                f"mAP {r['map_11point']:.3f}" if "map_11point" in r else "")
+                f"mAP {r['map_11point']:.3f}" if "map_11point" in r else r.get("failed", ""))
         print(f"{r['name']:<46}{cell(r['ms'], '.2f', 11)}{cell(r['torchvision_ms'], '.2f', 11)}"
               f"{cell(r['speedup'], '.2f', 9)}{cell(r['images_per_s'], '.1f', 9)}  {same:<4}  "
               f"{target:<13} {note}")
