@@ -368,7 +368,8 @@ def bench_pipeline(device, args):
                 code = f"{type(e).__name__}: {e}".splitlines()[0]
             if code != 0:
                 print(log.getvalue(), file=sys.stderr)
-                rows.append(row("pipeline", name, None, failed=f"train.py exit {code}"))
+                rows.append(row("pipeline", name, float("nan"), target="train.py runs", ok=False,
+                                failed=f"train.py exit {code}"))
                 continue
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 timed = [r for r in map(json.loads, f) if "images_per_s" in r][1:]
