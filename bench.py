@@ -7,16 +7,18 @@ needed; its columns show "-" without it). Every figure is a median over repeats.
 
 Sections (one function each, `bench_<section>(device, args) -> list of rows`): model (forward),
 postprocess, e2e (uint8 photos -> detections), data (pipeline per worker), train (SGD steps),
-eval (VOC mAP), kernels (box_iou / nms / batched_nms / soft_nms, torch and Triton engines). A row:
-section, name, ms (ours), torchvision_ms, speedup (torchvision_ms / ms: > 1 means ours is
-faster), images_per_s, target (text) and ok (whether it holds), same (ours equals torchvision's).
-Model, e2e and train use torch's default threads (all cores; --threads overrides); the other
-sections are single-core figures and run on 1 thread, as torchvision's C++ NMS does.
+pipeline (train.py's loop on JPEGs: images/s and data wait), eval (VOC mAP), kernels (box_iou /
+nms / batched_nms / soft_nms, torch and Triton engines). A row: section, name, ms (ours),
+torchvision_ms, speedup (torchvision_ms / ms: > 1 means ours is faster), images_per_s, target
+(text) and ok (whether it holds), same (ours equals torchvision's).
+Model, e2e, train and pipeline use torch's default threads (all cores; --threads overrides); the
+other sections are single-core figures and run on 1 thread, as torchvision's C++ NMS does.
 """
 import argparse
 import contextlib
 import copy
 import functools
+import io
 import json
 import os
 import platform
@@ -25,7 +27,6 @@ import sys
 import tempfile
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -34,6 +35,7 @@ import data
 import evaluate
 import kernels
 import ssd
+import train
 import weights
 
 try:
@@ -44,7 +46,7 @@ except Exception:  # only used for comparison
     torchvision = None
 
 # ----------------------------------------------------------------------------- config
-SECTIONS = ("model", "postprocess", "e2e", "data", "train", "eval", "kernels")
+SECTIONS = ("model", "postprocess", "e2e", "data", "train", "pipeline", "eval", "kernels")
 BATCHES = (1, 8)
 E2E_BATCHES = {"cpu": (1,), "cuda": (1, 32)}  # 32: the paper's batch; the CPU run stays short
 PHOTO_HW = (480, 640)  # e2e input: a VOC/COCO-sized photo, uint8 RGB
@@ -53,8 +55,16 @@ E2E_TARGET = 1.25  # end-to-end images/s >= 1.25x torchvision's ssd300_vgg16 (CP
 POSTPROCESS_TARGET = 3.0  # postprocess >= 3x faster than torchvision's postprocess_detections
 EVAL_TARGET_MS = 2000.0  # VOC mAP of a VOC2007-test-sized set in < 2 s on one core
 EVAL_IMAGES = 4952  # VOC2007 test
-BCCD = Path(__file__).resolve().parent.parent / "shared" / "data" / "bccd" / "BCCD"
 DATA_IMAGES = 48  # images per timed pass of the data pipeline
+DECODE_TARGET = 200.0  # images/s per core a decode-only worker (--augment-on device) must give
+# train.py runs: (flags, steps, log window); the first window (workers starting, warm-up) is left
+# out. Full width on the GPU (--gpus 1, AMP bf16 by default); a narrow model on the CPU, where the
+# batched augmentation is memory-bound at full resolution and only the worker path is timed.
+PIPELINE = dict(
+    cpu=[(["--width", "0.125", "--batch-size", "8", "--augment-on", "cpu"], 30, 10)],
+    cuda=[(["--width", "1", "--batch-size", "32", "--augment-on", aug, *more], 160, 20)
+          for aug, more in (("cpu", []), ("device", []), ("device", ["--compile"]))])
+PIPELINE_IMAGES = 96  # the JPEG folder: several epochs, so epoch boundaries fall in the window
 TRAIN_CPU = dict(widths=(0.25, 0.125), batch=8)  # narrow models on the CPU
 TRAIN_GPU = dict(widths=(1.0,), batch=32)  # full SSD300, the paper's batch 32, AMP bf16
 NMS_SIZES = (200, 1000, 8732, 20000)  # 8732 = SSD300's anchor count
@@ -270,8 +280,9 @@ def bench_e2e(device, args):
     return rows
 
 
-def synthetic_voc_folder(root, count=DATA_IMAGES, size=(500, 375)):
-    """A VOC-layout folder of `count` JPEGs (VOC's typical 500x375) with two boxes each."""
+def synthetic_voc_folder(root, count=DATA_IMAGES, size=PHOTO_HW[::-1]):
+    """A VOC-layout folder of `count` photo-like 640x480 JPEGs with two boxes each; split trainval
+    (all) and val (the first 4)."""
     gen = torch.Generator().manual_seed(3)
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         os.makedirs(os.path.join(root, sub))
@@ -285,26 +296,31 @@ def synthetic_voc_folder(root, count=DATA_IMAGES, size=(500, 375)):
         with open(os.path.join(root, "Annotations", f"{i:06d}.xml"), "w") as f:
             f.write(f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height>"
                     f"<depth>3</depth></size>{objects}</annotation>")
-    with open(os.path.join(root, "ImageSets", "Main", "trainval.txt"), "w") as f:
-        f.write("".join(f"{i:06d}\n" for i in range(count)))
+    for split, n in (("trainval", count), ("val", min(4, count))):
+        with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+            f.write("".join(f"{i:06d}\n" for i in range(n)))
     return root
 
 
 def bench_data(device, args):
-    """data.py items per second in one process on one thread (what one DataLoader worker does):
-    JPEG decode + annotation + transform, on BCCD's 640x480 JPEGs when present."""
+    """data.py items per second in one process on one thread (what one DataLoader worker does) on
+    640x480 JPEGs: decode only (the worker of --augment-on device, which draws the augmentation
+    but applies none of it), the whole augmentation on the CPU, and the evaluation transform."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = BCCD if BCCD.is_dir() else synthetic_voc_folder(tmp)
-        source = data.VOCDetection(folder, "trainval")
+        source = data.VOCDetection(synthetic_voc_folder(tmp), "trainval")
         n, rows = min(DATA_IMAGES, len(source)), []
-        for name, transform in (("train", data.TrainTransform(300)),
-                                ("test", data.TestTransform(300))):
+        w, h = source.load_image(0).size
+        for name, transform in (("decode only (augment on device)",
+                                 data.TrainTransform(300, on_device=True)),
+                                ("train transform (augment on cpu)", data.TrainTransform(300)),
+                                ("test transform", data.TestTransform(300))):
             dataset = data.DetectionDataset(source, transform)
             ms, _ = time_side_by_side({"ours": lambda d=dataset: [d[i] for i in range(n)]},
                                       torch.device("cpu"), args.repeat)
-            w, h = source.load_image(0).size
-            rows.append(row("data", f"{name} transform, {w}x{h} JPEG, per image", ms["ours"] / n,
-                            images=1, source="BCCD" if folder == BCCD else "synthetic"))
+            decode = transform.__dict__.get("on_device", False)
+            rows.append(row("data", f"{name}, {w}x{h}", ms["ours"] / n, images=1,
+                            target=f">= {DECODE_TARGET:g} img/s" if decode else None,
+                            ok=n * 1e3 / ms["ours"] >= DECODE_TARGET if decode else None))
     return rows
 
 
@@ -344,6 +360,41 @@ def bench_train(device, args):
         for layout, t in ms.items():
             rows.append(row("train", f"SSD300 width {width:g} b={b} {layout}"
                             f"{' AMP bf16' if amp else ''}", t, images=b))
+    return rows
+
+
+def bench_pipeline(device, args):
+    """train.py's own loop (train.main: its loader, workers, augmentation, step) for a fixed
+    number of steps on PIPELINE_IMAGES 640x480 JPEGs written to a temporary folder: images/s and
+    the share of the time spent waiting for a batch, from its metrics.jsonl."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = synthetic_voc_folder(os.path.join(tmp, "voc"), PIPELINE_IMAGES)
+        for k, (flags, steps, window) in enumerate(PIPELINE[device.type]):
+            out, log = os.path.join(tmp, f"run{k}"), io.StringIO()
+            argv = ["--data", "voc", "--data-root", folder, "--epochs", "1000", "--eval-every",
+                    "0", "--max-steps", str(steps), "--log-every", str(window), "--out", out,
+                    "--gpus", "1" if device.type == "cuda" else "0", *flags]
+            batch = int(flags[3])
+            name = f"width {flags[1]} b={batch} augment on {flags[5]}" + " compile" * (
+                "--compile" in flags)
+            try:
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    code = train.main(argv)
+            except Exception as e:  # e.g. torch.compile without a compiler: a row, not a crash
+                code = f"{type(e).__name__}: {e}".splitlines()[0]
+            if code != 0:
+                print(log.getvalue(), file=sys.stderr)
+                rows.append(row("pipeline", name, float("nan"), target="train.py runs", ok=False,
+                                failed=f"train.py exit {code}"))
+                continue
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                timed = [r for r in map(json.loads, f) if "images_per_s" in r][1:]
+            seconds = [window / r["images_per_s"] for r in timed]  # each window's s / batch
+            wait = sum(r["data_wait"] * t for r, t in zip(timed, seconds)) / sum(seconds)
+            rows.append(row("pipeline", name, sum(seconds) * batch * 1e3 / (window * len(timed)),
+                            images=batch, data_wait=wait, steps=steps,
+                            workers=train.default_workers(device.type == "cuda", 1)))
     return rows
 
 
@@ -505,7 +556,8 @@ def print_table(rows):
         target = f"{r['target']} {verdict}" if r["target"] else "-"
         same = {True: "yes", False: "NO", None: "-"}[r["same"]]
         note = (f"torch {r['torch_ms']:.2f} ms" if r.get("default_path") == "triton" else
-                r.get("source") or (f"mAP {r['map_11point']:.3f}" if "map_11point" in r else ""))
+                f"data wait {r['data_wait']:.0%}, {r['workers']} workers" if "workers" in r else
+                f"mAP {r['map_11point']:.3f}" if "map_11point" in r else r.get("failed", ""))
         print(f"{r['name']:<46}{cell(r['ms'], '.2f', 11)}{cell(r['torchvision_ms'], '.2f', 11)}"
               f"{cell(r['speedup'], '.2f', 9)}{cell(r['images_per_s'], '.1f', 9)}  {same:<4}  "
               f"{target:<13} {note}")
@@ -547,12 +599,13 @@ def main(argv=None):
               flush=True)
 
     benches = {"model": bench_model, "postprocess": bench_postprocess, "e2e": bench_e2e,
-               "data": bench_data, "train": bench_train, "eval": bench_eval,
+               "data": bench_data, "train": bench_train, "pipeline": bench_pipeline,
+               "eval": bench_eval,
                "kernels": bench_kernels}
     rows = []
     for name in (s for s in SECTIONS if s in wanted):  # in SECTIONS order
         t = time.perf_counter()
-        with threads(args.model_threads if name in ("model", "e2e", "train") else 1):
+        with threads(args.model_threads if name in ("model", "e2e", "train", "pipeline") else 1):
             rows += benches[name](device, args)
         print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     print_table(rows)

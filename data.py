@@ -591,6 +591,10 @@ def build_source(name, data_root=None, split=None, train=True):
         return ShapesDetection(split or ("train" if train else "val"))
     if data_root is None:
         raise DataError(f"{name}: a data root is required (--data-root DIR)")
+    for root in data_root if isinstance(data_root, (list, tuple)) else [data_root]:
+        if not Path(root).is_dir():
+            raise DataError(f"{root}: folder does not exist" if not os.path.exists(root)
+                            else f"{root}: not a folder")
     if name == "voc":
         roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else None
         if roots is None and _is_voc_folder(Path(data_root)):
@@ -625,14 +629,16 @@ def build_source(name, data_root=None, split=None, train=True):
 
 
 # -----------------------------------------------------------------------------------------------
-# Augmentation (facts §8): photometric -> expand -> min-IoU crop -> flip -> warp -> normalise.
+# Augmentation (the SSD paper, Liu et al. 2016, section 2.2): photometric -> expand -> min-IoU
+# crop -> flip -> warp -> normalise.
 # Expand, crop, flip and resize are only geometry until the end, where one bilinear sampling of
 # the original image produces the S x S output: the 4x-expanded canvas is never built.
 
 def photometric_params(rng):
-    """Draw SSD's photometric distortion (facts §8.2, mmdetection's PhotoMetricDistortion): each
-    step with probability 0.5: brightness +U(-32, 32), contrast xU(0.5, 1.5) (before or after
-    the HSV steps, 50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle."""
+    """Draw SSD's photometric distortion (the SSD paper, section 2.2; mmdetection's
+    PhotoMetricDistortion): each step with probability 0.5: brightness +U(-32, 32), contrast
+    xU(0.5, 1.5) (before or after the HSV steps, 50/50), saturation xU(0.5, 1.5), hue
+    +U(-18, 18) degrees, channel shuffle."""
     def maybe(draw, otherwise):
         return draw() if rng.random() < 0.5 else otherwise
     return dict(brightness=maybe(lambda: rng.uniform(-32, 32), 0.0),
@@ -644,11 +650,13 @@ def photometric_params(rng):
 
 
 def _shift_hue(img, degrees):
-    """Rotate the HSV hue of planar float RGB pixels [3, ...] by `degrees`, keeping each pixel's
-    max and min channel (HSV value and chroma); the same as an HSV round trip for 0-255 values.
-    Elementwise arithmetic on whole planes: numpy is slow at reductions over an axis of 3."""
-    r, g, b = img
-    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    """Rotate the HSV hue of planar float RGB pixels [..., 3, H, W] (numpy or torch) by `degrees`
+    (a number, or a tensor broadcasting to [..., H, W]), keeping each pixel's max and min channel
+    (HSV value and chroma); the same as an HSV round trip for 0-255 values. Elementwise
+    arithmetic on whole planes: numpy is slow at reductions over an axis of 3."""
+    xp = torch if torch.is_tensor(img) else np
+    r, g, b = img[..., 0, :, :], img[..., 1, :, :], img[..., 2, :, :]
+    mx, mn = xp.maximum(xp.maximum(r, g), b), xp.minimum(xp.minimum(r, g), b)
     chroma = mx - mn
     is_r = mx == r
     is_g = (mx == g) & ~is_r
@@ -656,17 +664,11 @@ def _shift_hue(img, degrees):
     # hue in sextants [-1, 5) times chroma: g-b when r is the max, b-r+2c when g, r-g+4c when b
     h = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
     h /= chroma + (chroma == 0)  # a grey pixel (chroma 0) stays grey whatever its hue
-    h += np.float32(degrees / 60.0)
-    h += np.float32(6) * (h < 0)
-    h -= np.float32(6) * (h >= 6)  # now in [0, 6)
-    out = np.empty_like(img)
-    np.subtract(np.abs(h - 3), 1, out=out[0])
-    np.subtract(2, np.abs(h - 2), out=out[1])
-    np.subtract(2, np.abs(h - 4), out=out[2])
-    np.clip(out, 0, 1, out=out)
-    out *= chroma
-    out += mn
-    return out
+    h += degrees / 60.0
+    h += 6 * (h < 0)
+    h -= 6 * (h >= 6)  # now in [0, 6)
+    out = xp.stack([xp.abs(h - 3) - 1, 2 - xp.abs(h - 2), 2 - xp.abs(h - 4)], -3)
+    return xp.clip(out, 0, 1) * chroma[..., None, :, :] + mn[..., None, :, :]
 
 
 def _distort_block(img, p):
@@ -699,8 +701,9 @@ def photometric_distort(img, p):
 
 
 def expand_params(width, height, rng):
-    """Zoom out (facts §8.3): with probability 0.5 the image goes on a canvas r = U(1, 4) times
-    its size, filled with the mean, at a random offset. -> (canvas_w, canvas_h, left, top)."""
+    """Zoom out (the SSD paper, section 3.6): with probability 0.5 the image goes on a canvas
+    r = U(1, 4) times its size, filled with the mean, at a random offset.
+    -> (canvas_w, canvas_h, left, top)."""
     if rng.random() >= 0.5:
         return width, height, 0, 0
     r = rng.uniform(1, 4)
@@ -711,46 +714,62 @@ def expand_params(width, height, rng):
 CROP_MODES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)  # None: keep the whole image; 0.0: any patch
 
 
-def _iou_with(patch, boxes):
-    """IoU of one xyxy box with boxes [n, 4] -> [n]."""
-    iw = np.clip(np.minimum(boxes[:, 2], patch[2]) - np.maximum(boxes[:, 0], patch[0]), 0, None)
-    ih = np.clip(np.minimum(boxes[:, 3], patch[3]) - np.maximum(boxes[:, 1], patch[1]), 0, None)
-    inter = iw * ih
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + (patch[2] - patch[0]) * (patch[3] - patch[1]) - inter
-    return inter / np.maximum(union, 1e-12)
+def _iou_with(patches, boxes):
+    """IoU of xyxy boxes [t, 4] with boxes [n, 4] -> [t, n]."""
+    inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
+                    - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
+    area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [t]
+    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
+    return inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)
 
 
 def min_iou_crop(boxes, width, height, rng, trials=50):
-    """SSD's IoU-constrained random crop (facts §8.4) of a width x height image with xyxy pixel
-    boxes [n, 4]. Mode uniform over CROP_MODES; up to `trials` patches with sides U(0.3, 1) of
-    the image's and h/w in [0.5, 2], integer pixel corners. A patch is accepted when at least one
-    box centre lies strictly inside it and one of those boxes has IoU >= the mode's minimum:
-    Caffe's (the paper's) "any box" rule, not mmdetection's "all boxes" (which rarely lets a
-    crowded image have a tight crop, facts §15.19), taken over the kept boxes as torchvision does
-    so the overlap that justified the crop is one the network sees. An image without boxes takes
-    the first patch of valid shape. When every trial fails the whole image is kept.
+    """SSD's IoU-constrained random crop (the SSD paper, section 2.2) of a width x height image
+    with xyxy pixel boxes [n, 4]. Mode uniform over CROP_MODES; up to `trials` patches with
+    sides U(0.3, 1) of the image's and h/w in [0.5, 2], integer pixel corners. A patch is
+    accepted when at least one box centre lies strictly inside it and one of those boxes has
+    IoU >= the mode's minimum: Caffe's (the paper's) "any box" rule, not mmdetection's "all
+    boxes" (which rarely lets a crowded image have a tight crop), taken over the kept boxes as
+    torchvision does so the overlap that justified the crop is one the network sees. An image
+    without boxes takes the first patch of valid shape. When every trial fails the whole image
+    is kept.
     -> (patch (x0, y0, x1, y1) ints, keep bool [n]: boxes whose centre is inside)."""
     n = len(boxes)
     whole = (0, 0, width, height)
     mode = CROP_MODES[rng.integers(len(CROP_MODES))]
     if mode is None:
         return whole, np.ones(n, bool)
+    # every trial drawn at once (numpy is slow one small array at a time); the first valid wins
+    w, h = rng.uniform(0.3 * width, width, trials), rng.uniform(0.3 * height, height, trials)
+    x0, y0 = rng.uniform(0, 1, trials) * (width - w), rng.uniform(0, 1, trials) * (height - h)
+    patches = np.stack([x0, y0, x0 + w, y0 + h], 1).astype(np.int64)  # [T, 4], int() rounding
+    ok = (h / w >= 0.5) & (h / w <= 2) & (patches[:, 2:] > patches[:, :2]).all(1)  # [T]
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    for _ in range(trials):
-        w, h = rng.uniform(0.3 * width, width), rng.uniform(0.3 * height, height)
-        if not 0.5 <= h / w <= 2:
-            continue
-        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-        patch = (int(x0), int(y0), int(x0 + w), int(y0 + h))
-        if patch[2] <= patch[0] or patch[3] <= patch[1]:
-            continue
-        if n == 0:
-            return patch, np.zeros(0, bool)
-        inside = (cx > patch[0]) & (cx < patch[2]) & (cy > patch[1]) & (cy < patch[3])
-        if inside.any() and _iou_with(patch, boxes[inside]).max() >= mode:
-            return patch, inside
-    return whole, np.ones(n, bool)
+    p = patches[:, :, None]  # [T, 4, 1]
+    inside = (cx > p[:, 0]) & (cx < p[:, 2]) & (cy > p[:, 1]) & (cy < p[:, 3])  # [T, n]
+    if n:
+        ok &= (inside & (_iou_with(patches, boxes) >= mode)).any(1)
+    if not ok.any():
+        return whole, np.ones(n, bool)
+    t = int(ok.argmax())
+    return tuple(int(v) for v in patches[t]), inside[t]
+
+
+def _sample_positions(canvas_offset, patch, flip, size):
+    """Image-pixel coordinates (xs [S], ys [S], float64) of the pixel centres that resizing the
+    canvas patch (x0, y0, x1, y1) to size x size, mirrored when `flip`, samples; clamped to the
+    patch as F.interpolate(align_corners=False) clamps to its input."""
+    left, top = canvas_offset
+    x0, y0, x1, y1 = patch
+
+    def positions(length):
+        p = (np.arange(size, dtype=np.float64) + 0.5) * (length / size) - 0.5
+        return np.clip(p, 0, length - 1)
+
+    xs = positions(x1 - x0)
+    if flip:
+        xs = (x1 - x0 - 1) - xs
+    return xs + x0 - left, positions(y1 - y0) + y0 - top
 
 
 def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
@@ -761,23 +780,12 @@ def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
     -> float tensor [3, S, S].
 
     One grid_sample of (image - mean) with zero padding gives the same numbers as building the
-    mean-filled canvas, cropping, flipping and resizing; sample positions are clamped to the
-    patch as F.interpolate clamps to its input. `colour` (photometric_params) is applied to just
-    the pixels the sampling reads, which is exact because every photometric step is per pixel.
+    mean-filled canvas, cropping, flipping and resizing. `colour` (photometric_params) is applied
+    to just the pixels the sampling reads, which is exact because every photometric step is per
+    pixel.
     """
     h, w = img.shape[:2]
-    left, top = canvas_offset
-    x0, y0, x1, y1 = patch
-
-    def positions(length):  # patch pixel-centre coordinates sampled by the S output pixels
-        p = (np.arange(size, dtype=np.float64) + 0.5) * (length / size) - 0.5
-        return np.clip(p, 0, length - 1)
-
-    xs = positions(x1 - x0)
-    if flip:
-        xs = (x1 - x0 - 1) - xs
-    xs = xs + x0 - left  # image coordinates
-    ys = positions(y1 - y0) + y0 - top
+    xs, ys = _sample_positions(canvas_offset, patch, flip, size)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     # the image rows / columns bilinear sampling can touch (floor and floor + 1)
     c0, c1 = max(int(math.floor(xs.min())), 0), min(int(math.floor(xs.max())) + 2, w)
@@ -805,10 +813,13 @@ def _as_arrays(boxes, labels):
 
 
 class TrainTransform:
-    """SSD training augmentation (facts §8.1, mmdetection / amdegroot order): photometric
-    distortion -> expand (zoom out) -> min-IoU random crop -> horizontal flip 0.5 -> warp to
-    size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) ->
-    (float [3, S, S], boxes float32 [n', 4] xyxy in [0, 1], labels int64 [n']).
+    """SSD training augmentation (the SSD paper, section 2.2 and 3.6; mmdetection's and
+    amdegroot/ssd.pytorch's order): photometric distortion -> expand (zoom out) -> min-IoU random
+    crop -> horizontal flip 0.5 -> warp to size x size -> minus mean. __call__(PIL RGB image,
+    boxes px [n, 4] xyxy, labels [n]) -> (image, boxes float32 [n', 4] xyxy in [0, 1],
+    labels int64 [n']). image: float [3, S, S]; with on_device, the draws alone:
+    (uint8 pixels [H, W, 3], float64 params [10 + 2S], see _PARAMS) for augment_batch, which
+    applies them to a whole batch on the training device (the same numbers within float error).
 
     Boxes are clipped to the image first and boxes with no area dropped; after the crop only
     boxes whose centre was inside remain, clipped to the patch. An image that has boxes keeps at
@@ -819,8 +830,9 @@ class TrainTransform:
     epoch's workers draw differently, and torch.manual_seed makes a run repeatable.
     """
 
-    def __init__(self, size=300, mean=MEAN):
+    def __init__(self, size=300, mean=MEAN, on_device=False):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
+        self.on_device = on_device
         self._seed, self._rng = None, None
 
     def _generator(self):
@@ -848,10 +860,48 @@ class TrainTransform:
         pw, ph = x1 - x0, y1 - y0
         if flip:
             boxes = np.stack([pw - boxes[:, 2], boxes[:, 1], pw - boxes[:, 0], boxes[:, 3]], 1)
-        out = warp(img, (left, top), patch, flip, self.size, self.mean, colour)
+        if self.on_device:
+            channels = [0, 1, 2] if colour["channels"] is None else list(colour["channels"])
+            params = np.concatenate([[h, w] + [float(colour[k]) for k in _PARAMS[2:7]] + channels,
+                                     *_sample_positions((left, top), patch, flip, self.size)])
+            out = (torch.from_numpy(np.array(img, np.uint8)), torch.from_numpy(params))
+        else:
+            out = warp(img, (left, top), patch, flip, self.size, self.mean, colour)
         boxes = np.clip(boxes / [pw, ph, pw, ph], 0, 1).astype(np.float32)
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return out, torch.from_numpy(boxes[valid]), torch.from_numpy(labels[valid])
+
+
+# one image's draws for augment_batch, then the S x and S y sample positions
+_PARAMS = ("height", "width", "brightness", "contrast_first", "contrast", "saturation", "hue",
+           "red_from", "green_from", "blue_from")
+
+
+def augment_batch(pixels, params, mean):
+    """TrainTransform(on_device=True)'s draws applied to a batch where it lies (the GPU):
+    pixels uint8 [B, H, W, 3] (images top-left aligned, zero padded), params float64
+    [B, 10 + 2S] -> float [B, 3, S, S]. The photometric steps of _distort_block on every pixel,
+    then one grid_sample for the batch: the padding is zeroed after the mean is subtracted, so
+    samples past an image's edge read the mean fill, as warp's zero padding does."""
+    _, h, w, _ = pixels.shape
+    s = (params.shape[1] - len(_PARAMS)) // 2
+    p = params[:, :len(_PARAMS), None, None].float()  # [B, 10, 1, 1]
+    x = pixels.permute(0, 3, 1, 2).float() + p[:, 2:3]  # [B, 3, H, W], brightness
+    first, contrast, sat, hue = p[:, 3:4] > 0, p[:, 4:5], p[:, 5:6], p[:, 6]
+    x = torch.where(first, x * contrast, x)
+    v = x.amax(1, keepdim=True)  # [B, 1, H, W]: HSV value
+    x = (x - v) * sat + v
+    x = torch.where(hue[:, None] != 0, _shift_hue(x, hue), x)
+    x = torch.where(first, x, x * contrast).clamp_(0, 255)
+    x = x.gather(1, p[:, 7:10].long().expand(-1, -1, h, w))  # channel shuffle
+    x = x - torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    inside = ((torch.arange(h, device=x.device).view(1, h, 1) < p[:, 0])
+              & (torch.arange(w, device=x.device).view(1, 1, w) < p[:, 1]))  # [B, H, W]
+    x = x * inside[:, None]
+    gx = ((2 * params[:, len(_PARAMS):len(_PARAMS) + s] + 1) / w - 1).float()  # [B, S]
+    gy = ((2 * params[:, len(_PARAMS) + s:] + 1) / h - 1).float()  # [B, S]
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # [B, S, S, 2]
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class TestTransform:
@@ -912,10 +962,20 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 def collate(batch):
     """[(image, boxes, labels, index)] -> (images [B, 3, S, S], list of B boxes [n_i, 4], list of
-    B labels [n_i], indices int64 [B]); boxes and labels stay ragged lists."""
+    B labels [n_i], indices int64 [B]); boxes and labels stay ragged lists. Images that are
+    TrainTransform(on_device=True)'s (pixels, params) become (uint8 [B, H, W, 3] zero padded
+    to the largest, params [B, P]) for augment_batch."""
     images, boxes, labels, indices = zip(*batch)
-    return (torch.stack(images), list(boxes), list(labels),
-            torch.tensor(indices, dtype=torch.int64))
+    if isinstance(images[0], tuple):
+        pixels, params = zip(*images)
+        padded = torch.zeros(len(pixels), max(p.shape[0] for p in pixels),
+                             max(p.shape[1] for p in pixels), 3, dtype=torch.uint8)
+        for k, p in enumerate(pixels):
+            padded[k, :p.shape[0], :p.shape[1]] = p
+        images = (padded, torch.stack(params))
+    else:
+        images = torch.stack(images)
+    return images, list(boxes), list(labels), torch.tensor(indices, dtype=torch.int64)
 
 
 def write_shapes(folder, split="val", num_images=8):

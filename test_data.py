@@ -1,11 +1,13 @@
-"""Tests of data.py: the VOC / COCO / shapes sources on trees written into tmp_path and on the real
-samples in ../shared/data, image loading in every mode and every failure, and the augmentation:
+"""Tests of data.py: the VOC / COCO / shapes sources on trees written into tmp_path (and on BCCD
+where a copy is present), image loading in every mode and every failure, and the augmentation:
 invariants on random boxes, parity of the one-pass warp with a slow canvas/crop/flip/resize
-reference, photometric steps against colorsys, and boxes that follow the pixels."""
+reference, photometric steps against colorsys, boxes that follow the pixels, and the batched
+device path against the per-image one."""
 import colorsys
 import json
 import logging
 import random
+import re
 
 import numpy as np
 import pytest
@@ -181,9 +183,22 @@ def test_build_source_voc_07_plus_12_and_07_test(tmp_path):
     assert len(data.build_source("voc", devkit / "VOC2012", None, train=True)) == 2
     both = data.build_source("voc", [devkit / "VOC2007", devkit / "VOC2012"], "trainval", True)
     assert len(both) == 3 and both.class_names == ssd.VOC_CLASSES
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no VOC data") as e:
-        data.build_source("voc", tmp_path / "nowhere", None, train=True)
+        data.build_source("voc", tmp_path / "empty", None, train=True)
     assert "VOC2007" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["voc", "coco"])
+def test_build_source_missing_data_root_says_so(tmp_path, name):
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(DataError, match=f"^{re.escape(str(missing))}: folder does not exist$"):
+        data.build_source(name, missing, None, train=True)
+    with pytest.raises(DataError, match="folder does not exist"):
+        data.build_source(name, [tmp_path, missing] if name == "voc" else missing, None, True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match="file: not a folder$"):
+        data.build_source(name, tmp_path / "file", None, train=False)
 
 
 def test_bccd_class_list_and_counts(shared_data):
@@ -231,15 +246,6 @@ def test_build_source_voc_folder_default_splits(tmp_path):
                      {"train": ["a"], "val": ["b"], "trainval": ["a", "b"], "test": ["c", "d"]})
     assert data.build_source("voc", root, None, train=True).split == "trainval"
     assert source_ids(data.build_source("voc", root, None, train=False)) == {"c", "d"}
-
-
-def test_build_source_bccd_trains_on_train_and_evaluates_on_val(shared_data):
-    root = shared_data / "bccd" / "BCCD"
-    train = data.build_source("voc", root, None, train=True)
-    val = data.build_source("voc", root, None, train=False)
-    assert (train.split, len(train)) == ("train", 205)
-    assert (val.split, len(val)) == ("val", 87)
-    assert not source_ids(train) & source_ids(val)
 
 
 # --- COCO -----------------------------------------------------------------------------------------
@@ -305,20 +311,14 @@ def test_coco_errors_name_the_file(tmp_path):
         data.COCODetection(tmp_path, "val2017")
 
 
-def test_tiny_coco(shared_data):
-    root = shared_data / "tiny_coco" / "tiny_coco"
-    src = data.build_source("coco", root, None, train=False)  # falls back to train2017
-    assert src.split == "train2017" and len(src) == 50
-    assert src.class_names == ssd.COCO_CLASSES and src.category_ids == ssd.COCO_CATEGORY_IDS
-    anns = [src.annotation(i) for i in range(len(src))]
-    assert sum(len(a["crowd"]) for a in anns) == 5
-    assert sum(len(a["boxes"]) for a in anns) == 470 - 5  # no non-crowd box is under 1 px
-    assert sum(len(a["boxes"]) == 0 for a in anns) == 1
-    train = data.build_source("coco", root, None, train=True)
-    assert len(train) == 49
+def test_coco_only_json_is_the_default_and_training_skips_empty_images(tmp_path):
+    write_coco(tmp_path, "train2017")  # like tiny_coco: a train2017 json and nothing else
+    val = data.build_source("coco", tmp_path, None, train=False)
+    assert val.split == "train2017" and len(val) == 3
+    train = data.build_source("coco", tmp_path, None, train=True)
+    assert [train.image_id(i) for i in range(len(train))] == [11]  # 7: crowd only, 5: no box
     img = train.load_image(0)
-    assert img.mode == "RGB" and img.size == (train.annotation(0)["width"],
-                                              train.annotation(0)["height"])
+    assert img.mode == "RGB" and img.size == (50, 40)
 
 
 # --- shapes ---------------------------------------------------------------------------------------
@@ -527,7 +527,7 @@ def test_min_iou_crop_centre_rule_and_iou_constraint(monkeypatch):
             # Caffe's rule over the kept boxes: one of them overlaps the patch by min_iou
             ious = [box_iou_slow(patch, b) for b in boxes[keep]]
             assert max(ious) >= min_iou - 1e-9
-    assert cropped > 200
+    assert cropped > 150  # about 200 of the 600 draws (seeds 1-3: 188-205)
     # no boxes: a patch of valid shape is taken at once
     monkeypatch.setattr(data, "CROP_MODES", (0.9,))
     patch, keep = data.min_iou_crop(np.zeros((0, 4)), 100, 80, rng)
@@ -675,6 +675,42 @@ def test_train_transform_random_numbers_follow_torch_seed():
     torch.manual_seed(7)
     assert torch.equal(a(img, box, [1])[0], first[0])
     assert not torch.equal(other[0], first[0])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device (run by .ci/gpu-check)"))])
+def test_device_path_matches_the_cpu_path_on_the_same_draws(device):
+    # images of several sizes (padded into one batch), boxes near the edges, many seeds: every
+    # photometric step, expand, crop and flip occur; augment_batch runs on CPU tensors in CI
+    rng = np.random.default_rng(0)
+    sizes = [(64, 48), (50, 70), (80, 40), (33, 33), (71, 52), (40, 60)] * 4
+    cpu, dev = data.TrainTransform(40), data.TrainTransform(40, on_device=True)
+    want, got, first_pixels = [], [], None
+    for k, (w, h) in enumerate(sizes):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        boxes = [[1, 2, w * 0.6, h * 0.7], [w * 0.3, h * 0.2, w, h - 1]]
+        torch.manual_seed(k)
+        want.append(cpu(img, boxes, [1, 2]))
+        torch.manual_seed(k)
+        got.append(dev(img, boxes, [1, 2]))
+        first_pixels = first_pixels if first_pixels is not None else np.array(img)
+    # the worker only decodes: the image itself goes to the device
+    assert torch.equal(got[0][0][0], torch.from_numpy(first_pixels))
+    for (_, b0, l0), (_, b1, l1) in zip(want, got):  # boxes come from the same draws
+        assert torch.equal(b0, b1) and torch.equal(l0, l1)
+    (pixels, params), *_ = data.collate([(x, b, lab, 0) for x, b, lab in got])
+    assert pixels.shape == (len(sizes), 70, 80, 3) and pixels.dtype == torch.uint8
+    p = dict(zip(data._PARAMS, params[:, :len(data._PARAMS)].T))
+    assert (p["hue"] != 0).any() and (p["saturation"] != 1).any() and (p["brightness"] != 0).any()
+    assert (p["red_from"] != 0).any()  # a channel shuffle
+    out = data.augment_batch(pixels.to(device), params.to(device), cpu.mean).cpu()
+    assert out.shape == (len(sizes), 3, 40, 40)
+    reference = torch.stack([x for x, _, _ in want])  # [B, 3, S, S]
+    assert (out - reference).abs().max() < 0.01  # 0-255 scale: float rounding only
+    # expand shows the mean fill (0 after subtraction) somewhere, and flips happened
+    assert (reference.abs().sum(1) == 0).any()
+    assert len({float(params[k, len(data._PARAMS) + 1] - params[k, len(data._PARAMS)]) > 0
+                for k in range(len(sizes))}) == 2  # x positions rising (no flip) and falling
 
 
 class SameImageTwice(torch.utils.data.Dataset):

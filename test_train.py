@@ -181,7 +181,7 @@ def test_help_shows_the_defaults_per_data_set(capsys):
                     "shapes 0.003)",
                     "(default per --data: voc 500, coco 500, shapes 50)",
                     "(default per --data: voc 1, coco 1, shapes 0.0625)",
-                    "input size (default: 300)", "per rank (default: 2)",
+                    "input size (default: 300)", "per rank (default: the process's share of the cores",
                     "augmentation (default: 0)", "log lines (default: 20)"):
         assert default in text
     for key in ("epochs", "batch_size", "warmup", "width"):  # the help follows the table
@@ -369,3 +369,41 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
     assert "weights identical across 2 processes" in text
     assert text.count("step 3/") == 1  # rank 0 alone logs
     assert read_ckpt(out / "last.pt")["step"] == 3
+
+
+# -----------------------------------------------------------------------------------------------
+# The run's one data loader
+
+def test_run_batches_are_the_epoch_batches_back_to_back_from_any_step():
+    every = [[(e, i) for i in b] for e in range(3) for b in train.epoch_batches(50, e, 7, 1, 2, 4)]
+    assert len(every) == 3 * 6  # 25 images per rank, 6 batches of 4 per epoch
+    assert list(train.run_batches(50, 7, 1, 2, 4, 6, 0, 18)) == every
+    assert list(train.run_batches(50, 7, 1, 2, 4, 6, 5, 13)) == every[5:13]  # mid-epoch resume
+
+
+def test_default_workers_share_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert train.default_workers(True, 1) == 8  # capped
+    assert train.default_workers(True, 4) == 3  # 4 cores each, one for the training process
+    assert train.default_workers(False, 1) == 4  # the CPU trains with the other 12
+    assert train.default_workers(False, 8) == 1
+
+
+def test_one_loader_for_all_epochs_and_workers_change_nothing(tmp_path, monkeypatch):
+    # 3 epochs, one DataLoader, its worker processes living through the epoch boundaries; the
+    # weights equal a run without workers (--augment-on device: the batched path, here on the CPU)
+    root = write_voc(tmp_path / "voc", [1, 2, 0, 3])
+    common = ["--data", "voc", "--data-root", str(root), "--batch-size", "2", "--epochs", "3",
+              "--eval-every", "0", "--augment-on", "device", *TINY]
+    made = []
+    real = torch.utils.data.DataLoader
+
+    def counting(*args, **kwargs):
+        made.append(kwargs.get("num_workers"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch.utils.data, "DataLoader", counting)
+    assert train.main([*common, "--out", str(tmp_path / "w0")]) == 0
+    assert train.main([*common, "--workers", "2", "--out", str(tmp_path / "w2")]) == 0
+    assert made == [0, 2]
+    a, b = (read_ckpt(tmp_path / run / "last.pt") for run in ("w0", "w2"))
+    assert a["step"] == b["step"] == 6 and same_weights(a["model"], b["model"])

@@ -21,6 +21,7 @@ import argparse
 import datetime
 import glob
 import inspect
+import itertools
 import json
 import math
 import os
@@ -110,8 +111,13 @@ def parse_args(argv):
                    f"{per_data('lr', lambda v: linear_lr if v is None else f'{v:g}')})")
     p.add_argument("--warmup", type=int, help="linear warmup iterations "
                    f"(default per --data: {per_data('warmup')})")
-    p.add_argument("--workers", type=int, default=2,
-                   help="data loading processes per rank (default: %(default)s)")
+    p.add_argument("--workers", type=int,
+                   help="data loading processes per rank (default: the process's share of the "
+                        "cores less one, at most 8; without CUDA a quarter of the share)")
+    p.add_argument("--augment-on", choices=("cpu", "device"),
+                   help="where the augmentation runs: in the workers, or batched on the training "
+                        "device, the workers only decoding (default: device with CUDA, else cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="mixed precision on CUDA: bf16 where supported, else fp16 (default: on "
                         "with CUDA; the CPU always trains in float32)")
@@ -224,7 +230,11 @@ def settings(args):
         s["out"] = out
     cuda = torch.cuda.is_available()
     gpus = args.gpus if args.gpus is not None else (1 if cuda else 0)
-    s.update(gpus=gpus, cuda=cuda and gpus > 0, workers=args.workers, log_every=args.log_every,
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(gpus, 1)  # on this machine
+    s.update(workers=default_workers(cuda and gpus > 0, procs) if args.workers is None
+             else args.workers, compile=args.compile,
+             augment_on=args.augment_on or ("device" if cuda and gpus > 0 else "cpu"))
+    s.update(gpus=gpus, cuda=cuda and gpus > 0, log_every=args.log_every,
              max_steps=args.max_steps,
              eval_every=args.eval_every, amp=args.amp)
     return s
@@ -299,21 +309,31 @@ def seed_all(*key):
     random.seed(seed)
 
 
+def default_workers(cuda, procs):
+    """--workers default: the cores this process can claim (its CPU affinity over the `procs`
+    training processes of the machine) less one for the process itself, capped at 8; on the CPU,
+    a quarter of them, the rest left to torch's threads; at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = (cores or 1) // procs
+    return max(1, min(8, share - 1 if cuda else share // 4))
+
+
 class EpochSeeded(torch.utils.data.Dataset):
-    """Seeds every generator from (seed, epoch, index) before producing an item, so an image's
-    augmentation depends on nothing else: not the number of workers, not which worker gets it,
-    not whether the run was stopped and resumed in the middle of the epoch. (data.TrainTransform
-    draws from a Generator seeded by torch.initial_seed().)"""
+    """Items by key (epoch, index): seeds every generator from (seed, epoch, index) before
+    producing the item, so an image's augmentation depends on nothing else: not the number of
+    workers, not which worker gets it, not whether the run was stopped and resumed in the middle
+    of the epoch. (data.TrainTransform draws from a Generator seeded by torch.initial_seed().)"""
 
     def __init__(self, dataset, seed):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        epoch, i = key
         for k in range(MAX_UNREADABLE):  # a damaged image costs a warning, not the run
-            seed_all(self.seed, self.epoch, (i + k) % len(self))
+            seed_all(self.seed, epoch, (i + k) % len(self))
             try:
                 return self.dataset[(i + k) % len(self)]
             except data.DataError as e:
@@ -330,6 +350,17 @@ def epoch_batches(num_images, epoch, seed, rank, world, per_rank):
     sampler.set_epoch(epoch)
     order = list(sampler)
     return [order[i:i + per_rank] for i in range(0, len(order) - per_rank + 1, per_rank)]
+
+
+def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start, stop):
+    """This rank's batches from step `start` to `stop`, epoch after epoch, as lists of (epoch,
+    index) keys of EpochSeeded: the batch sampler of the one DataLoader of the run, whose workers
+    then never restart and keep prefetching across epoch boundaries."""
+    for epoch in range(start // iters_per_epoch, (stop - 1) // iters_per_epoch + 1):
+        first = epoch * iters_per_epoch
+        for batch in epoch_batches(num_images, epoch, seed, rank, world, per_rank)[
+                max(start - first, 0):stop - first]:
+            yield [(epoch, i) for i in batch]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -486,7 +517,10 @@ def train(s, rank, local_rank, world):
     ddp_model = model
     if world > 1:
         ddp_model = wrap_ddp(model, [local_rank] if s["cuda"] else None)
-    transform = data.TrainTransform(s["size"], model.config["mean"])
+    if s["compile"]:
+        ddp_model = torch.compile(ddp_model)
+    transform = data.TrainTransform(s["size"], model.config["mean"],
+                                    on_device=s["augment_on"] == "device")
     dataset = EpochSeeded(data.DetectionDataset(train_source, transform), s["seed"])
     epochs = s["epochs"]
     milestones = [round(f * total) for f in DECAY_AT]
@@ -534,17 +568,20 @@ def train(s, rank, local_rank, world):
     window = dict(t=time.perf_counter(), wait=0.0, steps=0,
                   terms=torch.zeros(2, dtype=torch.float64))
     ddp_model.train()
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=run_batches(len(dataset), s["seed"], rank, world, per_rank,
+                                           iters_per_epoch, step, stop),
+        num_workers=s["workers"], collate_fn=data.collate, pin_memory=s["cuda"],
+        prefetch_factor=4 if s["workers"] else None))
     while step < stop:
         epoch = step // iters_per_epoch
-        dataset.epoch = epoch
-        batches = epoch_batches(len(dataset), epoch, s["seed"], rank, world, per_rank)
-        batches = batches[step - epoch * iters_per_epoch:stop - epoch * iters_per_epoch]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
-                                             num_workers=s["workers"], collate_fn=data.collate,
-                                             pin_memory=s["cuda"])
         t_wait = time.perf_counter()
-        for images, boxes, labels, _ in loader:
+        for images, boxes, labels, _ in itertools.islice(
+                loader, min(stop, (epoch + 1) * iters_per_epoch) - step):
             window["wait"] += time.perf_counter() - t_wait
+            if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
+                images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
+                                            model.config["mean"])  # [B, 3, S, S]
             images = images.to(device, non_blocking=True).contiguous(
                 memory_format=torch.channels_last)  # [B, 3, S, S]
             boxes = [b.to(device, non_blocking=True) for b in boxes]
