@@ -56,20 +56,13 @@ IOU_THRESHOLD = 0.5          # devkit minoverlap; a match needs IoU >= 0.5 (py-f
 METRICS = ("11point", "area")  # VOC2007 test / VOC2010+
 DEFAULT_ROOT = {"voc": "data/VOCdevkit", "coco": "data/coco"}
 PROGRESS_EVERY_S = 2.0
-COCO_STAT_NAMES = [
-    ("AP", "AP    IoU=0.50:0.95 area=all    maxDets=100"),
-    ("AP50", "AP    IoU=0.50      area=all    maxDets=100"),
-    ("AP75", "AP    IoU=0.75      area=all    maxDets=100"),
-    ("APs", "AP    IoU=0.50:0.95 area=small  maxDets=100"),
-    ("APm", "AP    IoU=0.50:0.95 area=medium maxDets=100"),
-    ("APl", "AP    IoU=0.50:0.95 area=large  maxDets=100"),
-    ("AR1", "AR    IoU=0.50:0.95 area=all    maxDets=1"),
-    ("AR10", "AR    IoU=0.50:0.95 area=all    maxDets=10"),
-    ("AR100", "AR    IoU=0.50:0.95 area=all    maxDets=100"),
-    ("ARs", "AR    IoU=0.50:0.95 area=small  maxDets=100"),
-    ("ARm", "AR    IoU=0.50:0.95 area=medium maxDets=100"),
-    ("ARl", "AR    IoU=0.50:0.95 area=large  maxDets=100"),
-]
+COCO_STAT_NAMES = [  # (short, COCOeval.summarize's line) for its 12 stats, in its order
+    (short, f"{short[:2]:<5} IoU={iou:<9} area={area:<6} maxDets={dets}") for short, iou, area, dets
+    in zip("AP AP50 AP75 APs APm APl AR1 AR10 AR100 ARs ARm ARl".split(),
+           ["0.50:0.95", "0.50", "0.75"] + ["0.50:0.95"] * 9,
+           (["all"] * 3 + ["small", "medium", "large"]) * 2, [100] * 6 + [1, 10] + [100] * 4)]
+_COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")  # devkit results file name
+_ONE_BASED = np.array([1.0, 1.0, 0.0, 0.0])  # comp4 files: x1, y1 1-based (module docstring)
 
 
 class EvalError(ValueError):
@@ -77,11 +70,8 @@ class EvalError(ValueError):
 
 
 def _numpy(x, dtype, width=None):
-    """A tensor, array or list as a numpy array of `dtype` ([n, width] when width is given)."""
-    if x is None:
-        x = []
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+    """A tensor, array, list or None as a numpy array of `dtype` ([n, width] when width is given)."""
+    x = [] if x is None else x.detach().cpu().numpy() if hasattr(x, "detach") else x
     a = np.asarray(x, dtype=dtype)
     return a.reshape(-1, width) if width else a.reshape(-1)
 
@@ -161,13 +151,20 @@ def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_ima
     return tp, ignored
 
 
-def _concat(arrays, dtype, width=None):
-    """Per-image arrays -> (one array, the image index of each row)."""
-    arrays = [_numpy(a, dtype, width) for a in arrays]
-    image = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])
-    if not arrays:
-        return np.zeros((0, width) if width else 0, dtype), image
-    return np.concatenate(arrays), image
+def _stack(per_image, fields, what):
+    """Per-image tuples of arrays -> (one array per field, image index of each row [N]).
+
+    fields: (dtype, width or None) per tuple position; an image whose fields differ in length
+    raises ValueError naming `what`.
+    """
+    cols = [[_numpy(row[k], dtype, width) for row in per_image]
+            for k, (dtype, width) in enumerate(fields)]
+    counts = [len(a) for a in cols[0]]
+    if any([len(a) for a in col] != counts for col in cols[1:]):
+        raise ValueError(f"voc_eval: {what} of an image differ in length")
+    arrays = [np.concatenate(col) if col else np.zeros((0, width) if width else 0, dtype)
+              for col, (dtype, width) in zip(cols, fields)]
+    return arrays, np.repeat(np.arange(len(counts)), counts)
 
 
 def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD):
@@ -183,20 +180,13 @@ def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD)
         raise ValueError(f"voc_eval: {len(detections)} detection entries for "
                          f"{len(ground_truth)} images")
     num_images = len(ground_truth)
-    gt_boxes, gt_image = _concat([g["boxes"] for g in ground_truth], np.float64, 4)
-    gt_labels, label_image = _concat([g["labels"] for g in ground_truth], np.int64)
-    gt_difficult, difficult_image = _concat(
-        [np.zeros(len(g["labels"]), bool) if g.get("difficult") is None else g["difficult"]
-         for g in ground_truth], bool)
-    dets = [(None, None, None) if d is None else d for d in detections]
-    det_boxes, det_image = _concat([d[0] for d in dets], np.float64, 4)
-    det_scores, score_image = _concat([d[1] for d in dets], np.float64)
-    det_labels, det_label_image = _concat([d[2] for d in dets], np.int64)
-    if not (np.array_equal(gt_image, label_image) and np.array_equal(gt_image, difficult_image)
-            and np.array_equal(det_image, score_image)
-            and np.array_equal(det_image, det_label_image)):
-        raise ValueError("voc_eval: boxes, labels, scores or difficult of an image differ in "
-                         "length")
+    (gt_boxes, gt_labels, gt_difficult), gt_image = _stack(
+        [(g["boxes"], g["labels"], np.zeros(len(g["labels"]), bool)
+          if g.get("difficult") is None else g["difficult"]) for g in ground_truth],
+        ((np.float64, 4), (np.int64, None), (bool, None)), "boxes, labels and difficult")
+    (det_boxes, det_scores, det_labels), det_image = _stack(
+        [(None, None, None) if d is None else d for d in detections],
+        ((np.float64, 4), (np.float64, None), (np.int64, None)), "boxes, scores and labels")
 
     result = {"per_class_11point": {}, "per_class_area": {}, "num_gt": {}}
     for c, name in enumerate(class_names, start=1):
@@ -220,80 +210,24 @@ def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD)
     return result
 
 
-def make_synthetic_voc(num_images=4952, seed=0, detections_per_image=200, num_classes=20):
-    """A VOC2007-test-sized problem: (detections, ground_truth, class_names) for voc_eval.
-
-    About 3 objects per image (20% difficult, so ~12,000 positives over 4,952 images), and 200
-    detections per image: jittered copies of the objects (some duplicated, some mislabelled) with
-    higher scores, the rest random boxes with low scores. Float32, like the model's output.
-    """
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(300, 501, size=(num_images, 2)).astype(np.float64)  # (w, h)
-    n_gt = 1 + rng.poisson(2.0, size=num_images)
-    gt_image = np.repeat(np.arange(num_images), n_gt)
-    wh = sizes[gt_image]
-    box_wh = wh * rng.uniform(0.05, 0.6, size=(len(gt_image), 2))
-    xy = (wh - box_wh) * rng.uniform(size=(len(gt_image), 2))
-    gt_boxes = np.round(np.concatenate([xy, xy + box_wh], axis=1))
-    gt_labels = rng.integers(1, num_classes + 1, size=len(gt_image))
-    gt_difficult = rng.uniform(size=len(gt_image)) < 0.2
-
-    copies = rng.integers(0, 4, size=len(gt_image))  # 0..3 detections per object
-    src = np.repeat(np.arange(len(gt_image)), copies)
-    jitter = rng.normal(0.0, 0.1, size=(len(src), 4)) * box_wh[src][:, [0, 1, 0, 1]]
-    hit_boxes = gt_boxes[src] + jitter
-    hit_labels = np.where(rng.uniform(size=len(src)) < 0.9, gt_labels[src],
-                          rng.integers(1, num_classes + 1, size=len(src)))
-    hit_scores = rng.beta(5, 2, size=len(src))
-    hits_per_image = np.bincount(gt_image[src], minlength=num_images)
-    n_rand = np.maximum(detections_per_image - hits_per_image, 0)
-    rand_image = np.repeat(np.arange(num_images), n_rand)
-    rwh = sizes[rand_image]
-    r_wh = rwh * rng.uniform(0.02, 0.7, size=(len(rand_image), 2))
-    r_xy = (rwh - r_wh) * rng.uniform(size=(len(rand_image), 2))
-    rand_boxes = np.concatenate([r_xy, r_xy + r_wh], axis=1)
-    rand_labels = rng.integers(1, num_classes + 1, size=len(rand_image))
-    rand_scores = rng.beta(1, 6, size=len(rand_image))
-
-    det_image = np.concatenate([gt_image[src], rand_image])
-    order = np.argsort(det_image, kind="mergesort")
-    boxes = np.concatenate([hit_boxes, rand_boxes])[order].astype(np.float32)
-    scores = np.concatenate([hit_scores, rand_scores])[order].astype(np.float32)
-    labels = np.concatenate([hit_labels, rand_labels])[order]
-    det_split = np.cumsum(np.bincount(det_image, minlength=num_images))[:-1]
-    gt_split = np.cumsum(n_gt)[:-1]
-    detections = list(zip(np.split(boxes, det_split), np.split(scores, det_split),
-                          np.split(labels, det_split)))
-    ground_truth = [{"boxes": b.astype(np.float32), "labels": lab, "difficult": dif,
-                     "width": int(w), "height": int(h)}
-                    for b, lab, dif, (w, h) in zip(np.split(gt_boxes, gt_split),
-                                                   np.split(gt_labels, gt_split),
-                                                   np.split(gt_difficult, gt_split), sizes)]
-    return detections, ground_truth, [f"class{c}" for c in range(1, num_classes + 1)]
-
-
 # ----------------------------------------------------------------------------- VOC results files
-COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")
-
-
 def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_det_test_"):
     """Write devkit result files, one per class: `<image_id> <score> <x1> <y1> <x2> <y2>` 1-based.
 
-    detections: per image (boxes [k,4] 0-based pixels, scores, labels 1..C), aligned with
+    detections: per image (boxes [k,4] 0-based pixels, scores, labels 1..C) or None, aligned with
     image_ids. Numbers are written in Python's shortest round-trip form, so reading the files back
     gives exactly the same boxes and scores (and the same metrics). Returns the file paths.
     """
-    folder = Path(folder)
     lines = {c: [] for c in range(1, len(class_names) + 1)}
     for image_id, det in zip(image_ids, detections):
         if det is None:
             continue
-        boxes = _numpy(det[0], np.float64, 4) + np.array([1.0, 1.0, 0.0, 0.0])  # to 1-based
-        scores, labels = _numpy(det[1], np.float64), _numpy(det[2], np.int64)
-        for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+        boxes = _numpy(det[0], np.float64, 4) + _ONE_BASED
+        for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), _numpy(det[1], np.float64).tolist(),
+                                                  _numpy(det[2], np.int64).tolist()):
             if label in lines:
                 lines[label].append(f"{image_id} {score!r} {x1!r} {y1!r} {x2!r} {y2!r}\n")
-    paths = [folder / f"{prefix}{name}.txt" for name in class_names]
+    paths = [Path(folder) / f"{prefix}{name}.txt" for name in class_names]
     for c, path in enumerate(paths, start=1):
         data.write_atomic(path, lambda f: f.write("".join(lines[c])))
     return paths
@@ -305,74 +239,55 @@ def read_voc_results(folder, image_ids, class_names, log=print):
     Returns a list aligned with image_ids of (boxes [k,4] 0-based, scores [k], labels [k]), each
     image's rows in file order (so equal scores rank as the devkit ranks them when a file lists
     its images in order, as write_voc_results does). Raises EvalError for a missing folder, a
-    malformed line or an image id not in image_ids.
-    Files of classes not in class_names are skipped with a warning; a class without a file has
-    no detections (warned too).
+    malformed line or an image id not in image_ids. Files of classes not in class_names are
+    skipped with a warning; a class without a file has no detections (warned too).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalError(f"{folder}: not a folder (--voc --results wants a folder of "
                         "comp4_det_test_<class>.txt files)")
-    index = {str(i): k for k, i in enumerate(image_ids)}
     label_of = {name: c for c, name in enumerate(class_names, start=1)}
     files = {}
     for path in sorted(folder.iterdir()):
-        m = COMP_FILE.match(path.name)
-        if not m:
-            continue
-        name = m.group(1)
-        if name not in label_of:
+        name = m.group(1) if (m := _COMP_FILE.match(path.name)) else None
+        if name is not None and name not in label_of:
             log(f"warning: {path}: class {name!r} is not one of the data's classes; skipped")
-            continue
-        if name in files:
+        elif name in files:
             raise EvalError(f"{path}: a second results file for class {name!r} "
                             f"(first: {files[name].name})")
-        files[name] = path
+        elif name is not None:
+            files[name] = path
     if not files:
         raise EvalError(f"{folder}: no comp4_det_test_<class>.txt file of any of the classes "
                         f"{', '.join(class_names)}")
-    missing = [n for n in class_names if n not in files]
-    if missing:
+    if missing := [n for n in class_names if n not in files]:
         log(f"warning: {folder}: no results file for {', '.join(missing)} (no detections)")
-    per_file = []
+    index = {str(i): k for k, i in enumerate(image_ids)}
+    image, rows = [], []  # rows: (label, score, x1, y1, x2, y2) in file order
     for name, path in files.items():
-        rows = [(n, line.split()) for n, line in enumerate(path.read_text().splitlines(), 1)
-                if line.strip()]
-        for n, fields in rows:
+        for n, fields in enumerate(map(str.split, path.read_text().splitlines()), 1):
+            if not fields:
+                continue
             if len(fields) != 6:
                 raise EvalError(f"{path}:{n}: expected '<image_id> <score> <x1> <y1> <x2> <y2>', "
                                 f"got {len(fields)} fields")
             if fields[0] not in index:
                 raise EvalError(f"{path}:{n}: image id {fields[0]!r} is not in the ground truth")
-        try:
-            numbers = np.array([f[1:] for _, f in rows], dtype=np.float64).reshape(-1, 5)
-        except ValueError:
-            bad = next(n for n, f in rows if not all(_is_number(v) for v in f[1:]))
-            raise EvalError(f"{path}:{bad}: score and box must be numbers") from None
-        if not np.isfinite(numbers).all():
-            raise EvalError(f"{path}: non-finite score or coordinate")
-        img = np.array([index[f[0]] for _, f in rows], dtype=np.int64)
-        boxes = numbers[:, 1:] - np.array([1.0, 1.0, 0.0, 0.0])  # devkit 1-based -> 0-based
-        per_file.append((img, boxes, numbers[:, 0], np.full(len(rows), label_of[name])))
-    img = np.concatenate([p[0] for p in per_file])
-    order = np.argsort(img, kind="mergesort")  # per image; file order kept within an image
-    boxes = np.concatenate([p[1] for p in per_file])[order]
-    scores = np.concatenate([p[2] for p in per_file])[order]
-    labels = np.concatenate([p[3] for p in per_file])[order]
-    split = np.cumsum(np.bincount(img, minlength=len(image_ids)))[:-1]
-    return list(zip(np.split(boxes, split), np.split(scores, split), np.split(labels, split)))
-
-
-def _is_number(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+            try:
+                rows.append([label_of[name], *map(float, fields[1:])])
+            except ValueError:
+                raise EvalError(f"{path}:{n}: score and box must be numbers") from None
+            if not all(map(math.isfinite, rows[-1])):
+                raise EvalError(f"{path}: non-finite score or coordinate")
+            image.append(index[fields[0]])
+    order = np.argsort(image, kind="mergesort")  # per image; file order kept within an image
+    rows = np.array(rows, np.float64).reshape(-1, 6)[order]  # [N, 6]
+    split = np.cumsum(np.bincount(np.array(image, np.int64), minlength=len(image_ids)))[:-1]
+    return [(r[:, 2:] - _ONE_BASED, r[:, 1], r[:, 0].astype(np.int64)) for r in np.split(rows, split)]
 
 
 # ----------------------------------------------------------------------------- COCO
-def load_coco(ann_file):
+def _load_coco(ann_file):
     """pycocotools COCO object for an annotation json, quietly; EvalError names a bad file."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -396,10 +311,10 @@ def coco_results(detections, image_ids, category_ids):
             continue
         boxes = _numpy(det[0], np.float64, 4)
         boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh (w = x2 - x1, no +1)
-        for box, score, label in zip(boxes.tolist(), _numpy(det[1], np.float64).tolist(),
-                                     _numpy(det[2], np.int64).tolist()):
-            results.append({"image_id": image_id, "category_id": category_ids[label - 1],
-                            "bbox": box, "score": score})
+        results += [{"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box,
+                     "score": score} for box, score, label in zip(
+                         boxes.tolist(), _numpy(det[1], np.float64).tolist(),
+                         _numpy(det[2], np.int64).tolist())]
     return results
 
 
@@ -417,12 +332,11 @@ def read_coco_results(path):
                         f"got {type(results).__name__}")
     keys = ("image_id", "category_id", "bbox", "score")
     for i, r in enumerate(results):
-        ok = (isinstance(r, dict) and all(k in r for k in keys)
-              and all(isinstance(r[k], int) for k in keys[:2])
-              and isinstance(r["bbox"], list) and len(r["bbox"]) == 4
-              and all(isinstance(v, (int, float)) and math.isfinite(v)
-                      for v in r["bbox"] + [r["score"]]))
-        if not ok:
+        if not (isinstance(r, dict) and all(k in r for k in keys)
+                and all(isinstance(r[k], int) for k in keys[:2])
+                and isinstance(r["bbox"], list) and len(r["bbox"]) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v)
+                        for v in r["bbox"] + [r["score"]])):
             raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
                             f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
     return results
@@ -438,19 +352,17 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
     has no object in that area range), "per_class": {name: AP@[.5:.95]}, "per_class_ap50"}; a
     category without objects in these images has AP nan.
     """
-    gt = coco_gt if isinstance(coco_gt, COCO) else load_coco(coco_gt)
+    gt = coco_gt if isinstance(coco_gt, COCO) else _load_coco(coco_gt)
     image_ids = sorted(gt.getImgIds() if image_ids is None else image_ids)
     known_images, cat_ids = set(image_ids), sorted(gt.getCatIds())
-    known_cats = set(cat_ids)
     for i, r in enumerate(results):
         if r["image_id"] not in known_images:
             raise EvalError(f"{name}: entry {i}: image_id {r['image_id']!r} is not in the "
                             "ground truth")
-        if r["category_id"] not in known_cats:
+        if r["category_id"] not in gt.cats:
             raise EvalError(f"{name}: entry {i}: category_id {r['category_id']!r} is not a "
                             "category of the ground truth")
-    if class_names is None:
-        class_names = [gt.cats[c]["name"] for c in cat_ids]
+    class_names = [gt.cats[c]["name"] for c in cat_ids] if class_names is None else class_names
     if len(class_names) != len(cat_ids):
         raise ValueError(f"coco_eval: {len(class_names)} class names for {len(cat_ids)} "
                          "categories")
@@ -479,183 +391,23 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
 
 
 # ----------------------------------------------------------------------------- from a model
-def is_coco_source(source):
-    """COCO sources carry their annotation json; VOC-layout and shapes sources do not."""
-    return hasattr(source, "ann_file") and hasattr(source, "category_ids")
-
-
-def coco_ann_file(root, split=None):
-    """root/annotations/instances_<split>.json; without a split val2017, or the only
-    instances_*.json there (data.build_source's rule)."""
-    folder = Path(root) / "annotations"
-    found = sorted(folder.glob("instances_*.json"))
-    if split is None and not (folder / "instances_val2017.json").is_file() and len(found) == 1:
-        return found[0]
-    return folder / f"instances_{split or 'val2017'}.json"
-
-
-class CocoJson:
-    """The source interface over any COCO annotation json, in the file's image order. Images are
-    looked for only when read: in `image_dir`, by default <root>/<split> for
-    <root>/annotations/instances_<split>.json, else the json's own folder."""
-
-    def __init__(self, ann_file, image_dir=None):
-        self.ann_file, coco = str(ann_file), load_coco(ann_file)
-        p = Path(ann_file)
-        layout = p.parent.parent / p.stem[len("instances_"):]
-        self.image_dir = Path(image_dir or (layout if p.parent.name == "annotations"
-                                            and p.stem.startswith("instances_")
-                                            and layout.is_dir() else p.parent))
-        self.category_ids = sorted(coco.getCatIds())
-        self.class_names = [str(coco.cats[c]["name"]) for c in self.category_ids]
-        self.ids = [im["id"] for im in coco.dataset["images"]]
-        self.files = [coco.imgs[i]["file_name"] for i in self.ids]
-        label = {c: k for k, c in enumerate(self.category_ids, start=1)}
-        self.labels = [np.array([label[a["category_id"]] for a in coco.imgToAnns[i]], np.int64)
-                       for i in self.ids]
-
-    def __len__(self):
-        return len(self.ids)
-
-    def image_id(self, i):
-        return self.ids[i]
-
-    def load_image(self, i):
-        return data.load_image(self.image_dir / self.files[i])
-
-    def annotation(self, i):  # the labels only: COCO boxes are scored by pycocotools on the json
-        return {"labels": self.labels[i].copy()}
-
-
-def voc_annotations(root, split=None):
-    """(image ids, ground truth, class names) of a VOC-layout folder (or of a VOCdevkit: VOC2007,
-    else VOC2012, as data.build_source picks for evaluation) from Annotations/ and
-    ImageSets/Main/<split>.txt alone, no image looked for, parsed as data.VOCDetection parses them
-    (the same class list, boxes and difficult flags)."""
-    root = Path(root)
-    root = next((r for r in (root, *(root / d / y for y in ("VOC2007", "VOC2012")
-                                     for d in ("VOCdevkit", ""))) if data._is_voc_folder(r)), root)
-    split_file = root / "ImageSets" / "Main" / f"{split or data._voc_folder_split(root, False)}.txt"
-    if not split_file.is_file():
-        raise EvalError(f"{split_file}: split file not found")
-    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise EvalError(f"{split_file}: no image ids")
-    xml = [str(root / "Annotations" / f"{i}.xml") for i in ids]
-    raws = [data._voc_raw(x) for x in xml]
-    names = data.VOC_CLASSES if {n for r in raws for n, _, _ in r["objects"]} <= set(
-        data.VOC_CLASSES) else data._voc_names_in_folder(root / "Annotations")
-    label_of = {name: k for k, name in enumerate(names, start=1)}
-    # the image is opened only for an XML without <size>
-    gt = [data.VOCDetection._convert(x, r, str(root / "JPEGImages" / f"{i}.jpg"), label_of)
-          for x, r, i in zip(xml, raws, ids)]
-    return ids, gt, list(names)
-
-
-def class_mapping(model, source, name="model"):
-    """int64 [C_model + 1]: the source label of each model label (0 = a class the data lacks).
-
-    By COCO category id when both the model config ("category_ids") and the source have them,
-    else by class name. A data class the model does not know is fine when the data has no object
-    of it (its AP is nan either way); otherwise EvalError names those classes.
-    """
-    cfg = model.config
-    model_names, src_names = cfg.get("class_names"), list(source.class_names)
-    src_cats = getattr(source, "category_ids", None)
-    if cfg.get("category_ids") is not None and src_cats is not None:
-        model_keys, src_keys = list(cfg["category_ids"]), list(src_cats)
-    elif model_names is not None:
-        model_keys, src_keys = list(model_names), src_names
-    else:
-        raise EvalError(f"{name}: the model config has no class_names to match the data's "
-                        "classes")
-    known = set(model_keys)
-    unknown = [c for c, k in enumerate(src_keys, start=1) if k not in known]
-    if unknown:  # only now read every annotation (shapes renders its images to make them)
-        present = {int(label) for i in range(len(source))
-                   for label in source.annotation(i)["labels"]}
-        missing = [src_names[c - 1] for c in unknown if c in present]
-        if missing:
-            raise EvalError(f"{name}: the model does not know {len(missing)} class(es) that the "
-                            f"data has objects of ({_some(missing)}); it knows "
-                            f"{_some(model_keys)}")
-    src_label = {k: c for c, k in enumerate(src_keys, start=1)}
-    return np.array([0] + [src_label.get(k, 0) for k in model_keys], dtype=np.int64)
-
-
-def _some(items, shown=8):
-    """'a, b, c, ...': the first few items of a list, for messages."""
-    return ", ".join(map(str, items[:shown])) + (", ..." if len(items) > shown else "")
-
-
-def _load_batch(source, indices):
-    """DataLoader collate: (index, uint8 [3,H,W] tensor or None, error or None) per image."""
-    out = []
-    for i in indices:
-        try:
-            image = np.asarray(source.load_image(i).convert("RGB"), dtype=np.uint8)  # [H, W, 3]
-        except (OSError, ValueError) as e:  # data.DataError is a ValueError
-            out.append((i, None, str(e)))
-            continue
-        out.append((i, torch.from_numpy(image.copy()).permute(2, 0, 1), None))  # [3, H, W]
-    return out
-
-
-def predict(model, source, indices, mapping, batch_size=8, workers=2, progress=True, bf16=False,
-            **detect_options):
-    """Run the model on source images `indices` in batches (under bfloat16 autocast with bf16).
-
-    Returns (detections: {index: (boxes [k,4] pixels, scores [k], labels [k] source labels)},
-    failed: list of error lines for images that could not be read). Detections of model classes
-    the data lacks (mapping 0) are dropped. Prints a progress line to stderr every few seconds.
-    """
-    loader = torch.utils.data.DataLoader(list(indices), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=functools.partial(_load_batch, source))
-    detections, failed = {}, []
-    start = last = time.perf_counter()
-    done, total = 0, len(indices)
-    for batch in loader:
-        failed += [err for _, image, err in batch if image is None]
-        ok = [(i, image) for i, image, _ in batch if image is not None]
-        outputs = ssd.detect(model, [im for _, im in ok], bf16, **detect_options) if ok else []
-        for (i, _), (boxes, scores, labels) in zip(ok, outputs):
-            labels = mapping[labels.numpy()]
-            keep = labels > 0
-            detections[i] = (boxes.numpy()[keep], scores.numpy()[keep], labels[keep])
-        done += len(batch)
-        now = time.perf_counter()
-        if progress and (now - last >= PROGRESS_EVERY_S or done == total):
-            rate = done / max(now - start, 1e-9)
-            print(f"eval {done}/{total} images  {rate:.1f} img/s  "
-                  f"ETA {data.duration((total - done) / rate)}", file=sys.stderr, flush=True)
-            last = now
-    return detections, failed
-
-
 def score_detections(source, indices, detections, metric="11point", log=print):
     """Metrics of per-image detections (source labels, pixels), aligned with `indices`.
 
-    VOC-layout and shapes sources: voc_eval, "map" = the `metric` mAP. COCO sources: coco_eval on
-    the source's json, "map" = AP@[.5:.95]. Adds "images" and prints a summary through `log`.
+    VOC-layout and shapes sources: voc_eval, "map" = the `metric` mAP, "metric". COCO sources
+    (they have ann_file and category_ids): coco_eval on the source's json, "map" = AP@[.5:.95].
+    Adds "images" and prints the summary through `log`.
     """
     if not indices:
         raise EvalError("no images to evaluate")
-    if is_coco_source(source):
-        image_ids = [source.image_id(i) for i in indices]
-        results = coco_results(detections, image_ids, source.category_ids)
-        result = coco_eval(results, source.ann_file, image_ids, source.class_names)
+    if hasattr(source, "ann_file") and hasattr(source, "category_ids"):
+        ids = [source.image_id(i) for i in indices]
+        result = coco_eval(coco_results(detections, ids, source.category_ids), source.ann_file,
+                           ids, source.class_names)
         result.update(map=result["stats"][0], images=len(indices))
     else:
-        return _voc_result(detections, [source.annotation(i) for i in indices],
-                           source.class_names, metric, log)
-    print_result(result, log)
-    return result
-
-
-def _voc_result(detections, ground_truth, class_names, metric, log):
-    """voc_eval plus the headline "map" (the `metric` mAP), "metric" and "images"; printed."""
-    result = voc_eval(detections, ground_truth, class_names)
-    result.update(map=result[f"map_{metric}"], metric=metric, images=len(ground_truth))
+        result = voc_eval(detections, [source.annotation(i) for i in indices], source.class_names)
+        result.update(map=result[f"map_{metric}"], metric=metric, images=len(indices))
     print_result(result, log)
     return result
 
@@ -685,29 +437,155 @@ def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="
 
     Returns the --json-out dict (VOC: map_11point, map_area, per_class_11point, per_class_area;
     COCO: stats, per_class) plus "map" (the headline: VOC `metric` mAP for VOC-layout and shapes
-    sources, COCO AP for COCO sources) and "images". Images that cannot be read are reported
-    through `log` and left out. The model's train/eval mode is restored afterwards.
+    sources, COCO AP for COCO sources), "images" and "failed_images". Images that cannot be read
+    are reported through `log` and left out. The model's train/eval mode is restored afterwards.
     """
     if metric not in METRICS:
         raise ValueError(f"evaluate_model: metric must be one of {METRICS}, not {metric!r}")
     model = getattr(model, "module", model)  # a DDP-wrapped model
     if device is not None:
         model.to(device)
-    mapping = class_mapping(model, source, name)
+    mapping = _class_mapping(model, source, name)
     was_training = model.training
     model.eval()
     try:
-        indices = list(range(len(source)))
-        detections, failed = predict(model, source, indices, mapping, batch_size, workers, progress,
-                                     bf16, **detect_options)
+        detections, failed = _predict(model, source, range(len(source)), mapping, batch_size,
+                                      workers, progress, bf16, **detect_options)
     finally:
         model.train(was_training)
     for line in failed:
         log(f"warning: skipped {line}")
-    indices = [i for i in indices if i in detections]
+    indices = [i for i in range(len(source)) if i in detections]
     result = score_detections(source, indices, [detections[i] for i in indices], metric, log)
     result["failed_images"] = len(failed)
     return result
+
+
+def _class_mapping(model, source, name="model"):
+    """int64 [C_model + 1]: the source label of each model label (0 = a class the data lacks).
+
+    By COCO category id when both the model config ("category_ids") and the source have them,
+    else by class name. A data class the model does not know is fine when the data has no object
+    of it (its AP is nan either way); otherwise EvalError names those classes.
+    """
+    cfg, src_names = model.config, list(source.class_names)
+    src_cats = getattr(source, "category_ids", None)
+    if cfg.get("category_ids") is not None and src_cats is not None:
+        model_keys, src_keys = list(cfg["category_ids"]), list(src_cats)
+    elif cfg.get("class_names") is not None:
+        model_keys, src_keys = list(cfg["class_names"]), src_names
+    else:
+        raise EvalError(f"{name}: the model config has no class_names to match the data's "
+                        "classes")
+    unknown = [c for c, k in enumerate(src_keys, start=1) if k not in set(model_keys)]
+    if unknown:  # only now read every annotation (shapes renders its images to make them)
+        present = {int(label) for i in range(len(source))
+                   for label in source.annotation(i)["labels"]}
+        if missing := [src_names[c - 1] for c in unknown if c in present]:
+            raise EvalError(f"{name}: the model does not know {len(missing)} class(es) that the "
+                            f"data has objects of ({_some(missing)}); it knows "
+                            f"{_some(model_keys)}")
+    src_label = {k: c for c, k in enumerate(src_keys, start=1)}
+    return np.array([0] + [src_label.get(k, 0) for k in model_keys], dtype=np.int64)
+
+
+def _some(items, shown=8):
+    """'a, b, c, ...': the first few items of a list, for messages."""
+    return ", ".join(map(str, items[:shown])) + (", ..." if len(items) > shown else "")
+
+
+def _load_batch(source, indices):
+    """DataLoader collate: (index, uint8 [3,H,W] tensor or None, error or None) per image."""
+    out = []
+    for i in indices:
+        try:
+            image = np.asarray(source.load_image(i).convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+        except (OSError, ValueError) as e:  # data.DataError is a ValueError
+            out.append((i, None, str(e)))
+            continue
+        out.append((i, torch.from_numpy(image.copy()).permute(2, 0, 1), None))  # [3, H, W]
+    return out
+
+
+def _predict(model, source, indices, mapping, batch_size, workers, progress, bf16,
+             **detect_options):
+    """Run the model on source images `indices` in batches (under bfloat16 autocast with bf16).
+
+    Returns (detections: {index: (boxes [k,4] pixels, scores [k], labels [k] source labels)},
+    failed: error lines of images that could not be read). Detections of model classes the data
+    lacks (mapping 0) are dropped. With `progress`, a line goes to stderr every few seconds.
+    """
+    loader = torch.utils.data.DataLoader(list(indices), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=functools.partial(_load_batch, source))
+    detections, failed = {}, []
+    start = last = time.perf_counter()
+    done, total = 0, len(indices)
+    for batch in loader:
+        failed += [err for _, image, err in batch if image is None]
+        ok = [(i, image) for i, image, _ in batch if image is not None]
+        outputs = ssd.detect(model, [im for _, im in ok], bf16, **detect_options) if ok else []
+        for (i, _), (boxes, scores, labels) in zip(ok, outputs):
+            labels = mapping[labels.numpy()]
+            keep = labels > 0
+            detections[i] = (boxes.numpy()[keep], scores.numpy()[keep], labels[keep])
+        done += len(batch)
+        now = time.perf_counter()
+        if progress and (now - last >= PROGRESS_EVERY_S or done == total):
+            rate = done / max(now - start, 1e-9)
+            print(f"eval {done}/{total} images  {rate:.1f} img/s  "
+                  f"ETA {data.duration((total - done) / rate)}", file=sys.stderr, flush=True)
+            last = now
+    return detections, failed
+
+
+# ----------------------------------------------------------------------------- annotation files
+class _CocoJson(data.FileSource):
+    """data.py's source interface over any COCO annotation json, in the file's image order.
+    Images are looked for only when read, in `image_dir`: by default <root>/<split> for
+    <root>/annotations/instances_<split>.json, else the json's own folder. annotation(i) holds the
+    labels only: pycocotools scores the boxes on the json itself."""
+
+    def __init__(self, ann_file, image_dir=None):
+        self.ann_file, coco, p = str(ann_file), _load_coco(ann_file), Path(ann_file)
+        layout = p.parent.parent / p.stem[len("instances_"):]
+        self.image_dir = Path(image_dir or (layout if p.parent.name == "annotations"
+                                            and p.stem.startswith("instances_")
+                                            and layout.is_dir() else p.parent))
+        self.category_ids = sorted(coco.getCatIds())
+        self.class_names = [str(coco.cats[c]["name"]) for c in self.category_ids]
+        self.ids = [im["id"] for im in coco.dataset["images"]]
+        self.image_paths = [str(self.image_dir / coco.imgs[i]["file_name"]) for i in self.ids]
+        label = {c: k for k, c in enumerate(self.category_ids, start=1)}
+        self._annotations = [{"labels": np.array([label[a["category_id"]] for a in
+                                                  coco.imgToAnns[i]], np.int64)} for i in self.ids]
+
+
+class _VocAnnotations(data.FileSource):
+    """data.VOCDetection's ground truth (the same class list, boxes and difficult flags) of a
+    VOC-layout folder, or of a VOCdevkit (VOC2007, else VOC2012, as data.build_source picks for
+    evaluation), from Annotations/ and ImageSets/Main/<split>.txt alone: JPEGImages/ may be
+    absent (an image is opened only for an XML without <size>)."""
+
+    def __init__(self, root, split=None):
+        root = Path(root)
+        root = next((r for r in (root, *(root / d / y for y in ("VOC2007", "VOC2012")
+                                         for d in ("VOCdevkit", ""))) if data._is_voc_folder(r)),
+                    root)
+        split_file = root / "ImageSets" / "Main" / f"{split or data._voc_folder_split(root, False)}.txt"
+        if not split_file.is_file():
+            raise EvalError(f"{split_file}: split file not found")
+        self.ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        if not self.ids:
+            raise EvalError(f"{split_file}: no image ids")
+        xml = [str(root / "Annotations" / f"{i}.xml") for i in self.ids]
+        raws = [data._voc_raw(x) for x in xml]
+        in_split = {n for r in raws for n, _, _ in r["objects"]}
+        self.class_names = list(data.VOC_CLASSES if in_split <= set(data.VOC_CLASSES)
+                                else data._voc_names_in_folder(root / "Annotations"))
+        label_of = {name: k for k, name in enumerate(self.class_names, start=1)}
+        self.image_paths = [str(root / "JPEGImages" / f"{i}.jpg") for i in self.ids]
+        self._annotations = [data.VOCDetection._convert(x, r, p, label_of)
+                             for x, r, p in zip(xml, raws, self.image_paths)]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -789,53 +667,67 @@ def _init_distributed():
     return dist.get_rank(), world, device
 
 
-def run(args, rank=0, world=1, device=None):
+def _coco_ann_file(root, split=None):
+    """root/annotations/instances_<split>.json; without a split val2017, or the only
+    instances_*.json there (data.build_source's rule)."""
+    folder = Path(root) / "annotations"
+    found = sorted(folder.glob("instances_*.json"))
+    if split is None and not (folder / "instances_val2017.json").is_file() and len(found) == 1:
+        return found[0]
+    return folder / f"instances_{split or 'val2017'}.json"
+
+
+def _score_results(args, root, ann):
+    """--results: scored on the annotations alone, no image looked for."""
+    if args.coco:
+        gt = _load_coco(ann)
+        result = coco_eval(read_coco_results(args.results), gt, name=args.results)
+        result.update(map=result["stats"][0], images=len(gt.getImgIds()))
+        print_result(result)
+        return result
+    source = (data.build_source("shapes", None, args.split, train=False) if args.shapes
+              else _VocAnnotations(root, args.split))
+    indices = list(range(len(source)))
+    detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
+                                  source.class_names)
+    return score_detections(source, indices, detections, args.metric)
+
+
+def _image_source(args, name, root, ann):
+    """--weights: data.build_source's source, or any COCO json with all its images present."""
+    if not args.coco:
+        source = data.build_source(name, root, args.split, train=False)
+    else:
+        source = _CocoJson(ann, args.images)
+        missing = [p for p in source.image_paths if not os.path.isfile(p)]
+        if missing and not source.image_dir.is_dir():
+            raise EvalError(f"{source.image_dir}: image folder not found (give --images DIR)")
+        if missing:
+            more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
+            raise EvalError(f"{missing[0]}: image not found{more}")
+    if not len(source):
+        raise EvalError(f"{ann or root}: no images to evaluate")
+    return source
+
+
+def _run(args, rank=0, world=1, device=None):
     """Evaluate as the arguments say; returns (result dict or None on ranks > 0, failed count)."""
     name = "coco" if args.coco else "shapes" if args.shapes else "voc"
     root = args.data_root or DEFAULT_ROOT.get(name)
     if not args.shapes and not args.ann and not Path(root).is_dir():
         raise EvalError(f"{root}: folder does not exist"
                         + ("" if args.data_root else " (the default; give --data-root DIR)"))
-    ann = (args.ann or coco_ann_file(root, args.split)) if args.coco else None
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    if args.results:  # the annotations only: no image is looked for
-        if rank != 0:
-            return None, 0
-        if args.coco:
-            gt = load_coco(ann)
-            result = coco_eval(read_coco_results(args.results), gt, name=args.results)
-            result.update(map=result["stats"][0], images=len(gt.getImgIds()))
-            print_result(result, log)
-            return result, 0
-        if args.shapes:
-            s = data.build_source(name, None, args.split, train=False)
-            ids, gt, names = list(map(s.image_id, range(len(s)))), [
-                s.annotation(i) for i in range(len(s))], s.class_names
-        else:
-            ids, gt, names = voc_annotations(root, args.split)
-        detections = read_voc_results(args.results, ids, names, log)
-        return _voc_result(detections, gt, names, args.metric, log), 0
-
-    if args.coco:
-        source = CocoJson(ann, args.images)
-        missing = [f for f in source.files if not (source.image_dir / f).is_file()]
-        if missing and not source.image_dir.is_dir():
-            raise EvalError(f"{source.image_dir}: image folder not found (give --images DIR)")
-        if missing:
-            more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
-            raise EvalError(f"{source.image_dir / missing[0]}: image not found{more}")
-    else:
-        source = data.build_source(name, root, args.split, train=False)
+    ann = (args.ann or _coco_ann_file(root, args.split)) if args.coco else None
+    if args.results:
+        return (_score_results(args, root, ann) if rank == 0 else None), 0
+    source = _image_source(args, name, root, ann)
+    model = weights.load_model(args.weights, device=device or args.device or (
+        "cuda" if torch.cuda.is_available() else "cpu"))
     indices = list(range(len(source)))
-    if not indices:
-        raise EvalError(f"{ann or root}: no images to evaluate")
-    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = weights.load_model(args.weights, device=device)
-    mapping = class_mapping(model, source, args.weights)
-    detections, failed = predict(model, source, indices[rank::world], mapping, args.batch_size,
-                                 args.workers, rank == 0, args.bf16)
-    if world > 1:
+    detections, failed = _predict(model, source, indices[rank::world],
+                                  _class_mapping(model, source, args.weights), args.batch_size,
+                                  args.workers, rank == 0, args.bf16)
+    if world > 1:  # rank 0 gathers every shard and scores
         gathered = [None] * world
         dist.all_gather_object(gathered, (detections, failed))
         if rank != 0:
@@ -855,15 +747,15 @@ def run(args, rank=0, world=1, device=None):
             data.write_atomic(args.save_results, lambda f: json.dump(results, f))
         else:
             write_voc_results(args.save_results, ordered, ids, source.class_names)
-        log(f"detections written to {args.save_results}")
-    return score_detections(source, indices, ordered, args.metric, log), len(failed)
+        print(f"detections written to {args.save_results}")
+    return score_detections(source, indices, ordered, args.metric), len(failed)
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = _init_distributed()
     try:
-        result, failed = run(args, rank, world, device)
+        result, failed = _run(args, rank, world, device)
         if result is not None and args.json_out:
             text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
             data.write_atomic(args.json_out, lambda f: f.write(text))

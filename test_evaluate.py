@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 import weights
+from bench import make_synthetic_voc
 
 HERE = Path(__file__).resolve().parent
 
@@ -236,7 +237,7 @@ def test_iou_of_exactly_half_is_a_match():
 
 
 def test_detection_on_difficult_object_changes_nothing():
-    dets, gt, names = evaluate.make_synthetic_voc(num_images=60, seed=3)
+    dets, gt, names = make_synthetic_voc(num_images=60, seed=3)
     base = evaluate.voc_eval(dets, gt, names)
     with_extra = []
     for (b, s, l), g in zip(dets, gt):
@@ -265,7 +266,7 @@ def test_voc_eval_matches_devkit_reference_through_comp4_files(tmp_path):
 
 
 def test_synthetic_set_matches_devkit_reference():
-    dets, gt, names = evaluate.make_synthetic_voc(num_images=25, seed=5, detections_per_image=40,
+    dets, gt, names = make_synthetic_voc(num_images=25, seed=5, detections_per_image=40,
                                                  num_classes=4)
     r = evaluate.voc_eval(dets, gt, names)
     det_lines, gt_raw = raw_from_ours(dets, gt)
@@ -276,7 +277,7 @@ def test_synthetic_set_matches_devkit_reference():
 
 
 def test_voc_results_files_round_trip_exactly(tmp_path):
-    dets, gt, names = evaluate.make_synthetic_voc(num_images=20, seed=2, detections_per_image=30,
+    dets, gt, names = make_synthetic_voc(num_images=20, seed=2, detections_per_image=30,
                                                  num_classes=3)
     ids = [f"2008_{i:06d}" for i in range(len(dets))]
     paths = evaluate.write_voc_results(tmp_path, dets, ids, names)
@@ -508,8 +509,8 @@ def test_coco_json_source_ground_truth_fed_back(tmp_path):
     gt = json.loads((tmp_path / "gt.json").read_text())
     gt["categories"].append({"id": 50, "name": "airplane"})
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    source = evaluate.CocoJson(tmp_path / "gt.json")
-    assert evaluate.is_coco_source(source) and source.image_dir == tmp_path
+    source = evaluate._CocoJson(tmp_path / "gt.json")
+    assert source.image_dir == tmp_path and source.image_paths[0] == str(tmp_path / "100.jpg")
     label = {c: k for k, c in enumerate(source.category_ids, start=1)}
     dets = []
     for i in range(len(source)):
