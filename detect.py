@@ -43,53 +43,47 @@ TOPK = 400  # candidates per class before NMS (Caffe top_k)
 MAX_DET = 200  # detections per image (Caffe keep_top_k)
 BATCH_SIZE = 8
 OUT_DIR = "runs/detect"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm"}
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv"}
+IMAGE_EXTENSIONS = set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
+VIDEO_EXTENSIONS = set(".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .wmv".split())
+_MEDIA = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what folders and globs pick up
 PROGRESS_EVERY_S = 2.0
 NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a few minutes on a "
               "CPU) or pass --weights FILE (ours, torchvision ssd300_vgg16, amdegroot ssd.pytorch "
               "or mmdetection SSD)")
 
 
-class StreamError(Exception):
-    """A video or GIF that could not be processed: one line, the path first; the run goes on."""
-
-
 def _plural(n, word):
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-# ----------------------------------------------------------------------------- inputs, outputs
-def _is_media(path):
-    """An image or video by its extension, any case (what folders and globs pick up)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-
-
 def _files_in(folder):
-    """The image and video files directly inside `folder`, sorted by name."""
-    paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if _is_media(n)]
+    """The image and video files directly inside `folder` (by extension, any case), by name."""
+    paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+             if Path(n).suffix.lower() in _MEDIA]
     return [p for p in paths if os.path.isfile(p)]
 
 
 def collect_inputs(paths):
-    """PATH arguments -> (files in order, without repeats; error lines). A path that exists is
-    taken literally (a file named 'a[1].jpg' is not a glob) and, named explicitly, kept whatever
-    its extension (reading it reports what it is); folders and globs give their media files."""
-    files, errors = {}, []  # real path -> path as given
+    """PATH arguments -> (files in order, without repeats; the paths that gave none, each with its
+    error line on stderr). A path that exists is taken literally (a file named 'a[1].jpg' is not a
+    glob) and, named explicitly, kept whatever its extension (reading it reports what it is);
+    folders and globs give their media files."""
+    files, errors = {}, 0  # real path -> path as given
     for p in paths:
         if os.path.isdir(p):
             found, why = _files_in(p), "no image files in this folder"
         elif os.path.exists(p):
             found, why = [p], ""
         elif any(ch in p for ch in "*?["):
-            found = [f for m in sorted(glob.glob(p, recursive=True))
-                     for f in (_files_in(m) if os.path.isdir(m) else [m] if _is_media(m) else [])]
+            found = [f for m in sorted(glob.glob(p, recursive=True)) for f in (
+                _files_in(m) if os.path.isdir(m) else [m] if Path(m).suffix.lower() in _MEDIA
+                else [])]
             why = "no image files match this pattern"
         else:
             found, why = [], "no such file or folder"
         if not found:
-            errors.append(f"{p}: {why}")
+            print(f"{p}: {why}", file=sys.stderr)
+            errors += 1
         for f in found:
             files.setdefault(os.path.realpath(f), f)
     return list(files.values()), errors
@@ -107,7 +101,6 @@ def output_path(out_dir, image_path, taken, ext=".jpg"):
             return candidate
 
 
-# ----------------------------------------------------------------------------- command line
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,27 +108,23 @@ def parse_args(argv):
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image, video or GIF files, folders or globs")
     p.add_argument("--weights", help="checkpoint (default: the newest runs/*/best.pt)")
-    p.add_argument("--score-thr", type=float, default=SCORE_THR,
-                   help=f"keep detections scoring above this (default {SCORE_THR})")
-    p.add_argument("--nms-iou", type=float, default=NMS_IOU,
-                   help=f"IoU above which NMS suppresses a box (default {NMS_IOU})")
+
+    def number(flag, kind, default, text):
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
+    number("--score-thr", float, SCORE_THR, "keep detections scoring above this")
+    number("--nms-iou", float, NMS_IOU, "IoU above which NMS suppresses a box")
     p.add_argument("--nms", choices=["hard", "soft"], default="hard",
                    help="hard NMS or Gaussian soft-NMS (default hard)")
-    p.add_argument("--topk", type=int, default=TOPK,
-                   help=f"candidates per class before NMS (default {TOPK})")
-    p.add_argument("--max-det", type=int, default=MAX_DET,
-                   help=f"detections per image (default {MAX_DET})")
-    p.add_argument("--out", default=OUT_DIR,
-                   help=f"folder for the drawn images (default {OUT_DIR})")
+    number("--topk", int, TOPK, "candidates per class before NMS")
+    number("--max-det", int, MAX_DET, "detections per image")
+    number("--out", str, OUT_DIR, "folder for the drawn images")
     p.add_argument("--json", metavar="FILE", help="also write all detections to this JSON file")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default cuda when available, else cpu")
     p.add_argument("--bf16", action="store_true",
                    help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                   help=f"images or frames per forward pass, any sizes mixed "
-                        f"(default {BATCH_SIZE})")
+    number("--batch-size", int, BATCH_SIZE, "images or frames per forward pass, any sizes mixed")
     args = p.parse_args(argv)
     if not 0.0 <= args.score_thr < 1.0:
         p.error("--score-thr must be in [0, 1)")
@@ -148,27 +137,24 @@ def parse_args(argv):
 
 
 def _setup(args):
-    """(model, weights path) with the output folders checked; UsageError says what is wrong."""
+    """(model, weights path) with the output folders checked; UsageError or CheckpointError
+    (one line) says what is wrong."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
     path = args.weights or data.newest_run_file("best.pt")
     if path is None:
         raise data.UsageError(NO_WEIGHTS)
-    try:
-        model = weights.load_model(path, args.device)
-    except ssd.CheckpointError as e:
-        raise data.UsageError(str(e)) from None
+    model = weights.load_model(path, args.device)  # ssd.CheckpointError names a bad file
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        reason = e.strerror or str(e)
-        raise data.UsageError(f"{args.out}: cannot create the output folder ({reason})") from None
+        raise data.UsageError(f"{args.out}: cannot create the output folder "
+                              f"({e.strerror or e})") from None
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise data.UsageError(f"{args.json}: its folder does not exist")
     return model, path
 
 
-# ----------------------------------------------------------------------------- detection
 def _detect(model, images, args):
     """ssd.detect on PIL images with the command line's options -> [(boxes, scores, labels)]."""
     return ssd.detect(model, [data.to_tensor(im) for im in images], args.bf16,
@@ -176,7 +162,9 @@ def _detect(model, images, args):
                       max_det=args.max_det, nms=args.nms)
 
 
-def _as_json(boxes, scores, labels, names):
+def _draw(image, boxes, scores, labels, names):
+    """Draw one image's detections on it; -> their JSON list."""
+    data.draw_detections(image, boxes, scores, labels, names)
     return [{"box": [round(v, 2) for v in box], "score": round(float(s), 6), "label": int(c),
              "name": names[int(c) - 1]} for box, s, c in zip(boxes.tolist(), scores, labels)]
 
@@ -200,7 +188,7 @@ def _run_images(args, model, files, taken, results):
         detections = _detect(model, [im for _, im, _ in batch], args)
         model_share = (time.perf_counter() - t0) / len(batch)
         for (path, image, read_s), (boxes, scores, labels) in zip(batch, detections):
-            data.draw_detections(image, boxes, scores, labels, names)
+            found = _draw(image, boxes, scores, labels, names)
             target = output_path(args.out, path, taken)
             try:
                 # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
@@ -209,17 +197,15 @@ def _run_images(args, model, files, taken, results):
                 print(f"{target}: cannot write ({e.strerror or e})", file=sys.stderr)
                 failures += 1
                 continue
-            found = ", ".join(f"{names[int(c) - 1]} {float(s):.2f}"
-                              for s, c in zip(scores[:5], labels[:5]))
-            found = f" ({found}{', ...' if len(scores) > 5 else ''})" if len(scores) else ""
-            print(f"{path}: {_plural(len(scores), 'object')}{found} "
+            listed = ", ".join(f"{d['name']} {float(v):.2f}" for d, v in zip(found, scores[:5]))
+            listed = f" ({listed}{', ...' if len(found) > 5 else ''})" if found else ""
+            print(f"{path}: {_plural(len(found), 'object')}{listed} "
                   f"{1000 * (read_s + model_share):.0f} ms")
             results.append({"image": path, "width": image.width, "height": image.height,
-                            "detections": _as_json(boxes, scores, labels, names)})
+                            "detections": found})
     return failures
 
 
-# ----------------------------------------------------------------------------- videos, GIFs
 def _is_stream(path):
     """A video by its extension, or a GIF of more than one frame."""
     if Path(path).suffix.lower() != ".gif":
@@ -281,7 +267,7 @@ def _run_stream(args, model, path, taken):
         try:
             import av
         except ImportError:
-            raise StreamError(f"{path}: a video needs PyAV (pip install av)") from None
+            raise data.DataError(f"{path}: a video needs PyAV (pip install av)") from None
         errors += (av.FFmpegError,)
     start = last = time.perf_counter()
     frames, size = [], None  # frames: the JSON of each frame done
@@ -290,11 +276,10 @@ def _run_stream(args, model, path, taken):
         while batch := list(itertools.islice(reader, args.batch_size)):
             for (image, t), (boxes, scores, labels) in zip(batch, _detect(
                     model, [im for im, _ in batch], args)):
-                data.draw_detections(image, boxes, scores, labels, names)
+                found = _draw(image, boxes, scores, labels, names)
                 write(image)
                 size = size or image.size
-                frames.append({"frame": len(frames), "time": round(t, 4),
-                               "detections": _as_json(boxes, scores, labels, names)})
+                frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
             if (now := time.perf_counter()) - last >= PROGRESS_EVERY_S:
                 rate, last, done = len(frames) / (now - start), now, len(frames)
                 eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
@@ -307,7 +292,7 @@ def _run_stream(args, model, path, taken):
     except errors as e:
         if os.path.exists(target + ".part"):
             os.remove(target + ".part")
-        raise StreamError(f"{path}: failed at frame {len(frames)} ({e})") from None
+        raise data.DataError(f"{path}: failed at frame {len(frames)} ({e})") from None
     objects = sum(len(f["detections"]) for f in frames)
     print(f"{path}: {len(frames)} frames, {_plural(objects, 'object')}, "
           f"{len(frames) / (time.perf_counter() - start):.1f} frames/s -> {target}")
@@ -319,23 +304,21 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
     files, errors = collect_inputs(args.paths)
-    for line in errors:
-        print(line, file=sys.stderr)
     if not files:  # every path has had its error line
         return 2
     try:
         model, weights_path = _setup(args)
-    except data.UsageError as e:
+    except (data.UsageError, ssd.CheckpointError) as e:
         print(e, file=sys.stderr)
         return 2
     taken, results = {os.path.realpath(f) for f in files}, []
     streams = [f for f in files if _is_stream(f)]
-    failures = len(errors) + _run_images(args, model, [f for f in files if f not in streams],
-                                         taken, results)
+    failures = errors + _run_images(args, model, [f for f in files if f not in streams], taken,
+                                    results)
     for path in streams:
         try:
             results.append(_run_stream(args, model, path, taken))
-        except StreamError as e:
+        except data.DataError as e:  # one line, the path first; the run goes on
             print(e, file=sys.stderr)
             failures += 1
     if args.json and results:
