@@ -62,7 +62,6 @@ COCO_STAT_NAMES = [  # (short, COCOeval.summarize's line) for its 12 stats, in i
            ["0.50:0.95", "0.50", "0.75"] + ["0.50:0.95"] * 9,
            (["all"] * 3 + ["small", "medium", "large"]) * 2, [100] * 6 + [1, 10] + [100] * 4)]
 _COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")  # devkit results file name
-_ONE_BASED = np.array([1.0, 1.0, 0.0, 0.0])  # comp4 files: x1, y1 1-based (module docstring)
 
 
 class EvalError(ValueError):
@@ -70,13 +69,11 @@ class EvalError(ValueError):
 
 
 def _numpy(x, dtype, width=None):
-    """A tensor, array, list or None as a numpy array of `dtype` ([n, width] when width is given)."""
+    """A tensor, array, list or None as a numpy array of `dtype`, [n, width] or [n]."""
     x = [] if x is None else x.detach().cpu().numpy() if hasattr(x, "detach") else x
-    a = np.asarray(x, dtype=dtype)
-    return a.reshape(-1, width) if width else a.reshape(-1)
+    return np.asarray(x, dtype=dtype).reshape((-1, width) if width else -1)
 
 
-# ----------------------------------------------------------------------------- VOC metric
 def voc_ap(rec, prec, metric="11point"):
     """Average precision of a recall/precision curve (rec non-decreasing, as cumulative sums are).
 
@@ -86,8 +83,7 @@ def voc_ap(rec, prec, metric="11point"):
     "area" (VOC2010+): area under the precision envelope (precision made non-increasing from the
     right) over the recall steps. An empty curve has AP 0.
     """
-    rec = np.asarray(rec, dtype=np.float64).reshape(-1)
-    prec = np.asarray(prec, dtype=np.float64).reshape(-1)
+    rec, prec = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (rec, prec))
     if rec.shape != prec.shape:
         raise ValueError(f"voc_ap: rec and prec differ in length ({rec.size} vs {prec.size})")
     if np.any(np.diff(rec) < 0):
@@ -97,12 +93,11 @@ def voc_ap(rec, prec, metric="11point"):
             return 0.0
         envelope = np.maximum.accumulate(prec[::-1])[::-1]  # best precision at this rank or later
         first = np.searchsorted(rec, np.arange(11) / 10, side="left")  # first rank with rec >= t
-        reached = first < rec.size
-        return float(np.where(reached, envelope[np.minimum(first, rec.size - 1)], 0.0).mean())
+        return float(np.where(first < rec.size, envelope[np.minimum(first, rec.size - 1)],
+                              0.0).mean())
     if metric == "area":
         mrec = np.concatenate(([0.0], rec, [1.0]))
-        mpre = np.concatenate(([0.0], prec, [0.0]))
-        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        mpre = np.maximum.accumulate(np.concatenate(([0.0], prec, [0.0]))[::-1])[::-1]
         step = np.flatnonzero(mrec[1:] != mrec[:-1])
         return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
     raise ValueError(f"voc_ap: metric must be one of {METRICS}, not {metric!r}")
@@ -119,13 +114,9 @@ def _box_iou_pairs(a, b):
 
 
 def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_images, iou_thr):
-    """Devkit matching of one class's detections, already in rank order.
-
-    Returns (tp bool [D], ignored bool [D]): ignored = best match is a difficult object.
-    """
-    num_det = len(det_boxes)
-    tp = np.zeros(num_det, dtype=bool)
-    ignored = np.zeros(num_det, dtype=bool)
+    """Devkit matching of one class's detections, already in rank order -> (tp bool [D],
+    ignored bool [D]): ignored = the best match is a difficult object."""
+    tp, ignored = np.zeros(len(det_boxes), bool), np.zeros(len(det_boxes), bool)
     count = np.bincount(gt_image, minlength=num_images)  # gt_image ascending: a CSR layout
     start = np.cumsum(count) - count
     has_gt = np.flatnonzero(count[det_image] > 0)  # detections in images without objects are FP
@@ -196,11 +187,8 @@ def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD)
         d = d[np.argsort(-det_scores[d], kind="mergesort")]  # stable: ties keep image order
         tp, ignored = _match_class(det_boxes[d], det_image[d], gt_boxes[g], gt_image[g],
                                    gt_difficult[g], num_images, iou_threshold)
-        tp = tp[~ignored]
-        cum_tp = np.cumsum(tp)
-        cum_fp = np.cumsum(~tp)
-        rec = cum_tp / max(npos, 1)
-        prec = cum_tp / np.maximum(cum_tp + cum_fp, 1)
+        cum_tp = np.cumsum(tp[~ignored])  # ignored detections are neither TP nor FP
+        rec, prec = cum_tp / max(npos, 1), cum_tp / np.arange(1, len(cum_tp) + 1)
         result["num_gt"][name] = npos
         for metric in METRICS:
             result[f"per_class_{metric}"][name] = voc_ap(rec, prec, metric) if npos else math.nan
@@ -210,7 +198,15 @@ def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD)
     return result
 
 
-# ----------------------------------------------------------------------------- VOC results files
+def _rows(detections, image_ids):
+    """(image_id, [x1, y1, x2, y2], score, label) of every detection, as Python numbers."""
+    for image_id, det in zip(image_ids, detections):
+        if det is not None:
+            yield from ((image_id, *row) for row in zip(
+                _numpy(det[0], np.float64, 4).tolist(), _numpy(det[1], np.float64).tolist(),
+                _numpy(det[2], np.int64).tolist()))
+
+
 def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_det_test_"):
     """Write devkit result files, one per class: `<image_id> <score> <x1> <y1> <x2> <y2>` 1-based.
 
@@ -219,14 +215,9 @@ def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_
     gives exactly the same boxes and scores (and the same metrics). Returns the file paths.
     """
     lines = {c: [] for c in range(1, len(class_names) + 1)}
-    for image_id, det in zip(image_ids, detections):
-        if det is None:
-            continue
-        boxes = _numpy(det[0], np.float64, 4) + _ONE_BASED
-        for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), _numpy(det[1], np.float64).tolist(),
-                                                  _numpy(det[2], np.int64).tolist()):
-            if label in lines:
-                lines[label].append(f"{image_id} {score!r} {x1!r} {y1!r} {x2!r} {y2!r}\n")
+    for image_id, (x1, y1, x2, y2), score, label in _rows(detections, image_ids):
+        if label in lines:
+            lines[label].append(f"{image_id} {score!r} {x1 + 1!r} {y1 + 1!r} {x2!r} {y2!r}\n")
     paths = [Path(folder) / f"{prefix}{name}.txt" for name in class_names]
     for c, path in enumerate(paths, start=1):
         data.write_atomic(path, lambda f: f.write("".join(lines[c])))
@@ -283,10 +274,10 @@ def read_voc_results(folder, image_ids, class_names, log=print):
     order = np.argsort(image, kind="mergesort")  # per image; file order kept within an image
     rows = np.array(rows, np.float64).reshape(-1, 6)[order]  # [N, 6]
     split = np.cumsum(np.bincount(np.array(image, np.int64), minlength=len(image_ids)))[:-1]
-    return [(r[:, 2:] - _ONE_BASED, r[:, 1], r[:, 0].astype(np.int64)) for r in np.split(rows, split)]
+    return [(r[:, 2:] - [1, 1, 0, 0], r[:, 1], r[:, 0].astype(np.int64))  # 1-based -> 0-based
+            for r in np.split(rows, split)]
 
 
-# ----------------------------------------------------------------------------- COCO
 def _load_coco(ann_file):
     """pycocotools COCO object for an annotation json, quietly; EvalError names a bad file."""
     try:
@@ -305,17 +296,9 @@ def _load_coco(ann_file):
 def coco_results(detections, image_ids, category_ids):
     """COCO results list from per-image (boxes xyxy pixels, scores, labels 1..C) detections:
     [{"image_id", "category_id": category_ids[label-1], "bbox": [x, y, x2-x, y2-y], "score"}]."""
-    results = []
-    for image_id, det in zip(image_ids, detections):
-        if det is None:
-            continue
-        boxes = _numpy(det[0], np.float64, 4)
-        boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh (w = x2 - x1, no +1)
-        results += [{"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box,
-                     "score": score} for box, score, label in zip(
-                         boxes.tolist(), _numpy(det[1], np.float64).tolist(),
-                         _numpy(det[2], np.int64).tolist())]
-    return results
+    return [{"image_id": i, "category_id": category_ids[label - 1],
+             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}  # w = x2 - x1, no +1
+            for i, (x1, y1, x2, y2), score, label in _rows(detections, image_ids)]
 
 
 def read_coco_results(path):
@@ -369,10 +352,8 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; we print ours
         if results:
             dt = gt.loadRes([dict(r) for r in results])  # loadRes adds fields to the dicts it gets
-        else:
-            dt = COCO()
-            dt.dataset = {"images": list(gt.dataset["images"]), "annotations": [],
-                          "categories": list(gt.dataset["categories"])}
+        else:  # loadRes cannot take an empty list: no detections at all
+            dt, dt.dataset = COCO(), dict(gt.dataset, annotations=[])
             dt.createIndex()
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = image_ids
@@ -390,7 +371,6 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
             "per_class_ap50": per_class_ap50}
 
 
-# ----------------------------------------------------------------------------- from a model
 def score_detections(source, indices, detections, metric="11point", log=print):
     """Metrics of per-image detections (source labels, pixels), aligned with `indices`.
 
@@ -538,7 +518,6 @@ def _predict(model, source, indices, mapping, batch_size, workers, progress, bf1
     return detections, failed
 
 
-# ----------------------------------------------------------------------------- annotation files
 class _CocoJson(data.FileSource):
     """data.py's source interface over any COCO annotation json, in the file's image order.
     Images are looked for only when read, in `image_dir`: by default <root>/<split> for
@@ -571,7 +550,8 @@ class _VocAnnotations(data.FileSource):
         root = next((r for r in (root, *(root / d / y for y in ("VOC2007", "VOC2012")
                                          for d in ("VOCdevkit", ""))) if data._is_voc_folder(r)),
                     root)
-        split_file = root / "ImageSets" / "Main" / f"{split or data._voc_folder_split(root, False)}.txt"
+        split = split or data._voc_folder_split(root, False)
+        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise EvalError(f"{split_file}: split file not found")
         self.ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
@@ -588,7 +568,6 @@ class _VocAnnotations(data.FileSource):
                              for x, r, p in zip(xml, raws, self.image_paths)]
 
 
-# ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -647,11 +626,7 @@ def parse_args(argv=None):
 
 def _json_safe(x):
     """nan -> None (JSON has no nan; a class without ground truth has no AP)."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
+    return json.loads(json.dumps(x), parse_constant=lambda _: None)
 
 
 def _init_distributed():
