@@ -142,17 +142,15 @@ def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_ima
     return tp, ignored
 
 
-def _stack(per_image, fields, what):
-    """Per-image tuples of arrays -> (one array per field, image index of each row [N]).
-
-    fields: (dtype, width or None) per tuple position; an image whose fields differ in length
-    raises ValueError naming `what`.
-    """
+def _stack(per_image, fields):
+    """Per-image tuples of arrays -> (one array per field, image index of each row [N]);
+    fields: (dtype, width or None) per position. ValueError when an image's lengths differ."""
     cols = [[_numpy(row[k], dtype, width) for row in per_image]
             for k, (dtype, width) in enumerate(fields)]
     counts = [len(a) for a in cols[0]]
     if any([len(a) for a in col] != counts for col in cols[1:]):
-        raise ValueError(f"voc_eval: {what} of an image differ in length")
+        raise ValueError("voc_eval: boxes, labels, scores or difficult of an image differ in "
+                         "length")
     arrays = [np.concatenate(col) if col else np.zeros((0, width) if width else 0, dtype)
               for col, (dtype, width) in zip(cols, fields)]
     return arrays, np.repeat(np.arange(len(counts)), counts)
@@ -174,10 +172,10 @@ def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD)
     (gt_boxes, gt_labels, gt_difficult), gt_image = _stack(
         [(g["boxes"], g["labels"], np.zeros(len(g["labels"]), bool)
           if g.get("difficult") is None else g["difficult"]) for g in ground_truth],
-        ((np.float64, 4), (np.int64, None), (bool, None)), "boxes, labels and difficult")
+        ((np.float64, 4), (np.int64, None), (bool, None)))
     (det_boxes, det_scores, det_labels), det_image = _stack(
         [(None, None, None) if d is None else d for d in detections],
-        ((np.float64, 4), (np.float64, None), (np.int64, None)), "boxes, scores and labels")
+        ((np.float64, 4), (np.float64, None), (np.int64, None)))
 
     result = {"per_class_11point": {}, "per_class_area": {}, "num_gt": {}}
     for c, name in enumerate(class_names, start=1):
@@ -372,12 +370,10 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
 
 
 def score_detections(source, indices, detections, metric="11point", log=print):
-    """Metrics of per-image detections (source labels, pixels), aligned with `indices`.
-
-    VOC-layout and shapes sources: voc_eval, "map" = the `metric` mAP, "metric". COCO sources
-    (they have ann_file and category_ids): coco_eval on the source's json, "map" = AP@[.5:.95].
-    Adds "images" and prints the summary through `log`.
-    """
+    """Metrics of per-image detections (source labels, pixels), aligned with `indices`, printed
+    through `log`. VOC-layout and shapes sources: voc_eval, "map" = the `metric` mAP. COCO
+    sources (with ann_file and category_ids): coco_eval on their json, "map" = AP@[.5:.95].
+    Adds "images"."""
     if not indices:
         raise EvalError("no images to evaluate")
     if hasattr(source, "ann_file") and hasattr(source, "category_ids"):
@@ -479,22 +475,17 @@ def _load_batch(source, indices):
     out = []
     for i in indices:
         try:
-            image = np.asarray(source.load_image(i).convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+            out.append((i, data.to_tensor(source.load_image(i).convert("RGB")), None))  # [3, H, W]
         except (OSError, ValueError) as e:  # data.DataError is a ValueError
             out.append((i, None, str(e)))
-            continue
-        out.append((i, torch.from_numpy(image.copy()).permute(2, 0, 1), None))  # [3, H, W]
     return out
 
 
 def _predict(model, source, indices, mapping, batch_size, workers, progress, bf16,
              **detect_options):
-    """Run the model on source images `indices` in batches (under bfloat16 autocast with bf16).
-
-    Returns (detections: {index: (boxes [k,4] pixels, scores [k], labels [k] source labels)},
-    failed: error lines of images that could not be read). Detections of model classes the data
-    lacks (mapping 0) are dropped. With `progress`, a line goes to stderr every few seconds.
-    """
+    """The model on source images `indices` in batches -> ({index: (boxes [k,4] pixels, scores,
+    source labels)}, error lines of unreadable images). Model classes the data lacks (mapping 0)
+    are dropped; with `progress`, a line goes to stderr every few seconds."""
     loader = torch.utils.data.DataLoader(list(indices), batch_size=batch_size, num_workers=workers,
                                          collate_fn=functools.partial(_load_batch, source))
     detections, failed = {}, []
