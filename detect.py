@@ -58,16 +58,14 @@ def _plural(n, word):
 
 def _files_in(folder):
     """The image and video files directly inside `folder` (by extension, any case), by name."""
-    paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-             if Path(n).suffix.lower() in _MEDIA]
-    return [p for p in paths if os.path.isfile(p)]
+    return [p for n in sorted(os.listdir(folder)) if Path(n).suffix.lower() in _MEDIA
+            and os.path.isfile(p := os.path.join(folder, n))]
 
 
 def collect_inputs(paths):
-    """PATH arguments -> (files in order, without repeats; the paths that gave none, each with its
-    error line on stderr). A path that exists is taken literally (a file named 'a[1].jpg' is not a
-    glob) and, named explicitly, kept whatever its extension (reading it reports what it is);
-    folders and globs give their media files."""
+    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named
+    on stderr). A path that exists is taken literally ('a[1].jpg' is no glob) and kept whatever
+    its extension (reading it reports what it is); folders and globs give their media files."""
     files, errors = {}, 0  # real path -> path as given
     for p in paths:
         if os.path.isdir(p):
@@ -90,9 +88,8 @@ def collect_inputs(paths):
 
 
 def output_path(out_dir, image_path, taken, ext=".jpg"):
-    """<out_dir>/<stem><ext>, or <stem>_<n><ext> when that real path is in `taken` (the inputs and
-    the names already chosen in this run: no input is overwritten, same-named images from
-    different folders all survive). Adds the choice to `taken`."""
+    """<out_dir>/<stem><ext>, or <stem>_<n><ext> while that real path is in `taken` (the inputs and
+    the names chosen so far: no input is overwritten, same-named images all survive); adds it."""
     stem = Path(image_path).stem
     for n in itertools.count():
         candidate = os.path.join(out_dir, f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
@@ -137,8 +134,7 @@ def parse_args(argv):
 
 
 def _setup(args):
-    """(model, weights path) with the output folders checked; UsageError or CheckpointError
-    (one line) says what is wrong."""
+    """(model, weights path), output folders checked; UsageError or CheckpointError if not."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
     path = args.weights or data.newest_run_file("best.pt")
