@@ -52,50 +52,39 @@ NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a
               "or mmdetection SSD)")
 
 
-def _plural(n, word):
-    return f"{n} {word}{'s' if n != 1 else ''}"
-
-
-def _files_in(folder):
-    """The image and video files directly inside `folder` (by extension, any case), by name."""
-    return [p for n in sorted(os.listdir(folder)) if Path(n).suffix.lower() in _MEDIA
-            and os.path.isfile(p := os.path.join(folder, n))]
-
-
-def collect_inputs(paths):
-    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named
-    on stderr). A path that exists is taken literally ('a[1].jpg' is no glob) and kept whatever
-    its extension (reading it reports what it is); folders and globs give their media files."""
-    files, errors = {}, 0  # real path -> path as given
-    for p in paths:
-        if os.path.isdir(p):
-            found, why = _files_in(p), "no image files in this folder"
-        elif os.path.exists(p):
-            found, why = [p], ""
-        elif any(ch in p for ch in "*?["):
-            found = [f for m in sorted(glob.glob(p, recursive=True)) for f in (
-                _files_in(m) if os.path.isdir(m) else [m] if Path(m).suffix.lower() in _MEDIA
-                else [])]
-            why = "no image files match this pattern"
-        else:
-            found, why = [], "no such file or folder"
-        if not found:
-            print(f"{p}: {why}", file=sys.stderr)
-            errors += 1
-        for f in found:
-            files.setdefault(os.path.realpath(f), f)
-    return list(files.values()), errors
-
-
-def output_path(out_dir, image_path, taken, ext=".jpg"):
-    """<out_dir>/<stem><ext>, or <stem>_<n><ext> while that real path is in `taken` (the inputs and
-    the names chosen so far: no input is overwritten, same-named images all survive); adds it."""
-    stem = Path(image_path).stem
-    for n in itertools.count():
-        candidate = os.path.join(out_dir, f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
-        if os.path.realpath(candidate) not in taken:
-            taken.add(os.path.realpath(candidate))
-            return candidate
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    files, errors = collect_inputs(args.paths)
+    if not files:  # every path has had its error line
+        return 2
+    try:
+        model, weights_path = _setup(args)
+    except (data.UsageError, ssd.CheckpointError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    taken, results = {os.path.realpath(f) for f in files}, []
+    streams = [f for f in files if _is_stream(f)]
+    failures = errors + _run_images(args, model, [f for f in files if f not in streams], taken,
+                                    results)
+    for path in streams:
+        try:
+            results.append(_run_stream(args, model, path, taken))
+        except data.DataError as e:  # one line, the path first; the run goes on
+            print(e, file=sys.stderr)
+            failures += 1
+    if args.json and results:
+        try:
+            data.write_atomic(args.json, lambda f: json.dump(results, f, indent=1))
+        except OSError as e:
+            print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
+            failures += 1
+    objects = sum(len(d["detections"]) for r in results for d in r.get("frames", [r]))
+    print(f"{_plural(len(results), 'input')}, {_plural(objects, 'object')}, {failures} failed, "
+          f"{time.perf_counter() - t0:.1f} s (weights {weights_path})"
+          + (f"; drawn copies in {args.out}" if results else "")
+          + (f", detections in {args.json}" if args.json and results else ""))
+    return 2 if not results else 1 if failures else 0
 
 
 def parse_args(argv):
@@ -151,18 +140,46 @@ def _setup(args):
     return model, path
 
 
-def _detect(model, images, args):
-    """ssd.detect on PIL images with the command line's options -> [(boxes, scores, labels)]."""
-    return ssd.detect(model, [data.to_tensor(im) for im in images], args.bf16,
-                      score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
-                      max_det=args.max_det, nms=args.nms)
+def collect_inputs(paths):
+    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named
+    on stderr). A path that exists is taken literally ('a[1].jpg' is no glob) and kept whatever
+    its extension (reading it reports what it is); folders and globs give their media files."""
+    files, errors = {}, 0  # real path -> path as given
+    for p in paths:
+        if os.path.isdir(p):
+            found, why = _files_in(p), "no image files in this folder"
+        elif os.path.exists(p):
+            found, why = [p], ""
+        elif any(ch in p for ch in "*?["):
+            found = [f for m in sorted(glob.glob(p, recursive=True)) for f in (
+                _files_in(m) if os.path.isdir(m) else [m] if Path(m).suffix.lower() in _MEDIA
+                else [])]
+            why = "no image files match this pattern"
+        else:
+            found, why = [], "no such file or folder"
+        if not found:
+            print(f"{p}: {why}", file=sys.stderr)
+            errors += 1
+        for f in found:
+            files.setdefault(os.path.realpath(f), f)
+    return list(files.values()), errors
 
 
-def _draw(image, boxes, scores, labels, names):
-    """Draw one image's detections on it; -> their JSON list."""
-    data.draw_detections(image, boxes, scores, labels, names)
-    return [{"box": [round(v, 2) for v in box], "score": round(float(s), 6), "label": int(c),
-             "name": names[int(c) - 1]} for box, s, c in zip(boxes.tolist(), scores, labels)]
+def _files_in(folder):
+    """The image and video files directly inside `folder` (by extension, any case), by name."""
+    return [p for n in sorted(os.listdir(folder)) if Path(n).suffix.lower() in _MEDIA
+            and os.path.isfile(p := os.path.join(folder, n))]
+
+
+def output_path(out_dir, image_path, taken, ext=".jpg"):
+    """<out_dir>/<stem><ext>, or <stem>_<n><ext> while that real path is in `taken` (the inputs and
+    the names chosen so far: no input is overwritten, same-named images all survive); adds it."""
+    stem = Path(image_path).stem
+    for n in itertools.count():
+        candidate = os.path.join(out_dir, f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
+        if os.path.realpath(candidate) not in taken:
+            taken.add(os.path.realpath(candidate))
+            return candidate
 
 
 def _run_images(args, model, files, taken, results):
@@ -200,6 +217,49 @@ def _run_images(args, model, files, taken, results):
             results.append({"image": path, "width": image.width, "height": image.height,
                             "detections": found})
     return failures
+
+
+def _run_stream(args, model, path, taken):
+    """Detect on every frame of a video or animated GIF, batch by batch; the annotated copy is
+    written as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
+    names, gif = model.config["class_names"], Path(path).suffix.lower() == ".gif"
+    target = output_path(args.out, path, taken, ".gif" if gif else ".mp4")
+    errors = (OSError, ValueError, EOFError, MemoryError)
+    if not gif:
+        try:
+            import av
+        except ImportError:
+            raise data.DataError(f"{path}: a video needs PyAV (pip install av)") from None
+        errors += (av.FFmpegError,)
+    start = last = time.perf_counter()
+    frames, size = [], None  # frames: the JSON of each frame done
+    try:
+        reader, write, close, fps, total = (_gif_io if gif else _video_io)(path, target + ".part")
+        while batch := list(itertools.islice(reader, args.batch_size)):
+            for (image, t), (boxes, scores, labels) in zip(batch, _detect(
+                    model, [im for im, _ in batch], args)):
+                found = _draw(image, boxes, scores, labels, names)
+                write(image)
+                size = size or image.size
+                frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
+            if (now := time.perf_counter()) - last >= PROGRESS_EVERY_S:
+                rate, last, done = len(frames) / (now - start), now, len(frames)
+                eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
+                print(f"{path}: frame {done}/{total or '?'} {rate:.1f} frames/s{eta}",
+                      file=sys.stderr, flush=True)
+        if not frames:
+            raise ValueError("no frame")
+        close()
+        os.replace(target + ".part", target)
+    except errors as e:
+        if os.path.exists(target + ".part"):
+            os.remove(target + ".part")
+        raise data.DataError(f"{path}: failed at frame {len(frames)} ({e})") from None
+    objects = sum(len(f["detections"]) for f in frames)
+    print(f"{path}: {len(frames)} frames, {_plural(objects, 'object')}, "
+          f"{len(frames) / (time.perf_counter() - start):.1f} frames/s -> {target}")
+    return {"video": path, "width": size[0], "height": size[1], "fps": round(fps, 3),
+            "frames": frames}
 
 
 def _is_stream(path):
@@ -253,82 +313,22 @@ def _gif_io(path, target):
     return frames, drawn.append, close, fps, len(durations)
 
 
-def _run_stream(args, model, path, taken):
-    """Detect on every frame of a video or animated GIF, batch by batch; the annotated copy is
-    written as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
-    names, gif = model.config["class_names"], Path(path).suffix.lower() == ".gif"
-    target = output_path(args.out, path, taken, ".gif" if gif else ".mp4")
-    errors = (OSError, ValueError, EOFError, MemoryError)
-    if not gif:
-        try:
-            import av
-        except ImportError:
-            raise data.DataError(f"{path}: a video needs PyAV (pip install av)") from None
-        errors += (av.FFmpegError,)
-    start = last = time.perf_counter()
-    frames, size = [], None  # frames: the JSON of each frame done
-    try:
-        reader, write, close, fps, total = (_gif_io if gif else _video_io)(path, target + ".part")
-        while batch := list(itertools.islice(reader, args.batch_size)):
-            for (image, t), (boxes, scores, labels) in zip(batch, _detect(
-                    model, [im for im, _ in batch], args)):
-                found = _draw(image, boxes, scores, labels, names)
-                write(image)
-                size = size or image.size
-                frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
-            if (now := time.perf_counter()) - last >= PROGRESS_EVERY_S:
-                rate, last, done = len(frames) / (now - start), now, len(frames)
-                eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
-                print(f"{path}: frame {done}/{total or '?'} {rate:.1f} frames/s{eta}",
-                      file=sys.stderr, flush=True)
-        if not frames:
-            raise ValueError("no frame")
-        close()
-        os.replace(target + ".part", target)
-    except errors as e:
-        if os.path.exists(target + ".part"):
-            os.remove(target + ".part")
-        raise data.DataError(f"{path}: failed at frame {len(frames)} ({e})") from None
-    objects = sum(len(f["detections"]) for f in frames)
-    print(f"{path}: {len(frames)} frames, {_plural(objects, 'object')}, "
-          f"{len(frames) / (time.perf_counter() - start):.1f} frames/s -> {target}")
-    return {"video": path, "width": size[0], "height": size[1], "fps": round(fps, 3),
-            "frames": frames}
+def _detect(model, images, args):
+    """ssd.detect on PIL images with the command line's options -> [(boxes, scores, labels)]."""
+    return ssd.detect(model, [data.to_tensor(im) for im in images], args.bf16,
+                      score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
+                      max_det=args.max_det, nms=args.nms)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t0 = time.perf_counter()
-    files, errors = collect_inputs(args.paths)
-    if not files:  # every path has had its error line
-        return 2
-    try:
-        model, weights_path = _setup(args)
-    except (data.UsageError, ssd.CheckpointError) as e:
-        print(e, file=sys.stderr)
-        return 2
-    taken, results = {os.path.realpath(f) for f in files}, []
-    streams = [f for f in files if _is_stream(f)]
-    failures = errors + _run_images(args, model, [f for f in files if f not in streams], taken,
-                                    results)
-    for path in streams:
-        try:
-            results.append(_run_stream(args, model, path, taken))
-        except data.DataError as e:  # one line, the path first; the run goes on
-            print(e, file=sys.stderr)
-            failures += 1
-    if args.json and results:
-        try:
-            data.write_atomic(args.json, lambda f: json.dump(results, f, indent=1))
-        except OSError as e:
-            print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
-            failures += 1
-    objects = sum(len(d["detections"]) for r in results for d in r.get("frames", [r]))
-    print(f"{_plural(len(results), 'input')}, {_plural(objects, 'object')}, {failures} failed, "
-          f"{time.perf_counter() - t0:.1f} s (weights {weights_path})"
-          + (f"; drawn copies in {args.out}" if results else "")
-          + (f", detections in {args.json}" if args.json and results else ""))
-    return 2 if not results else 1 if failures else 0
+def _draw(image, boxes, scores, labels, names):
+    """Draw one image's detections on it; -> their JSON list."""
+    data.draw_detections(image, boxes, scores, labels, names)
+    return [{"box": [round(v, 2) for v in box], "score": round(float(s), 6), "label": int(c),
+             "name": names[int(c) - 1]} for box, s, c in zip(boxes.tolist(), scores, labels)]
+
+
+def _plural(n, word):
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 if __name__ == "__main__":

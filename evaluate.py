@@ -68,94 +68,6 @@ class EvalError(ValueError):
     """Bad evaluation input; the message starts with the file it concerns where there is one."""
 
 
-def _numpy(x, dtype, width=None):
-    """A tensor, array, list or None as a numpy array of `dtype`, [n, width] or [n]."""
-    x = [] if x is None else x.detach().cpu().numpy() if hasattr(x, "detach") else x
-    return np.asarray(x, dtype=dtype).reshape((-1, width) if width else -1)
-
-
-def voc_ap(rec, prec, metric="11point"):
-    """Average precision of a recall/precision curve (rec non-decreasing, as cumulative sums are).
-
-    "11point" (VOC2007): mean over t = 0, 0.1, ..., 1 of the highest precision at recall >= t,
-    0 where recall never reaches t. The thresholds are the doubles nearest to k/10, so a recall of
-    exactly 3/10 reaches 0.3 (np.arange(0, 1.1, 0.1) gives 0.30000000000000004 and would not).
-    "area" (VOC2010+): area under the precision envelope (precision made non-increasing from the
-    right) over the recall steps. An empty curve has AP 0.
-    """
-    rec, prec = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (rec, prec))
-    if rec.shape != prec.shape:
-        raise ValueError(f"voc_ap: rec and prec differ in length ({rec.size} vs {prec.size})")
-    if np.any(np.diff(rec) < 0):
-        raise ValueError("voc_ap: recall must be non-decreasing")
-    if metric == "11point":
-        if rec.size == 0:
-            return 0.0
-        envelope = np.maximum.accumulate(prec[::-1])[::-1]  # best precision at this rank or later
-        first = np.searchsorted(rec, np.arange(11) / 10, side="left")  # first rank with rec >= t
-        return float(np.where(first < rec.size, envelope[np.minimum(first, rec.size - 1)],
-                              0.0).mean())
-    if metric == "area":
-        mrec = np.concatenate(([0.0], rec, [1.0]))
-        mpre = np.maximum.accumulate(np.concatenate(([0.0], prec, [0.0]))[::-1])[::-1]
-        step = np.flatnonzero(mrec[1:] != mrec[:-1])
-        return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
-    raise ValueError(f"voc_ap: metric must be one of {METRICS}, not {metric!r}")
-
-
-def _box_iou_pairs(a, b):
-    """IoU of a [..., 4] with b [..., 4] elementwise (xyxy, no +1); 0 where the union is empty."""
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih
-    union = ((a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-             + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter)
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
-def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_images, iou_thr):
-    """Devkit matching of one class's detections, already in rank order -> (tp bool [D],
-    ignored bool [D]): ignored = the best match is a difficult object."""
-    tp, ignored = np.zeros(len(det_boxes), bool), np.zeros(len(det_boxes), bool)
-    count = np.bincount(gt_image, minlength=num_images)  # gt_image ascending: a CSR layout
-    start = np.cumsum(count) - count
-    has_gt = np.flatnonzero(count[det_image] > 0)  # detections in images without objects are FP
-    if has_gt.size == 0:
-        return tp, ignored
-    d_start, d_count = start[det_image[has_gt]], count[det_image[has_gt]]
-    cols = np.arange(d_count.max())
-    valid = cols[None, :] < d_count[:, None]                       # [D', G]
-    gt_index = np.where(valid, d_start[:, None] + cols[None, :], 0)  # [D', G]
-    iou = _box_iou_pairs(det_boxes[has_gt][:, None, :], gt_boxes[gt_index])  # [D', G]
-    iou[~valid] = -1.0
-    best = iou.argmax(axis=1)  # first object on ties, like the devkit's strict '>' scan
-    best_iou = iou[np.arange(has_gt.size), best]
-    best_gt = d_start + best
-    hit = best_iou >= iou_thr
-    on_difficult = hit & gt_difficult[best_gt]
-    claim = np.flatnonzero(hit & ~on_difficult)
-    # An object goes to the first detection (in rank order) whose best match it is; the later
-    # ones are duplicates. Their best object is fixed, so no sequential loop is needed.
-    _, first = np.unique(best_gt[claim], return_index=True)
-    tp[has_gt[claim[first]]] = True
-    ignored[has_gt[on_difficult]] = True
-    return tp, ignored
-
-
-def _stack(per_image, fields):
-    """Per-image tuples of arrays -> (one array per field, image index of each row [N]);
-    fields: (dtype, width or None) per position. ValueError when an image's lengths differ."""
-    cols = [[_numpy(row[k], dtype, width) for row in per_image]
-            for k, (dtype, width) in enumerate(fields)]
-    counts = [len(a) for a in cols[0]]
-    if any([len(a) for a in col] != counts for col in cols[1:]):
-        raise ValueError("voc_eval: boxes, labels, scores or difficult of an image differ in "
-                         "length")
-    arrays = [np.concatenate(col) if col else np.zeros((0, width) if width else 0, dtype)
-              for col, (dtype, width) in zip(cols, fields)]
-    return arrays, np.repeat(np.arange(len(counts)), counts)
-
-
 def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD):
     """PASCAL VOC AP per class and mAP, 11-point and area, as the devkit computes them.
 
@@ -196,13 +108,86 @@ def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD)
     return result
 
 
-def _rows(detections, image_ids):
-    """(image_id, [x1, y1, x2, y2], score, label) of every detection, as Python numbers."""
-    for image_id, det in zip(image_ids, detections):
-        if det is not None:
-            yield from ((image_id, *row) for row in zip(
-                _numpy(det[0], np.float64, 4).tolist(), _numpy(det[1], np.float64).tolist(),
-                _numpy(det[2], np.int64).tolist()))
+def voc_ap(rec, prec, metric="11point"):
+    """Average precision of a recall/precision curve (rec non-decreasing, as cumulative sums are).
+
+    "11point" (VOC2007): mean over t = 0, 0.1, ..., 1 of the highest precision at recall >= t,
+    0 where recall never reaches t. The thresholds are the doubles nearest to k/10, so a recall of
+    exactly 3/10 reaches 0.3 (np.arange(0, 1.1, 0.1) gives 0.30000000000000004 and would not).
+    "area" (VOC2010+): area under the precision envelope (precision made non-increasing from the
+    right) over the recall steps. An empty curve has AP 0.
+    """
+    rec, prec = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (rec, prec))
+    if rec.shape != prec.shape:
+        raise ValueError(f"voc_ap: rec and prec differ in length ({rec.size} vs {prec.size})")
+    if np.any(np.diff(rec) < 0):
+        raise ValueError("voc_ap: recall must be non-decreasing")
+    if metric == "11point":
+        if rec.size == 0:
+            return 0.0
+        envelope = np.maximum.accumulate(prec[::-1])[::-1]  # best precision at this rank or later
+        first = np.searchsorted(rec, np.arange(11) / 10, side="left")  # first rank with rec >= t
+        return float(np.where(first < rec.size, envelope[np.minimum(first, rec.size - 1)],
+                              0.0).mean())
+    if metric == "area":
+        mrec = np.concatenate(([0.0], rec, [1.0]))
+        mpre = np.maximum.accumulate(np.concatenate(([0.0], prec, [0.0]))[::-1])[::-1]
+        step = np.flatnonzero(mrec[1:] != mrec[:-1])
+        return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
+    raise ValueError(f"voc_ap: metric must be one of {METRICS}, not {metric!r}")
+
+
+def _stack(per_image, fields):
+    """Per-image tuples of arrays -> (one array per field, image index of each row [N]);
+    fields: (dtype, width or None) per position. ValueError when an image's lengths differ."""
+    cols = [[_numpy(row[k], dtype, width) for row in per_image]
+            for k, (dtype, width) in enumerate(fields)]
+    counts = [len(a) for a in cols[0]]
+    if any([len(a) for a in col] != counts for col in cols[1:]):
+        raise ValueError("voc_eval: boxes, labels, scores or difficult of an image differ in "
+                         "length")
+    arrays = [np.concatenate(col) if col else np.zeros((0, width) if width else 0, dtype)
+              for col, (dtype, width) in zip(cols, fields)]
+    return arrays, np.repeat(np.arange(len(counts)), counts)
+
+
+def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_images, iou_thr):
+    """Devkit matching of one class's detections, already in rank order -> (tp bool [D],
+    ignored bool [D]): ignored = the best match is a difficult object."""
+    tp, ignored = np.zeros(len(det_boxes), bool), np.zeros(len(det_boxes), bool)
+    count = np.bincount(gt_image, minlength=num_images)  # gt_image ascending: a CSR layout
+    start = np.cumsum(count) - count
+    has_gt = np.flatnonzero(count[det_image] > 0)  # detections in images without objects are FP
+    if has_gt.size == 0:
+        return tp, ignored
+    d_start, d_count = start[det_image[has_gt]], count[det_image[has_gt]]
+    cols = np.arange(d_count.max())
+    valid = cols[None, :] < d_count[:, None]                       # [D', G]
+    gt_index = np.where(valid, d_start[:, None] + cols[None, :], 0)  # [D', G]
+    iou = _box_iou_pairs(det_boxes[has_gt][:, None, :], gt_boxes[gt_index])  # [D', G]
+    iou[~valid] = -1.0
+    best = iou.argmax(axis=1)  # first object on ties, like the devkit's strict '>' scan
+    best_iou = iou[np.arange(has_gt.size), best]
+    best_gt = d_start + best
+    hit = best_iou >= iou_thr
+    on_difficult = hit & gt_difficult[best_gt]
+    claim = np.flatnonzero(hit & ~on_difficult)
+    # An object goes to the first detection (in rank order) whose best match it is; the later
+    # ones are duplicates. Their best object is fixed, so no sequential loop is needed.
+    _, first = np.unique(best_gt[claim], return_index=True)
+    tp[has_gt[claim[first]]] = True
+    ignored[has_gt[on_difficult]] = True
+    return tp, ignored
+
+
+def _box_iou_pairs(a, b):
+    """IoU of a [..., 4] with b [..., 4] elementwise (xyxy, no +1); 0 where the union is empty."""
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    union = ((a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+             + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter)
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_det_test_"):
@@ -276,51 +261,13 @@ def read_voc_results(folder, image_ids, class_names, log=print):
             for r in np.split(rows, split)]
 
 
-def _load_coco(ann_file):
-    """pycocotools COCO object for an annotation json, quietly; EvalError names a bad file."""
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(ann_file))
-    except FileNotFoundError:
-        raise EvalError(f"{ann_file}: annotation file not found") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # json or schema errors
-        raise EvalError(f"{ann_file}: not a COCO annotation file "
-                        f"({type(e).__name__}: {e})") from None
-    if "images" not in coco.dataset or "categories" not in coco.dataset:
-        raise EvalError(f"{ann_file}: not a COCO annotation file (no 'images' or 'categories')")
-    return coco
-
-
-def coco_results(detections, image_ids, category_ids):
-    """COCO results list from per-image (boxes xyxy pixels, scores, labels 1..C) detections:
-    [{"image_id", "category_id": category_ids[label-1], "bbox": [x, y, x2-x, y2-y], "score"}]."""
-    return [{"image_id": i, "category_id": category_ids[label - 1],
-             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}  # w = x2 - x1, no +1
-            for i, (x1, y1, x2, y2), score, label in _rows(detections, image_ids)]
-
-
-def read_coco_results(path):
-    """A COCO results json: a list of {image_id, category_id, bbox [x,y,w,h], score}."""
-    path = Path(path)
-    try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EvalError(f"{path}: results file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(results, list):
-        raise EvalError(f"{path}: expected a JSON list of detections, "
-                        f"got {type(results).__name__}")
-    keys = ("image_id", "category_id", "bbox", "score")
-    for i, r in enumerate(results):
-        if not (isinstance(r, dict) and all(k in r for k in keys)
-                and all(isinstance(r[k], int) for k in keys[:2])
-                and isinstance(r["bbox"], list) and len(r["bbox"]) == 4
-                and all(isinstance(v, (int, float)) and math.isfinite(v)
-                        for v in r["bbox"] + [r["score"]])):
-            raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
-                            f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
-    return results
+def _rows(detections, image_ids):
+    """(image_id, [x1, y1, x2, y2], score, label) of every detection, as Python numbers."""
+    for image_id, det in zip(image_ids, detections):
+        if det is not None:
+            yield from ((image_id, *row) for row in zip(
+                _numpy(det[0], np.float64, 4).tolist(), _numpy(det[1], np.float64).tolist(),
+                _numpy(det[2], np.int64).tolist()))
 
 
 def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"):
@@ -369,6 +316,83 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
             "per_class_ap50": per_class_ap50}
 
 
+def coco_results(detections, image_ids, category_ids):
+    """COCO results list from per-image (boxes xyxy pixels, scores, labels 1..C) detections:
+    [{"image_id", "category_id": category_ids[label-1], "bbox": [x, y, x2-x, y2-y], "score"}]."""
+    return [{"image_id": i, "category_id": category_ids[label - 1],
+             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}  # w = x2 - x1, no +1
+            for i, (x1, y1, x2, y2), score, label in _rows(detections, image_ids)]
+
+
+def read_coco_results(path):
+    """A COCO results json: a list of {image_id, category_id, bbox [x,y,w,h], score}."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvalError(f"{path}: results file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(results, list):
+        raise EvalError(f"{path}: expected a JSON list of detections, "
+                        f"got {type(results).__name__}")
+    keys = ("image_id", "category_id", "bbox", "score")
+    for i, r in enumerate(results):
+        if not (isinstance(r, dict) and all(k in r for k in keys)
+                and all(isinstance(r[k], int) for k in keys[:2])
+                and isinstance(r["bbox"], list) and len(r["bbox"]) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v)
+                        for v in r["bbox"] + [r["score"]])):
+            raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
+                            f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
+    return results
+
+
+def _load_coco(ann_file):
+    """pycocotools COCO object for an annotation json, quietly; EvalError names a bad file."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(ann_file))
+    except FileNotFoundError:
+        raise EvalError(f"{ann_file}: annotation file not found") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # json or schema errors
+        raise EvalError(f"{ann_file}: not a COCO annotation file "
+                        f"({type(e).__name__}: {e})") from None
+    if "images" not in coco.dataset or "categories" not in coco.dataset:
+        raise EvalError(f"{ann_file}: not a COCO annotation file (no 'images' or 'categories')")
+    return coco
+
+
+def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="11point", log=print,
+                   progress=True, name="model", bf16=False, **detect_options):
+    """Detect on every image of a data.py source and score it (train.py's --eval-every).
+
+    Returns the --json-out dict (VOC: map_11point, map_area, per_class_11point, per_class_area;
+    COCO: stats, per_class) plus "map" (the headline: VOC `metric` mAP for VOC-layout and shapes
+    sources, COCO AP for COCO sources), "images" and "failed_images". Images that cannot be read
+    are reported through `log` and left out. The model's train/eval mode is restored afterwards.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"evaluate_model: metric must be one of {METRICS}, not {metric!r}")
+    model = getattr(model, "module", model)  # a DDP-wrapped model
+    if device is not None:
+        model.to(device)
+    mapping = _class_mapping(model, source, name)
+    was_training = model.training
+    model.eval()
+    try:
+        detections, failed = _predict(model, source, range(len(source)), mapping, batch_size,
+                                      workers, progress, bf16, **detect_options)
+    finally:
+        model.train(was_training)
+    for line in failed:
+        log(f"warning: skipped {line}")
+    indices = [i for i in range(len(source)) if i in detections]
+    result = score_detections(source, indices, [detections[i] for i in indices], metric, log)
+    result["failed_images"] = len(failed)
+    return result
+
+
 def score_detections(source, indices, detections, metric="11point", log=print):
     """Metrics of per-image detections (source labels, pixels), aligned with `indices`, printed
     through `log`. VOC-layout and shapes sources: voc_eval, "map" = the `metric` mAP. COCO
@@ -407,36 +431,6 @@ def print_result(result, log=print):
         f"mAP area (VOC2010+) {result['map_area']:.4f}   over {result['images']} images")
 
 
-def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="11point", log=print,
-                   progress=True, name="model", bf16=False, **detect_options):
-    """Detect on every image of a data.py source and score it (train.py's --eval-every).
-
-    Returns the --json-out dict (VOC: map_11point, map_area, per_class_11point, per_class_area;
-    COCO: stats, per_class) plus "map" (the headline: VOC `metric` mAP for VOC-layout and shapes
-    sources, COCO AP for COCO sources), "images" and "failed_images". Images that cannot be read
-    are reported through `log` and left out. The model's train/eval mode is restored afterwards.
-    """
-    if metric not in METRICS:
-        raise ValueError(f"evaluate_model: metric must be one of {METRICS}, not {metric!r}")
-    model = getattr(model, "module", model)  # a DDP-wrapped model
-    if device is not None:
-        model.to(device)
-    mapping = _class_mapping(model, source, name)
-    was_training = model.training
-    model.eval()
-    try:
-        detections, failed = _predict(model, source, range(len(source)), mapping, batch_size,
-                                      workers, progress, bf16, **detect_options)
-    finally:
-        model.train(was_training)
-    for line in failed:
-        log(f"warning: skipped {line}")
-    indices = [i for i in range(len(source)) if i in detections]
-    result = score_detections(source, indices, [detections[i] for i in indices], metric, log)
-    result["failed_images"] = len(failed)
-    return result
-
-
 def _class_mapping(model, source, name="model"):
     """int64 [C_model + 1]: the source label of each model label (0 = a class the data lacks).
 
@@ -470,17 +464,6 @@ def _some(items, shown=8):
     return ", ".join(map(str, items[:shown])) + (", ..." if len(items) > shown else "")
 
 
-def _load_batch(source, indices):
-    """DataLoader collate: (index, uint8 [3,H,W] tensor or None, error or None) per image."""
-    out = []
-    for i in indices:
-        try:
-            out.append((i, data.to_tensor(source.load_image(i).convert("RGB")), None))  # [3, H, W]
-        except (OSError, ValueError) as e:  # data.DataError is a ValueError
-            out.append((i, None, str(e)))
-    return out
-
-
 def _predict(model, source, indices, mapping, batch_size, workers, progress, bf16,
              **detect_options):
     """The model on source images `indices` in batches -> ({index: (boxes [k,4] pixels, scores,
@@ -507,6 +490,17 @@ def _predict(model, source, indices, mapping, batch_size, workers, progress, bf1
                   f"ETA {data.duration((total - done) / rate)}", file=sys.stderr, flush=True)
             last = now
     return detections, failed
+
+
+def _load_batch(source, indices):
+    """DataLoader collate: (index, uint8 [3,H,W] tensor or None, error or None) per image."""
+    out = []
+    for i in indices:
+        try:
+            out.append((i, data.to_tensor(source.load_image(i).convert("RGB")), None))  # [3, H, W]
+        except (OSError, ValueError) as e:  # data.DataError is a ValueError
+            out.append((i, None, str(e)))
+    return out
 
 
 class _CocoJson(data.FileSource):
@@ -557,6 +551,23 @@ class _VocAnnotations(data.FileSource):
         self.image_paths = [str(root / "JPEGImages" / f"{i}.jpg") for i in self.ids]
         self._annotations = [data.VOCDetection._convert(x, r, p, label_of)
                              for x, r, p in zip(xml, raws, self.image_paths)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = _init_distributed()
+    try:
+        result, failed = _run(args, rank, world, device)
+        if result is not None and args.json_out:
+            text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
+            data.write_atomic(args.json_out, lambda f: f.write(text))
+    except (EvalError, data.DataError, ssd.CheckpointError, OSError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    return 1 if failed else 0
 
 
 def parse_args(argv=None):
@@ -615,67 +626,6 @@ def parse_args(argv=None):
     return args
 
 
-def _json_safe(x):
-    """nan -> None (JSON has no nan; a class without ground truth has no AP)."""
-    return json.loads(json.dumps(x), parse_constant=lambda _: None)
-
-
-def _init_distributed():
-    """(rank, world size, device or None) from torchrun's environment; (0, 1, None) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    device = None
-    if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device else "gloo")
-    return dist.get_rank(), world, device
-
-
-def _coco_ann_file(root, split=None):
-    """root/annotations/instances_<split>.json; without a split val2017, or the only
-    instances_*.json there (data.build_source's rule)."""
-    folder = Path(root) / "annotations"
-    found = sorted(folder.glob("instances_*.json"))
-    if split is None and not (folder / "instances_val2017.json").is_file() and len(found) == 1:
-        return found[0]
-    return folder / f"instances_{split or 'val2017'}.json"
-
-
-def _score_results(args, root, ann):
-    """--results: scored on the annotations alone, no image looked for."""
-    if args.coco:
-        gt = _load_coco(ann)
-        result = coco_eval(read_coco_results(args.results), gt, name=args.results)
-        result.update(map=result["stats"][0], images=len(gt.getImgIds()))
-        print_result(result)
-        return result
-    source = (data.build_source("shapes", None, args.split, train=False) if args.shapes
-              else _VocAnnotations(root, args.split))
-    indices = list(range(len(source)))
-    detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
-                                  source.class_names)
-    return score_detections(source, indices, detections, args.metric)
-
-
-def _image_source(args, name, root, ann):
-    """--weights: data.build_source's source, or any COCO json with all its images present."""
-    if not args.coco:
-        source = data.build_source(name, root, args.split, train=False)
-    else:
-        source = _CocoJson(ann, args.images)
-        missing = [p for p in source.image_paths if not os.path.isfile(p)]
-        if missing and not source.image_dir.is_dir():
-            raise EvalError(f"{source.image_dir}: image folder not found (give --images DIR)")
-        if missing:
-            more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
-            raise EvalError(f"{missing[0]}: image not found{more}")
-    if not len(source):
-        raise EvalError(f"{ann or root}: no images to evaluate")
-    return source
-
-
 def _run(args, rank=0, world=1, device=None):
     """Evaluate as the arguments say; returns (result dict or None on ranks > 0, failed count)."""
     name = "coco" if args.coco else "shapes" if args.shapes else "voc"
@@ -717,21 +667,71 @@ def _run(args, rank=0, world=1, device=None):
     return score_detections(source, indices, ordered, args.metric), len(failed)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = _init_distributed()
-    try:
-        result, failed = _run(args, rank, world, device)
-        if result is not None and args.json_out:
-            text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
-            data.write_atomic(args.json_out, lambda f: f.write(text))
-    except (EvalError, data.DataError, ssd.CheckpointError, OSError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-    return 1 if failed else 0
+def _score_results(args, root, ann):
+    """--results: scored on the annotations alone, no image looked for."""
+    if args.coco:
+        gt = _load_coco(ann)
+        result = coco_eval(read_coco_results(args.results), gt, name=args.results)
+        result.update(map=result["stats"][0], images=len(gt.getImgIds()))
+        print_result(result)
+        return result
+    source = (data.build_source("shapes", None, args.split, train=False) if args.shapes
+              else _VocAnnotations(root, args.split))
+    indices = list(range(len(source)))
+    detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
+                                  source.class_names)
+    return score_detections(source, indices, detections, args.metric)
+
+
+def _image_source(args, name, root, ann):
+    """--weights: data.build_source's source, or any COCO json with all its images present."""
+    if not args.coco:
+        source = data.build_source(name, root, args.split, train=False)
+    else:
+        source = _CocoJson(ann, args.images)
+        missing = [p for p in source.image_paths if not os.path.isfile(p)]
+        if missing and not source.image_dir.is_dir():
+            raise EvalError(f"{source.image_dir}: image folder not found (give --images DIR)")
+        if missing:
+            more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
+            raise EvalError(f"{missing[0]}: image not found{more}")
+    if not len(source):
+        raise EvalError(f"{ann or root}: no images to evaluate")
+    return source
+
+
+def _coco_ann_file(root, split=None):
+    """root/annotations/instances_<split>.json; without a split val2017, or the only
+    instances_*.json there (data.build_source's rule)."""
+    folder = Path(root) / "annotations"
+    found = sorted(folder.glob("instances_*.json"))
+    if split is None and not (folder / "instances_val2017.json").is_file() and len(found) == 1:
+        return found[0]
+    return folder / f"instances_{split or 'val2017'}.json"
+
+
+def _init_distributed():
+    """(rank, world size, device or None) from torchrun's environment; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    device = None
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device else "gloo")
+    return dist.get_rank(), world, device
+
+
+def _json_safe(x):
+    """nan -> None (JSON has no nan; a class without ground truth has no AP)."""
+    return json.loads(json.dumps(x), parse_constant=lambda _: None)
+
+
+def _numpy(x, dtype, width=None):
+    """A tensor, array, list or None as a numpy array of `dtype`, [n, width] or [n]."""
+    x = [] if x is None else x.detach().cpu().numpy() if hasattr(x, "detach") else x
+    return np.asarray(x, dtype=dtype).reshape((-1, width) if width else -1)
 
 
 if __name__ == "__main__":
