@@ -488,6 +488,31 @@ def test_voc_results_folder_needs_only_annotations_and_split(tmp_path):
         assert r["per_class_area"][name] == pytest.approx(ref_area[c], abs=1e-12)
 
 
+def test_shapes_results_folder_fed_back(tmp_path, capsys):
+    """--shapes --results: the val split's objects written as comp4 files score AP 1 per class;
+    one class's detections moved to another image score that class 0."""
+    import data
+    source = data.build_source("shapes", None, None, train=False)
+    ids, gt = [source.image_id(i) for i in range(len(source))], [source.annotation(i) for i in
+                                                                range(len(source))]
+    dets = [(g["boxes"], np.ones(len(g["labels"])), g["labels"]) for g in gt]
+    evaluate.write_voc_results(tmp_path / "dets", dets, ids, source.class_names)
+    assert evaluate.main(["--shapes", "--results", str(tmp_path / "dets"),
+                          "--json-out", str(tmp_path / "o.json")]) == 0
+    r = read_json(tmp_path / "o.json")
+    assert r["images"] == len(ids) and r["map_11point"] == r["map_area"] == 1.0
+    assert "mAP 11-point (VOC2007) 1.0000" in capsys.readouterr().out
+    first = source.class_names[0]  # every detection of the first class one image later
+    lines = (tmp_path / "dets" / f"comp4_det_test_{first}.txt").read_text().splitlines()
+    following = {str(i): str(ids[(k + 1) % len(ids)]) for k, i in enumerate(ids)}
+    shifted = [" ".join([following[line.split()[0]], *line.split()[1:]]) for line in lines]
+    (tmp_path / "dets" / f"comp4_det_test_{first}.txt").write_text("\n".join(shifted) + "\n")
+    assert evaluate.main(["--shapes", "--results", str(tmp_path / "dets"),
+                          "--json-out", str(tmp_path / "o.json")]) == 0
+    per_class = read_json(tmp_path / "o.json")["per_class_area"]
+    assert per_class[first] < 0.2 and all(v == 1.0 for k, v in per_class.items() if k != first)
+
+
 def test_tiny_coco_ground_truth_fed_back(shared_data):
     ann_file = shared_data / "tiny_coco" / "tiny_coco" / "annotations" / "instances_train2017.json"
     anns = json.loads(ann_file.read_text())["annotations"]
