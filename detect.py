@@ -4,8 +4,8 @@
     python detect.py clip.mp4 anim.gif --out annotated/ --json frames.json --bf16
 
 PATHs are image files, folders (their image files, not recursive) and globs (quote them; Python
-expands them, so they work the same on every shell). --weights takes anything weights.load_model reads:
-our checkpoints and torchvision ssd300_vgg16, amdegroot ssd.pytorch or mmdetection SSD files.
+expands them, so they work the same on every shell). --weights takes anything weights.load_model
+reads: our checkpoints and torchvision ssd300_vgg16, amdegroot ssd.pytorch or mmdetection SSD files.
 Without it the newest runs/*/best.pt is used.
 
 Videos (.mp4, .avi, .mov, .mkv, .webm, ...; decoded by PyAV, `pip install av`) and animated GIFs
@@ -37,94 +37,55 @@ import data
 import ssd
 import weights
 
-# -----------------------------------------------------------------------------------------------
-# Defaults
 SCORE_THR = 0.5  # for drawing; evaluation keeps everything above 0.01 (SSD paper, Caffe ssd)
 NMS_IOU = 0.45  # paper / Caffe
 TOPK = 400  # candidates per class before NMS (Caffe top_k)
 MAX_DET = 200  # detections per image (Caffe keep_top_k)
 BATCH_SIZE = 8
 OUT_DIR = "runs/detect"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm"}
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv"}
+IMAGE_EXTENSIONS = set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
+VIDEO_EXTENSIONS = set(".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .wmv".split())
+_MEDIA = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what folders and globs pick up
 PROGRESS_EVERY_S = 2.0
 NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a few minutes on a "
               "CPU) or pass --weights FILE (ours, torchvision ssd300_vgg16, amdegroot ssd.pytorch "
               "or mmdetection SSD)")
 
 
-class StreamError(Exception):
-    """A video or GIF that could not be processed: one line, the path first; the run goes on."""
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    files, errors = collect_inputs(args.paths)
+    if not files:  # every path has had its error line
+        return 2
+    try:
+        model, weights_path = _setup(args)
+    except (data.UsageError, ssd.CheckpointError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    taken, results = {os.path.realpath(f) for f in files}, []
+    streams = [f for f in files if _is_stream(f)]
+    failures = errors + _run_images(args, model, [f for f in files if f not in streams], taken,
+                                    results)
+    for path in streams:
+        try:
+            results.append(_run_stream(args, model, path, taken))
+        except data.DataError as e:  # one line, the path first; the run goes on
+            print(e, file=sys.stderr)
+            failures += 1
+    if args.json and results:
+        try:
+            data.write_atomic(args.json, lambda f: json.dump(results, f, indent=1))
+        except OSError as e:
+            print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
+            failures += 1
+    objects = sum(len(d["detections"]) for r in results for d in r.get("frames", [r]))
+    print(f"{_plural(len(results), 'input')}, {_plural(objects, 'object')}, {failures} failed, "
+          f"{time.perf_counter() - t0:.1f} s (weights {weights_path})"
+          + (f"; drawn copies in {args.out}" if results else "")
+          + (f", detections in {args.json}" if args.json and results else ""))
+    return 2 if not results else 1 if failures else 0
 
-
-# -----------------------------------------------------------------------------------------------
-# Inputs
-
-def is_image_name(path):
-    """An image or video by its extension (what folders and globs pick up)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-
-
-def image_files_in(folder):
-    """The image files directly inside `folder`, by extension (any case), sorted by name."""
-    names = sorted(os.listdir(folder))
-    return [os.path.join(folder, n) for n in names
-            if is_image_name(n) and os.path.isfile(os.path.join(folder, n))]
-
-
-def collect_inputs(paths):
-    """PATH arguments -> (image files in order, without repeats; error lines). A path that exists
-    is taken literally, so a file named 'a[1].jpg' is not read as a glob. Files named explicitly
-    are kept whatever their extension (reading them reports what they are); files that folders and
-    globs turn up are kept only when their extension says image."""
-    files, errors, seen = [], [], set()
-
-    def add(f):
-        key = os.path.realpath(f)
-        if key not in seen:
-            seen.add(key)
-            files.append(f)
-
-    for p in paths:
-        if os.path.isdir(p):
-            found = image_files_in(p)
-            if not found:
-                errors.append(f"{p}: no image files in this folder")
-            for f in found:
-                add(f)
-        elif os.path.exists(p):
-            add(p)
-        elif any(ch in p for ch in "*?["):
-            found = []
-            for m in sorted(glob.glob(p, recursive=True)):
-                if os.path.isdir(m):
-                    found += image_files_in(m)
-                elif is_image_name(m):
-                    found.append(m)
-            if not found:
-                errors.append(f"{p}: no image files match this pattern")
-            for f in found:
-                add(f)
-        else:
-            errors.append(f"{p}: no such file or folder")
-    return files, errors
-
-
-def output_path(out_dir, image_path, taken, ext=".jpg"):
-    """<out_dir>/<stem><ext>; a numeric suffix when that name is already used in this run or is one
-    of the inputs (so an input is never overwritten, and same-named images from different folders
-    all survive). Adds the choice to `taken` (a set of real paths)."""
-    stem = Path(image_path).stem
-    for n in itertools.count():
-        candidate = os.path.join(out_dir, f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
-        if os.path.realpath(candidate) not in taken:
-            taken.add(os.path.realpath(candidate))
-            return candidate
-
-
-# -----------------------------------------------------------------------------------------------
-# Command line
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -133,27 +94,23 @@ def parse_args(argv):
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image, video or GIF files, folders or globs")
     p.add_argument("--weights", help="checkpoint (default: the newest runs/*/best.pt)")
-    p.add_argument("--score-thr", type=float, default=SCORE_THR,
-                   help=f"keep detections scoring above this (default {SCORE_THR})")
-    p.add_argument("--nms-iou", type=float, default=NMS_IOU,
-                   help=f"IoU above which NMS suppresses a box (default {NMS_IOU})")
+
+    def number(flag, kind, default, text):
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
+    number("--score-thr", float, SCORE_THR, "keep detections scoring above this")
+    number("--nms-iou", float, NMS_IOU, "IoU above which NMS suppresses a box")
     p.add_argument("--nms", choices=["hard", "soft"], default="hard",
                    help="hard NMS or Gaussian soft-NMS (default hard)")
-    p.add_argument("--topk", type=int, default=TOPK,
-                   help=f"candidates per class before NMS (default {TOPK})")
-    p.add_argument("--max-det", type=int, default=MAX_DET,
-                   help=f"detections per image (default {MAX_DET})")
-    p.add_argument("--out", default=OUT_DIR,
-                   help=f"folder for the drawn images (default {OUT_DIR})")
+    number("--topk", int, TOPK, "candidates per class before NMS")
+    number("--max-det", int, MAX_DET, "detections per image")
+    number("--out", str, OUT_DIR, "folder for the drawn images")
     p.add_argument("--json", metavar="FILE", help="also write all detections to this JSON file")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default cuda when available, else cpu")
     p.add_argument("--bf16", action="store_true",
                    help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                   help=f"images or frames per forward pass, any sizes mixed "
-                        f"(default {BATCH_SIZE})")
+    number("--batch-size", int, BATCH_SIZE, "images or frames per forward pass, any sizes mixed")
     args = p.parse_args(argv)
     if not 0.0 <= args.score_thr < 1.0:
         p.error("--score-thr must be in [0, 1)")
@@ -165,59 +122,155 @@ def parse_args(argv):
     return args
 
 
-def load_weights(args):
+def _setup(args):
+    """(model, weights path), output folders checked; UsageError or CheckpointError if not."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
     path = args.weights or data.newest_run_file("best.pt")
     if path is None:
         raise data.UsageError(NO_WEIGHTS)
-    try:
-        return weights.load_model(path, args.device), path
-    except ssd.CheckpointError as e:
-        raise data.UsageError(str(e)) from None
-
-
-def prepare_outputs(args):
+    model = weights.load_model(path, args.device)  # ssd.CheckpointError names a bad file
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        reason = e.strerror or str(e)
-        raise data.UsageError(f"{args.out}: cannot create the output folder ({reason})") from None
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            raise data.UsageError(f"{args.json}: its folder does not exist")
+        raise data.UsageError(f"{args.out}: cannot create the output folder "
+                              f"({e.strerror or e})") from None
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise data.UsageError(f"{args.json}: its folder does not exist")
+    return model, path
 
 
-def summary_line(path, scores, labels, class_names, ms):
-    n = len(scores)
-    found = ", ".join(f"{class_names[int(c) - 1]} {float(s):.2f}"
-                      for s, c in zip(scores[:5], labels[:5]))
-    more = ", ..." if n > 5 else ""
-    objects = f"{n} object{'s' if n != 1 else ''}" + (f" ({found}{more})" if n else "")
-    return f"{path}: {objects} {ms:.0f} ms"
+def collect_inputs(paths):
+    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named
+    on stderr). A path that exists is taken literally ('a[1].jpg' is no glob) and kept whatever
+    its extension (reading it reports what it is); folders and globs give their media files."""
+    files, errors = {}, 0  # real path -> path as given
+    for p in paths:
+        if os.path.isdir(p):
+            found, why = _files_in(p), "no image files in this folder"
+        elif os.path.exists(p):
+            found, why = [p], ""
+        elif any(ch in p for ch in "*?["):
+            found = [f for m in sorted(glob.glob(p, recursive=True)) for f in (
+                _files_in(m) if os.path.isdir(m) else [m] if Path(m).suffix.lower() in _MEDIA
+                else [])]
+            why = "no image files match this pattern"
+        else:
+            found, why = [], "no such file or folder"
+        if not found:
+            print(f"{p}: {why}", file=sys.stderr)
+            errors += 1
+        for f in found:
+            files.setdefault(os.path.realpath(f), f)
+    return list(files.values()), errors
 
 
-def _detect(model, images, args, options):
-    """ssd.detect on PIL images (the forward under bfloat16 autocast with --bf16)."""
-    return ssd.detect(model, [data.to_tensor(im) for im in images], args.bf16, **options)
+def _files_in(folder):
+    """The image and video files directly inside `folder` (by extension, any case), by name."""
+    return [p for n in sorted(os.listdir(folder)) if Path(n).suffix.lower() in _MEDIA
+            and os.path.isfile(p := os.path.join(folder, n))]
 
 
-def _as_json(boxes, scores, labels, names):
-    return [{"box": [round(v, 2) for v in box], "score": round(float(s), 6), "label": int(c),
-             "name": names[int(c) - 1]} for box, s, c in zip(boxes.tolist(), scores, labels)]
+def output_path(out_dir, image_path, taken, ext=".jpg"):
+    """<out_dir>/<stem><ext>, or <stem>_<n><ext> while that real path is in `taken` (the inputs and
+    the names chosen so far: no input is overwritten, same-named images all survive); adds it."""
+    stem = Path(image_path).stem
+    for n in itertools.count():
+        candidate = os.path.join(out_dir, f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
+        if os.path.realpath(candidate) not in taken:
+            taken.add(os.path.realpath(candidate))
+            return candidate
 
 
-def is_stream(path):
-    """A video by its extension, or a GIF of more than one frame."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".gif":
+def _run_images(args, model, files, taken, results):
+    """Detect on image files in batches: draw, save, print a line each, add JSON entries to
+    `results`. Returns the failure count."""
+    names, failures = model.config["class_names"], 0
+    for start in range(0, len(files), args.batch_size):
+        batch = []  # (path, PIL image, seconds spent reading it)
+        for path in files[start:start + args.batch_size]:
+            t0 = time.perf_counter()
+            try:
+                batch.append((path, data.load_image(path), time.perf_counter() - t0))
+            except data.DataError as e:  # its message starts with the path
+                print(e, file=sys.stderr)
+                failures += 1
+        if not batch:
+            continue
+        t0 = time.perf_counter()
+        detections = _detect(model, [im for _, im, _ in batch], args)
+        model_share = (time.perf_counter() - t0) / len(batch)
+        for (path, image, read_s), (boxes, scores, labels) in zip(batch, detections):
+            found = _draw(image, boxes, scores, labels, names)
+            target = output_path(args.out, path, taken)
+            try:
+                # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
+                image.save(target, "JPEG", quality=92, subsampling=0)
+            except OSError as e:
+                print(f"{target}: cannot write ({e.strerror or e})", file=sys.stderr)
+                failures += 1
+                continue
+            listed = ", ".join(f"{d['name']} {float(v):.2f}" for d, v in zip(found, scores[:5]))
+            listed = f" ({listed}{', ...' if len(found) > 5 else ''})" if found else ""
+            print(f"{path}: {_plural(len(found), 'object')}{listed} "
+                  f"{1000 * (read_s + model_share):.0f} ms")
+            results.append({"image": path, "width": image.width, "height": image.height,
+                            "detections": found})
+    return failures
+
+
+def _run_stream(args, model, path, taken):
+    """Detect on every frame of a video or animated GIF, batch by batch; the annotated copy is
+    written as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
+    names, gif = model.config["class_names"], Path(path).suffix.lower() == ".gif"
+    target = output_path(args.out, path, taken, ".gif" if gif else ".mp4")
+    errors = (OSError, ValueError, EOFError, MemoryError)
+    if not gif:
         try:
-            with Image.open(path) as im:
-                return getattr(im, "n_frames", 1) > 1
-        except (OSError, ValueError):
-            return False  # the image path reports it
-    return suffix in VIDEO_EXTENSIONS
+            import av
+        except ImportError:
+            raise data.DataError(f"{path}: a video needs PyAV (pip install av)") from None
+        errors += (av.FFmpegError,)
+    start = last = time.perf_counter()
+    frames, size = [], None  # frames: the JSON of each frame done
+    try:
+        reader, write, close, fps, total = (_gif_io if gif else _video_io)(path, target + ".part")
+        while batch := list(itertools.islice(reader, args.batch_size)):
+            for (image, t), (boxes, scores, labels) in zip(batch, _detect(
+                    model, [im for im, _ in batch], args)):
+                found = _draw(image, boxes, scores, labels, names)
+                write(image)
+                size = size or image.size
+                frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
+            if (now := time.perf_counter()) - last >= PROGRESS_EVERY_S:
+                rate, last, done = len(frames) / (now - start), now, len(frames)
+                eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
+                print(f"{path}: frame {done}/{total or '?'} {rate:.1f} frames/s{eta}",
+                      file=sys.stderr, flush=True)
+        if not frames:
+            raise ValueError("no frame")
+        close()
+        os.replace(target + ".part", target)
+    except errors as e:
+        if os.path.exists(target + ".part"):
+            os.remove(target + ".part")
+        raise data.DataError(f"{path}: failed at frame {len(frames)} ({e})") from None
+    objects = sum(len(f["detections"]) for f in frames)
+    print(f"{path}: {len(frames)} frames, {_plural(objects, 'object')}, "
+          f"{len(frames) / (time.perf_counter() - start):.1f} frames/s -> {target}")
+    return {"video": path, "width": size[0], "height": size[1], "fps": round(fps, 3),
+            "frames": frames}
+
+
+def _is_stream(path):
+    """A video by its extension, or a GIF of more than one frame."""
+    if Path(path).suffix.lower() != ".gif":
+        return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) > 1
+    except (OSError, ValueError):
+        return False  # the image path reports it
 
 
 def _video_io(path, target):
@@ -234,163 +287,48 @@ def _video_io(path, target):
     enc.width, enc.height = stream.codec_context.width, stream.codec_context.height
     enc.pix_fmt = "yuv420p" if enc.width % 2 == 0 == enc.height % 2 else "yuv444p"  # odd sizes
 
-    def frames():
-        for k, frame in enumerate(source.decode(stream)):
-            yield frame.to_image(), float(frame.time) if frame.time is not None else k / rate
-
-    def write(image):
-        out.mux(enc.encode(av.VideoFrame.from_image(image)))
-
     def close():
         out.mux(enc.encode())  # flush the encoder
         out.close()
         source.close()
-    return frames(), write, close, float(rate), stream.frames
+    frames = ((f.to_image(), float(f.time) if f.time is not None else k / rate)
+              for k, f in enumerate(source.decode(stream)))
+    return (frames, lambda image: out.mux(enc.encode(av.VideoFrame.from_image(image))), close,
+            float(rate), stream.frames)
 
 
 def _gif_io(path, target):
     """As _video_io for an animated GIF (Pillow); the drawn frames are kept until close()."""
     gif = Image.open(path)
-    drawn, durations = [], []
-
-    def frames():
-        t = 0.0
-        for frame in ImageSequence.Iterator(gif):
-            durations.append(frame.info.get("duration", 100))
-            yield frame.convert("RGB"), t
-            t += durations[-1] / 1000
+    durations = [f.info.get("duration", 100) for f in ImageSequence.Iterator(gif)]
+    drawn = []
 
     def close():
         drawn[0].save(target, "GIF", save_all=True, append_images=drawn[1:], duration=durations,
                       loop=gif.info.get("loop", 0))
         gif.close()
-    fps = 1000 * gif.n_frames / max(1, sum(f.info.get("duration", 100) for f in
-                                           ImageSequence.Iterator(gif)))
-    return frames(), drawn.append, close, fps, gif.n_frames
+    frames = ((f.convert("RGB"), t / 1000) for f, t in zip(
+        ImageSequence.Iterator(gif), itertools.accumulate(durations, initial=0)))
+    fps = 1000 * len(durations) / max(1, sum(durations))
+    return frames, drawn.append, close, fps, len(durations)
 
 
-def run_stream(args, model, path, taken, options):
-    """Detect on every frame of a video or animated GIF, batch by batch; the annotated copy is
-    written as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
-    names, gif = model.config["class_names"], Path(path).suffix.lower() == ".gif"
-    target = output_path(args.out, path, taken, ".gif" if gif else ".mp4")
-    errors, done, entry = (OSError, ValueError, EOFError, MemoryError), 0, None
-    try:
-        if not gif:
-            import av
-            errors += (av.FFmpegError,)
-    except ImportError:
-        raise StreamError(f"{path}: a video needs PyAV (pip install av)") from None
-    start = last = time.perf_counter()
-    try:
-        frames, write, close, fps, total = (_gif_io if gif else _video_io)(path, target + ".part")
-        while batch := list(itertools.islice(frames, args.batch_size)):
-            for (image, t), (boxes, scores, labels) in zip(
-                    batch, _detect(model, [im for im, _ in batch], args, options)):
-                data.draw_detections(image, boxes, scores, labels, names)
-                write(image)
-                entry = entry or {"video": path, "width": image.width, "height": image.height,
-                                  "fps": round(fps, 3), "frames": []}
-                entry["frames"].append({"frame": done, "time": round(t, 4),
-                                        "detections": _as_json(boxes, scores, labels, names)})
-                done += 1
-            now = time.perf_counter()
-            if now - last >= PROGRESS_EVERY_S:
-                rate, last = done / (now - start), now
-                eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
-                print(f"{path}: frame {done}/{total or '?'} {rate:.1f} frames/s{eta}",
-                      file=sys.stderr, flush=True)
-        if entry is None:
-            raise ValueError("no frame")
-        close()
-        os.replace(target + ".part", target)
-    except errors as e:
-        if os.path.exists(target + ".part"):
-            os.remove(target + ".part")
-        raise StreamError(f"{path}: failed at frame {done} ({e})") from None
-    objects = sum(len(f["detections"]) for f in entry["frames"])
-    print(f"{path}: {done} frames, {objects} object{'s' if objects != 1 else ''}, "
-          f"{done / (time.perf_counter() - start):.1f} frames/s -> {target}")
-    return entry
+def _detect(model, images, args):
+    """ssd.detect on PIL images with the command line's options -> [(boxes, scores, labels)]."""
+    return ssd.detect(model, [data.to_tensor(im) for im in images], args.bf16,
+                      score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
+                      max_det=args.max_det, nms=args.nms)
 
 
-def run(args, model, files):
-    """Detect on `files` in batches; draw, print, collect JSON. Returns (results, failures)."""
-    names = model.config["class_names"]
-    options = dict(score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
-                   max_det=args.max_det, nms=args.nms)
-    taken = {os.path.realpath(f) for f in files}
-    results, failures = [], 0
-    streams = [f for f in files if is_stream(f)]
-    files = [f for f in files if f not in streams]
-    for start in range(0, len(files), args.batch_size):
-        batch = []  # (path, PIL image, seconds spent reading it)
-        for path in files[start:start + args.batch_size]:
-            t0 = time.perf_counter()
-            try:
-                batch.append((path, data.load_image(path), time.perf_counter() - t0))
-            except data.DataError as e:  # its message starts with the path
-                print(e, file=sys.stderr)
-                failures += 1
-        if not batch:
-            continue
-        t0 = time.perf_counter()
-        detections = _detect(model, [im for _, im, _ in batch], args, options)
-        model_share = (time.perf_counter() - t0) / len(batch)
-        for (path, image, read_s), (boxes, scores, labels) in zip(batch, detections):
-            data.draw_detections(image, boxes, scores, labels, names)
-            target = output_path(args.out, path, taken)
-            try:
-                # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
-                image.save(target, "JPEG", quality=92, subsampling=0)
-            except OSError as e:
-                print(f"{target}: cannot write ({e.strerror or e})", file=sys.stderr)
-                failures += 1
-                continue
-            print(summary_line(path, scores, labels, names, 1000 * (read_s + model_share)))
-            results.append({"image": path, "width": image.width, "height": image.height,
-                            "detections": _as_json(boxes, scores, labels, names)})
-    for path in streams:
-        try:
-            results.append(run_stream(args, model, path, taken, options))
-        except StreamError as e:
-            print(e, file=sys.stderr)
-            failures += 1
-    return results, failures
+def _draw(image, boxes, scores, labels, names):
+    """Draw one image's detections on it; -> their JSON list."""
+    data.draw_detections(image, boxes, scores, labels, names)
+    return [{"box": [round(v, 2) for v in box], "score": round(float(s), 6), "label": int(c),
+             "name": names[int(c) - 1]} for box, s, c in zip(boxes.tolist(), scores, labels)]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t0 = time.perf_counter()
-    files, errors = collect_inputs(args.paths)
-    for line in errors:
-        print(line, file=sys.stderr)
-    if not files:  # every path has had its error line
-        return 2
-    try:
-        model, weights = load_weights(args)
-        prepare_outputs(args)
-    except data.UsageError as e:
-        print(e, file=sys.stderr)
-        return 2
-    results, failures = run(args, model, files)
-    failures += len(errors)
-    if args.json and results:
-        try:
-            data.write_atomic(args.json, lambda f: json.dump(results, f, indent=1))
-        except OSError as e:
-            print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
-            failures += 1
-    objects = sum(len(d) for r in results for d in (
-        [f["detections"] for f in r["frames"]] if "frames" in r else [r["detections"]]))
-    print(f"{len(results)} input{'s' if len(results) != 1 else ''}, {objects} "
-          f"object{'s' if objects != 1 else ''}, {failures} failed, "
-          f"{time.perf_counter() - t0:.1f} s (weights {weights})"
-          + (f"; drawn copies in {args.out}" if results else "")
-          + (f", detections in {args.json}" if args.json and results else ""))
-    if not results:
-        return 2
-    return 1 if failures else 0
+def _plural(n, word):
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 if __name__ == "__main__":

@@ -56,37 +56,58 @@ IOU_THRESHOLD = 0.5          # devkit minoverlap; a match needs IoU >= 0.5 (py-f
 METRICS = ("11point", "area")  # VOC2007 test / VOC2010+
 DEFAULT_ROOT = {"voc": "data/VOCdevkit", "coco": "data/coco"}
 PROGRESS_EVERY_S = 2.0
-COCO_STAT_NAMES = [
-    ("AP", "AP    IoU=0.50:0.95 area=all    maxDets=100"),
-    ("AP50", "AP    IoU=0.50      area=all    maxDets=100"),
-    ("AP75", "AP    IoU=0.75      area=all    maxDets=100"),
-    ("APs", "AP    IoU=0.50:0.95 area=small  maxDets=100"),
-    ("APm", "AP    IoU=0.50:0.95 area=medium maxDets=100"),
-    ("APl", "AP    IoU=0.50:0.95 area=large  maxDets=100"),
-    ("AR1", "AR    IoU=0.50:0.95 area=all    maxDets=1"),
-    ("AR10", "AR    IoU=0.50:0.95 area=all    maxDets=10"),
-    ("AR100", "AR    IoU=0.50:0.95 area=all    maxDets=100"),
-    ("ARs", "AR    IoU=0.50:0.95 area=small  maxDets=100"),
-    ("ARm", "AR    IoU=0.50:0.95 area=medium maxDets=100"),
-    ("ARl", "AR    IoU=0.50:0.95 area=large  maxDets=100"),
-]
+COCO_STAT_NAMES = [  # (short, COCOeval.summarize's line) for its 12 stats, in its order
+    (short, f"{short[:2]:<5} IoU={iou:<9} area={area:<6} maxDets={dets}") for short, iou, area, dets
+    in zip("AP AP50 AP75 APs APm APl AR1 AR10 AR100 ARs ARm ARl".split(),
+           ["0.50:0.95", "0.50", "0.75"] + ["0.50:0.95"] * 9,
+           (["all"] * 3 + ["small", "medium", "large"]) * 2, [100] * 6 + [1, 10] + [100] * 4)]
+_COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")  # devkit results file name
 
 
 class EvalError(ValueError):
     """Bad evaluation input; the message starts with the file it concerns where there is one."""
 
 
-def _numpy(x, dtype, width=None):
-    """A tensor, array or list as a numpy array of `dtype` ([n, width] when width is given)."""
-    if x is None:
-        x = []
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x, dtype=dtype)
-    return a.reshape(-1, width) if width else a.reshape(-1)
+def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD):
+    """PASCAL VOC AP per class and mAP, 11-point and area, as the devkit computes them.
+
+    detections: one entry per image, (boxes [k,4], scores [k], labels [k] in 1..C) or None.
+    ground_truth: one dict per image (the same order) with boxes [n,4], labels [n] and optional
+    difficult [n] (data.py's annotation). Boxes are xyxy 0-based pixels, no +1 (module docstring).
+    Returns {"map_11point", "map_area", "per_class_11point": {name: ap}, "per_class_area",
+    "num_gt": {name: non-difficult objects}}; a class without objects has AP nan.
+    """
+    if len(detections) != len(ground_truth):
+        raise ValueError(f"voc_eval: {len(detections)} detection entries for "
+                         f"{len(ground_truth)} images")
+    num_images = len(ground_truth)
+    (gt_boxes, gt_labels, gt_difficult), gt_image = _stack(
+        [(g["boxes"], g["labels"], np.zeros(len(g["labels"]), bool)
+          if g.get("difficult") is None else g["difficult"]) for g in ground_truth],
+        ((np.float64, 4), (np.int64, None), (bool, None)))
+    (det_boxes, det_scores, det_labels), det_image = _stack(
+        [(None, None, None) if d is None else d for d in detections],
+        ((np.float64, 4), (np.float64, None), (np.int64, None)))
+
+    result = {"per_class_11point": {}, "per_class_area": {}, "num_gt": {}}
+    for c, name in enumerate(class_names, start=1):
+        g = np.flatnonzero(gt_labels == c)
+        npos = int(np.count_nonzero(~gt_difficult[g]))
+        d = np.flatnonzero(det_labels == c)
+        d = d[np.argsort(-det_scores[d], kind="mergesort")]  # stable: ties keep image order
+        tp, ignored = _match_class(det_boxes[d], det_image[d], gt_boxes[g], gt_image[g],
+                                   gt_difficult[g], num_images, iou_threshold)
+        cum_tp = np.cumsum(tp[~ignored])  # ignored detections are neither TP nor FP
+        rec, prec = cum_tp / max(npos, 1), cum_tp / np.arange(1, len(cum_tp) + 1)
+        result["num_gt"][name] = npos
+        for metric in METRICS:
+            result[f"per_class_{metric}"][name] = voc_ap(rec, prec, metric) if npos else math.nan
+    for metric in METRICS:
+        aps = [ap for ap in result[f"per_class_{metric}"].values() if not math.isnan(ap)]
+        result[f"map_{metric}"] = float(np.mean(aps)) if aps else math.nan
+    return result
 
 
-# ----------------------------------------------------------------------------- VOC metric
 def voc_ap(rec, prec, metric="11point"):
     """Average precision of a recall/precision curve (rec non-decreasing, as cumulative sums are).
 
@@ -96,8 +117,7 @@ def voc_ap(rec, prec, metric="11point"):
     "area" (VOC2010+): area under the precision envelope (precision made non-increasing from the
     right) over the recall steps. An empty curve has AP 0.
     """
-    rec = np.asarray(rec, dtype=np.float64).reshape(-1)
-    prec = np.asarray(prec, dtype=np.float64).reshape(-1)
+    rec, prec = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (rec, prec))
     if rec.shape != prec.shape:
         raise ValueError(f"voc_ap: rec and prec differ in length ({rec.size} vs {prec.size})")
     if np.any(np.diff(rec) < 0):
@@ -107,35 +127,34 @@ def voc_ap(rec, prec, metric="11point"):
             return 0.0
         envelope = np.maximum.accumulate(prec[::-1])[::-1]  # best precision at this rank or later
         first = np.searchsorted(rec, np.arange(11) / 10, side="left")  # first rank with rec >= t
-        reached = first < rec.size
-        return float(np.where(reached, envelope[np.minimum(first, rec.size - 1)], 0.0).mean())
+        return float(np.where(first < rec.size, envelope[np.minimum(first, rec.size - 1)],
+                              0.0).mean())
     if metric == "area":
         mrec = np.concatenate(([0.0], rec, [1.0]))
-        mpre = np.concatenate(([0.0], prec, [0.0]))
-        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        mpre = np.maximum.accumulate(np.concatenate(([0.0], prec, [0.0]))[::-1])[::-1]
         step = np.flatnonzero(mrec[1:] != mrec[:-1])
         return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
     raise ValueError(f"voc_ap: metric must be one of {METRICS}, not {metric!r}")
 
 
-def _box_iou_pairs(a, b):
-    """IoU of a [..., 4] with b [..., 4] elementwise (xyxy, no +1); 0 where the union is empty."""
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih
-    union = ((a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-             + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter)
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+def _stack(per_image, fields):
+    """Per-image tuples of arrays -> (one array per field, image index of each row [N]);
+    fields: (dtype, width or None) per position. ValueError when an image's lengths differ."""
+    cols = [[_numpy(row[k], dtype, width) for row in per_image]
+            for k, (dtype, width) in enumerate(fields)]
+    counts = [len(a) for a in cols[0]]
+    if any([len(a) for a in col] != counts for col in cols[1:]):
+        raise ValueError("voc_eval: boxes, labels, scores or difficult of an image differ in "
+                         "length")
+    arrays = [np.concatenate(col) if col else np.zeros((0, width) if width else 0, dtype)
+              for col, (dtype, width) in zip(cols, fields)]
+    return arrays, np.repeat(np.arange(len(counts)), counts)
 
 
 def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_images, iou_thr):
-    """Devkit matching of one class's detections, already in rank order.
-
-    Returns (tp bool [D], ignored bool [D]): ignored = best match is a difficult object.
-    """
-    num_det = len(det_boxes)
-    tp = np.zeros(num_det, dtype=bool)
-    ignored = np.zeros(num_det, dtype=bool)
+    """Devkit matching of one class's detections, already in rank order -> (tp bool [D],
+    ignored bool [D]): ignored = the best match is a difficult object."""
+    tp, ignored = np.zeros(len(det_boxes), bool), np.zeros(len(det_boxes), bool)
     count = np.bincount(gt_image, minlength=num_images)  # gt_image ascending: a CSR layout
     start = np.cumsum(count) - count
     has_gt = np.flatnonzero(count[det_image] > 0)  # detections in images without objects are FP
@@ -161,139 +180,28 @@ def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_ima
     return tp, ignored
 
 
-def _concat(arrays, dtype, width=None):
-    """Per-image arrays -> (one array, the image index of each row)."""
-    arrays = [_numpy(a, dtype, width) for a in arrays]
-    image = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])
-    if not arrays:
-        return np.zeros((0, width) if width else 0, dtype), image
-    return np.concatenate(arrays), image
-
-
-def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD):
-    """PASCAL VOC AP per class and mAP, 11-point and area, as the devkit computes them.
-
-    detections: one entry per image, (boxes [k,4], scores [k], labels [k] in 1..C) or None.
-    ground_truth: one dict per image (the same order) with boxes [n,4], labels [n] and optional
-    difficult [n] (data.py's annotation). Boxes are xyxy 0-based pixels, no +1 (module docstring).
-    Returns {"map_11point", "map_area", "per_class_11point": {name: ap}, "per_class_area",
-    "num_gt": {name: non-difficult objects}}; a class without objects has AP nan.
-    """
-    if len(detections) != len(ground_truth):
-        raise ValueError(f"voc_eval: {len(detections)} detection entries for "
-                         f"{len(ground_truth)} images")
-    num_images = len(ground_truth)
-    gt_boxes, gt_image = _concat([g["boxes"] for g in ground_truth], np.float64, 4)
-    gt_labels, label_image = _concat([g["labels"] for g in ground_truth], np.int64)
-    gt_difficult, difficult_image = _concat(
-        [np.zeros(len(g["labels"]), bool) if g.get("difficult") is None else g["difficult"]
-         for g in ground_truth], bool)
-    dets = [(None, None, None) if d is None else d for d in detections]
-    det_boxes, det_image = _concat([d[0] for d in dets], np.float64, 4)
-    det_scores, score_image = _concat([d[1] for d in dets], np.float64)
-    det_labels, det_label_image = _concat([d[2] for d in dets], np.int64)
-    if not (np.array_equal(gt_image, label_image) and np.array_equal(gt_image, difficult_image)
-            and np.array_equal(det_image, score_image)
-            and np.array_equal(det_image, det_label_image)):
-        raise ValueError("voc_eval: boxes, labels, scores or difficult of an image differ in "
-                         "length")
-
-    result = {"per_class_11point": {}, "per_class_area": {}, "num_gt": {}}
-    for c, name in enumerate(class_names, start=1):
-        g = np.flatnonzero(gt_labels == c)
-        npos = int(np.count_nonzero(~gt_difficult[g]))
-        d = np.flatnonzero(det_labels == c)
-        d = d[np.argsort(-det_scores[d], kind="mergesort")]  # stable: ties keep image order
-        tp, ignored = _match_class(det_boxes[d], det_image[d], gt_boxes[g], gt_image[g],
-                                   gt_difficult[g], num_images, iou_threshold)
-        tp = tp[~ignored]
-        cum_tp = np.cumsum(tp)
-        cum_fp = np.cumsum(~tp)
-        rec = cum_tp / max(npos, 1)
-        prec = cum_tp / np.maximum(cum_tp + cum_fp, 1)
-        result["num_gt"][name] = npos
-        for metric in METRICS:
-            result[f"per_class_{metric}"][name] = voc_ap(rec, prec, metric) if npos else math.nan
-    for metric in METRICS:
-        aps = [ap for ap in result[f"per_class_{metric}"].values() if not math.isnan(ap)]
-        result[f"map_{metric}"] = float(np.mean(aps)) if aps else math.nan
-    return result
-
-
-def make_synthetic_voc(num_images=4952, seed=0, detections_per_image=200, num_classes=20):
-    """A VOC2007-test-sized problem: (detections, ground_truth, class_names) for voc_eval.
-
-    About 3 objects per image (20% difficult, so ~12,000 positives over 4,952 images), and 200
-    detections per image: jittered copies of the objects (some duplicated, some mislabelled) with
-    higher scores, the rest random boxes with low scores. Float32, like the model's output.
-    """
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(300, 501, size=(num_images, 2)).astype(np.float64)  # (w, h)
-    n_gt = 1 + rng.poisson(2.0, size=num_images)
-    gt_image = np.repeat(np.arange(num_images), n_gt)
-    wh = sizes[gt_image]
-    box_wh = wh * rng.uniform(0.05, 0.6, size=(len(gt_image), 2))
-    xy = (wh - box_wh) * rng.uniform(size=(len(gt_image), 2))
-    gt_boxes = np.round(np.concatenate([xy, xy + box_wh], axis=1))
-    gt_labels = rng.integers(1, num_classes + 1, size=len(gt_image))
-    gt_difficult = rng.uniform(size=len(gt_image)) < 0.2
-
-    copies = rng.integers(0, 4, size=len(gt_image))  # 0..3 detections per object
-    src = np.repeat(np.arange(len(gt_image)), copies)
-    jitter = rng.normal(0.0, 0.1, size=(len(src), 4)) * box_wh[src][:, [0, 1, 0, 1]]
-    hit_boxes = gt_boxes[src] + jitter
-    hit_labels = np.where(rng.uniform(size=len(src)) < 0.9, gt_labels[src],
-                          rng.integers(1, num_classes + 1, size=len(src)))
-    hit_scores = rng.beta(5, 2, size=len(src))
-    hits_per_image = np.bincount(gt_image[src], minlength=num_images)
-    n_rand = np.maximum(detections_per_image - hits_per_image, 0)
-    rand_image = np.repeat(np.arange(num_images), n_rand)
-    rwh = sizes[rand_image]
-    r_wh = rwh * rng.uniform(0.02, 0.7, size=(len(rand_image), 2))
-    r_xy = (rwh - r_wh) * rng.uniform(size=(len(rand_image), 2))
-    rand_boxes = np.concatenate([r_xy, r_xy + r_wh], axis=1)
-    rand_labels = rng.integers(1, num_classes + 1, size=len(rand_image))
-    rand_scores = rng.beta(1, 6, size=len(rand_image))
-
-    det_image = np.concatenate([gt_image[src], rand_image])
-    order = np.argsort(det_image, kind="mergesort")
-    boxes = np.concatenate([hit_boxes, rand_boxes])[order].astype(np.float32)
-    scores = np.concatenate([hit_scores, rand_scores])[order].astype(np.float32)
-    labels = np.concatenate([hit_labels, rand_labels])[order]
-    det_split = np.cumsum(np.bincount(det_image, minlength=num_images))[:-1]
-    gt_split = np.cumsum(n_gt)[:-1]
-    detections = list(zip(np.split(boxes, det_split), np.split(scores, det_split),
-                          np.split(labels, det_split)))
-    ground_truth = [{"boxes": b.astype(np.float32), "labels": lab, "difficult": dif,
-                     "width": int(w), "height": int(h)}
-                    for b, lab, dif, (w, h) in zip(np.split(gt_boxes, gt_split),
-                                                   np.split(gt_labels, gt_split),
-                                                   np.split(gt_difficult, gt_split), sizes)]
-    return detections, ground_truth, [f"class{c}" for c in range(1, num_classes + 1)]
-
-
-# ----------------------------------------------------------------------------- VOC results files
-COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")
+def _box_iou_pairs(a, b):
+    """IoU of a [..., 4] with b [..., 4] elementwise (xyxy, no +1); 0 where the union is empty."""
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    union = ((a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+             + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter)
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_det_test_"):
     """Write devkit result files, one per class: `<image_id> <score> <x1> <y1> <x2> <y2>` 1-based.
 
-    detections: per image (boxes [k,4] 0-based pixels, scores, labels 1..C), aligned with
+    detections: per image (boxes [k,4] 0-based pixels, scores, labels 1..C) or None, aligned with
     image_ids. Numbers are written in Python's shortest round-trip form, so reading the files back
     gives exactly the same boxes and scores (and the same metrics). Returns the file paths.
     """
-    folder = Path(folder)
     lines = {c: [] for c in range(1, len(class_names) + 1)}
-    for image_id, det in zip(image_ids, detections):
-        if det is None:
-            continue
-        boxes = _numpy(det[0], np.float64, 4) + np.array([1.0, 1.0, 0.0, 0.0])  # to 1-based
-        scores, labels = _numpy(det[1], np.float64), _numpy(det[2], np.int64)
-        for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-            if label in lines:
-                lines[label].append(f"{image_id} {score!r} {x1!r} {y1!r} {x2!r} {y2!r}\n")
-    paths = [folder / f"{prefix}{name}.txt" for name in class_names]
+    for image_id, (x1, y1, x2, y2), score, label in _rows(detections, image_ids):
+        if label in lines:
+            lines[label].append(f"{image_id} {score!r} {x1 + 1!r} {y1 + 1!r} {x2!r} {y2!r}\n")
+    paths = [Path(folder) / f"{prefix}{name}.txt" for name in class_names]
     for c, path in enumerate(paths, start=1):
         data.write_atomic(path, lambda f: f.write("".join(lines[c])))
     return paths
@@ -305,127 +213,61 @@ def read_voc_results(folder, image_ids, class_names, log=print):
     Returns a list aligned with image_ids of (boxes [k,4] 0-based, scores [k], labels [k]), each
     image's rows in file order (so equal scores rank as the devkit ranks them when a file lists
     its images in order, as write_voc_results does). Raises EvalError for a missing folder, a
-    malformed line or an image id not in image_ids.
-    Files of classes not in class_names are skipped with a warning; a class without a file has
-    no detections (warned too).
+    malformed line or an image id not in image_ids. Files of classes not in class_names are
+    skipped with a warning; a class without a file has no detections (warned too).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalError(f"{folder}: not a folder (--voc --results wants a folder of "
                         "comp4_det_test_<class>.txt files)")
-    index = {str(i): k for k, i in enumerate(image_ids)}
     label_of = {name: c for c, name in enumerate(class_names, start=1)}
     files = {}
     for path in sorted(folder.iterdir()):
-        m = COMP_FILE.match(path.name)
-        if not m:
-            continue
-        name = m.group(1)
-        if name not in label_of:
+        name = m.group(1) if (m := _COMP_FILE.match(path.name)) else None
+        if name is not None and name not in label_of:
             log(f"warning: {path}: class {name!r} is not one of the data's classes; skipped")
-            continue
-        if name in files:
+        elif name in files:
             raise EvalError(f"{path}: a second results file for class {name!r} "
                             f"(first: {files[name].name})")
-        files[name] = path
+        elif name is not None:
+            files[name] = path
     if not files:
         raise EvalError(f"{folder}: no comp4_det_test_<class>.txt file of any of the classes "
                         f"{', '.join(class_names)}")
-    missing = [n for n in class_names if n not in files]
-    if missing:
+    if missing := [n for n in class_names if n not in files]:
         log(f"warning: {folder}: no results file for {', '.join(missing)} (no detections)")
-    per_file = []
+    index = {str(i): k for k, i in enumerate(image_ids)}
+    image, rows = [], []  # rows: (label, score, x1, y1, x2, y2) in file order
     for name, path in files.items():
-        rows = [(n, line.split()) for n, line in enumerate(path.read_text().splitlines(), 1)
-                if line.strip()]
-        for n, fields in rows:
+        for n, fields in enumerate(map(str.split, path.read_text().splitlines()), 1):
+            if not fields:
+                continue
             if len(fields) != 6:
                 raise EvalError(f"{path}:{n}: expected '<image_id> <score> <x1> <y1> <x2> <y2>', "
                                 f"got {len(fields)} fields")
             if fields[0] not in index:
                 raise EvalError(f"{path}:{n}: image id {fields[0]!r} is not in the ground truth")
-        try:
-            numbers = np.array([f[1:] for _, f in rows], dtype=np.float64).reshape(-1, 5)
-        except ValueError:
-            bad = next(n for n, f in rows if not all(_is_number(v) for v in f[1:]))
-            raise EvalError(f"{path}:{bad}: score and box must be numbers") from None
-        if not np.isfinite(numbers).all():
-            raise EvalError(f"{path}: non-finite score or coordinate")
-        img = np.array([index[f[0]] for _, f in rows], dtype=np.int64)
-        boxes = numbers[:, 1:] - np.array([1.0, 1.0, 0.0, 0.0])  # devkit 1-based -> 0-based
-        per_file.append((img, boxes, numbers[:, 0], np.full(len(rows), label_of[name])))
-    img = np.concatenate([p[0] for p in per_file])
-    order = np.argsort(img, kind="mergesort")  # per image; file order kept within an image
-    boxes = np.concatenate([p[1] for p in per_file])[order]
-    scores = np.concatenate([p[2] for p in per_file])[order]
-    labels = np.concatenate([p[3] for p in per_file])[order]
-    split = np.cumsum(np.bincount(img, minlength=len(image_ids)))[:-1]
-    return list(zip(np.split(boxes, split), np.split(scores, split), np.split(labels, split)))
+            try:
+                rows.append([label_of[name], *map(float, fields[1:])])
+            except ValueError:
+                raise EvalError(f"{path}:{n}: score and box must be numbers") from None
+            if not all(map(math.isfinite, rows[-1])):
+                raise EvalError(f"{path}: non-finite score or coordinate")
+            image.append(index[fields[0]])
+    order = np.argsort(image, kind="mergesort")  # per image; file order kept within an image
+    rows = np.array(rows, np.float64).reshape(-1, 6)[order]  # [N, 6]
+    split = np.cumsum(np.bincount(np.array(image, np.int64), minlength=len(image_ids)))[:-1]
+    return [(r[:, 2:] - [1, 1, 0, 0], r[:, 1], r[:, 0].astype(np.int64))  # 1-based -> 0-based
+            for r in np.split(rows, split)]
 
 
-def _is_number(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-# ----------------------------------------------------------------------------- COCO
-def load_coco(ann_file):
-    """pycocotools COCO object for an annotation json, quietly; EvalError names a bad file."""
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(ann_file))
-    except FileNotFoundError:
-        raise EvalError(f"{ann_file}: annotation file not found") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # json or schema errors
-        raise EvalError(f"{ann_file}: not a COCO annotation file "
-                        f"({type(e).__name__}: {e})") from None
-    if "images" not in coco.dataset or "categories" not in coco.dataset:
-        raise EvalError(f"{ann_file}: not a COCO annotation file (no 'images' or 'categories')")
-    return coco
-
-
-def coco_results(detections, image_ids, category_ids):
-    """COCO results list from per-image (boxes xyxy pixels, scores, labels 1..C) detections:
-    [{"image_id", "category_id": category_ids[label-1], "bbox": [x, y, x2-x, y2-y], "score"}]."""
-    results = []
+def _rows(detections, image_ids):
+    """(image_id, [x1, y1, x2, y2], score, label) of every detection, as Python numbers."""
     for image_id, det in zip(image_ids, detections):
-        if det is None:
-            continue
-        boxes = _numpy(det[0], np.float64, 4)
-        boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh (w = x2 - x1, no +1)
-        for box, score, label in zip(boxes.tolist(), _numpy(det[1], np.float64).tolist(),
-                                     _numpy(det[2], np.int64).tolist()):
-            results.append({"image_id": image_id, "category_id": category_ids[label - 1],
-                            "bbox": box, "score": score})
-    return results
-
-
-def read_coco_results(path):
-    """A COCO results json: a list of {image_id, category_id, bbox [x,y,w,h], score}."""
-    path = Path(path)
-    try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EvalError(f"{path}: results file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(results, list):
-        raise EvalError(f"{path}: expected a JSON list of detections, "
-                        f"got {type(results).__name__}")
-    keys = ("image_id", "category_id", "bbox", "score")
-    for i, r in enumerate(results):
-        ok = (isinstance(r, dict) and all(k in r for k in keys)
-              and all(isinstance(r[k], int) for k in keys[:2])
-              and isinstance(r["bbox"], list) and len(r["bbox"]) == 4
-              and all(isinstance(v, (int, float)) and math.isfinite(v)
-                      for v in r["bbox"] + [r["score"]]))
-        if not ok:
-            raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
-                            f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
-    return results
+        if det is not None:
+            yield from ((image_id, *row) for row in zip(
+                _numpy(det[0], np.float64, 4).tolist(), _numpy(det[1], np.float64).tolist(),
+                _numpy(det[2], np.int64).tolist()))
 
 
 def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"):
@@ -438,29 +280,25 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
     has no object in that area range), "per_class": {name: AP@[.5:.95]}, "per_class_ap50"}; a
     category without objects in these images has AP nan.
     """
-    gt = coco_gt if isinstance(coco_gt, COCO) else load_coco(coco_gt)
+    gt = coco_gt if isinstance(coco_gt, COCO) else _load_coco(coco_gt)
     image_ids = sorted(gt.getImgIds() if image_ids is None else image_ids)
     known_images, cat_ids = set(image_ids), sorted(gt.getCatIds())
-    known_cats = set(cat_ids)
     for i, r in enumerate(results):
         if r["image_id"] not in known_images:
             raise EvalError(f"{name}: entry {i}: image_id {r['image_id']!r} is not in the "
                             "ground truth")
-        if r["category_id"] not in known_cats:
+        if r["category_id"] not in gt.cats:
             raise EvalError(f"{name}: entry {i}: category_id {r['category_id']!r} is not a "
                             "category of the ground truth")
-    if class_names is None:
-        class_names = [gt.cats[c]["name"] for c in cat_ids]
+    class_names = [gt.cats[c]["name"] for c in cat_ids] if class_names is None else class_names
     if len(class_names) != len(cat_ids):
         raise ValueError(f"coco_eval: {len(class_names)} class names for {len(cat_ids)} "
                          "categories")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; we print ours
         if results:
             dt = gt.loadRes([dict(r) for r in results])  # loadRes adds fields to the dicts it gets
-        else:
-            dt = COCO()
-            dt.dataset = {"images": list(gt.dataset["images"]), "annotations": [],
-                          "categories": list(gt.dataset["categories"])}
+        else:  # loadRes cannot take an empty list: no detections at all
+            dt, dt.dataset = COCO(), dict(gt.dataset, annotations=[])
             dt.createIndex()
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = image_ids
@@ -478,184 +316,98 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
             "per_class_ap50": per_class_ap50}
 
 
-# ----------------------------------------------------------------------------- from a model
-def is_coco_source(source):
-    """COCO sources carry their annotation json; VOC-layout and shapes sources do not."""
-    return hasattr(source, "ann_file") and hasattr(source, "category_ids")
+def coco_results(detections, image_ids, category_ids):
+    """COCO results list from per-image (boxes xyxy pixels, scores, labels 1..C) detections:
+    [{"image_id", "category_id": category_ids[label-1], "bbox": [x, y, x2-x, y2-y], "score"}]."""
+    return [{"image_id": i, "category_id": category_ids[label - 1],
+             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}  # w = x2 - x1, no +1
+            for i, (x1, y1, x2, y2), score, label in _rows(detections, image_ids)]
 
 
-def coco_ann_file(root, split=None):
-    """root/annotations/instances_<split>.json; without a split val2017, or the only
-    instances_*.json there (data.build_source's rule)."""
-    folder = Path(root) / "annotations"
-    found = sorted(folder.glob("instances_*.json"))
-    if split is None and not (folder / "instances_val2017.json").is_file() and len(found) == 1:
-        return found[0]
-    return folder / f"instances_{split or 'val2017'}.json"
+def read_coco_results(path):
+    """A COCO results json: a list of {image_id, category_id, bbox [x,y,w,h], score}."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvalError(f"{path}: results file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(results, list):
+        raise EvalError(f"{path}: expected a JSON list of detections, "
+                        f"got {type(results).__name__}")
+    keys = ("image_id", "category_id", "bbox", "score")
+    for i, r in enumerate(results):
+        if not (isinstance(r, dict) and all(k in r for k in keys)
+                and all(isinstance(r[k], int) for k in keys[:2])
+                and isinstance(r["bbox"], list) and len(r["bbox"]) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v)
+                        for v in r["bbox"] + [r["score"]])):
+            raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
+                            f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
+    return results
 
 
-class CocoJson:
-    """The source interface over any COCO annotation json, in the file's image order. Images are
-    looked for only when read: in `image_dir`, by default <root>/<split> for
-    <root>/annotations/instances_<split>.json, else the json's own folder."""
-
-    def __init__(self, ann_file, image_dir=None):
-        self.ann_file, coco = str(ann_file), load_coco(ann_file)
-        p = Path(ann_file)
-        layout = p.parent.parent / p.stem[len("instances_"):]
-        self.image_dir = Path(image_dir or (layout if p.parent.name == "annotations"
-                                            and p.stem.startswith("instances_")
-                                            and layout.is_dir() else p.parent))
-        self.category_ids = sorted(coco.getCatIds())
-        self.class_names = [str(coco.cats[c]["name"]) for c in self.category_ids]
-        self.ids = [im["id"] for im in coco.dataset["images"]]
-        self.files = [coco.imgs[i]["file_name"] for i in self.ids]
-        label = {c: k for k, c in enumerate(self.category_ids, start=1)}
-        self.labels = [np.array([label[a["category_id"]] for a in coco.imgToAnns[i]], np.int64)
-                       for i in self.ids]
-
-    def __len__(self):
-        return len(self.ids)
-
-    def image_id(self, i):
-        return self.ids[i]
-
-    def load_image(self, i):
-        return data.load_image(self.image_dir / self.files[i])
-
-    def annotation(self, i):  # the labels only: COCO boxes are scored by pycocotools on the json
-        return {"labels": self.labels[i].copy()}
+def _load_coco(ann_file):
+    """pycocotools COCO object for an annotation json, quietly; EvalError names a bad file."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(ann_file))
+    except FileNotFoundError:
+        raise EvalError(f"{ann_file}: annotation file not found") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # json or schema errors
+        raise EvalError(f"{ann_file}: not a COCO annotation file "
+                        f"({type(e).__name__}: {e})") from None
+    if "images" not in coco.dataset or "categories" not in coco.dataset:
+        raise EvalError(f"{ann_file}: not a COCO annotation file (no 'images' or 'categories')")
+    return coco
 
 
-def voc_annotations(root, split=None):
-    """(image ids, ground truth, class names) of a VOC-layout folder (or of a VOCdevkit: VOC2007,
-    else VOC2012, as data.build_source picks for evaluation) from Annotations/ and
-    ImageSets/Main/<split>.txt alone, no image looked for, parsed as data.VOCDetection parses them
-    (the same class list, boxes and difficult flags)."""
-    root = Path(root)
-    root = next((r for r in (root, *(root / d / y for y in ("VOC2007", "VOC2012")
-                                     for d in ("VOCdevkit", ""))) if data._is_voc_folder(r)), root)
-    split_file = root / "ImageSets" / "Main" / f"{split or data._voc_folder_split(root, False)}.txt"
-    if not split_file.is_file():
-        raise EvalError(f"{split_file}: split file not found")
-    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise EvalError(f"{split_file}: no image ids")
-    xml = [str(root / "Annotations" / f"{i}.xml") for i in ids]
-    raws = [data._voc_raw(x) for x in xml]
-    names = data.VOC_CLASSES if {n for r in raws for n, _, _ in r["objects"]} <= set(
-        data.VOC_CLASSES) else data._voc_names_in_folder(root / "Annotations")
-    label_of = {name: k for k, name in enumerate(names, start=1)}
-    # the image is opened only for an XML without <size>
-    gt = [data.VOCDetection._convert(x, r, str(root / "JPEGImages" / f"{i}.jpg"), label_of)
-          for x, r, i in zip(xml, raws, ids)]
-    return ids, gt, list(names)
+def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="11point", log=print,
+                   progress=True, name="model", bf16=False, **detect_options):
+    """Detect on every image of a data.py source and score it (train.py's --eval-every).
 
-
-def class_mapping(model, source, name="model"):
-    """int64 [C_model + 1]: the source label of each model label (0 = a class the data lacks).
-
-    By COCO category id when both the model config ("category_ids") and the source have them,
-    else by class name. A data class the model does not know is fine when the data has no object
-    of it (its AP is nan either way); otherwise EvalError names those classes.
+    Returns the --json-out dict (VOC: map_11point, map_area, per_class_11point, per_class_area;
+    COCO: stats, per_class) plus "map" (the headline: VOC `metric` mAP for VOC-layout and shapes
+    sources, COCO AP for COCO sources), "images" and "failed_images". Images that cannot be read
+    are reported through `log` and left out. The model's train/eval mode is restored afterwards.
     """
-    cfg = model.config
-    model_names, src_names = cfg.get("class_names"), list(source.class_names)
-    src_cats = getattr(source, "category_ids", None)
-    if cfg.get("category_ids") is not None and src_cats is not None:
-        model_keys, src_keys = list(cfg["category_ids"]), list(src_cats)
-    elif model_names is not None:
-        model_keys, src_keys = list(model_names), src_names
-    else:
-        raise EvalError(f"{name}: the model config has no class_names to match the data's "
-                        "classes")
-    known = set(model_keys)
-    unknown = [c for c, k in enumerate(src_keys, start=1) if k not in known]
-    if unknown:  # only now read every annotation (shapes renders its images to make them)
-        present = {int(label) for i in range(len(source))
-                   for label in source.annotation(i)["labels"]}
-        missing = [src_names[c - 1] for c in unknown if c in present]
-        if missing:
-            raise EvalError(f"{name}: the model does not know {len(missing)} class(es) that the "
-                            f"data has objects of ({_some(missing)}); it knows "
-                            f"{_some(model_keys)}")
-    src_label = {k: c for c, k in enumerate(src_keys, start=1)}
-    return np.array([0] + [src_label.get(k, 0) for k in model_keys], dtype=np.int64)
-
-
-def _some(items, shown=8):
-    """'a, b, c, ...': the first few items of a list, for messages."""
-    return ", ".join(map(str, items[:shown])) + (", ..." if len(items) > shown else "")
-
-
-def _load_batch(source, indices):
-    """DataLoader collate: (index, uint8 [3,H,W] tensor or None, error or None) per image."""
-    out = []
-    for i in indices:
-        try:
-            image = np.asarray(source.load_image(i).convert("RGB"), dtype=np.uint8)  # [H, W, 3]
-        except (OSError, ValueError) as e:  # data.DataError is a ValueError
-            out.append((i, None, str(e)))
-            continue
-        out.append((i, torch.from_numpy(image.copy()).permute(2, 0, 1), None))  # [3, H, W]
-    return out
-
-
-def predict(model, source, indices, mapping, batch_size=8, workers=2, progress=True, bf16=False,
-            **detect_options):
-    """Run the model on source images `indices` in batches (under bfloat16 autocast with bf16).
-
-    Returns (detections: {index: (boxes [k,4] pixels, scores [k], labels [k] source labels)},
-    failed: list of error lines for images that could not be read). Detections of model classes
-    the data lacks (mapping 0) are dropped. Prints a progress line to stderr every few seconds.
-    """
-    loader = torch.utils.data.DataLoader(list(indices), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=functools.partial(_load_batch, source))
-    detections, failed = {}, []
-    start = last = time.perf_counter()
-    done, total = 0, len(indices)
-    for batch in loader:
-        failed += [err for _, image, err in batch if image is None]
-        ok = [(i, image) for i, image, _ in batch if image is not None]
-        outputs = ssd.detect(model, [im for _, im in ok], bf16, **detect_options) if ok else []
-        for (i, _), (boxes, scores, labels) in zip(ok, outputs):
-            labels = mapping[labels.numpy()]
-            keep = labels > 0
-            detections[i] = (boxes.numpy()[keep], scores.numpy()[keep], labels[keep])
-        done += len(batch)
-        now = time.perf_counter()
-        if progress and (now - last >= PROGRESS_EVERY_S or done == total):
-            rate = done / max(now - start, 1e-9)
-            print(f"eval {done}/{total} images  {rate:.1f} img/s  "
-                  f"ETA {data.duration((total - done) / rate)}", file=sys.stderr, flush=True)
-            last = now
-    return detections, failed
-
-
-def score_detections(source, indices, detections, metric="11point", log=print):
-    """Metrics of per-image detections (source labels, pixels), aligned with `indices`.
-
-    VOC-layout and shapes sources: voc_eval, "map" = the `metric` mAP. COCO sources: coco_eval on
-    the source's json, "map" = AP@[.5:.95]. Adds "images" and prints a summary through `log`.
-    """
-    if not indices:
-        raise EvalError("no images to evaluate")
-    if is_coco_source(source):
-        image_ids = [source.image_id(i) for i in indices]
-        results = coco_results(detections, image_ids, source.category_ids)
-        result = coco_eval(results, source.ann_file, image_ids, source.class_names)
-        result.update(map=result["stats"][0], images=len(indices))
-    else:
-        return _voc_result(detections, [source.annotation(i) for i in indices],
-                           source.class_names, metric, log)
-    print_result(result, log)
+    if metric not in METRICS:
+        raise ValueError(f"evaluate_model: metric must be one of {METRICS}, not {metric!r}")
+    model = getattr(model, "module", model)  # a DDP-wrapped model
+    if device is not None:
+        model.to(device)
+    mapping = _class_mapping(model, source, name)
+    was_training = model.training
+    model.eval()
+    try:
+        detections, failed = _predict(model, source, range(len(source)), mapping, batch_size,
+                                      workers, progress, bf16, **detect_options)
+    finally:
+        model.train(was_training)
+    for line in failed:
+        log(f"warning: skipped {line}")
+    indices = [i for i in range(len(source)) if i in detections]
+    result = score_detections(source, indices, [detections[i] for i in indices], metric, log)
+    result["failed_images"] = len(failed)
     return result
 
 
-def _voc_result(detections, ground_truth, class_names, metric, log):
-    """voc_eval plus the headline "map" (the `metric` mAP), "metric" and "images"; printed."""
-    result = voc_eval(detections, ground_truth, class_names)
-    result.update(map=result[f"map_{metric}"], metric=metric, images=len(ground_truth))
+def score_detections(source, indices, detections, metric="11point", log=print):
+    """Metrics of per-image detections (source labels, pixels), aligned with `indices`, printed
+    through `log`. VOC-layout and shapes sources: voc_eval, "map" = the `metric` mAP. COCO
+    sources (with ann_file and category_ids): coco_eval on their json, "map" = AP@[.5:.95].
+    Adds "images"."""
+    if not indices:
+        raise EvalError("no images to evaluate")
+    if hasattr(source, "ann_file") and hasattr(source, "category_ids"):
+        ids = [source.image_id(i) for i in indices]
+        result = coco_eval(coco_results(detections, ids, source.category_ids), source.ann_file,
+                           ids, source.class_names)
+        result.update(map=result["stats"][0], images=len(indices))
+    else:
+        result = voc_eval(detections, [source.annotation(i) for i in indices], source.class_names)
+        result.update(map=result[f"map_{metric}"], metric=metric, images=len(indices))
     print_result(result, log)
     return result
 
@@ -679,38 +431,145 @@ def print_result(result, log=print):
         f"mAP area (VOC2010+) {result['map_area']:.4f}   over {result['images']} images")
 
 
-def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="11point", log=print,
-                   progress=True, name="model", bf16=False, **detect_options):
-    """Detect on every image of a data.py source and score it (train.py's --eval-every).
+def _class_mapping(model, source, name="model"):
+    """int64 [C_model + 1]: the source label of each model label (0 = a class the data lacks).
 
-    Returns the --json-out dict (VOC: map_11point, map_area, per_class_11point, per_class_area;
-    COCO: stats, per_class) plus "map" (the headline: VOC `metric` mAP for VOC-layout and shapes
-    sources, COCO AP for COCO sources) and "images". Images that cannot be read are reported
-    through `log` and left out. The model's train/eval mode is restored afterwards.
+    By COCO category id when both the model config ("category_ids") and the source have them,
+    else by class name. A data class the model does not know is fine when the data has no object
+    of it (its AP is nan either way); otherwise EvalError names those classes.
     """
-    if metric not in METRICS:
-        raise ValueError(f"evaluate_model: metric must be one of {METRICS}, not {metric!r}")
-    model = getattr(model, "module", model)  # a DDP-wrapped model
-    if device is not None:
-        model.to(device)
-    mapping = class_mapping(model, source, name)
-    was_training = model.training
-    model.eval()
+    cfg, src_names = model.config, list(source.class_names)
+    src_cats = getattr(source, "category_ids", None)
+    if cfg.get("category_ids") is not None and src_cats is not None:
+        model_keys, src_keys = list(cfg["category_ids"]), list(src_cats)
+    elif cfg.get("class_names") is not None:
+        model_keys, src_keys = list(cfg["class_names"]), src_names
+    else:
+        raise EvalError(f"{name}: the model config has no class_names to match the data's "
+                        "classes")
+    unknown = [c for c, k in enumerate(src_keys, start=1) if k not in set(model_keys)]
+    if unknown:  # only now read every annotation (shapes renders its images to make them)
+        present = {int(label) for i in range(len(source))
+                   for label in source.annotation(i)["labels"]}
+        if missing := [src_names[c - 1] for c in unknown if c in present]:
+            raise EvalError(f"{name}: the model does not know {len(missing)} class(es) that the "
+                            f"data has objects of ({_some(missing)}); it knows "
+                            f"{_some(model_keys)}")
+    src_label = {k: c for c, k in enumerate(src_keys, start=1)}
+    return np.array([0] + [src_label.get(k, 0) for k in model_keys], dtype=np.int64)
+
+
+def _some(items, shown=8):
+    """'a, b, c, ...': the first few items of a list, for messages."""
+    return ", ".join(map(str, items[:shown])) + (", ..." if len(items) > shown else "")
+
+
+def _predict(model, source, indices, mapping, batch_size, workers, progress, bf16,
+             **detect_options):
+    """The model on source images `indices` in batches -> ({index: (boxes [k,4] pixels, scores,
+    source labels)}, error lines of unreadable images). Model classes the data lacks (mapping 0)
+    are dropped; with `progress`, a line goes to stderr every few seconds."""
+    loader = torch.utils.data.DataLoader(list(indices), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=functools.partial(_load_batch, source))
+    detections, failed = {}, []
+    start = last = time.perf_counter()
+    done, total = 0, len(indices)
+    for batch in loader:
+        failed += [err for _, image, err in batch if image is None]
+        ok = [(i, image) for i, image, _ in batch if image is not None]
+        outputs = ssd.detect(model, [im for _, im in ok], bf16, **detect_options) if ok else []
+        for (i, _), (boxes, scores, labels) in zip(ok, outputs):
+            labels = mapping[labels.numpy()]
+            keep = labels > 0
+            detections[i] = (boxes.numpy()[keep], scores.numpy()[keep], labels[keep])
+        done += len(batch)
+        now = time.perf_counter()
+        if progress and (now - last >= PROGRESS_EVERY_S or done == total):
+            rate = done / max(now - start, 1e-9)
+            print(f"eval {done}/{total} images  {rate:.1f} img/s  "
+                  f"ETA {data.duration((total - done) / rate)}", file=sys.stderr, flush=True)
+            last = now
+    return detections, failed
+
+
+def _load_batch(source, indices):
+    """DataLoader collate: (index, uint8 [3,H,W] tensor or None, error or None) per image."""
+    out = []
+    for i in indices:
+        try:
+            out.append((i, data.to_tensor(source.load_image(i).convert("RGB")), None))  # [3, H, W]
+        except (OSError, ValueError) as e:  # data.DataError is a ValueError
+            out.append((i, None, str(e)))
+    return out
+
+
+class _CocoJson(data.FileSource):
+    """data.py's source interface over any COCO annotation json, in the file's image order.
+    Images are looked for only when read, in `image_dir`: by default <root>/<split> for
+    <root>/annotations/instances_<split>.json, else the json's own folder. annotation(i) holds the
+    labels only: pycocotools scores the boxes on the json itself."""
+
+    def __init__(self, ann_file, image_dir=None):
+        self.ann_file, coco, p = str(ann_file), _load_coco(ann_file), Path(ann_file)
+        layout = p.parent.parent / p.stem[len("instances_"):]
+        self.image_dir = Path(image_dir or (layout if p.parent.name == "annotations"
+                                            and p.stem.startswith("instances_")
+                                            and layout.is_dir() else p.parent))
+        self.category_ids = sorted(coco.getCatIds())
+        self.class_names = [str(coco.cats[c]["name"]) for c in self.category_ids]
+        self.ids = [im["id"] for im in coco.dataset["images"]]
+        self.image_paths = [str(self.image_dir / coco.imgs[i]["file_name"]) for i in self.ids]
+        label = {c: k for k, c in enumerate(self.category_ids, start=1)}
+        self._annotations = [{"labels": np.array([label[a["category_id"]] for a in
+                                                  coco.imgToAnns[i]], np.int64)} for i in self.ids]
+
+
+class _VocAnnotations(data.FileSource):
+    """data.VOCDetection's ground truth (the same class list, boxes and difficult flags) of a
+    VOC-layout folder, or of a VOCdevkit (VOC2007, else VOC2012, as data.build_source picks for
+    evaluation), from Annotations/ and ImageSets/Main/<split>.txt alone: JPEGImages/ may be
+    absent (an image is opened only for an XML without <size>)."""
+
+    def __init__(self, root, split=None):
+        root = Path(root)
+        root = next((r for r in (root, *(root / d / y for y in ("VOC2007", "VOC2012")
+                                         for d in ("VOCdevkit", ""))) if data._is_voc_folder(r)),
+                    root)
+        split = split or data._voc_folder_split(root, False)
+        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+        if not split_file.is_file():
+            raise EvalError(f"{split_file}: split file not found")
+        self.ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        if not self.ids:
+            raise EvalError(f"{split_file}: no image ids")
+        xml = [str(root / "Annotations" / f"{i}.xml") for i in self.ids]
+        raws = [data._voc_raw(x) for x in xml]
+        in_split = {n for r in raws for n, _, _ in r["objects"]}
+        self.class_names = list(data.VOC_CLASSES if in_split <= set(data.VOC_CLASSES)
+                                else data._voc_names_in_folder(root / "Annotations"))
+        label_of = {name: k for k, name in enumerate(self.class_names, start=1)}
+        self.image_paths = [str(root / "JPEGImages" / f"{i}.jpg") for i in self.ids]
+        self._annotations = [data.VOCDetection._convert(x, r, p, label_of)
+                             for x, r, p in zip(xml, raws, self.image_paths)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = _init_distributed()
     try:
-        indices = list(range(len(source)))
-        detections, failed = predict(model, source, indices, mapping, batch_size, workers, progress,
-                                     bf16, **detect_options)
+        result, failed = _run(args, rank, world, device)
+        if result is not None and args.json_out:
+            text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
+            data.write_atomic(args.json_out, lambda f: f.write(text))
+    except (EvalError, data.DataError, ssd.CheckpointError, OSError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
     finally:
-        model.train(was_training)
-    for line in failed:
-        log(f"warning: skipped {line}")
-    indices = [i for i in indices if i in detections]
-    result = score_detections(source, indices, [detections[i] for i in indices], metric, log)
-    result["failed_images"] = len(failed)
-    return result
+        if world > 1:
+            dist.destroy_process_group()
+    return 1 if failed else 0
 
 
-# ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -767,75 +626,24 @@ def parse_args(argv=None):
     return args
 
 
-def _json_safe(x):
-    """nan -> None (JSON has no nan; a class without ground truth has no AP)."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
-
-
-def _init_distributed():
-    """(rank, world size, device or None) from torchrun's environment; (0, 1, None) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    device = None
-    if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device else "gloo")
-    return dist.get_rank(), world, device
-
-
-def run(args, rank=0, world=1, device=None):
+def _run(args, rank=0, world=1, device=None):
     """Evaluate as the arguments say; returns (result dict or None on ranks > 0, failed count)."""
     name = "coco" if args.coco else "shapes" if args.shapes else "voc"
     root = args.data_root or DEFAULT_ROOT.get(name)
     if not args.shapes and not args.ann and not Path(root).is_dir():
         raise EvalError(f"{root}: folder does not exist"
                         + ("" if args.data_root else " (the default; give --data-root DIR)"))
-    ann = (args.ann or coco_ann_file(root, args.split)) if args.coco else None
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    if args.results:  # the annotations only: no image is looked for
-        if rank != 0:
-            return None, 0
-        if args.coco:
-            gt = load_coco(ann)
-            result = coco_eval(read_coco_results(args.results), gt, name=args.results)
-            result.update(map=result["stats"][0], images=len(gt.getImgIds()))
-            print_result(result, log)
-            return result, 0
-        if args.shapes:
-            s = data.build_source(name, None, args.split, train=False)
-            ids, gt, names = list(map(s.image_id, range(len(s)))), [
-                s.annotation(i) for i in range(len(s))], s.class_names
-        else:
-            ids, gt, names = voc_annotations(root, args.split)
-        detections = read_voc_results(args.results, ids, names, log)
-        return _voc_result(detections, gt, names, args.metric, log), 0
-
-    if args.coco:
-        source = CocoJson(ann, args.images)
-        missing = [f for f in source.files if not (source.image_dir / f).is_file()]
-        if missing and not source.image_dir.is_dir():
-            raise EvalError(f"{source.image_dir}: image folder not found (give --images DIR)")
-        if missing:
-            more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
-            raise EvalError(f"{source.image_dir / missing[0]}: image not found{more}")
-    else:
-        source = data.build_source(name, root, args.split, train=False)
+    ann = (args.ann or _coco_ann_file(root, args.split)) if args.coco else None
+    if args.results:
+        return (_score_results(args, root, ann) if rank == 0 else None), 0
+    source = _image_source(args, name, root, ann)
+    model = weights.load_model(args.weights, device=device or args.device or (
+        "cuda" if torch.cuda.is_available() else "cpu"))
     indices = list(range(len(source)))
-    if not indices:
-        raise EvalError(f"{ann or root}: no images to evaluate")
-    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = weights.load_model(args.weights, device=device)
-    mapping = class_mapping(model, source, args.weights)
-    detections, failed = predict(model, source, indices[rank::world], mapping, args.batch_size,
-                                 args.workers, rank == 0, args.bf16)
-    if world > 1:
+    detections, failed = _predict(model, source, indices[rank::world],
+                                  _class_mapping(model, source, args.weights), args.batch_size,
+                                  args.workers, rank == 0, args.bf16)
+    if world > 1:  # rank 0 gathers every shard and scores
         gathered = [None] * world
         dist.all_gather_object(gathered, (detections, failed))
         if rank != 0:
@@ -855,25 +663,75 @@ def run(args, rank=0, world=1, device=None):
             data.write_atomic(args.save_results, lambda f: json.dump(results, f))
         else:
             write_voc_results(args.save_results, ordered, ids, source.class_names)
-        log(f"detections written to {args.save_results}")
-    return score_detections(source, indices, ordered, args.metric, log), len(failed)
+        print(f"detections written to {args.save_results}")
+    return score_detections(source, indices, ordered, args.metric), len(failed)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = _init_distributed()
-    try:
-        result, failed = run(args, rank, world, device)
-        if result is not None and args.json_out:
-            text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
-            data.write_atomic(args.json_out, lambda f: f.write(text))
-    except (EvalError, data.DataError, ssd.CheckpointError, OSError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-    return 1 if failed else 0
+def _score_results(args, root, ann):
+    """--results: scored on the annotations alone, no image looked for."""
+    if args.coco:
+        gt = _load_coco(ann)
+        result = coco_eval(read_coco_results(args.results), gt, name=args.results)
+        result.update(map=result["stats"][0], images=len(gt.getImgIds()))
+        print_result(result)
+        return result
+    source = (data.build_source("shapes", None, args.split, train=False) if args.shapes
+              else _VocAnnotations(root, args.split))
+    indices = list(range(len(source)))
+    detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
+                                  source.class_names)
+    return score_detections(source, indices, detections, args.metric)
+
+
+def _image_source(args, name, root, ann):
+    """--weights: data.build_source's source, or any COCO json with all its images present."""
+    if not args.coco:
+        source = data.build_source(name, root, args.split, train=False)
+    else:
+        source = _CocoJson(ann, args.images)
+        missing = [p for p in source.image_paths if not os.path.isfile(p)]
+        if missing and not source.image_dir.is_dir():
+            raise EvalError(f"{source.image_dir}: image folder not found (give --images DIR)")
+        if missing:
+            more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
+            raise EvalError(f"{missing[0]}: image not found{more}")
+    if not len(source):
+        raise EvalError(f"{ann or root}: no images to evaluate")
+    return source
+
+
+def _coco_ann_file(root, split=None):
+    """root/annotations/instances_<split>.json; without a split val2017, or the only
+    instances_*.json there (data.build_source's rule)."""
+    folder = Path(root) / "annotations"
+    found = sorted(folder.glob("instances_*.json"))
+    if split is None and not (folder / "instances_val2017.json").is_file() and len(found) == 1:
+        return found[0]
+    return folder / f"instances_{split or 'val2017'}.json"
+
+
+def _init_distributed():
+    """(rank, world size, device or None) from torchrun's environment; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    device = None
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device else "gloo")
+    return dist.get_rank(), world, device
+
+
+def _json_safe(x):
+    """nan -> None (JSON has no nan; a class without ground truth has no AP)."""
+    return json.loads(json.dumps(x), parse_constant=lambda _: None)
+
+
+def _numpy(x, dtype, width=None):
+    """A tensor, array, list or None as a numpy array of `dtype`, [n, width] or [n]."""
+    x = [] if x is None else x.detach().cpu().numpy() if hasattr(x, "detach") else x
+    return np.asarray(x, dtype=dtype).reshape((-1, width) if width else -1)
 
 
 if __name__ == "__main__":

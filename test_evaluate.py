@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 import weights
+from bench import make_synthetic_voc
 
 HERE = Path(__file__).resolve().parent
 
@@ -236,7 +237,7 @@ def test_iou_of_exactly_half_is_a_match():
 
 
 def test_detection_on_difficult_object_changes_nothing():
-    dets, gt, names = evaluate.make_synthetic_voc(num_images=60, seed=3)
+    dets, gt, names = make_synthetic_voc(num_images=60, seed=3)
     base = evaluate.voc_eval(dets, gt, names)
     with_extra = []
     for (b, s, l), g in zip(dets, gt):
@@ -265,7 +266,7 @@ def test_voc_eval_matches_devkit_reference_through_comp4_files(tmp_path):
 
 
 def test_synthetic_set_matches_devkit_reference():
-    dets, gt, names = evaluate.make_synthetic_voc(num_images=25, seed=5, detections_per_image=40,
+    dets, gt, names = make_synthetic_voc(num_images=25, seed=5, detections_per_image=40,
                                                  num_classes=4)
     r = evaluate.voc_eval(dets, gt, names)
     det_lines, gt_raw = raw_from_ours(dets, gt)
@@ -276,7 +277,7 @@ def test_synthetic_set_matches_devkit_reference():
 
 
 def test_voc_results_files_round_trip_exactly(tmp_path):
-    dets, gt, names = evaluate.make_synthetic_voc(num_images=20, seed=2, detections_per_image=30,
+    dets, gt, names = make_synthetic_voc(num_images=20, seed=2, detections_per_image=30,
                                                  num_classes=3)
     ids = [f"2008_{i:06d}" for i in range(len(dets))]
     paths = evaluate.write_voc_results(tmp_path, dets, ids, names)
@@ -487,6 +488,31 @@ def test_voc_results_folder_needs_only_annotations_and_split(tmp_path):
         assert r["per_class_area"][name] == pytest.approx(ref_area[c], abs=1e-12)
 
 
+def test_shapes_results_folder_fed_back(tmp_path, capsys):
+    """--shapes --results: the val split's objects written as comp4 files score AP 1 per class;
+    one class's detections moved to another image score that class 0."""
+    import data
+    source = data.build_source("shapes", None, None, train=False)
+    ids, gt = [source.image_id(i) for i in range(len(source))], [source.annotation(i) for i in
+                                                                range(len(source))]
+    dets = [(g["boxes"], np.ones(len(g["labels"])), g["labels"]) for g in gt]
+    evaluate.write_voc_results(tmp_path / "dets", dets, ids, source.class_names)
+    assert evaluate.main(["--shapes", "--results", str(tmp_path / "dets"),
+                          "--json-out", str(tmp_path / "o.json")]) == 0
+    r = read_json(tmp_path / "o.json")
+    assert r["images"] == len(ids) and r["map_11point"] == r["map_area"] == 1.0
+    assert "mAP 11-point (VOC2007) 1.0000" in capsys.readouterr().out
+    first = source.class_names[0]  # every detection of the first class one image later
+    lines = (tmp_path / "dets" / f"comp4_det_test_{first}.txt").read_text().splitlines()
+    following = {str(i): str(ids[(k + 1) % len(ids)]) for k, i in enumerate(ids)}
+    shifted = [" ".join([following[line.split()[0]], *line.split()[1:]]) for line in lines]
+    (tmp_path / "dets" / f"comp4_det_test_{first}.txt").write_text("\n".join(shifted) + "\n")
+    assert evaluate.main(["--shapes", "--results", str(tmp_path / "dets"),
+                          "--json-out", str(tmp_path / "o.json")]) == 0
+    per_class = read_json(tmp_path / "o.json")["per_class_area"]
+    assert per_class[first] < 0.2 and all(v == 1.0 for k, v in per_class.items() if k != first)
+
+
 def test_tiny_coco_ground_truth_fed_back(shared_data):
     ann_file = shared_data / "tiny_coco" / "tiny_coco" / "annotations" / "instances_train2017.json"
     anns = json.loads(ann_file.read_text())["annotations"]
@@ -508,8 +534,8 @@ def test_coco_json_source_ground_truth_fed_back(tmp_path):
     gt = json.loads((tmp_path / "gt.json").read_text())
     gt["categories"].append({"id": 50, "name": "airplane"})
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    source = evaluate.CocoJson(tmp_path / "gt.json")
-    assert evaluate.is_coco_source(source) and source.image_dir == tmp_path
+    source = evaluate._CocoJson(tmp_path / "gt.json")
+    assert source.image_dir == tmp_path and source.image_paths[0] == str(tmp_path / "100.jpg")
     label = {c: k for k, c in enumerate(source.category_ids, start=1)}
     dets = []
     for i in range(len(source)):
