@@ -225,13 +225,15 @@ class VOCDetection(FileSource):
     otherwise VOC's 20 classes when every object name in the split is one of them; otherwise the
     sorted set of names found in all annotations of the folder (the same list for every split).
     Width and height come from <size>, or from the image when <size> is missing or zero.
+    images=False: annotations only (scoring a results file); JPEGImages/ need not exist and an image
+    is opened only for an XML without <size>.
     """
 
-    def __init__(self, root, split="trainval", class_names=None):
+    def __init__(self, root, split="trainval", class_names=None, images=True):
         self.root, self.split = Path(root), split
         ann_dir, img_dir = self.root / "Annotations", self.root / "JPEGImages"
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
-        for d in (ann_dir, img_dir):
+        for d in (ann_dir, img_dir) if images else (ann_dir,):
             if not d.is_dir():
                 raise DataError(f"{d}: folder not found (not a VOC-layout folder)")
         if not split_file.is_file():
@@ -242,15 +244,15 @@ class VOCDetection(FileSource):
             raise DataError(f"{split_file}: no image ids")
 
         files = {}
-        for entry in os.scandir(img_dir):
+        for entry in os.scandir(img_dir) if images else ():
             stem, ext = os.path.splitext(entry.name)
             if stem not in files or ext.lower() == ".jpg":
                 files[stem] = entry.name
-        missing = [i for i in self.ids if i not in files]
+        missing = [i for i in self.ids if i not in files] if images else []
         if missing:
             more = f" (and {len(missing) - 1} more of {len(self.ids)})" if len(missing) > 1 else ""
             raise DataError(f"{img_dir / (missing[0] + '.jpg')}: image not found{more}")
-        self.image_paths = [str(img_dir / files[i]) for i in self.ids]
+        self.image_paths = [str(img_dir / files.get(i, f"{i}.jpg")) for i in self.ids]
 
         raws = [_voc_raw(str(ann_dir / f"{i}.xml")) for i in self.ids]
         if class_names is None:
@@ -574,7 +576,7 @@ def _voc_folder_split(root, train):
     return "train" if has("train") or not has("trainval") else "trainval"
 
 
-def build_source(name, data_root=None, split=None, train=True):
+def build_source(name, data_root=None, split=None, train=True, images=True):
     """The source for `train.py --data NAME` / `evaluate.py`; `split` overrides the defaults.
 
     voc: `data_root` a VOC-layout folder (or a list of them) -> in a folder with a test split,
@@ -585,7 +587,7 @@ def build_source(name, data_root=None, split=None, train=True):
     (07+12), evaluation -> VOC2007 test (VOC2012 val when there is no VOC2007).
     coco: train2017 (training) / val2017 (evaluation); when that json is absent and there is
     exactly one annotations/instances_*.json, that one (tiny_coco has only train2017).
-    shapes: the synthetic set, split train / val.
+    shapes: the synthetic set, split train / val. images=False: VOC annotations only.
     """
     if name == "shapes":
         return ShapesDetection(split or ("train" if train else "val"))
@@ -600,7 +602,7 @@ def build_source(name, data_root=None, split=None, train=True):
         if roots is None and _is_voc_folder(Path(data_root)):
             roots = [Path(data_root)]
         if roots is not None:
-            sources = [VOCDetection(root, split or _voc_folder_split(root, train))
+            sources = [VOCDetection(root, split or _voc_folder_split(root, train), images=images)
                        for root in roots]
             return sources[0] if len(sources) == 1 else ConcatSource(sources)
         base = Path(data_root)
@@ -613,7 +615,7 @@ def build_source(name, data_root=None, split=None, train=True):
                 found = [(year_dir / "VOC2012", split or "val")]
             looked += [str(year_dir / y) for y, _ in wanted]
             if found:
-                sources = [VOCDetection(root, s) for root, s in found]
+                sources = [VOCDetection(root, s, images=images) for root, s in found]
                 return sources[0] if len(sources) == 1 else ConcatSource(sources)
         raise DataError(f"{data_root}: no VOC data (looked for a VOC-layout folder there and for "
                         f"{', '.join(looked)})")

@@ -524,35 +524,6 @@ class _CocoJson(data.FileSource):
                                                   coco.imgToAnns[i]], np.int64)} for i in self.ids]
 
 
-class _VocAnnotations(data.FileSource):
-    """data.VOCDetection's ground truth (the same class list, boxes and difficult flags) of a
-    VOC-layout folder, or of a VOCdevkit (VOC2007, else VOC2012, as data.build_source picks for
-    evaluation), from Annotations/ and ImageSets/Main/<split>.txt alone: JPEGImages/ may be
-    absent (an image is opened only for an XML without <size>)."""
-
-    def __init__(self, root, split=None):
-        root = Path(root)
-        root = next((r for r in (root, *(root / d / y for y in ("VOC2007", "VOC2012")
-                                         for d in ("VOCdevkit", ""))) if data._is_voc_folder(r)),
-                    root)
-        split = split or data._voc_folder_split(root, False)
-        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
-        if not split_file.is_file():
-            raise EvalError(f"{split_file}: split file not found")
-        self.ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
-        if not self.ids:
-            raise EvalError(f"{split_file}: no image ids")
-        xml = [str(root / "Annotations" / f"{i}.xml") for i in self.ids]
-        raws = [data._voc_raw(x) for x in xml]
-        in_split = {n for r in raws for n, _, _ in r["objects"]}
-        self.class_names = list(data.VOC_CLASSES if in_split <= set(data.VOC_CLASSES)
-                                else data._voc_names_in_folder(root / "Annotations"))
-        label_of = {name: k for k, name in enumerate(self.class_names, start=1)}
-        self.image_paths = [str(root / "JPEGImages" / f"{i}.jpg") for i in self.ids]
-        self._annotations = [data.VOCDetection._convert(x, r, p, label_of)
-                             for x, r, p in zip(xml, raws, self.image_paths)]
-
-
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = _init_distributed()
@@ -675,8 +646,8 @@ def _score_results(args, root, ann):
         result.update(map=result["stats"][0], images=len(gt.getImgIds()))
         print_result(result)
         return result
-    source = (data.build_source("shapes", None, args.split, train=False) if args.shapes
-              else _VocAnnotations(root, args.split))
+    source = data.build_source("shapes" if args.shapes else "voc", root, args.split, train=False,
+                               images=False)
     indices = list(range(len(source)))
     detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
                                   source.class_names)
