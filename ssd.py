@@ -2,9 +2,9 @@
 
 Read top to bottom: class lists and presets, the network (VGG16 backbone, L2Norm, extra layers,
 heads), anchors, box coding, matching, the loss with hard-negative mining, post-processing,
-inference on images, and loading checkpoints (ours and foreign formats).
+inference on images, and our checkpoints (weights.py reads other projects' files).
 
-Conventions (see ../shared/DESIGN.md): boxes are xyxy; inside the model they are normalised to
+Conventions: boxes are xyxy; inside the model they are normalised to
 [0, 1] of the network input, at the edges (files, CLI, JSON) absolute pixels of the original image.
 Label 0 is background, 1..C are objects. Anchors are (cx, cy, w, h), normalised.
 """
@@ -18,32 +18,27 @@ import torch.nn.functional as F
 
 import kernels
 
-VOC_CLASSES = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-]
-# The 80 COCO categories in ascending category-id order; label i (1..80) is COCO_CLASSES[i-1]
-# and COCO_CATEGORY_IDS[i-1] (facts §13.1: ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 are unused).
-COCO_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-]
+VOC_CLASSES = ("aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse "
+               "motorbike person pottedplant sheep sofa train tvmonitor").split()
+# The 80 COCO categories in ascending category id; label i (1..80) is COCO_CLASSES[i-1] and
+# COCO_CATEGORY_IDS[i-1] (the instances json skips ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83).
+COCO_CLASSES = (
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,"
+    "stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,"
+    "backpack,umbrella,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,"
+    "baseball glove,skateboard,surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,"
+    "banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,"
+    "potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,keyboard,cell phone,microwave,"
+    "oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,toothbrush"
+).split(",")
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 # RGB mean on the 0-255 scale; the caffe-style VGG16 every SSD starts from
 MEAN = (123.0, 117.0, 104.0)
 
 # -----------------------------------------------------------------------------------------------
-# Presets (facts §1, §4). Anchor sizes come from the Caffe/mmdetection integer-percentage rule.
+# Presets (the paper, Sec. 2.2 and 3; Caffe examples/ssd/ssd_pascal.py and ssd_coco.py). Anchor
+# sizes come from the Caffe/mmdetection integer-percentage rule.
 
 # input size -> feature map sides, anchor steps (strides) and extra aspect ratios per level
 GEOMETRY = {
@@ -60,7 +55,7 @@ SIZE_RULE = {
 
 
 def anchor_sizes(size, dataset):
-    """Per-level (min_sizes, max_sizes) in pixels by the Caffe rule (facts §4.1): the integer
+    """Per-level (min_sizes, max_sizes) in pixels by the Caffe rule (ssd_pascal.py): the integer
     percentage step floor((90 - min_ratio) / (levels - 2)); sizes truncated to int as Caffe's
     PriorBox layer and mmdetection do. SSD300-VOC: 30, 60, 111, 162, 213, 264 / 60 ... 315."""
     min_ratio, first_min, first_max = SIZE_RULE[(size, dataset)]
@@ -212,7 +207,7 @@ def ssd512(num_classes, **preset):
 
 
 # -----------------------------------------------------------------------------------------------
-# Anchors (facts §4)
+# Anchors: Caffe's PriorBox layer, torchvision's DefaultBoxGenerator
 
 def anchors(config):
     """Default boxes [A, 4] as (cx, cy, w, h) normalised to the input. Order: level, row (y),
@@ -251,7 +246,8 @@ def xyxy_to_cxcywh(b):
 
 
 # -----------------------------------------------------------------------------------------------
-# Box coding (facts §6): centre offsets in units of 0.1 * anchor size, log sizes in units of 0.2
+# Box coding (Caffe CENTER_SIZE with variances; torchvision BoxCoder(weights=(10, 10, 5, 5))):
+# centre offsets in units of 0.1 * anchor size, log sizes in units of 0.2
 
 VARIANCES = (0.1, 0.2)
 LOG_SIZE_CLAMP = math.log(1000.0 / 16)  # torchvision's bound on exp() when decoding
@@ -273,7 +269,7 @@ def decode(deltas, anchors):
 
 
 # -----------------------------------------------------------------------------------------------
-# Matching (facts §5)
+# Matching (the paper, Sec. 2.2 "Matching strategy"; torchvision's SSDMatcher)
 
 def _pad_boxes(gt_boxes, gt_labels, device):
     """Ragged per-image lists -> padded [B, G, 4] boxes, [B, G] labels (0 where padded)."""
@@ -328,7 +324,7 @@ def match(anchors, gt_boxes, gt_labels, iou_threshold=0.5):
 
 
 # -----------------------------------------------------------------------------------------------
-# Loss (facts §7)
+# Loss (the paper, Sec. 2.2 "Training objective" and "Hard negative mining"; Caffe MultiBoxLoss)
 
 def multibox_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, neg_pos_ratio=3):
     """SSD loss: softmax cross-entropy over the positives and the hardest negatives (at most 3 per
