@@ -505,7 +505,7 @@ def test_min_iou_crop_centre_rule_and_iou_constraint(monkeypatch):
     rng = np.random.default_rng(1)
     cropped = 0
     for min_iou in (0.0, 0.3, 0.7, 0.9):
-        monkeypatch.setattr(data, "CROP_MODES", (min_iou,))
+        monkeypatch.setattr(data, "_CROP_MODES", (min_iou,))
         for _ in range(150):
             w, h = int(rng.integers(20, 400)), int(rng.integers(20, 400))
             n = int(rng.integers(1, 6))
@@ -529,7 +529,7 @@ def test_min_iou_crop_centre_rule_and_iou_constraint(monkeypatch):
             assert max(ious) >= min_iou - 1e-9
     assert cropped > 150  # about 200 of the 600 draws (seeds 1-3: 188-205)
     # no boxes: a patch of valid shape is taken at once
-    monkeypatch.setattr(data, "CROP_MODES", (0.9,))
+    monkeypatch.setattr(data, "_CROP_MODES", (0.9,))
     patch, keep = data.min_iou_crop(np.zeros((0, 4)), 100, 80, rng)
     assert keep.shape == (0,) and patch != (0, 0, 100, 80)
 
@@ -641,7 +641,7 @@ def test_boxes_follow_the_pixels(monkeypatch):
     """With the colours left alone, the bright object in the output sits where its box says."""
     no_colour = dict(brightness=0.0, contrast_first=True, contrast=1.0, saturation=1.0, hue=0.0,
                      channels=None)
-    monkeypatch.setattr(data, "photometric_params", lambda rng: no_colour)
+    monkeypatch.setattr(data, "_photometric_params", lambda rng: no_colour)
     img = np.zeros((90, 120, 3), np.uint8)
     img[20:60, 30:70] = 255
     box = np.array([[30, 20, 70, 60]], np.float32)
