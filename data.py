@@ -1,16 +1,13 @@
-"""Data for SSD: image loading, the VOC / COCO / VOC-layout / synthetic `shapes` sources, SSD's
-training augmentation (on the CPU, or batched on the training device), the torch Dataset +
-collate that feed train.py, and at the end helpers the scripts share.
+"""Data for SSD: image loading, the VOC / COCO / synthetic `shapes` sources, SSD's augmentation
+(on the CPU, or batched on the training device), Dataset + collate, and helpers the scripts share.
 
-A source reads and transforms nothing: len(src), src.class_names (label i -> class_names[i-1]),
-src.image_id(i), src.load_image(i) -> PIL RGB, src.annotation(i) -> dict(boxes float32 [n, 4],
-labels int64 [n] in 1..C, difficult bool [n], width, height). Boxes are xyxy in continuous pixels
-of the original image: pixel (i, j) covers [i, i+1) x [j, j+1). Sources clip boxes to the image
-and drop boxes with no area. A transform turns (PIL image, pixel boxes, labels) into (float
+A source: len(src), class_names (label i -> class_names[i-1]), image_id(i), load_image(i) -> PIL
+RGB, annotation(i) -> dict(boxes float32 [n, 4], labels int64 [n] in 1..C, difficult bool [n],
+width, height). Boxes are xyxy in continuous pixels (pixel (i, j) covers [i, i+1) x [j, j+1)),
+clipped to the image, none without area. A transform: (PIL image, pixel boxes, labels) -> (float
 [3, S, S] RGB 0-255 minus the mean, boxes float32 [n, 4] xyxy in [0, 1], labels int64 [n]).
-
-Bad input raises DataError, whose message starts with the offending file's path. Recoverable
-problems (a box clipped, an unknown class name) are one warning line per file on the "data" logger.
+Bad input raises DataError, its message starting with the file's path; recoverable problems (a box
+clipped, an unknown class) are one warning line per file on the "data" logger.
 """
 import colorsys
 import glob
@@ -58,10 +55,8 @@ def load_image(path):
 def _open_image(path, load):
     """PIL image at `path` (pixels decoded when `load`), or DataError naming the file."""
     path = str(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
     if not os.path.isfile(path):
-        raise DataError(f"{path}: not a file")
+        raise DataError(f"{path}: {'not a file' if os.path.exists(path) else 'file not found'}")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: not an image (empty file)")
     try:
@@ -401,11 +396,9 @@ SHAPE_CLASSES = ["circle", "square", "triangle"]
 
 class ShapesDetection:
     """1-4 filled circles, squares and triangles (any colour: the class is in the shape) on mildly
-    textured backgrounds, size x size pixels, generated from (seed, split, index): an index always
-    gives the same image, and nothing is read or written. Shapes span 15-60 % of the side and
-    never touch, so each box is the bounding box of its shape's rasterised pixels. Triangles are
-    equilateral with a random rotation. Defaults: 2,000 train and 200 val images.
-    """
+    textured size x size backgrounds, generated from (seed, split, index), nothing read or written.
+    Shapes span 15-60 % of the side and never touch: each box bounds its shape's rasterised
+    pixels. Triangles are equilateral, any rotation. Defaults: 2,000 train and 200 val images."""
 
     SPLITS = {"train": (0, 2000), "val": (1, 200)}  # split -> (stream id, default length)
 
@@ -444,7 +437,10 @@ class ShapesDetection:
         draw_img, draw_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
         placed, labels, colours = [], [], []
         for _ in range(int(rng.integers(1, 5))):
-            label, colour = int(rng.integers(len(SHAPE_CLASSES))) + 1, _vivid_colour(rng)
+            label = int(rng.integers(len(SHAPE_CLASSES))) + 1
+            # any hue, saturated: chroma = s * v * 255 >= 0.65 * 0.55 * 255 = 91
+            rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0))
+            colour = tuple(round(c * 255) for c in rgb)
             for _ in range(10):  # a few tries to find a spot clear of the shapes already drawn
                 side = int(rng.uniform(0.15, 0.6) * s)
                 x0, y0 = int(rng.integers(0, s - side + 1)), int(rng.integers(0, s - side + 1))
@@ -455,18 +451,13 @@ class ShapesDetection:
             else:
                 continue
             placed.append(square)
+            outline = square
             if label == 3:  # triangle: equilateral, inscribed in the square's circle, any rotation
                 a, r = rng.uniform(0, 2 * math.pi), side / 2
-                corners = [(round(x0 + r + r * math.cos(a + k * 2 * math.pi / 3)),
-                            round(y0 + r + r * math.sin(a + k * 2 * math.pi / 3)))
-                           for k in range(3)]
+                outline = [(round(x0 + r + r * math.cos(a + k * 2 * math.pi / 3)),
+                            round(y0 + r + r * math.sin(a + k * 2 * math.pi / 3))) for k in range(3)]
             for draw, fill in ((draw_img, colour), (draw_mask, len(labels) + 1)):
-                if label == 1:
-                    draw.ellipse(square, fill=fill)
-                elif label == 2:
-                    draw.rectangle(square, fill=fill)
-                else:
-                    draw.polygon(corners, fill=fill)
+                getattr(draw, ("ellipse", "rectangle", "polygon")[label - 1])(outline, fill=fill)
             labels.append(label)
             colours.append(colour)
         m = np.asarray(mask)
@@ -496,12 +487,6 @@ def _textured_background(rng, size):
         lum += np.float32(rng.uniform(5, 20)) * np.sin(phase)
     img = c0 + t * (c1 - c0) + lum  # [3, S, S]: planar, numpy is slow on a last axis of 3
     return np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()  # [S, S, 3]
-
-
-def _vivid_colour(rng):
-    """A saturated colour of any hue: chroma = s * v * 255 >= 0.65 * 0.55 * 255 = 91."""
-    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0))
-    return (round(r * 255), round(g * 255), round(b * 255))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -583,20 +568,18 @@ def _voc_years(data_root, split, train):
 # sampling of the original image makes the S x S output: the 4x canvas is never built.
 
 class TrainTransform:
-    """SSD training augmentation (the SSD paper, sections 2.2 and 3.6; the order of mmdetection and
-    amdegroot/ssd.pytorch): photometric distortion -> expand (zoom out) -> min-IoU crop ->
-    horizontal flip 0.5 -> warp to size x size -> minus mean. __call__(PIL RGB image, boxes px
-    [n, 4] xyxy, labels [n]) -> (image float [3, S, S], boxes float32 [n', 4] xyxy in [0, 1],
-    labels int64 [n']). With on_device the image is only the draws, (uint8 pixels [H, W, 3],
-    float64 params [10 + 2S], see _PARAMS), which augment_batch applies to a whole batch on the
-    training device (the same numbers within float error).
+    """SSD training augmentation (the SSD paper, sections 2.2 and 3.6, in the order of mmdetection
+    and amdegroot/ssd.pytorch): photometric distortion -> expand (zoom out) -> min-IoU crop -> flip
+    0.5 -> warp to size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy,
+    labels [n]) -> (image float [3, S, S], boxes float32 [n', 4] xyxy in [0, 1], labels int64
+    [n']). With on_device the image is the draws alone, (uint8 pixels [H, W, 3], float64 params
+    [10 + 2S], see _PARAMS), for augment_batch (the same numbers within float error).
 
-    Boxes are clipped to the image and boxes with no area dropped; after the crop only boxes whose
-    centre was inside remain, clipped to the patch. An image that has boxes keeps at least one.
-    Random numbers: a numpy Generator seeded from torch.initial_seed(), re-made when that changes,
-    so each DataLoader worker (base_seed + worker_id) and each epoch draws differently, and
-    torch.manual_seed makes a run repeatable.
-    """
+    Boxes are clipped to the image, those with no area dropped; after the crop only boxes whose
+    centre was inside remain, clipped to the patch; an image with boxes keeps at least one. The
+    numpy Generator is seeded from torch.initial_seed() and re-made when that changes, so each
+    DataLoader worker (base_seed + worker_id) and epoch draws differently, and torch.manual_seed
+    makes a run repeatable."""
 
     def __init__(self, size=300, mean=MEAN, on_device=False):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
@@ -612,9 +595,12 @@ class TrainTransform:
         boxes, labels = _as_arrays(boxes, labels)
         boxes, _, valid = _clip_boxes(boxes, w, h)
         boxes, labels = boxes[valid], labels[valid]
-
         colour = _photometric_params(rng)
-        cw, ch, left, top = _expand_params(w, h, rng)
+        cw, ch, left, top = w, h, 0, 0
+        if rng.random() < 0.5:  # expand (section 3.6): a mean-filled canvas U(1, 4) times as large
+            r = rng.uniform(1, 4)
+            cw, ch = int(w * r), int(h * r)
+            left, top = int(rng.uniform(0, cw - w)), int(rng.uniform(0, ch - h))
         boxes = boxes + [left, top, left, top]  # canvas pixels
         patch, keep = min_iou_crop(boxes, cw, ch, rng)
         x0, y0, x1, y1 = patch
@@ -634,27 +620,21 @@ class TrainTransform:
         return out, torch.from_numpy(boxes[valid]), torch.from_numpy(labels[valid])
 
 
-# one image's draws for augment_batch, then the S x and S y sample positions
-_PARAMS = ("height", "width", "brightness", "contrast_first", "contrast", "saturation", "hue",
-           "red_from", "green_from", "blue_from")
+# one image's draws for augment_batch (_photometric_params' keys at 2:7), then S x and S y positions
+_PARAMS = ("height", "width", "brightness", "contrast_before", "saturation", "hue",
+           "contrast_after", "red_from", "green_from", "blue_from")
 
 
 def augment_batch(pixels, params, mean):
     """TrainTransform(on_device=True)'s draws applied to a batch where it lies (the GPU): pixels
     uint8 [B, H, W, 3] (top-left aligned, zero padded), params float64 [B, 10 + 2S] -> float
-    [B, 3, S, S]. photometric_distort's steps on every pixel, then one grid_sample for the batch;
-    the padding is zeroed after the mean is subtracted, so it reads as warp's mean fill."""
+    [B, 3, S, S]. The photometric steps on every pixel, then one grid_sample for the batch; the
+    padding is zeroed after the mean is subtracted, so it reads as warp's mean fill."""
     _, h, w, _ = pixels.shape
     s, n = (params.shape[1] - len(_PARAMS)) // 2, len(_PARAMS)
     p = params[:, :n, None, None].float()  # [B, 10, 1, 1]
-    x = pixels.permute(0, 3, 1, 2).float() + p[:, 2:3]  # [B, 3, H, W], brightness
-    first, contrast, sat, hue = p[:, 3:4] > 0, p[:, 4:5], p[:, 5:6], p[:, 6]
-    x = torch.where(first, x * contrast, x)
-    v = x.amax(1, keepdim=True)  # [B, 1, H, W]: HSV value
-    x = (x - v) * sat + v
-    x = torch.where(hue[:, None] != 0, _shift_hue(x, hue), x)
-    x = torch.where(first, x, x * contrast).clamp_(0, 255)
-    x = x.gather(1, p[:, 7:10].long().expand(-1, -1, h, w))  # channel shuffle
+    x = _colour(pixels.permute(0, 3, 1, 2).float(), *(p[:, k:k + 1] for k in range(2, 7)))
+    x = x.gather(1, p[:, 7:10].long().expand(-1, -1, h, w))  # [B, 3, H, W], channel shuffle
     x = x - torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     inside = ((torch.arange(h, device=x.device).view(1, h, 1) < p[:, 0])
               & (torch.arange(w, device=x.device).view(1, 1, w) < p[:, 1]))  # [B, H, W]
@@ -678,22 +658,22 @@ class TestTransform:
 
 def seed_worker(worker_id):
     """DataLoader worker_init_fn: seed Python's and numpy's global generators from the worker's
-    torch seed (base_seed + worker_id), as torch >= 1.9 does itself; stated here so the rule is
-    the same on every version. The transforms need neither (they seed from torch.initial_seed())."""
+    torch seed (base_seed + worker_id), as torch >= 1.9 does itself, on every version. The
+    transforms need neither: they seed from torch.initial_seed()."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
 
 
 def photometric_distort(img, p):
-    """Apply _photometric_params `p` to planar float32 RGB pixels [3, H, W] on the 0-255 scale;
-    every step is per pixel, the result clipped to [0, 255] (mmdetection does not clip). Blocks
-    of rows keep the temporaries in cache (about 3x faster on 640x480 than whole-image numpy)."""
-    out = np.empty_like(img)
+    """Apply _photometric_params `p` to planar float32 RGB [3, H, W] (0-255), clipped to [0, 255]
+    (mmdetection does not clip). Blocks of rows keep the temporaries in cache (3x faster on
+    640x480 than whole-image numpy)."""
+    out, args = np.empty_like(img), [np.float32(p[k]) for k in _PARAMS[2:7]]
     order = [0, 1, 2] if p["channels"] is None else p["channels"]
     rows = max(1, 32768 // max(img.shape[2], 1))
     for r in range(0, img.shape[1], rows):
-        out[:, r:r + rows] = _distort_block(img[:, r:r + rows], p)[order]
+        out[:, r:r + rows] = _colour(img[:, r:r + rows], *args)[order]
     return out
 
 
@@ -702,12 +682,12 @@ _CROP_MODES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)  # None: keep the whole image
 
 def min_iou_crop(boxes, width, height, rng, trials=50):
     """SSD's IoU-constrained random crop (the SSD paper, section 2.2) of a width x height image
-    with xyxy pixel boxes [n, 4] -> (patch (x0, y0, x1, y1) ints, keep bool [n]: boxes whose centre
-    is strictly inside). Mode uniform over _CROP_MODES; up to `trials` patches with sides U(0.3, 1)
-    of the image's, h/w in [0.5, 2], integer corners. The first patch wins in which some kept box
-    has IoU >= the mode's minimum: Caffe's "any box" rule (not mmdetection's "all boxes", which
-    rarely lets a crowded image have a tight crop), over the kept boxes as torchvision does. An
-    image without boxes takes the first patch of valid shape; when every trial fails, the whole."""
+    with xyxy boxes [n, 4] -> (patch (x0, y0, x1, y1) ints, keep bool [n]: centre strictly inside).
+    Mode uniform over _CROP_MODES; up to `trials` patches with sides U(0.3, 1) of the image's, h/w
+    in [0.5, 2], integer corners; the first wins in which a kept box has IoU >= the mode's minimum:
+    Caffe's "any box" rule over the kept boxes, as torchvision (mmdetection's "all boxes" rarely
+    lets a crowded image have a tight crop). No boxes: the first patch of valid shape. Every trial
+    failing: the whole image."""
     n, whole = len(boxes), (0, 0, width, height)
     mode = _CROP_MODES[rng.integers(len(_CROP_MODES))]
     if mode is None:
@@ -721,7 +701,12 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
     p = patches[:, :, None]  # [T, 4, 1]
     inside = (cx > p[:, 0]) & (cx < p[:, 2]) & (cy > p[:, 1]) & (cy < p[:, 3])  # [T, n]
     if n:
-        ok &= (inside & (_iou(patches, boxes) >= mode)).any(1)
+        inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
+                        - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
+        area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [T]
+        area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
+        iou = inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)  # [T, n]
+        ok &= (inside & (iou >= mode)).any(1)
     if not ok.any():
         return whole, np.ones(n, bool)
     t = int(ok.argmax())
@@ -729,10 +714,10 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
 
 
 def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
-    """Network input from RGB pixels [H, W, 3] (0-255) placed at canvas_offset (left, top) on a
-    canvas filled with `mean`: the integer patch (x0, y0, x1, y1) of the canvas, mirrored when
-    `flip`, resized to size x size as F.interpolate(bilinear, align_corners=False), minus the mean
-    -> float [3, S, S]. One grid_sample of (image - mean) with zero padding gives the numbers of
+    """Network input from RGB pixels [H, W, 3] (0-255) at canvas_offset (left, top) on a canvas
+    filled with `mean`: the integer patch (x0, y0, x1, y1) of the canvas, mirrored when `flip`,
+    resized to size x size as F.interpolate(bilinear, align_corners=False), minus the mean ->
+    float [3, S, S]. One grid_sample of (image - mean) with zero padding gives the numbers of
     building the canvas; `colour` (_photometric_params) is applied to just the pixels sampled,
     exact since every photometric step is per pixel."""
     h, w = img.shape[:2]
@@ -750,54 +735,49 @@ def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
 
 
 def _photometric_params(rng):
-    """SSD's photometric distortion draws (the SSD paper, section 2.2; mmdetection's
-    PhotoMetricDistortion), each step with probability 0.5: brightness +U(-32, 32), contrast
-    xU(0.5, 1.5) (before or after the HSV steps, 50/50), saturation xU(0.5, 1.5), hue
-    +U(-18, 18) degrees, channel shuffle."""
+    """SSD's photometric draws (the SSD paper, section 2.2; mmdetection's PhotoMetricDistortion),
+    each step with probability 0.5: brightness +U(-32, 32), contrast xU(0.5, 1.5) before or after
+    the HSV steps (50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle."""
     def maybe(draw, otherwise):
         return draw() if rng.random() < 0.5 else otherwise
-    return dict(brightness=maybe(lambda: rng.uniform(-32, 32), 0.0),
-                contrast_first=bool(rng.random() < 0.5),
-                contrast=maybe(lambda: rng.uniform(0.5, 1.5), 1.0),
+    brightness, first = maybe(lambda: rng.uniform(-32, 32), 0.0), bool(rng.random() < 0.5)
+    contrast = maybe(lambda: rng.uniform(0.5, 1.5), 1.0)
+    return dict(brightness=brightness, contrast_before=contrast if first else 1.0,
                 saturation=maybe(lambda: rng.uniform(0.5, 1.5), 1.0),
                 hue=maybe(lambda: rng.uniform(-18, 18), 0.0),
+                contrast_after=1.0 if first else contrast,
                 channels=maybe(lambda: rng.permutation(3), None))
 
 
-def _expand_params(width, height, rng):
-    """Zoom out (the SSD paper, section 3.6): with probability 0.5 the image goes on a canvas
-    U(1, 4) times its size, filled with the mean, at a random offset -> (cw, ch, left, top)."""
-    if rng.random() >= 0.5:
-        return width, height, 0, 0
-    r = rng.uniform(1, 4)
-    cw, ch = int(width * r), int(height * r)
-    return cw, ch, int(rng.uniform(0, cw - width)), int(rng.uniform(0, ch - height))
+def _colour(x, brightness, contrast_before, saturation, hue, contrast_after):
+    """The photometric steps on float RGB planes [..., 3, H, W] (0-255), clipped to [0, 255]:
+    numpy with numbers (steps that change nothing skipped) or torch with [B, 1, 1, 1] tensors."""
+    xp = torch if torch.is_tensor(x) else np
+    x = x + brightness
+    if _changes(contrast_before, 1):
+        x *= contrast_before
+    if _changes(saturation, 1):  # HSV saturation x f is a lerp of each channel towards the max
+        v = xp.maximum(xp.maximum(x[..., 0:1, :, :], x[..., 1:2, :, :]), x[..., 2:3, :, :])
+        x -= v
+        x *= saturation
+        x += v
+    if _changes(hue, 0):
+        x = _shift_hue(x, hue)
+    if _changes(contrast_after, 1):
+        x *= contrast_after
+    return xp.clip(x, 0, 255, out=x)
 
 
-def _distort_block(img, p):
-    """photometric_distort on rows of planar float32 pixels, in place where it can."""
-    img = img + np.float32(p["brightness"])
-    if p["contrast_first"] and p["contrast"] != 1.0:
-        img *= np.float32(p["contrast"])
-    if p["saturation"] != 1.0:  # HSV saturation x f is a lerp of each channel towards the max
-        v = np.maximum(np.maximum(img[0], img[1]), img[2])
-        img -= v
-        img *= np.float32(p["saturation"])
-        img += v
-    if p["hue"] != 0.0:
-        img = _shift_hue(img, p["hue"])
-    if not p["contrast_first"] and p["contrast"] != 1.0:
-        img *= np.float32(p["contrast"])
-    return np.clip(img, 0, 255, out=img)
+def _changes(value, identity):
+    return torch.is_tensor(value) or value != identity  # tensors: always (no device sync)
 
 
 def _shift_hue(img, degrees):
-    """Rotate the HSV hue of planar float RGB [..., 3, H, W] (numpy or torch) by `degrees` (a
-    number or a tensor broadcasting to [..., H, W]), keeping each pixel's max and min channel:
-    an HSV round trip for 0-255 values, in whole-plane arithmetic (numpy is slow at reductions
-    over an axis of 3)."""
+    """Rotate the HSV hue of float RGB planes [..., 3, H, W] (numpy or torch) by `degrees` (a
+    number or [..., 1, 1, 1]), keeping each pixel's max and min channel: an HSV round trip for
+    0-255 values, in whole-plane arithmetic (numpy is slow at reductions over an axis of 3)."""
     xp = torch if torch.is_tensor(img) else np
-    r, g, b = img[..., 0, :, :], img[..., 1, :, :], img[..., 2, :, :]
+    r, g, b = img[..., 0:1, :, :], img[..., 1:2, :, :], img[..., 2:3, :, :]  # [..., 1, H, W]
     mx, mn = xp.maximum(xp.maximum(r, g), b), xp.minimum(xp.minimum(r, g), b)
     chroma = mx - mn
     is_r = mx == r
@@ -809,17 +789,8 @@ def _shift_hue(img, degrees):
     h += degrees / 60.0
     h += 6 * (h < 0)
     h -= 6 * (h >= 6)  # now in [0, 6)
-    out = xp.stack([xp.abs(h - 3) - 1, 2 - xp.abs(h - 2), 2 - xp.abs(h - 4)], -3)
-    return xp.clip(out, 0, 1) * chroma[..., None, :, :] + mn[..., None, :, :]
-
-
-def _iou(patches, boxes):
-    """IoU of xyxy boxes [t, 4] with boxes [n, 4] -> [t, n]."""
-    inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
-                    - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
-    area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [t]
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
-    return inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)
+    out = xp.concatenate([xp.abs(h - 3) - 1, 2 - xp.abs(h - 2), 2 - xp.abs(h - 4)], -3)
+    return xp.clip(out, 0, 1) * chroma + mn
 
 
 def _sample_positions(canvas_offset, patch, flip, size):
