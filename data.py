@@ -152,19 +152,14 @@ class FileSource:
 
 
 class VOCDetection(FileSource):
-    """One VOC-layout folder: Annotations/<id>.xml, JPEGImages/<id>.jpg (or another extension),
-    ImageSets/Main/<split>.txt (one id first on each line).
-
-    VOC XML counts pixels from 1, xmax inclusive (VOC devkit), so a box loads as [xmin - 1,
-    ymin - 1, xmax, ymax]: the whole W x H image is [0, 0, W, H]. Boxes with xmax <= xmin or
-    ymax <= ymin are dropped and boxes outside the image clipped, with a warning per file.
-    `difficult` objects are kept, flagged (DetectionDataset drops them for training).
-    Classes: `class_names` when given (other names are reported and skipped); else VOC's 20 when
-    every name in the split is one of them; else the sorted names of every XML in the folder (one
-    list for all splits). Width and height come from <size>, or the image when it is missing.
-    images=False: annotations only; JPEGImages/ need not exist (an image is opened only for an
-    XML without <size>).
-    """
+    """A VOC-layout folder: Annotations/<id>.xml, JPEGImages/<id>.jpg (or another extension),
+    ImageSets/Main/<split>.txt (the id first on each line). VOC XML counts pixels from 1, xmax
+    inclusive (VOC devkit), so a box loads as [xmin - 1, ymin - 1, xmax, ymax]. Boxes with xmax <=
+    xmin or ymax <= ymin are dropped, boxes outside the image clipped, a warning per file;
+    `difficult` objects are kept, flagged. Classes: `class_names` (other names reported and
+    skipped), else VOC's 20 when the split's names are among them, else the sorted names of every
+    XML in the folder (one list for all splits). Width and height: <size>, else the image's.
+    images=False: annotations only (JPEGImages/ is read only for an XML without <size>)."""
 
     def __init__(self, root, split="trainval", class_names=None, images=True):
         self.root, self.split = Path(root), split
@@ -277,15 +272,12 @@ def _voc_annotation(xml_path, raw, image_path, label_of):
 
 
 class COCODetection(FileSource):
-    """COCO 2017 layout: root/annotations/instances_<split>.json, images in root/<split>/.
-
-    Labels are 1..C over the categories sorted by id (COCO: ssd.COCO_CLASSES order);
-    `category_ids[label - 1]` is the COCO id. bbox [x, y, w, h] -> [x, y, x + w, y + h], clipped
-    (one warning per json); boxes with w or h < 1 pixel dropped (as mmdetection); crowd boxes go
-    to annotation(i)["crowd"] (xyxy) for evaluation. `skip_empty` (build_source's training) drops
-    images without boxes, as the torchvision reference does, so an image whose people are only a
-    crowd region does not teach "person = background". Plain json: pycocotools prints to stdout.
-    """
+    """COCO 2017 layout: root/annotations/instances_<split>.json, images in root/<split>/. Labels
+    are 1..C over the categories by id (ssd.COCO_CLASSES order), `category_ids[label - 1]` the COCO
+    id. bbox [x, y, w, h] -> xyxy, clipped (one warning per json); w or h < 1 pixel dropped (as
+    mmdetection); crowd boxes go to annotation(i)["crowd"] for evaluation. `skip_empty` (training)
+    drops images without boxes as the torchvision reference does, so an image whose people are
+    only a crowd region does not teach "person = background". Plain json: pycocotools prints."""
 
     def __init__(self, root, split="train2017", skip_empty=False):
         self.root, self.split = Path(root), split
@@ -454,8 +446,9 @@ class ShapesDetection:
             outline = square
             if label == 3:  # triangle: equilateral, inscribed in the square's circle, any rotation
                 a, r = rng.uniform(0, 2 * math.pi), side / 2
-                outline = [(round(x0 + r + r * math.cos(a + k * 2 * math.pi / 3)),
-                            round(y0 + r + r * math.sin(a + k * 2 * math.pi / 3))) for k in range(3)]
+                turns = [a + k * 2 * math.pi / 3 for k in range(3)]
+                outline = [(round(x0 + r + r * math.cos(t)), round(y0 + r + r * math.sin(t)))
+                           for t in turns]
             for draw, fill in ((draw_img, colour), (draw_mask, len(labels) + 1)):
                 getattr(draw, ("ellipse", "rectangle", "polygon")[label - 1])(outline, fill=fill)
             labels.append(label)
@@ -494,28 +487,26 @@ def _textured_background(rng, size):
 
 def build_source(name, data_root=None, split=None, train=True, images=True):
     """The source for `train.py --data NAME` / `evaluate.py`; `split` overrides the defaults.
-
-    voc: a VOC-layout folder (or a list of them): with a test split, trainval (training; train if
-    only that exists) / test; without one (BCCD), train (trainval if there is no train) / val, so
-    training never sees the evaluation images through trainval. Otherwise VOCdevkit years under
-    data_root/VOCdevkit/ or data_root/: training VOC2007 + VOC2012 trainval where present (07+12),
-    evaluation VOC2007 test (VOC2012 val when there is no VOC2007). images=False: annotations only.
-    coco: train2017 / val2017; when that json is absent and annotations/ holds exactly one
-    instances_*.json, that one (tiny_coco has only train2017). shapes: split train / val.
-    """
+    voc: a VOC-layout folder (or a list): with a test split, trainval (training; train if only that
+    exists) / test; without (BCCD), train (trainval if no train) / val, so training never sees the
+    evaluation images. Else VOCdevkit years in data_root/VOCdevkit/ or data_root/: VOC2007 +
+    VOC2012 trainval where present (07+12) / VOC2007 test (VOC2012 val without VOC2007).
+    images=False: annotations only. coco: train2017 / val2017, or the only instances_*.json
+    (tiny_coco has only train2017). shapes: train / val."""
     if name == "shapes":
         return ShapesDetection(split or ("train" if train else "val"))
     if data_root is None:
         raise DataError(f"{name}: a data root is required (--data-root DIR)")
     listed = isinstance(data_root, (list, tuple))
-    for root in data_root if listed else [data_root]:
+    roots = list(data_root) if listed else [data_root]
+    for root in roots:
         if not Path(root).is_dir():
             raise DataError(f"{root}: folder does not exist" if not os.path.exists(root)
                             else f"{root}: not a folder")
     if name == "voc":
-        if listed or _is_voc_folder(Path(data_root)):
-            found = [(Path(r), split or _voc_folder_split(Path(r), train))
-                     for r in (data_root if listed else [data_root])]
+        first = Path(roots[0])  # a VOC-layout folder itself, or one holding VOCdevkit years
+        if listed or (first / "Annotations").is_dir() and (first / "ImageSets" / "Main").is_dir():
+            found = [(Path(r), split or _voc_folder_split(Path(r), train)) for r in roots]
         else:
             found = _voc_years(data_root, split, train)
         sources = [VOCDetection(root, s, images=images) for root, s in found]
@@ -529,10 +520,6 @@ def build_source(name, data_root=None, split=None, train=True, images=True):
                 chosen = present[0].name[len("instances_"):-len(".json")]
         return COCODetection(root, chosen, skip_empty=train)
     raise DataError(f"{name}: unknown data set (use voc, coco or shapes)")
-
-
-def _is_voc_folder(path):
-    return (path / "Annotations").is_dir() and (path / "ImageSets" / "Main").is_dir()
 
 
 def _voc_folder_split(root, train):
@@ -568,18 +555,14 @@ def _voc_years(data_root, split, train):
 # sampling of the original image makes the S x S output: the 4x canvas is never built.
 
 class TrainTransform:
-    """SSD training augmentation (the SSD paper, sections 2.2 and 3.6, in the order of mmdetection
-    and amdegroot/ssd.pytorch): photometric distortion -> expand (zoom out) -> min-IoU crop -> flip
-    0.5 -> warp to size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy,
-    labels [n]) -> (image float [3, S, S], boxes float32 [n', 4] xyxy in [0, 1], labels int64
-    [n']). With on_device the image is the draws alone, (uint8 pixels [H, W, 3], float64 params
-    [10 + 2S], see _PARAMS), for augment_batch (the same numbers within float error).
-
-    Boxes are clipped to the image, those with no area dropped; after the crop only boxes whose
-    centre was inside remain, clipped to the patch; an image with boxes keeps at least one. The
-    numpy Generator is seeded from torch.initial_seed() and re-made when that changes, so each
-    DataLoader worker (base_seed + worker_id) and epoch draws differently, and torch.manual_seed
-    makes a run repeatable."""
+    """SSD training augmentation (the SSD paper, sections 2.2 and 3.6; mmdetection's and
+    amdegroot/ssd.pytorch's order): photometric -> expand -> min-IoU crop -> flip 0.5 -> warp to
+    size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) ->
+    (float [3, S, S] or with on_device the draws (uint8 pixels [H, W, 3], float64 params [10 + 2S],
+    see _PARAMS) for augment_batch, boxes float32 [n', 4] in [0, 1], labels int64 [n']). Boxes
+    whose centre leaves the crop go; an image with boxes keeps one. The Generator is seeded from
+    torch.initial_seed() (re-made when it changes): workers and epochs draw differently, and
+    torch.manual_seed makes a run repeatable."""
 
     def __init__(self, size=300, mean=MEAN, on_device=False):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
@@ -683,11 +666,10 @@ _CROP_MODES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)  # None: keep the whole image
 def min_iou_crop(boxes, width, height, rng, trials=50):
     """SSD's IoU-constrained random crop (the SSD paper, section 2.2) of a width x height image
     with xyxy boxes [n, 4] -> (patch (x0, y0, x1, y1) ints, keep bool [n]: centre strictly inside).
-    Mode uniform over _CROP_MODES; up to `trials` patches with sides U(0.3, 1) of the image's, h/w
-    in [0.5, 2], integer corners; the first wins in which a kept box has IoU >= the mode's minimum:
-    Caffe's "any box" rule over the kept boxes, as torchvision (mmdetection's "all boxes" rarely
-    lets a crowded image have a tight crop). No boxes: the first patch of valid shape. Every trial
-    failing: the whole image."""
+    Mode uniform over _CROP_MODES; up to `trials` patches, sides U(0.3, 1) of the image's, h/w in
+    [0.5, 2]; the first wins where a kept box has IoU >= the mode's: Caffe's "any box" rule over
+    kept boxes, as torchvision (mmdetection's "all boxes" rarely lets a crowded image have a tight
+    crop). No boxes: the first patch of valid shape; every trial failing: the whole image."""
     n, whole = len(boxes), (0, 0, width, height)
     mode = _CROP_MODES[rng.integers(len(_CROP_MODES))]
     if mode is None:
@@ -714,12 +696,11 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
 
 
 def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
-    """Network input from RGB pixels [H, W, 3] (0-255) at canvas_offset (left, top) on a canvas
-    filled with `mean`: the integer patch (x0, y0, x1, y1) of the canvas, mirrored when `flip`,
-    resized to size x size as F.interpolate(bilinear, align_corners=False), minus the mean ->
-    float [3, S, S]. One grid_sample of (image - mean) with zero padding gives the numbers of
-    building the canvas; `colour` (_photometric_params) is applied to just the pixels sampled,
-    exact since every photometric step is per pixel."""
+    """RGB pixels [H, W, 3] (0-255) at canvas_offset (left, top) on a `mean`-filled canvas: its
+    integer patch (x0, y0, x1, y1), mirrored when `flip`, resized to size x size as
+    F.interpolate(bilinear, align_corners=False), minus the mean -> float [3, S, S]. One
+    grid_sample of (image - mean), zero padded, without building the canvas; `colour` is applied
+    to just the pixels sampled (exact: every photometric step is per pixel)."""
     h, w = img.shape[:2]
     xs, ys = _sample_positions(canvas_offset, patch, flip, size)
     # the rows / columns bilinear sampling can touch (floor and floor + 1)
@@ -934,7 +915,10 @@ def draw_detections(image, boxes, scores, labels, class_names):
     first) that it would cover. Returns the label rectangles (x1, y1, x2, y2), per box."""
     w, h = image.size
     line = max(2, round(min(w, h) / 200))
-    font = _label_font(max(12, round(min(w, h) / 32)))
+    try:  # Pillow >= 10.1 scales its built-in font; older ones have the small bitmap font only
+        font = ImageFont.load_default(size=max(12, round(min(w, h) / 32)))
+    except (TypeError, OSError):
+        font = ImageFont.load_default()
     draw = ImageDraw.Draw(image)
     texts = [f"{class_names[int(c) - 1]} {float(s):.2f}" for s, c in zip(scores, labels)]
     rects = []
@@ -968,13 +952,6 @@ def _text_colour(background):
     """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
     r, g, b = background
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
-
-
-def _label_font(size):
-    try:  # Pillow >= 10.1 scales its built-in font
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # older Pillow: the fixed small bitmap font
-        return ImageFont.load_default()
 
 
 if __name__ == "__main__":
