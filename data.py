@@ -560,7 +560,8 @@ class TrainTransform:
     size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) ->
     (float [3, S, S] or with on_device the draws (uint8 pixels [H, W, 3], float64 params [10 + 2S],
     see _PARAMS) for augment_batch, boxes float32 [n', 4] in [0, 1], labels int64 [n']). Boxes
-    whose centre leaves the crop go; an image with boxes keeps one. The Generator is seeded from
+    are clipped to the image (none without area), then to the crop, where only those whose centre
+    was inside remain; an image with boxes keeps one. The Generator is seeded from
     torch.initial_seed() (re-made when it changes): workers and epochs draw differently, and
     torch.manual_seed makes a run repeatable."""
 
@@ -718,7 +719,9 @@ def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
 def _photometric_params(rng):
     """SSD's photometric draws (the SSD paper, section 2.2; mmdetection's PhotoMetricDistortion),
     each step with probability 0.5: brightness +U(-32, 32), contrast xU(0.5, 1.5) before or after
-    the HSV steps (50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle."""
+    the HSV steps (50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle
+    -> dict(brightness, contrast_before, saturation, hue, contrast_after, channels: None or a
+    permutation); a step not drawn has its identity value (0, 1 or None)."""
     def maybe(draw, otherwise):
         return draw() if rng.random() < 0.5 else otherwise
     brightness, first = maybe(lambda: rng.uniform(-32, 32), 0.0), bool(rng.random() < 0.5)
