@@ -1,21 +1,13 @@
-"""Data for SSD: image loading, the VOC / COCO / VOC-layout / synthetic `shapes` sources, SSD's
-training augmentation, and the torch Dataset + collate that feed train.py.
+"""Data for SSD: image loading, the VOC / COCO / synthetic `shapes` sources, SSD's augmentation
+(on the CPU, or batched on the training device), Dataset + collate, and helpers the scripts share.
 
-Sources read images and annotations and transform nothing. They share one interface:
-    len(src), src.class_names (label i -> class_names[i-1]), src.image_id(i),
-    src.load_image(i) -> PIL RGB image,
-    src.annotation(i) -> dict(boxes float32 numpy [n, 4], labels int64 [n] in 1..C,
-                              difficult bool [n], width int, height int)
-Boxes are xyxy in continuous pixel coordinates of the original image: (0, 0) is the top-left
-corner of the top-left pixel and pixel (i, j) covers [i, i+1) x [j, j+1). Every source clips its
-boxes to the image and drops boxes with no area.
-
-Transforms turn (PIL image, pixel boxes, labels) into the network's input: a float tensor
-[3, S, S] (RGB 0-255 minus the mean), boxes float32 [n, 4] xyxy in [0, 1] and labels int64 [n].
-
-Bad input raises DataError, whose message starts with the offending file's path. Recoverable
-problems (a box clipped to the image, an unknown class name) are logged as one warning line per
-file on the "data" logger.
+A source: len(src), class_names (label i -> class_names[i-1]), image_id(i), load_image(i) -> PIL
+RGB, annotation(i) -> dict(boxes float32 [n, 4], labels int64 [n] in 1..C, difficult bool [n],
+width, height). Boxes are xyxy in continuous pixels (pixel (i, j) covers [i, i+1) x [j, j+1)),
+clipped to the image, none without area. A transform: (PIL image, pixel boxes, labels) -> (float
+[3, S, S] RGB 0-255 minus the mean, boxes float32 [n, 4] xyxy in [0, 1], labels int64 [n]).
+Bad input raises DataError, its message starting with the file's path; recoverable problems (a box
+clipped, an unknown class) are one warning line per file on the "data" logger.
 """
 import colorsys
 import glob
@@ -27,7 +19,6 @@ import random
 import tempfile
 import warnings
 import xml.etree.ElementTree as ET
-from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
@@ -47,22 +38,33 @@ class DataError(ValueError):
 # -----------------------------------------------------------------------------------------------
 # Images
 
+def load_image(path):
+    """The image at `path` as a loaded PIL RGB image: EXIF orientation applied, alpha composited
+    on white, every other mode converted (16-bit / I / F by _scale_to_uint8's rule). Raises
+    DataError naming the file when it is missing, empty, not an image, truncated or larger than
+    PIL.Image.MAX_IMAGE_PIXELS."""
+    img = _open_image(path, load=True)
+    try:
+        return _to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable image ({img.mode} mode: {e})") from None
+    finally:
+        img.close()
+
+
 def _open_image(path, load):
     """PIL image at `path` (pixels decoded when `load`), or DataError naming the file."""
     path = str(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
     if not os.path.isfile(path):
-        raise DataError(f"{path}: not a file")
+        raise DataError(f"{path}: {'not a file' if os.path.exists(path) else 'file not found'}")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: not an image (empty file)")
     try:
-        # Image.open only warns between MAX_IMAGE_PIXELS and twice that; refuse both.
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # PIL only warns up to twice MAX_IMAGE_PIXELS: refuse both
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
         if load:
-            img.load()  # decode now so a truncated file fails here, not deep inside a transform
+            img.load()  # a truncated file fails here, not deep inside a transform
         return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{path}: image too large (over PIL.Image.MAX_IMAGE_PIXELS = "
@@ -71,49 +73,6 @@ def _open_image(path, load):
         raise DataError(f"{path}: not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
-
-
-def _scale_to_uint8(a, mode):
-    """High-range single-channel pixels -> uint8 by a documented rule, never by clipping:
-    16-bit modes are full scale (x / 257); 'I' values already in 0-255 stay, in 0-65535 are
-    treated as 16-bit, otherwise stretched min-max; 'F' in [0, 1] is x 255, in [0, 255] stays,
-    otherwise stretched min-max."""
-    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
-        a = a / 257.0
-    elif mode == "F" and lo >= 0 and hi <= 1:
-        a = a * 255.0
-    elif lo < 0 or hi > 255:
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return np.rint(np.clip(a, 0, 255)).astype(np.uint8)
-
-
-def _to_rgb(img):
-    """Any PIL mode -> RGB; transparent pixels are composited on white."""
-    if img.mode == "RGB" and "transparency" not in img.info:
-        return img
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        return Image.fromarray(_scale_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
-    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_image(path):
-    """The image at `path` as a loaded PIL RGB image: EXIF orientation applied, alpha composited
-    on white, grayscale / palette / CMYK / YCbCr / 16-bit / I / F modes converted (see
-    _scale_to_uint8). Raises DataError naming the file when it is missing, empty, not an image,
-    truncated or larger than PIL.Image.MAX_IMAGE_PIXELS."""
-    img = _open_image(path, load=True)
-    try:
-        return _to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable image ({img.mode} mode: {e})") from None
-    finally:
-        img.close()
 
 
 def _image_size(path):
@@ -129,21 +88,114 @@ def _image_size(path):
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def _to_rgb(img):
+    """Any PIL mode -> RGB; transparent pixels are composited on white."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def _scale_to_uint8(a, mode):
+    """High-range pixels -> uint8, never by clipping: 16-bit modes full scale (x / 257); 'I' in
+    0-255 stays, in 0-65535 is 16-bit; 'F' in [0, 1] is x 255, in [0, 255] stays; other ranges
+    are stretched min-max."""
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        a = a / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.rint(np.clip(a, 0, 255)).astype(np.uint8)
+
+
 def _clip_boxes(boxes, width, height):
-    """Clip xyxy pixel boxes [n, 4] to the image; -> (clipped float64 boxes, mask of boxes
-    that were changed, mask of boxes that still have positive area)."""
+    """xyxy pixel boxes [n, 4] -> (clipped to the image, float64; changed [n]; area > 0 [n])."""
     clipped = np.clip(boxes, 0, [width, height, width, height])
-    changed = (clipped != boxes).any(1)
     valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    return clipped, changed, valid
+    return clipped, (clipped != boxes).any(1), valid
+
+
+def _require_images(folder, names, present):
+    """DataError naming the first of `names` not in `present`, and how many more are missing."""
+    missing = [name for name in names if name not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(names)})" if len(missing) > 1 else ""
+        raise DataError(f"{folder / missing[0]}: image not found{more}")
 
 
 # -----------------------------------------------------------------------------------------------
-# VOC and VOC-layout folders
+# Sources read from files: VOC layout and COCO
 
-def _voc_raw(xml_path):
-    """Parse one VOC XML: -> dict(width, height (0 when absent), objects: list of (name, xyxy in
-    the file's 1-based coordinates, difficult), no_box: names of objects without <bndbox>)."""
+class FileSource:
+    """A source whose annotations are parsed into memory: `ids`, `image_paths` and
+    `_annotations` (one dict per image)."""
+
+    def __len__(self):
+        return len(self.ids)
+
+    def image_id(self, i):
+        return self.ids[i]
+
+    def load_image(self, i):
+        return load_image(self.image_paths[i])
+
+    def annotation(self, i):
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                for k, v in self._annotations[i].items()}
+
+
+class VOCDetection(FileSource):
+    """A VOC-layout folder: Annotations/<id>.xml, JPEGImages/<id>.jpg (or another extension),
+    ImageSets/Main/<split>.txt (the id first on each line). VOC XML counts pixels from 1, xmax
+    inclusive (VOC devkit), so a box loads as [xmin - 1, ymin - 1, xmax, ymax]. Boxes with xmax <=
+    xmin or ymax <= ymin are dropped, boxes outside the image clipped, a warning per file;
+    `difficult` objects are kept, flagged. Classes: `class_names` (other names reported and
+    skipped), else VOC's 20 when the split's names are among them, else the sorted names of every
+    XML in the folder (one list for all splits). Width and height: <size>, else the image's.
+    images=False: annotations only (JPEGImages/ is read only for an XML without <size>)."""
+
+    def __init__(self, root, split="trainval", class_names=None, images=True):
+        self.root, self.split = Path(root), split
+        ann_dir, img_dir = self.root / "Annotations", self.root / "JPEGImages"
+        split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        for d in (ann_dir, img_dir) if images else (ann_dir,):
+            if not d.is_dir():
+                raise DataError(f"{d}: folder not found (not a VOC-layout folder)")
+        if not split_file.is_file():
+            raise DataError(f"{split_file}: split file not found")
+        with open(split_file) as f:  # class files ("<id> 1") list the id first too
+            self.ids = [line.split()[0] for line in f if line.strip()]
+        if not self.ids:
+            raise DataError(f"{split_file}: no image ids")
+        files = {}  # id -> file name; .jpg wins over other extensions
+        for entry in os.scandir(img_dir) if images else ():
+            stem, ext = os.path.splitext(entry.name)
+            if stem not in files or ext.lower() == ".jpg":
+                files[stem] = entry.name
+        if images:
+            _require_images(img_dir, [f"{i}.jpg" for i in self.ids], {f"{s}.jpg" for s in files})
+        self.image_paths = [str(img_dir / files.get(i, f"{i}.jpg")) for i in self.ids]
+        xmls = [str(ann_dir / f"{i}.xml") for i in self.ids]
+        raws = [_voc_parse(p) for p in xmls]
+        if class_names is None:
+            in_split = {name for r in raws for name, _, _ in r["objects"]}
+            class_names = VOC_CLASSES if in_split <= set(VOC_CLASSES) else _voc_names(ann_dir)
+        self.class_names = list(class_names)
+        label_of = {name: k + 1 for k, name in enumerate(self.class_names)}
+        self._annotations = [_voc_annotation(*args, label_of)
+                             for args in zip(xmls, raws, self.image_paths)]
+
+
+def _voc_parse(xml_path):
+    """One VOC XML -> dict(width, height (0 when absent), objects [(name, xyxy as written,
+    difficult)], no_box: names of objects without <bndbox>)."""
     if not os.path.isfile(xml_path):
         raise DataError(f"{xml_path}: annotation file not found")
     try:
@@ -166,8 +218,7 @@ def _voc_raw(xml_path):
         width, height = int(number(size, "width", "size")), int(number(size, "height", "size"))
     objects, no_box = [], []
     for k, obj in enumerate(root.findall("object")):
-        name = (obj.findtext("name") or "").strip()
-        box = obj.find("bndbox")
+        name, box = (obj.findtext("name") or "").strip(), obj.find("bndbox")
         if box is None:
             no_box.append(name or f"object {k}")
             continue
@@ -177,224 +228,156 @@ def _voc_raw(xml_path):
     return dict(width=width, height=height, objects=objects, no_box=no_box)
 
 
-def _voc_names_in_folder(annotation_dir):
-    """Sorted set of object names in every XML of a folder (files that fail to parse are left to
-    the split that lists them, which reports them)."""
+def _voc_names(annotation_dir):
+    """Sorted object names of every XML in a folder (a file that fails to parse is left to the
+    split that lists it, which reports it)."""
     names = set()
     for entry in os.scandir(annotation_dir):
-        if entry.name.endswith(".xml"):
-            try:
-                root = ET.parse(entry.path).getroot()
-            except (ET.ParseError, OSError):
-                continue
-            names.update((o.findtext("name") or "").strip() for o in root.findall("object"))
-    names.discard("")
-    return sorted(names)
+        try:
+            if entry.name.endswith(".xml"):
+                objects = ET.parse(entry.path).getroot().findall("object")
+                names.update((o.findtext("name") or "").strip() for o in objects)
+        except (ET.ParseError, OSError):
+            continue
+    return sorted(names - {""})
 
 
-class FileSource:
-    """What VOC and COCO sources share once their annotations are parsed into memory: `ids`,
-    `image_paths` and `_annotations` (one dict per image)."""
+def _voc_annotation(xml_path, raw, image_path, label_of):
+    """_voc_parse's dict -> the source's annotation, warning once per kind of problem."""
+    width, height = raw["width"], raw["height"]
+    if width <= 0 or height <= 0:
+        width, height = _image_size(image_path)
+    if raw["no_box"]:
+        log.warning("%s: object(s) without <bndbox> skipped: %s", xml_path,
+                    ", ".join(raw["no_box"]))
+    unknown = sorted({n for n, _, _ in raw["objects"] if n not in label_of})
+    if unknown:
+        log.warning("%s: unknown class name(s) skipped: %s", xml_path,
+                    ", ".join(map(repr, unknown)))
+    objects = [o for o in raw["objects"] if o[0] in label_of]
+    boxes = np.array([o[1] for o in objects], np.float64).reshape(-1, 4)
+    written = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if not written.all():
+        log.warning("%s: %d box(es) with no extent (xmax <= xmin or ymax <= ymin) dropped",
+                    xml_path, int((~written).sum()))
+    boxes, changed, valid = _clip_boxes(boxes - [1, 1, 0, 0], width, height)  # to 0-based
+    if (changed & written).any():
+        log.warning("%s: %d box(es) outside the %dx%d image clipped", xml_path,
+                    int((changed & written).sum()), width, height)
+    keep = written & valid
+    return dict(boxes=boxes[keep].astype(np.float32),
+                labels=np.array([label_of[o[0]] for o in objects], np.int64)[keep],
+                difficult=np.array([o[2] for o in objects], bool)[keep],
+                width=int(width), height=int(height))
 
-    def __len__(self):
-        return len(self.ids)
-
-    def image_id(self, i):
-        return self.ids[i]
-
-    def load_image(self, i):
-        return load_image(self.image_paths[i])
-
-    def annotation(self, i):
-        a = self._annotations[i]
-        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
-
-
-class VOCDetection(FileSource):
-    """One VOC-layout folder: Annotations/<id>.xml, JPEGImages/<id>.jpg (another extension is
-    found by the id), ImageSets/Main/<split>.txt (one id per line).
-
-    Coordinates: VOC XML counts pixels from 1 and a box spans pixels xmin..xmax inclusive, so on
-    load xmin and ymin lose 1 and xmax, ymax stay: [xmin - 1, ymin - 1, xmax, ymax] in the
-    0-based continuous convention of this file (a box over the whole W x H image is [0, 0, W, H]).
-    A box written with xmax <= xmin or ymax <= ymin (a click, not a drag) is dropped with a
-    warning; boxes reaching outside the image are clipped with a warning (one line per file).
-    `difficult` objects are all kept here, flagged; DetectionDataset drops them for training.
-
-    Class list: `class_names` when given (objects with other names are reported and skipped);
-    otherwise VOC's 20 classes when every object name in the split is one of them; otherwise the
-    sorted set of names found in all annotations of the folder (the same list for every split).
-    Width and height come from <size>, or from the image when <size> is missing or zero.
-    images=False: annotations only (scoring a results file); JPEGImages/ need not exist and an image
-    is opened only for an XML without <size>.
-    """
-
-    def __init__(self, root, split="trainval", class_names=None, images=True):
-        self.root, self.split = Path(root), split
-        ann_dir, img_dir = self.root / "Annotations", self.root / "JPEGImages"
-        split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
-        for d in (ann_dir, img_dir) if images else (ann_dir,):
-            if not d.is_dir():
-                raise DataError(f"{d}: folder not found (not a VOC-layout folder)")
-        if not split_file.is_file():
-            raise DataError(f"{split_file}: split file not found")
-        with open(split_file) as f:  # class files ("<id> 1") list the id first too
-            self.ids = [line.split()[0] for line in f if line.strip()]
-        if not self.ids:
-            raise DataError(f"{split_file}: no image ids")
-
-        files = {}
-        for entry in os.scandir(img_dir) if images else ():
-            stem, ext = os.path.splitext(entry.name)
-            if stem not in files or ext.lower() == ".jpg":
-                files[stem] = entry.name
-        missing = [i for i in self.ids if i not in files] if images else []
-        if missing:
-            more = f" (and {len(missing) - 1} more of {len(self.ids)})" if len(missing) > 1 else ""
-            raise DataError(f"{img_dir / (missing[0] + '.jpg')}: image not found{more}")
-        self.image_paths = [str(img_dir / files.get(i, f"{i}.jpg")) for i in self.ids]
-
-        raws = [_voc_raw(str(ann_dir / f"{i}.xml")) for i in self.ids]
-        if class_names is None:
-            in_split = {name for r in raws for name, _, _ in r["objects"]}
-            class_names = (VOC_CLASSES if in_split <= set(VOC_CLASSES)
-                           else _voc_names_in_folder(ann_dir))
-        self.class_names = list(class_names)
-        label_of = {name: k + 1 for k, name in enumerate(self.class_names)}
-        self._annotations = [self._convert(str(ann_dir / f"{i}.xml"), raw, path, label_of)
-                             for i, raw, path in zip(self.ids, raws, self.image_paths)]
-
-    @staticmethod
-    def _convert(xml_path, raw, image_path, label_of):
-        width, height = raw["width"], raw["height"]
-        if width <= 0 or height <= 0:
-            width, height = _image_size(image_path)
-        if raw["no_box"]:
-            log.warning("%s: object(s) without <bndbox> skipped: %s", xml_path,
-                        ", ".join(raw["no_box"]))
-        unknown = sorted({n for n, _, _ in raw["objects"] if n not in label_of})
-        if unknown:
-            log.warning("%s: unknown class name(s) skipped: %s", xml_path,
-                        ", ".join(map(repr, unknown)))
-        objects = [o for o in raw["objects"] if o[0] in label_of]
-        boxes = np.array([o[1] for o in objects], np.float64).reshape(-1, 4)
-        written = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not written.all():
-            log.warning("%s: %d box(es) with no extent (xmax <= xmin or ymax <= ymin) dropped",
-                        xml_path, int((~written).sum()))
-        boxes = boxes - [1, 1, 0, 0]  # 1-based inclusive -> 0-based continuous
-        boxes, changed, valid = _clip_boxes(boxes, width, height)
-        if (changed & written).any():
-            log.warning("%s: %d box(es) outside the %dx%d image clipped", xml_path,
-                        int((changed & written).sum()), width, height)
-        keep = written & valid
-        return dict(boxes=boxes[keep].astype(np.float32),
-                    labels=np.array([label_of[o[0]] for o in objects], np.int64)[keep],
-                    difficult=np.array([o[2] for o in objects], bool)[keep],
-                    width=int(width), height=int(height))
-
-
-# -----------------------------------------------------------------------------------------------
-# COCO
 
 class COCODetection(FileSource):
-    """COCO 2017 layout: root/annotations/instances_<split>.json and images in root/<split>/.
-
-    Labels are contiguous 1..C over the json's categories sorted by id (for COCO: 1..80 in
-    ssd.COCO_CLASSES order); `category_ids[label - 1]` maps a label back to the COCO category id.
-    bbox [x, y, w, h] becomes [x, y, x + w, y + h], clipped to the image (one summary warning per
-    json). Crowd boxes are left out of `boxes` and listed in `annotation(i)["crowd"]` (xyxy) for
-    evaluation; boxes with w or h < 1 pixel are dropped (as mmdetection does).
-    Images without boxes are kept unless `skip_empty`; build_source sets it for training (as the
-    torchvision reference does), so an image whose people are only a crowd region does not teach
-    "person = background". Plain json, not pycocotools: no stdout noise, and the same speed.
-    """
+    """COCO 2017 layout: root/annotations/instances_<split>.json, images in root/<split>/. Labels
+    are 1..C over the categories by id (ssd.COCO_CLASSES order), `category_ids[label - 1]` the COCO
+    id. bbox [x, y, w, h] -> xyxy, clipped (one warning per json); w or h < 1 pixel dropped (as
+    mmdetection); crowd boxes go to annotation(i)["crowd"] for evaluation. `skip_empty` (training)
+    drops images without boxes as the torchvision reference does, so an image whose people are
+    only a crowd region does not teach "person = background". Plain json: pycocotools prints."""
 
     def __init__(self, root, split="train2017", skip_empty=False):
         self.root, self.split = Path(root), split
         self.ann_file = str(self.root / "annotations" / f"instances_{split}.json")
-        img_dir = self.root / split
-        if not os.path.isfile(self.ann_file):
-            raise DataError(f"{self.ann_file}: annotation file not found")
-        try:
-            with open(self.ann_file, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{self.ann_file}: malformed JSON ({e})") from None
-        if not isinstance(data, dict) or not all(
-                isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
-            raise DataError(f"{self.ann_file}: not a COCO instances file (needs lists 'images', "
-                            "'annotations' and 'categories')")
+        img_dir, doc = self.root / split, _read_coco_json(self.ann_file)
         if not img_dir.is_dir():
             raise DataError(f"{img_dir}: image folder not found")
-
         try:
-            categories = sorted(data["categories"], key=lambda c: c["id"])
+            categories = sorted(doc["categories"], key=lambda c: c["id"])
             self.category_ids = [int(c["id"]) for c in categories]
             self.class_names = [str(c["name"]) for c in categories]
             images = [(int(im["id"]), str(im["file_name"]), int(im.get("width") or 0),
-                       int(im.get("height") or 0)) for im in data["images"]]
+                       int(im.get("height") or 0)) for im in doc["images"]]
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{self.ann_file}: bad category or image entry ({e!r})") from None
-        label_of = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
-        row_of = {image_id: k for k, (image_id, *_) in enumerate(images)}
-
-        boxes = [[] for _ in images]
-        labels = [[] for _ in images]
-        crowd = [[] for _ in images]
-        unknown_cat, unknown_img = set(), 0
-        for a in data["annotations"]:
-            try:
-                row = row_of.get(a["image_id"])
-                x, y, w, h = (float(v) for v in a["bbox"])
-                cat, is_crowd = a["category_id"], bool(a.get("iscrowd", 0))
-            except (KeyError, TypeError, ValueError) as e:
-                raise DataError(f"{self.ann_file}: bad annotation {a.get('id', '?')} "
-                                f"({e!r})") from None
-            if row is None:
-                unknown_img += 1
-            elif is_crowd:
-                crowd[row].append((x, y, x + w, y + h))
-            elif cat not in label_of:
-                unknown_cat.add(cat)
-            elif w >= 1 and h >= 1:
-                boxes[row].append((x, y, x + w, y + h))
-                labels[row].append(label_of[cat])
-        if unknown_cat:
-            log.warning("%s: annotations with unknown category id(s) skipped: %s", self.ann_file,
-                        ", ".join(map(str, sorted(unknown_cat))))
-        if unknown_img:
-            log.warning("%s: %d annotation(s) of images not in 'images' skipped", self.ann_file,
-                        unknown_img)
-
-        present = set(os.listdir(img_dir))
-        missing = [name for _, name, _, _ in images if name not in present]
-        if missing:
-            more = f" (and {len(missing) - 1} more of {len(images)})" if len(missing) > 1 else ""
-            raise DataError(f"{img_dir / missing[0]}: image not found{more}")
-
-        self.ids, self.image_paths, self._annotations = [], [], []
-        clipped = 0
-        for (image_id, name, width, height), bx, lb, cr in zip(images, boxes, labels, crowd):
+        objects = _coco_objects(self.ann_file, doc["annotations"], images, self.category_ids)
+        _require_images(img_dir, [name for _, name, _, _ in images], set(os.listdir(img_dir)))
+        self.ids, self.image_paths, self._annotations, clipped = [], [], [], 0
+        for (image_id, name, width, height), (boxes, labels, crowd) in zip(images, objects):
             path = str(img_dir / name)
             if width <= 0 or height <= 0:
                 width, height = _image_size(path)
-            bx, changed, valid = _clip_boxes(np.array(bx, np.float64).reshape(-1, 4), width,
-                                             height)
+            boxes, changed, valid = _clip_boxes(np.array(boxes, np.float64).reshape(-1, 4),
+                                                width, height)
             clipped += int(changed.sum())
             if skip_empty and not valid.any():
                 continue
             self.ids.append(image_id)
             self.image_paths.append(path)
             self._annotations.append(dict(
-                boxes=bx[valid].astype(np.float32), labels=np.array(lb, np.int64)[valid],
+                boxes=boxes[valid].astype(np.float32), labels=np.array(labels, np.int64)[valid],
                 difficult=np.zeros(int(valid.sum()), bool), width=width, height=height,
-                crowd=np.array(cr, np.float32).reshape(-1, 4)))
+                crowd=np.array(crowd, np.float32).reshape(-1, 4)))
         if clipped:
             log.warning("%s: %d box(es) reaching outside their image clipped", self.ann_file,
                         clipped)
         if not self.ids:
             raise DataError(f"{self.ann_file}: no images" + (" with boxes" if skip_empty else ""))
+
+
+def _read_coco_json(ann_file):
+    if not os.path.isfile(ann_file):
+        raise DataError(f"{ann_file}: annotation file not found")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{ann_file}: malformed JSON ({e})") from None
+    if not isinstance(doc, dict) or not all(
+            isinstance(doc.get(k), list) for k in ("images", "annotations", "categories")):
+        raise DataError(f"{ann_file}: not a COCO instances file (needs lists 'images', "
+                        "'annotations' and 'categories')")
+    return doc
+
+
+def _coco_objects(ann_file, annotations, images, category_ids):
+    """Annotations grouped by image, in `images` order: [(boxes xyxy, labels, crowd boxes)]."""
+    label_of = {cid: k + 1 for k, cid in enumerate(category_ids)}
+    row_of = {image_id: k for k, (image_id, *_) in enumerate(images)}
+    out = [([], [], []) for _ in images]
+    unknown_cat, unknown_img = set(), 0
+    for a in annotations:
+        try:
+            row = row_of.get(a["image_id"])
+            x, y, w, h = (float(v) for v in a["bbox"])
+            cat, is_crowd = a["category_id"], bool(a.get("iscrowd", 0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{ann_file}: bad annotation {a.get('id', '?')} ({e!r})") from None
+        if row is None:
+            unknown_img += 1
+        elif is_crowd:
+            out[row][2].append((x, y, x + w, y + h))
+        elif cat not in label_of:
+            unknown_cat.add(cat)
+        elif w >= 1 and h >= 1:
+            out[row][0].append((x, y, x + w, y + h))
+            out[row][1].append(label_of[cat])
+    if unknown_cat:
+        log.warning("%s: annotations with unknown category id(s) skipped: %s", ann_file,
+                    ", ".join(map(str, sorted(unknown_cat))))
+    if unknown_img:
+        log.warning("%s: %d annotation(s) of images not in 'images' skipped", ann_file, unknown_img)
+    return out
+
+
+class ConcatSource(FileSource):
+    """File sources with the same class list, one after the other (VOC07+12 trainval)."""
+
+    def __init__(self, sources):
+        sources = list(sources)
+        if not sources:
+            raise DataError("ConcatSource: no sources")
+        self.class_names = list(sources[0].class_names)
+        for s in sources[1:]:
+            if list(s.class_names) != self.class_names:
+                raise DataError(f"{getattr(s, 'root', s)}: class list {s.class_names} differs "
+                                f"from {self.class_names}")
+        self.ids = [i for s in sources for i in s.ids]
+        self.image_paths = [p for s in sources for p in s.image_paths]
+        self._annotations = [a for s in sources for a in s._annotations]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -403,12 +386,87 @@ class COCODetection(FileSource):
 SHAPE_CLASSES = ["circle", "square", "triangle"]
 
 
+class ShapesDetection:
+    """1-4 filled circles, squares and triangles (any colour: the class is in the shape) on mildly
+    textured size x size backgrounds, generated from (seed, split, index), nothing read or written.
+    Shapes span 15-60 % of the side and never touch: each box bounds its shape's rasterised
+    pixels. Triangles are equilateral, any rotation. Defaults: 2,000 train and 200 val images."""
+
+    SPLITS = {"train": (0, 2000), "val": (1, 200)}  # split -> (stream id, default length)
+
+    def __init__(self, split="train", num_images=None, seed=0, size=300):
+        if split not in self.SPLITS:
+            raise DataError(f"shapes: unknown split {split!r} (use 'train' or 'val')")
+        self.split, self.seed, self.size = split, int(seed), int(size)
+        self._stream, default_len = self.SPLITS[split]
+        self.num_images = default_len if num_images is None else int(num_images)
+        self.class_names = list(SHAPE_CLASSES)
+        self._last = None  # (index, rendering): load_image(i) then annotation(i) draws once
+
+    def __len__(self):
+        return self.num_images
+
+    def image_id(self, i):
+        return int(i)
+
+    def load_image(self, i):
+        return self._render(i)[0].copy()
+
+    def annotation(self, i):
+        _, boxes, labels, _ = self._render(i)
+        return dict(boxes=boxes.copy(), labels=labels.copy(), difficult=np.zeros(len(labels), bool),
+                    width=self.size, height=self.size)
+
+    def _render(self, i):
+        """-> (PIL image, boxes float32 [n, 4], labels int64 [n], colours list of n RGB)."""
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"shapes: index {i} out of range 0..{self.num_images - 1}")
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
+        rng, s = np.random.default_rng([self.seed, self._stream, i]), self.size
+        img = Image.fromarray(_textured_background(rng, s))
+        mask = Image.new("L", (s, s), 0)  # object k drawn with value k + 1, for its tight box
+        draw_img, draw_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+        placed, labels, colours = [], [], []
+        for _ in range(int(rng.integers(1, 5))):
+            label = int(rng.integers(len(SHAPE_CLASSES))) + 1
+            # any hue, saturated: chroma = s * v * 255 >= 0.65 * 0.55 * 255 = 91
+            rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0))
+            colour = tuple(round(c * 255) for c in rgb)
+            for _ in range(10):  # a few tries to find a spot clear of the shapes already drawn
+                side = int(rng.uniform(0.15, 0.6) * s)
+                x0, y0 = int(rng.integers(0, s - side + 1)), int(rng.integers(0, s - side + 1))
+                square = (x0, y0, x0 + side, y0 + side)
+                if all(square[0] > p[2] + 3 or p[0] > square[2] + 3 or
+                       square[1] > p[3] + 3 or p[1] > square[3] + 3 for p in placed):
+                    break
+            else:
+                continue
+            placed.append(square)
+            outline = square
+            if label == 3:  # triangle: equilateral, inscribed in the square's circle, any rotation
+                a, r = rng.uniform(0, 2 * math.pi), side / 2
+                turns = [a + k * 2 * math.pi / 3 for k in range(3)]
+                outline = [(round(x0 + r + r * math.cos(t)), round(y0 + r + r * math.sin(t)))
+                           for t in turns]
+            for draw, fill in ((draw_img, colour), (draw_mask, len(labels) + 1)):
+                getattr(draw, ("ellipse", "rectangle", "polygon")[label - 1])(outline, fill=fill)
+            labels.append(label)
+            colours.append(colour)
+        m = np.asarray(mask)
+        boxes = np.zeros((len(labels), 4), np.float32)
+        for k in range(len(labels)):
+            cols, rows = np.flatnonzero((m == k + 1).any(0)), np.flatnonzero((m == k + 1).any(1))
+            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)  # pixel edges
+        self._last = (i, (img, boxes, np.array(labels, np.int64), colours))
+        return self._last[1]
+
+
 def _textured_background(rng, size):
     """uint8 [size, size, 3]: a gradient between two greyish colours, sometimes stripes, and
-    luminance noise. Its chroma (max - min channel) stays <= 30, far below every shape's
-    (>= 91), so colour alone never makes a shape of the background."""
-    greys = rng.uniform(40, 215, size=2)
-    tints = rng.uniform(-15, 15, size=(2, 3))
+    luminance noise. Its chroma (max - min channel) stays <= 30, far below every shape's (>= 91),
+    so colour alone never makes a shape of the background."""
+    greys, tints = rng.uniform(40, 215, size=2), rng.uniform(-15, 15, size=(2, 3))
     c0, c1 = (greys[:, None] + tints).astype(np.float32)[:, :, None, None]  # [3, 1, 1] each
     ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
     a = rng.uniform(0, 2 * math.pi)
@@ -424,201 +482,35 @@ def _textured_background(rng, size):
     return np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()  # [S, S, 3]
 
 
-def _vivid_colour(rng):
-    """A saturated colour of any hue: chroma = s * v * 255 >= 0.65 * 0.55 * 255 = 91."""
-    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0))
-    return (round(r * 255), round(g * 255), round(b * 255))
-
-
-class ShapesDetection:
-    """A built-in synthetic set: 1-4 filled circles, squares and triangles (any colour, so the
-    class is in the shape) on mildly textured backgrounds, size x size pixels, generated from
-    (seed, split, index) so an index always gives the same image; nothing is read or written.
-
-    Shapes span 15-60 % of the image side and never touch, so every box is tight around the
-    visible shape: it is the bounding box of the shape's rasterised pixels. Triangles are
-    equilateral with a random rotation. Defaults: 2,000 train and 200 val images.
-    """
-
-    SPLITS = {"train": (0, 2000), "val": (1, 200)}  # split -> (stream id, default length)
-
-    def __init__(self, split="train", num_images=None, seed=0, size=300):
-        if split not in self.SPLITS:
-            raise DataError(f"shapes: unknown split {split!r} (use 'train' or 'val')")
-        self.split, self.seed, self.size = split, int(seed), int(size)
-        stream, default_len = self.SPLITS[split]
-        self._stream = stream
-        self.num_images = default_len if num_images is None else int(num_images)
-        self.class_names = list(SHAPE_CLASSES)
-        self._last = None  # (index, rendering): load_image(i) then annotation(i) draws once
-
-    def __len__(self):
-        return self.num_images
-
-    def image_id(self, i):
-        return int(i)
-
-    def _render(self, i):
-        """-> (PIL image, boxes float32 [n, 4], labels int64 [n], colours list of n RGB)."""
-        if not 0 <= i < self.num_images:
-            raise IndexError(f"shapes: index {i} out of range 0..{self.num_images - 1}")
-        if self._last is not None and self._last[0] == i:
-            return self._last[1]
-        rng = np.random.default_rng([self.seed, self._stream, i])
-        s = self.size
-        img = Image.fromarray(_textured_background(rng, s))
-        mask = Image.new("L", (s, s), 0)  # object k drawn with value k + 1, for its tight box
-        draw_img, draw_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
-        placed, labels, colours = [], [], []
-        for _ in range(int(rng.integers(1, 5))):
-            label, colour = int(rng.integers(len(SHAPE_CLASSES))) + 1, _vivid_colour(rng)
-            for _ in range(10):  # a few tries to find a spot clear of the shapes already drawn
-                side = int(rng.uniform(0.15, 0.6) * s)
-                x0, y0 = int(rng.integers(0, s - side + 1)), int(rng.integers(0, s - side + 1))
-                square = (x0, y0, x0 + side, y0 + side)
-                if all(square[0] > p[2] + 3 or p[0] > square[2] + 3 or
-                       square[1] > p[3] + 3 or p[1] > square[3] + 3 for p in placed):
-                    break
-            else:
-                continue
-            placed.append(square)
-            name = SHAPE_CLASSES[label - 1]
-            if name == "triangle":  # equilateral, inscribed in the square's circle, any rotation
-                a, r = rng.uniform(0, 2 * math.pi), side / 2
-                cx, cy = x0 + r, y0 + r
-                corners = [(round(cx + r * math.cos(a + k * 2 * math.pi / 3)),
-                            round(cy + r * math.sin(a + k * 2 * math.pi / 3))) for k in range(3)]
-            for draw, fill in ((draw_img, colour), (draw_mask, len(labels) + 1)):
-                if name == "circle":
-                    draw.ellipse(square, fill=fill)
-                elif name == "square":
-                    draw.rectangle(square, fill=fill)
-                else:
-                    draw.polygon(corners, fill=fill)
-            labels.append(label)
-            colours.append(colour)
-        m = np.asarray(mask)
-        boxes = np.zeros((len(labels), 4), np.float32)
-        for k in range(len(labels)):
-            on = m == k + 1
-            cols, rows = np.flatnonzero(on.any(0)), np.flatnonzero(on.any(1))
-            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)  # pixel edges
-        out = (img, boxes, np.array(labels, np.int64), colours)
-        self._last = (i, out)
-        return out
-
-    def load_image(self, i):
-        return self._render(i)[0].copy()
-
-    def annotation(self, i):
-        _, boxes, labels, _ = self._render(i)
-        return dict(boxes=boxes.copy(), labels=labels.copy(), difficult=np.zeros(len(labels), bool),
-                    width=self.size, height=self.size)
-
-
 # -----------------------------------------------------------------------------------------------
-# Several sources as one, and picking sources by name
-
-class ConcatSource:
-    """Sources with the same class list, indexed one after the other (VOC07+12 trainval)."""
-
-    def __init__(self, sources):
-        self.sources = list(sources)
-        if not self.sources:
-            raise DataError("ConcatSource: no sources")
-        self.class_names = list(self.sources[0].class_names)
-        for s in self.sources[1:]:
-            if list(s.class_names) != self.class_names:
-                raise DataError(f"{getattr(s, 'root', s)}: class list {s.class_names} differs "
-                                f"from {self.class_names}")
-        self._starts = np.cumsum([0] + [len(s) for s in self.sources]).tolist()
-
-    def __len__(self):
-        return self._starts[-1]
-
-    def _locate(self, i):
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range 0..{len(self) - 1}")
-        k = bisect_right(self._starts, i) - 1
-        return self.sources[k], i - self._starts[k]
-
-    def image_id(self, i):
-        source, j = self._locate(i)
-        return source.image_id(j)
-
-    def load_image(self, i):
-        source, j = self._locate(i)
-        return source.load_image(j)
-
-    def annotation(self, i):
-        source, j = self._locate(i)
-        return source.annotation(j)
-
-
-def _is_voc_folder(path):
-    return (path / "Annotations").is_dir() and (path / "ImageSets" / "Main").is_dir()
-
-
-def _voc_folder_split(root, train):
-    """Default split of one VOC-layout folder (see build_source)."""
-    main = root / "ImageSets" / "Main"
-
-    def has(name):
-        return (main / f"{name}.txt").is_file()
-
-    if has("test"):  # VOC2007-like: trainval is disjoint from test
-        if not train:
-            return "test"
-        return "trainval" if has("trainval") or not has("train") else "train"
-    if not train:
-        return "val"
-    # trainval contains val, the evaluation split here: train on train alone
-    return "train" if has("train") or not has("trainval") else "trainval"
-
+# Picking sources by name
 
 def build_source(name, data_root=None, split=None, train=True, images=True):
     """The source for `train.py --data NAME` / `evaluate.py`; `split` overrides the defaults.
-
-    voc: `data_root` a VOC-layout folder (or a list of them) -> in a folder with a test split,
-    trainval (training; train if only that exists) / test (evaluation); in one without (BCCD),
-    train (training; trainval if there is no train) / val (evaluation), so that training never
-    sees the evaluation images through trainval. Otherwise VOCdevkit years under
-    data_root/VOCdevkit/ or data_root/: training -> VOC2007 + VOC2012 trainval where present
-    (07+12), evaluation -> VOC2007 test (VOC2012 val when there is no VOC2007).
-    coco: train2017 (training) / val2017 (evaluation); when that json is absent and there is
-    exactly one annotations/instances_*.json, that one (tiny_coco has only train2017).
-    shapes: the synthetic set, split train / val. images=False: VOC annotations only.
-    """
+    voc: a VOC-layout folder (or a list): with a test split, trainval (training; train if only that
+    exists) / test; without (BCCD), train (trainval if no train) / val, so training never sees the
+    evaluation images. Else VOCdevkit years in data_root/VOCdevkit/ or data_root/: VOC2007 +
+    VOC2012 trainval where present (07+12) / VOC2007 test (VOC2012 val without VOC2007).
+    images=False: annotations only. coco: train2017 / val2017, or the only instances_*.json
+    (tiny_coco has only train2017). shapes: train / val."""
     if name == "shapes":
         return ShapesDetection(split or ("train" if train else "val"))
     if data_root is None:
         raise DataError(f"{name}: a data root is required (--data-root DIR)")
-    for root in data_root if isinstance(data_root, (list, tuple)) else [data_root]:
+    listed = isinstance(data_root, (list, tuple))
+    roots = list(data_root) if listed else [data_root]
+    for root in roots:
         if not Path(root).is_dir():
             raise DataError(f"{root}: folder does not exist" if not os.path.exists(root)
                             else f"{root}: not a folder")
     if name == "voc":
-        roots = [Path(r) for r in data_root] if isinstance(data_root, (list, tuple)) else None
-        if roots is None and _is_voc_folder(Path(data_root)):
-            roots = [Path(data_root)]
-        if roots is not None:
-            sources = [VOCDetection(root, split or _voc_folder_split(root, train), images=images)
-                       for root in roots]
-            return sources[0] if len(sources) == 1 else ConcatSource(sources)
-        base = Path(data_root)
-        looked = []
-        for year_dir in (base / "VOCdevkit", base):
-            wanted = ([("VOC2007", "trainval"), ("VOC2012", "trainval")] if train
-                      else [("VOC2007", "test")])
-            found = [(year_dir / y, split or s) for y, s in wanted if (year_dir / y).is_dir()]
-            if not found and not train and (year_dir / "VOC2012").is_dir():
-                found = [(year_dir / "VOC2012", split or "val")]
-            looked += [str(year_dir / y) for y, _ in wanted]
-            if found:
-                sources = [VOCDetection(root, s, images=images) for root, s in found]
-                return sources[0] if len(sources) == 1 else ConcatSource(sources)
-        raise DataError(f"{data_root}: no VOC data (looked for a VOC-layout folder there and for "
-                        f"{', '.join(looked)})")
+        first = Path(roots[0])  # a VOC-layout folder itself, or one holding VOCdevkit years
+        if listed or (first / "Annotations").is_dir() and (first / "ImageSets" / "Main").is_dir():
+            found = [(Path(r), split or _voc_folder_split(Path(r), train)) for r in roots]
+        else:
+            found = _voc_years(data_root, split, train)
+        sources = [VOCDetection(root, s, images=images) for root, s in found]
+        return sources[0] if len(sources) == 1 else ConcatSource(sources)
     if name == "coco":
         root = Path(data_root)
         chosen = split or ("train2017" if train else "val2017")
@@ -630,236 +522,74 @@ def build_source(name, data_root=None, split=None, train=True, images=True):
     raise DataError(f"{name}: unknown data set (use voc, coco or shapes)")
 
 
+def _voc_folder_split(root, train):
+    """Default split of one VOC-layout folder (see build_source)."""
+    def has(name):
+        return (root / "ImageSets" / "Main" / f"{name}.txt").is_file()
+
+    if has("test"):  # VOC2007-like: trainval is disjoint from test
+        return ("trainval" if has("trainval") or not has("train") else "train") if train else "test"
+    # trainval contains val, the evaluation split here: train on train alone
+    return ("train" if has("train") or not has("trainval") else "trainval") if train else "val"
+
+
+def _voc_years(data_root, split, train):
+    """[(year folder, split)] of the VOCdevkit years build_source takes, or DataError."""
+    looked = []
+    for year_dir in (Path(data_root) / "VOCdevkit", Path(data_root)):
+        wanted = ([("VOC2007", "trainval"), ("VOC2012", "trainval")] if train
+                  else [("VOC2007", "test")])
+        found = [(year_dir / y, split or s) for y, s in wanted if (year_dir / y).is_dir()]
+        if not found and not train and (year_dir / "VOC2012").is_dir():
+            found = [(year_dir / "VOC2012", split or "val")]
+        looked += [str(year_dir / y) for y, _ in wanted]
+        if found:
+            return found
+    raise DataError(f"{data_root}: no VOC data (looked for a VOC-layout folder there and for "
+                    f"{', '.join(looked)})")
+
+
 # -----------------------------------------------------------------------------------------------
 # Augmentation (the SSD paper, Liu et al. 2016, section 2.2): photometric -> expand -> min-IoU
-# crop -> flip -> warp -> normalise.
-# Expand, crop, flip and resize are only geometry until the end, where one bilinear sampling of
-# the original image produces the S x S output: the 4x-expanded canvas is never built.
-
-def photometric_params(rng):
-    """Draw SSD's photometric distortion (the SSD paper, section 2.2; mmdetection's
-    PhotoMetricDistortion): each step with probability 0.5: brightness +U(-32, 32), contrast
-    xU(0.5, 1.5) (before or after the HSV steps, 50/50), saturation xU(0.5, 1.5), hue
-    +U(-18, 18) degrees, channel shuffle."""
-    def maybe(draw, otherwise):
-        return draw() if rng.random() < 0.5 else otherwise
-    return dict(brightness=maybe(lambda: rng.uniform(-32, 32), 0.0),
-                contrast_first=bool(rng.random() < 0.5),
-                contrast=maybe(lambda: rng.uniform(0.5, 1.5), 1.0),
-                saturation=maybe(lambda: rng.uniform(0.5, 1.5), 1.0),
-                hue=maybe(lambda: rng.uniform(-18, 18), 0.0),
-                channels=maybe(lambda: rng.permutation(3), None))
-
-
-def _shift_hue(img, degrees):
-    """Rotate the HSV hue of planar float RGB pixels [..., 3, H, W] (numpy or torch) by `degrees`
-    (a number, or a tensor broadcasting to [..., H, W]), keeping each pixel's max and min channel
-    (HSV value and chroma); the same as an HSV round trip for 0-255 values. Elementwise
-    arithmetic on whole planes: numpy is slow at reductions over an axis of 3."""
-    xp = torch if torch.is_tensor(img) else np
-    r, g, b = img[..., 0, :, :], img[..., 1, :, :], img[..., 2, :, :]
-    mx, mn = xp.maximum(xp.maximum(r, g), b), xp.minimum(xp.minimum(r, g), b)
-    chroma = mx - mn
-    is_r = mx == r
-    is_g = (mx == g) & ~is_r
-    is_b = ~(is_r | is_g)
-    # hue in sextants [-1, 5) times chroma: g-b when r is the max, b-r+2c when g, r-g+4c when b
-    h = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
-    h /= chroma + (chroma == 0)  # a grey pixel (chroma 0) stays grey whatever its hue
-    h += degrees / 60.0
-    h += 6 * (h < 0)
-    h -= 6 * (h >= 6)  # now in [0, 6)
-    out = xp.stack([xp.abs(h - 3) - 1, 2 - xp.abs(h - 2), 2 - xp.abs(h - 4)], -3)
-    return xp.clip(out, 0, 1) * chroma[..., None, :, :] + mn[..., None, :, :]
-
-
-def _distort_block(img, p):
-    img = img + np.float32(p["brightness"])
-    if p["contrast_first"] and p["contrast"] != 1.0:
-        img *= np.float32(p["contrast"])
-    if p["saturation"] != 1.0:  # HSV saturation x f is a lerp of each channel towards the max
-        v = np.maximum(np.maximum(img[0], img[1]), img[2])
-        img -= v
-        img *= np.float32(p["saturation"])
-        img += v
-    if p["hue"] != 0.0:
-        img = _shift_hue(img, p["hue"])
-    if not p["contrast_first"] and p["contrast"] != 1.0:
-        img *= np.float32(p["contrast"])
-    return np.clip(img, 0, 255, out=img)
-
-
-def photometric_distort(img, p):
-    """Apply photometric_params `p` to planar float32 RGB pixels [3, H, W] on the 0-255 scale.
-    Every step is per pixel. Unlike mmdetection, the result is clipped to [0, 255] at the end.
-    Works through blocks of rows so that the temporaries stay in cache (about 3x faster on a
-    640x480 image than whole-image numpy)."""
-    out = np.empty_like(img)
-    order = [0, 1, 2] if p["channels"] is None else p["channels"]
-    rows = max(1, 32768 // max(img.shape[2], 1))
-    for r in range(0, img.shape[1], rows):
-        out[:, r:r + rows] = _distort_block(img[:, r:r + rows], p)[order]
-    return out
-
-
-def expand_params(width, height, rng):
-    """Zoom out (the SSD paper, section 3.6): with probability 0.5 the image goes on a canvas
-    r = U(1, 4) times its size, filled with the mean, at a random offset.
-    -> (canvas_w, canvas_h, left, top)."""
-    if rng.random() >= 0.5:
-        return width, height, 0, 0
-    r = rng.uniform(1, 4)
-    cw, ch = int(width * r), int(height * r)
-    return cw, ch, int(rng.uniform(0, cw - width)), int(rng.uniform(0, ch - height))
-
-
-CROP_MODES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)  # None: keep the whole image; 0.0: any patch
-
-
-def _iou_with(patches, boxes):
-    """IoU of xyxy boxes [t, 4] with boxes [n, 4] -> [t, n]."""
-    inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
-                    - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
-    area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [t]
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
-    return inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)
-
-
-def min_iou_crop(boxes, width, height, rng, trials=50):
-    """SSD's IoU-constrained random crop (the SSD paper, section 2.2) of a width x height image
-    with xyxy pixel boxes [n, 4]. Mode uniform over CROP_MODES; up to `trials` patches with
-    sides U(0.3, 1) of the image's and h/w in [0.5, 2], integer pixel corners. A patch is
-    accepted when at least one box centre lies strictly inside it and one of those boxes has
-    IoU >= the mode's minimum: Caffe's (the paper's) "any box" rule, not mmdetection's "all
-    boxes" (which rarely lets a crowded image have a tight crop), taken over the kept boxes as
-    torchvision does so the overlap that justified the crop is one the network sees. An image
-    without boxes takes the first patch of valid shape. When every trial fails the whole image
-    is kept.
-    -> (patch (x0, y0, x1, y1) ints, keep bool [n]: boxes whose centre is inside)."""
-    n = len(boxes)
-    whole = (0, 0, width, height)
-    mode = CROP_MODES[rng.integers(len(CROP_MODES))]
-    if mode is None:
-        return whole, np.ones(n, bool)
-    # every trial drawn at once (numpy is slow one small array at a time); the first valid wins
-    w, h = rng.uniform(0.3 * width, width, trials), rng.uniform(0.3 * height, height, trials)
-    x0, y0 = rng.uniform(0, 1, trials) * (width - w), rng.uniform(0, 1, trials) * (height - h)
-    patches = np.stack([x0, y0, x0 + w, y0 + h], 1).astype(np.int64)  # [T, 4], int() rounding
-    ok = (h / w >= 0.5) & (h / w <= 2) & (patches[:, 2:] > patches[:, :2]).all(1)  # [T]
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    p = patches[:, :, None]  # [T, 4, 1]
-    inside = (cx > p[:, 0]) & (cx < p[:, 2]) & (cy > p[:, 1]) & (cy < p[:, 3])  # [T, n]
-    if n:
-        ok &= (inside & (_iou_with(patches, boxes) >= mode)).any(1)
-    if not ok.any():
-        return whole, np.ones(n, bool)
-    t = int(ok.argmax())
-    return tuple(int(v) for v in patches[t]), inside[t]
-
-
-def _sample_positions(canvas_offset, patch, flip, size):
-    """Image-pixel coordinates (xs [S], ys [S], float64) of the pixel centres that resizing the
-    canvas patch (x0, y0, x1, y1) to size x size, mirrored when `flip`, samples; clamped to the
-    patch as F.interpolate(align_corners=False) clamps to its input."""
-    left, top = canvas_offset
-    x0, y0, x1, y1 = patch
-
-    def positions(length):
-        p = (np.arange(size, dtype=np.float64) + 0.5) * (length / size) - 0.5
-        return np.clip(p, 0, length - 1)
-
-    xs = positions(x1 - x0)
-    if flip:
-        xs = (x1 - x0 - 1) - xs
-    return xs + x0 - left, positions(y1 - y0) + y0 - top
-
-
-def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
-    """Network input from RGB pixels [H, W, 3] (uint8 or float, 0-255): the image sits at
-    canvas_offset (left, top) on a canvas filled with `mean`; take the integer patch
-    (x0, y0, x1, y1) of the canvas, mirror it when `flip`, resize it bilinearly to size x size
-    exactly as F.interpolate(align_corners=False) would, subtract the mean.
-    -> float tensor [3, S, S].
-
-    One grid_sample of (image - mean) with zero padding gives the same numbers as building the
-    mean-filled canvas, cropping, flipping and resizing. `colour` (photometric_params) is applied
-    to just the pixels the sampling reads, which is exact because every photometric step is per
-    pixel.
-    """
-    h, w = img.shape[:2]
-    xs, ys = _sample_positions(canvas_offset, patch, flip, size)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    # the image rows / columns bilinear sampling can touch (floor and floor + 1)
-    c0, c1 = max(int(math.floor(xs.min())), 0), min(int(math.floor(xs.max())) + 2, w)
-    r0, r1 = max(int(math.floor(ys.min())), 0), min(int(math.floor(ys.max())) + 2, h)
-    if c1 <= c0 or r1 <= r0:  # the patch shows only the fill
-        return torch.zeros(3, size, size)
-    window = np.ascontiguousarray(img[r0:r1, c0:c1].transpose(2, 0, 1), dtype=np.float32)
-    if colour is not None:
-        window = photometric_distort(window, colour)  # [3, h', w']
-    src = torch.from_numpy(window) - mean_t  # [3, h', w']
-    gx = torch.from_numpy((2 * (xs - c0) + 1) / (c1 - c0) - 1).float()  # [S]
-    gy = torch.from_numpy((2 * (ys - r0) + 1) / (r1 - r0) - 1).float()  # [S]
-    grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), -1)  # [S, S, 2]
-    out = F.grid_sample(src[None], grid[None], mode="bilinear", padding_mode="zeros",
-                        align_corners=False)
-    return out[0]  # [3, S, S]
-
-
-def _as_arrays(boxes, labels):
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if len(boxes) != len(labels):
-        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
-    return boxes, labels
-
+# crop -> flip -> warp -> normalise. Expand, crop, flip and resize stay geometry until one bilinear
+# sampling of the original image makes the S x S output: the 4x canvas is never built.
 
 class TrainTransform:
-    """SSD training augmentation (the SSD paper, section 2.2 and 3.6; mmdetection's and
-    amdegroot/ssd.pytorch's order): photometric distortion -> expand (zoom out) -> min-IoU random
-    crop -> horizontal flip 0.5 -> warp to size x size -> minus mean. __call__(PIL RGB image,
-    boxes px [n, 4] xyxy, labels [n]) -> (image, boxes float32 [n', 4] xyxy in [0, 1],
-    labels int64 [n']). image: float [3, S, S]; with on_device, the draws alone:
-    (uint8 pixels [H, W, 3], float64 params [10 + 2S], see _PARAMS) for augment_batch, which
-    applies them to a whole batch on the training device (the same numbers within float error).
-
-    Boxes are clipped to the image first and boxes with no area dropped; after the crop only
-    boxes whose centre was inside remain, clipped to the patch. An image that has boxes keeps at
-    least one; an image without boxes goes through every step.
-
-    Random numbers: a numpy Generator seeded from torch.initial_seed(), re-made whenever that
-    seed changes, so each DataLoader worker (seeded base_seed + worker_id by torch) and each
-    epoch's workers draw differently, and torch.manual_seed makes a run repeatable.
-    """
+    """SSD training augmentation (the SSD paper, sections 2.2 and 3.6; mmdetection's and
+    amdegroot/ssd.pytorch's order): photometric -> expand -> min-IoU crop -> flip 0.5 -> warp to
+    size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) ->
+    (float [3, S, S] or with on_device the draws (uint8 pixels [H, W, 3], float64 params [10 + 2S],
+    see _PARAMS) for augment_batch, boxes float32 [n', 4] in [0, 1], labels int64 [n']). Boxes
+    are clipped to the image (none without area), then to the crop, where only those whose centre
+    was inside remain; an image with boxes keeps one. The Generator is seeded from
+    torch.initial_seed() (re-made when it changes): workers and epochs draw differently, and
+    torch.manual_seed makes a run repeatable."""
 
     def __init__(self, size=300, mean=MEAN, on_device=False):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
         self.on_device = on_device
         self._seed, self._rng = None, None
 
-    def _generator(self):
-        seed = torch.initial_seed()
-        if seed != self._seed:
-            self._seed, self._rng = seed, np.random.default_rng(seed)
-        return self._rng
-
     def __call__(self, image, boxes, labels):
-        rng = self._generator()
-        img = np.asarray(image)  # [H, W, 3] uint8
+        if torch.initial_seed() != self._seed:
+            self._seed = torch.initial_seed()
+            self._rng = np.random.default_rng(self._seed)
+        rng, img = self._rng, np.asarray(image)  # [H, W, 3] uint8
         h, w = img.shape[:2]
         boxes, labels = _as_arrays(boxes, labels)
         boxes, _, valid = _clip_boxes(boxes, w, h)
         boxes, labels = boxes[valid], labels[valid]
-
-        colour = photometric_params(rng)
-        cw, ch, left, top = expand_params(w, h, rng)
+        colour = _photometric_params(rng)
+        cw, ch, left, top = w, h, 0, 0
+        if rng.random() < 0.5:  # expand (section 3.6): a mean-filled canvas U(1, 4) times as large
+            r = rng.uniform(1, 4)
+            cw, ch = int(w * r), int(h * r)
+            left, top = int(rng.uniform(0, cw - w)), int(rng.uniform(0, ch - h))
         boxes = boxes + [left, top, left, top]  # canvas pixels
         patch, keep = min_iou_crop(boxes, cw, ch, rng)
         x0, y0, x1, y1 = patch
         boxes = np.clip(boxes[keep], [x0, y0, x0, y0], [x1, y1, x1, y1]) - [x0, y0, x0, y0]
-        labels = labels[keep]
-        flip = bool(rng.random() < 0.5)
-        pw, ph = x1 - x0, y1 - y0
+        labels, flip, pw, ph = labels[keep], bool(rng.random() < 0.5), x1 - x0, y1 - y0
         if flip:
             boxes = np.stack([pw - boxes[:, 2], boxes[:, 1], pw - boxes[:, 0], boxes[:, 3]], 1)
         if self.on_device:
@@ -874,62 +604,210 @@ class TrainTransform:
         return out, torch.from_numpy(boxes[valid]), torch.from_numpy(labels[valid])
 
 
-# one image's draws for augment_batch, then the S x and S y sample positions
-_PARAMS = ("height", "width", "brightness", "contrast_first", "contrast", "saturation", "hue",
-           "red_from", "green_from", "blue_from")
+# one image's draws for augment_batch (_photometric_params' keys at 2:7), then S x and S y positions
+_PARAMS = ("height", "width", "brightness", "contrast_before", "saturation", "hue",
+           "contrast_after", "red_from", "green_from", "blue_from")
 
 
 def augment_batch(pixels, params, mean):
-    """TrainTransform(on_device=True)'s draws applied to a batch where it lies (the GPU):
-    pixels uint8 [B, H, W, 3] (images top-left aligned, zero padded), params float64
-    [B, 10 + 2S] -> float [B, 3, S, S]. The photometric steps of _distort_block on every pixel,
-    then one grid_sample for the batch: the padding is zeroed after the mean is subtracted, so
-    samples past an image's edge read the mean fill, as warp's zero padding does."""
+    """TrainTransform(on_device=True)'s draws applied to a batch where it lies (the GPU): pixels
+    uint8 [B, H, W, 3] (top-left aligned, zero padded), params float64 [B, 10 + 2S] -> float
+    [B, 3, S, S]. The photometric steps on every pixel, then one grid_sample for the batch; the
+    padding is zeroed after the mean is subtracted, so it reads as warp's mean fill."""
     _, h, w, _ = pixels.shape
-    s = (params.shape[1] - len(_PARAMS)) // 2
-    p = params[:, :len(_PARAMS), None, None].float()  # [B, 10, 1, 1]
-    x = pixels.permute(0, 3, 1, 2).float() + p[:, 2:3]  # [B, 3, H, W], brightness
-    first, contrast, sat, hue = p[:, 3:4] > 0, p[:, 4:5], p[:, 5:6], p[:, 6]
-    x = torch.where(first, x * contrast, x)
-    v = x.amax(1, keepdim=True)  # [B, 1, H, W]: HSV value
-    x = (x - v) * sat + v
-    x = torch.where(hue[:, None] != 0, _shift_hue(x, hue), x)
-    x = torch.where(first, x, x * contrast).clamp_(0, 255)
-    x = x.gather(1, p[:, 7:10].long().expand(-1, -1, h, w))  # channel shuffle
+    s, n = (params.shape[1] - len(_PARAMS)) // 2, len(_PARAMS)
+    p = params[:, :n, None, None].float()  # [B, 10, 1, 1]
+    x = _colour(pixels.permute(0, 3, 1, 2).float(), *(p[:, k:k + 1] for k in range(2, 7)))
+    x = x.gather(1, p[:, 7:10].long().expand(-1, -1, h, w))  # [B, 3, H, W], channel shuffle
     x = x - torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     inside = ((torch.arange(h, device=x.device).view(1, h, 1) < p[:, 0])
               & (torch.arange(w, device=x.device).view(1, 1, w) < p[:, 1]))  # [B, H, W]
-    x = x * inside[:, None]
-    gx = ((2 * params[:, len(_PARAMS):len(_PARAMS) + s] + 1) / w - 1).float()  # [B, S]
-    gy = ((2 * params[:, len(_PARAMS) + s:] + 1) / h - 1).float()  # [B, S]
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # [B, S, S, 2]
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _sample(x * inside[:, None], params[:, n:n + s], params[:, n + s:])
 
 
 class TestTransform:
-    """Evaluation: warp to size x size and subtract the mean (ssd.preprocess, the same numbers
-    detect() feeds the model); boxes divided by (width, height). __call__ as TrainTransform's."""
+    """Evaluation: warp to size x size minus the mean (ssd.preprocess, what detect() feeds the
+    model); boxes divided by (width, height). __call__ as TrainTransform's."""
 
     def __init__(self, size=300, mean=MEAN):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
 
     def __call__(self, image, boxes, labels):
         w, h = image.size
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
         boxes, labels = _as_arrays(boxes, labels)
         boxes = (boxes / [w, h, w, h]).astype(np.float32)
-        return (preprocess([pixels], self.size, self.mean)[0], torch.from_numpy(boxes),
+        return (preprocess([to_tensor(image)], self.size, self.mean)[0], torch.from_numpy(boxes),
                 torch.from_numpy(labels))
 
 
 def seed_worker(worker_id):
     """DataLoader worker_init_fn: seed Python's and numpy's global generators from the worker's
-    torch seed (base_seed + worker_id). torch >= 1.9 seeds both itself; this states it in the
-    training script and keeps the rule the same across versions. The transforms here need
-    neither: they derive their own Generator from torch.initial_seed()."""
+    torch seed (base_seed + worker_id), as torch >= 1.9 does itself, on every version. The
+    transforms need neither: they seed from torch.initial_seed()."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def photometric_distort(img, p):
+    """Apply _photometric_params `p` to planar float32 RGB [3, H, W] (0-255), clipped to [0, 255]
+    (mmdetection does not clip). Blocks of rows keep the temporaries in cache (3x faster on
+    640x480 than whole-image numpy)."""
+    out, args = np.empty_like(img), [np.float32(p[k]) for k in _PARAMS[2:7]]
+    order = [0, 1, 2] if p["channels"] is None else p["channels"]
+    rows = max(1, 32768 // max(img.shape[2], 1))
+    for r in range(0, img.shape[1], rows):
+        out[:, r:r + rows] = _colour(img[:, r:r + rows], *args)[order]
+    return out
+
+
+_CROP_MODES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)  # None: keep the whole image; 0.0: any patch
+
+
+def min_iou_crop(boxes, width, height, rng, trials=50):
+    """SSD's IoU-constrained random crop (the SSD paper, section 2.2) of a width x height image
+    with xyxy boxes [n, 4] -> (patch (x0, y0, x1, y1) ints, keep bool [n]: centre strictly inside).
+    Mode uniform over _CROP_MODES; up to `trials` patches, sides U(0.3, 1) of the image's, h/w in
+    [0.5, 2]; the first wins where a kept box has IoU >= the mode's: Caffe's "any box" rule over
+    kept boxes, as torchvision (mmdetection's "all boxes" rarely lets a crowded image have a tight
+    crop). No boxes: the first patch of valid shape; every trial failing: the whole image."""
+    n, whole = len(boxes), (0, 0, width, height)
+    mode = _CROP_MODES[rng.integers(len(_CROP_MODES))]
+    if mode is None:
+        return whole, np.ones(n, bool)
+    # every trial drawn at once (numpy is slow one small array at a time)
+    w, h = rng.uniform(0.3 * width, width, trials), rng.uniform(0.3 * height, height, trials)
+    x0, y0 = rng.uniform(0, 1, trials) * (width - w), rng.uniform(0, 1, trials) * (height - h)
+    patches = np.stack([x0, y0, x0 + w, y0 + h], 1).astype(np.int64)  # [T, 4], int() rounding
+    ok = (h / w >= 0.5) & (h / w <= 2) & (patches[:, 2:] > patches[:, :2]).all(1)  # [T]
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    p = patches[:, :, None]  # [T, 4, 1]
+    inside = (cx > p[:, 0]) & (cx < p[:, 2]) & (cy > p[:, 1]) & (cy < p[:, 3])  # [T, n]
+    if n:
+        inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
+                        - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
+        area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [T]
+        area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
+        iou = inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)  # [T, n]
+        ok &= (inside & (iou >= mode)).any(1)
+    if not ok.any():
+        return whole, np.ones(n, bool)
+    t = int(ok.argmax())
+    return tuple(int(v) for v in patches[t]), inside[t]
+
+
+def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
+    """RGB pixels [H, W, 3] (0-255) at canvas_offset (left, top) on a `mean`-filled canvas: its
+    integer patch (x0, y0, x1, y1), mirrored when `flip`, resized to size x size as
+    F.interpolate(bilinear, align_corners=False), minus the mean -> float [3, S, S]. One
+    grid_sample of (image - mean), zero padded, without building the canvas; `colour` is applied
+    to just the pixels sampled (exact: every photometric step is per pixel)."""
+    h, w = img.shape[:2]
+    xs, ys = _sample_positions(canvas_offset, patch, flip, size)
+    # the rows / columns bilinear sampling can touch (floor and floor + 1)
+    c0, c1 = max(int(math.floor(xs.min())), 0), min(int(math.floor(xs.max())) + 2, w)
+    r0, r1 = max(int(math.floor(ys.min())), 0), min(int(math.floor(ys.max())) + 2, h)
+    if c1 <= c0 or r1 <= r0:  # the patch shows only the fill
+        return torch.zeros(3, size, size)
+    window = np.ascontiguousarray(img[r0:r1, c0:c1].transpose(2, 0, 1), dtype=np.float32)
+    if colour is not None:
+        window = photometric_distort(window, colour)  # [3, h', w']
+    src = torch.from_numpy(window) - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    return _sample(src[None], torch.from_numpy(xs - c0)[None], torch.from_numpy(ys - r0)[None])[0]
+
+
+def _photometric_params(rng):
+    """SSD's photometric draws (the SSD paper, section 2.2; mmdetection's PhotoMetricDistortion),
+    each step with probability 0.5: brightness +U(-32, 32), contrast xU(0.5, 1.5) before or after
+    the HSV steps (50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle
+    -> dict(brightness, contrast_before, saturation, hue, contrast_after, channels: None or a
+    permutation); a step not drawn has its identity value (0, 1 or None)."""
+    def maybe(draw, otherwise):
+        return draw() if rng.random() < 0.5 else otherwise
+    brightness, first = maybe(lambda: rng.uniform(-32, 32), 0.0), bool(rng.random() < 0.5)
+    contrast = maybe(lambda: rng.uniform(0.5, 1.5), 1.0)
+    return dict(brightness=brightness, contrast_before=contrast if first else 1.0,
+                saturation=maybe(lambda: rng.uniform(0.5, 1.5), 1.0),
+                hue=maybe(lambda: rng.uniform(-18, 18), 0.0),
+                contrast_after=1.0 if first else contrast,
+                channels=maybe(lambda: rng.permutation(3), None))
+
+
+def _colour(x, brightness, contrast_before, saturation, hue, contrast_after):
+    """The photometric steps on float RGB planes [..., 3, H, W] (0-255), clipped to [0, 255]:
+    numpy with numbers (steps that change nothing skipped) or torch with [B, 1, 1, 1] tensors."""
+    xp = torch if torch.is_tensor(x) else np
+    x = x + brightness
+    if _changes(contrast_before, 1):
+        x *= contrast_before
+    if _changes(saturation, 1):  # HSV saturation x f is a lerp of each channel towards the max
+        v = xp.maximum(xp.maximum(x[..., 0:1, :, :], x[..., 1:2, :, :]), x[..., 2:3, :, :])
+        x -= v
+        x *= saturation
+        x += v
+    if _changes(hue, 0):
+        x = _shift_hue(x, hue)
+    if _changes(contrast_after, 1):
+        x *= contrast_after
+    return xp.clip(x, 0, 255, out=x)
+
+
+def _changes(value, identity):
+    return torch.is_tensor(value) or value != identity  # tensors: always (no device sync)
+
+
+def _shift_hue(img, degrees):
+    """Rotate the HSV hue of float RGB planes [..., 3, H, W] (numpy or torch) by `degrees` (a
+    number or [..., 1, 1, 1]), keeping each pixel's max and min channel: an HSV round trip for
+    0-255 values, in whole-plane arithmetic (numpy is slow at reductions over an axis of 3)."""
+    xp = torch if torch.is_tensor(img) else np
+    r, g, b = img[..., 0:1, :, :], img[..., 1:2, :, :], img[..., 2:3, :, :]  # [..., 1, H, W]
+    mx, mn = xp.maximum(xp.maximum(r, g), b), xp.minimum(xp.minimum(r, g), b)
+    chroma = mx - mn
+    is_r = mx == r
+    is_g = (mx == g) & ~is_r
+    is_b = ~(is_r | is_g)
+    # hue in sextants [-1, 5) times chroma: g-b when r is the max, b-r+2c when g, r-g+4c when b
+    h = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
+    h /= chroma + (chroma == 0)  # a grey pixel (chroma 0) stays grey whatever its hue
+    h += degrees / 60.0
+    h += 6 * (h < 0)
+    h -= 6 * (h >= 6)  # now in [0, 6)
+    out = xp.concatenate([xp.abs(h - 3) - 1, 2 - xp.abs(h - 2), 2 - xp.abs(h - 4)], -3)
+    return xp.clip(out, 0, 1) * chroma + mn
+
+
+def _sample_positions(canvas_offset, patch, flip, size):
+    """Image-pixel coordinates (xs [S], ys [S], float64) that resizing the canvas patch
+    (x0, y0, x1, y1) to size x size, mirrored when `flip`, samples; clamped to the patch as
+    F.interpolate(align_corners=False) clamps to its input."""
+    (left, top), (x0, y0, x1, y1) = canvas_offset, patch
+
+    def positions(length):
+        return np.clip((np.arange(size, dtype=np.float64) + 0.5) * (length / size) - 0.5,
+                       0, length - 1)
+
+    xs = positions(x1 - x0)
+    if flip:
+        xs = (x1 - x0 - 1) - xs
+    return xs + x0 - left, positions(y1 - y0) + y0 - top
+
+
+def _sample(x, xs, ys):
+    """Bilinear samples of x [B, 3, h, w] at pixel positions xs [B, S] (columns) and ys [B, S]
+    (rows) -> [B, 3, S, S]; zero past the edges (grid_sample, align_corners=False)."""
+    h, w = x.shape[-2:]
+    gx, gy = ((2 * xs + 1) / w - 1).float(), ((2 * ys + 1) / h - 1).float()  # [B, S]
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # [B, S, S, 2]
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _as_arrays(boxes, labels):
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(boxes) != len(labels):
+        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+    return boxes, labels
 
 
 # -----------------------------------------------------------------------------------------------
@@ -948,25 +826,22 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i):
-        image = self.source.load_image(i)
-        ann = self.source.annotation(i)
+        image, ann = self.source.load_image(i), self.source.annotation(i)
         boxes, labels = ann["boxes"], ann["labels"]
         if not self.keep_difficult:
             boxes, labels = boxes[~ann["difficult"]], labels[~ann["difficult"]]
-        if image.size != (ann["width"], ann["height"]) and i not in self._size_warned:
+        ann_size = (ann["width"], ann["height"])
+        if image.size != ann_size and i not in self._size_warned:
             self._size_warned.add(i)
             log.warning("image %s: image is %dx%d but its annotation says %dx%d; boxes kept as "
-                        "written",
-                        self.source.image_id(i), *image.size, ann["width"], ann["height"])
-        image, boxes, labels = self.transform(image, boxes, labels)
-        return image, boxes, labels, i
+                        "written", self.source.image_id(i), *image.size, *ann_size)
+        return (*self.transform(image, boxes, labels), i)
 
 
 def collate(batch):
     """[(image, boxes, labels, index)] -> (images [B, 3, S, S], list of B boxes [n_i, 4], list of
-    B labels [n_i], indices int64 [B]); boxes and labels stay ragged lists. Images that are
-    TrainTransform(on_device=True)'s (pixels, params) become (uint8 [B, H, W, 3] zero padded
-    to the largest, params [B, P]) for augment_batch."""
+    B labels [n_i], indices int64 [B]). TrainTransform(on_device=True)'s (pixels, params) images
+    become (uint8 [B, H, W, 3] zero padded to the largest, params [B, P]) for augment_batch."""
     images, boxes, labels, indices = zip(*batch)
     if isinstance(images[0], tuple):
         pixels, params = zip(*images)
@@ -984,26 +859,11 @@ def write_shapes(folder, split="val", num_images=8):
     """Save the first `num_images` of a shapes split as PNG files (the quick start's detect.py
     input); returns the paths."""
     os.makedirs(folder, exist_ok=True)
-    source = ShapesDetection(split)
-    paths = []
+    source, paths = ShapesDetection(split), []
     for i in range(min(num_images, len(source))):
-        path = os.path.join(folder, f"shapes_{split}_{i:03d}.png")
-        source.load_image(i).save(path)
-        paths.append(path)
+        paths.append(os.path.join(folder, f"shapes_{split}_{i:03d}.png"))
+        source.load_image(i).save(paths[-1])
     return paths
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Write images of the built-in synthetic shapes set to a folder, e.g. to try "
-                    "detect.py on a model trained with `train.py --data shapes`.")
-    parser.add_argument("folder", help="where to write shapes_<split>_NNN.png")
-    parser.add_argument("--split", choices=sorted(ShapesDetection.SPLITS), default="val")
-    parser.add_argument("--num", type=int, default=8, help="how many images (default 8)")
-    args = parser.parse_args()
-    print(f"wrote {len(write_shapes(args.folder, args.split, args.num))} images to {args.folder}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1051,34 +911,17 @@ def to_tensor(image):
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
 
 
-def _class_colour(label):
-    """A saturated colour per class: hues spaced by the golden ratio, so neighbouring labels differ
-    strongly and the colour of a class is the same in every image."""
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def _text_colour(background):
-    """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
-    r, g, b = background
-    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
-
-
-def _label_font(size):
-    try:  # Pillow >= 10.1 scales its built-in font
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # older Pillow: the fixed small bitmap font
-        return ImageFont.load_default()
-
-
 def draw_detections(image, boxes, scores, labels, class_names):
     """Draw boxes [k, 4] xyxy pixels with "name 0.87" labels on `image` (PIL RGB, in place).
-    Lowest scores are drawn first, so the best detections end up on top. Each label sits above its
-    box (inside its top edge where there is no room), moved down below any label already placed
-    (best first) that it would cover. Returns the label rectangles (x1, y1, x2, y2), per box."""
+    Lowest scores are drawn first, so the best end up on top. Each label sits above its box
+    (inside its top edge where there is no room), moved down below any label already placed (best
+    first) that it would cover. Returns the label rectangles (x1, y1, x2, y2), per box."""
     w, h = image.size
     line = max(2, round(min(w, h) / 200))
-    font = _label_font(max(12, round(min(w, h) / 32)))
+    try:  # Pillow >= 10.1 scales its built-in font; older ones have the small bitmap font only
+        font = ImageFont.load_default(size=max(12, round(min(w, h) / 32)))
+    except (TypeError, OSError):
+        font = ImageFont.load_default()
     draw = ImageDraw.Draw(image)
     texts = [f"{class_names[int(c) - 1]} {float(s):.2f}" for s, c in zip(scores, labels)]
     rects = []
@@ -1099,3 +942,29 @@ def draw_detections(image, boxes, scores, labels, class_names):
         draw.text((rects[i][0] + line - left, rects[i][1] + line - top), texts[i],
                   fill=_text_colour(colour), font=font)
     return rects
+
+
+def _class_colour(label):
+    """A saturated colour per class: hues spaced by the golden ratio, so neighbouring labels differ
+    strongly and a class has one colour in every image."""
+    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _text_colour(background):
+    """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Write images of the built-in synthetic shapes set to a folder, e.g. to try "
+                    "detect.py on a model trained with `train.py --data shapes`.")
+    parser.add_argument("folder", help="where to write shapes_<split>_NNN.png")
+    parser.add_argument("--split", choices=sorted(ShapesDetection.SPLITS), default="val")
+    parser.add_argument("--num", type=int, default=8, help="how many images (default 8)")
+    args = parser.parse_args()
+    print(f"wrote {len(write_shapes(args.folder, args.split, args.num))} images to {args.folder}")

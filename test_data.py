@@ -505,7 +505,7 @@ def test_min_iou_crop_centre_rule_and_iou_constraint(monkeypatch):
     rng = np.random.default_rng(1)
     cropped = 0
     for min_iou in (0.0, 0.3, 0.7, 0.9):
-        monkeypatch.setattr(data, "CROP_MODES", (min_iou,))
+        monkeypatch.setattr(data, "_CROP_MODES", (min_iou,))
         for _ in range(150):
             w, h = int(rng.integers(20, 400)), int(rng.integers(20, 400))
             n = int(rng.integers(1, 6))
@@ -529,7 +529,7 @@ def test_min_iou_crop_centre_rule_and_iou_constraint(monkeypatch):
             assert max(ious) >= min_iou - 1e-9
     assert cropped > 150  # about 200 of the 600 draws (seeds 1-3: 188-205)
     # no boxes: a patch of valid shape is taken at once
-    monkeypatch.setattr(data, "CROP_MODES", (0.9,))
+    monkeypatch.setattr(data, "_CROP_MODES", (0.9,))
     patch, keep = data.min_iou_crop(np.zeros((0, 4)), 100, 80, rng)
     assert keep.shape == (0,) and patch != (0, 0, 100, 80)
 
@@ -595,15 +595,11 @@ def test_warp_identity_is_preprocess_and_test_transform_maps_boxes_exactly():
 
 def photometric_reference(pixel, p):
     """One pixel, step by step, with colorsys for HSV."""
-    px = np.array(pixel, np.float64) + p["brightness"]
-    if p["contrast_first"]:
-        px *= p["contrast"]
+    px = (np.array(pixel, np.float64) + p["brightness"]) * p["contrast_before"]
     h, s, v = colorsys.rgb_to_hsv(*px)
     s *= p["saturation"]
     h = (h + p["hue"] / 360.0) % 1.0
-    px = np.array(colorsys.hsv_to_rgb(h, s, v))
-    if not p["contrast_first"]:
-        px *= p["contrast"]
+    px = np.array(colorsys.hsv_to_rgb(h, s, v)) * p["contrast_after"]
     if p["channels"] is not None:
         px = px[p["channels"]]
     return np.clip(px, 0, 255)
@@ -615,17 +611,20 @@ def test_photometric_distort_matches_per_pixel_colorsys():
     img[:, 0, :] = img[0, 0, :]  # grey pixels
     img[1, 1, :] = img[0, 1, :]  # ties for the max channel
     for trial in range(12):
-        p = dict(brightness=rng.uniform(-32, 32), contrast_first=bool(trial % 2),
-                 contrast=rng.uniform(0.5, 1.5), saturation=rng.uniform(0.5, 1.5),
-                 hue=rng.uniform(-18, 18), channels=rng.permutation(3) if trial % 3 else None)
+        brightness, contrast, first = rng.uniform(-32, 32), rng.uniform(0.5, 1.5), trial % 2
+        p = dict(brightness=brightness, contrast_before=contrast if first else 1.0,
+                 saturation=rng.uniform(0.5, 1.5), hue=rng.uniform(-18, 18),
+                 contrast_after=1.0 if first else contrast,
+                 channels=rng.permutation(3) if trial % 3 else None)
         if trial == 0:
-            p.update(brightness=0.0, contrast=1.0, saturation=1.0, hue=0.0)
+            p.update(brightness=0.0, contrast_before=1.0, contrast_after=1.0, saturation=1.0,
+                     hue=0.0)
         out = data.photometric_distort(img, p)
         # values below 0 before the HSV steps are where colorsys and HSV libraries disagree
         for yy in range(img.shape[1]):
             for xx in range(img.shape[2]):
                 px = img[:, yy, xx] + p["brightness"]
-                if (px * (p["contrast"] if p["contrast_first"] else 1) < 0).any():
+                if (px * p["contrast_before"] < 0).any():
                     continue
                 want = photometric_reference(img[:, yy, xx], p)
                 np.testing.assert_allclose(out[:, yy, xx], want, atol=2e-3)
@@ -639,9 +638,9 @@ def test_photometric_distort_matches_per_pixel_colorsys():
 
 def test_boxes_follow_the_pixels(monkeypatch):
     """With the colours left alone, the bright object in the output sits where its box says."""
-    no_colour = dict(brightness=0.0, contrast_first=True, contrast=1.0, saturation=1.0, hue=0.0,
-                     channels=None)
-    monkeypatch.setattr(data, "photometric_params", lambda rng: no_colour)
+    no_colour = dict(brightness=0.0, contrast_before=1.0, saturation=1.0, hue=0.0,
+                     contrast_after=1.0, channels=None)
+    monkeypatch.setattr(data, "_photometric_params", lambda rng: no_colour)
     img = np.zeros((90, 120, 3), np.uint8)
     img[20:60, 30:70] = 255
     box = np.array([[30, 20, 70, 60]], np.float32)
