@@ -29,7 +29,7 @@ except Exception:  # no Triton (macOS, Windows) or a broken install: the torch c
     triton = None
 
 _CHUNK = 64  # boxes resolved per step of the torch NMS; tuned with bench.py on CPU
-_SMALL_GROUP = 1024  # labels up to this many boxes take _sweep_rows, bigger ones _greedy_nms_rows
+_SMALL_GROUP = 1024  # labels up to this many boxes take _sweep_rows, bigger ones _greedy_nms
 _SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels in _sweep_rows; tuned on CPU
 _BAND = 128  # labels of at most this many + 1 boxes take _greedy_nms_band
 _ROWS_GPU, _ROWS_INTERPRETED = 64, 512  # mask-kernel rows per program (the interpreter likes big)
@@ -64,19 +64,16 @@ def batched_nms(boxes, scores, labels, iou_threshold):
 
 
 def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
-    """Class-aware greedy NMS along rows already in priority order, stopping once a row is full.
+    """Class-aware greedy NMS along rows already in priority order, stopping once a row is full
+    (an untrained SSD has ~36,000 candidates per image but keeps 200).
 
-    boxes [B, n, 4], labels [B, n] int, valid [B, n] bool; each row is one problem (SSD: one image)
-    whose entries come best first, ties already broken. A valid entry is kept unless a kept entry
-    before it in its row, of its label, has IoU > iou_threshold with it; invalid entries are never
-    kept and suppress nothing. Returns keep [B, n] bool: per row, the first max_kept of the entries
-    batched_nms would keep, or up to _CHUNK more (a row is not looked at after the chunk in which it
-    fills up). An untrained SSD has ~36,000 candidates per image but keeps 200: stopping early does
-    a few hundred boxes' work instead."""
-    b, n = labels.shape
-    if n == 0 or max_kept <= 0:
-        return torch.zeros(b, n, dtype=torch.bool, device=boxes.device)
-    c5 = _coords(boxes.reshape(-1, 4)).view(5, b, n)  # [5, B, n]
+    boxes [B, n, 4], labels [B, n] int, valid [B, n] bool; each row (SSD: an image) is one problem,
+    best first. Invalid entries are never kept and suppress nothing. Returns keep [B, n] bool: per
+    row, the first max_kept entries that batched_nms would keep, and maybe more of them up to the
+    end of the _CHUNK-column chunk in which the row filled up (the rest of the row is False)."""
+    if labels.shape[1] == 0 or max_kept <= 0:
+        return torch.zeros_like(valid)
+    c5 = _coords(boxes.reshape(-1, 4)).view(5, *labels.shape)  # [5, B, n]
     return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
 
 
@@ -136,9 +133,7 @@ def _f32_threshold(x):
     if not x >= 0:
         raise ValueError(f"iou_threshold must be >= 0, got {x}")
     f = torch.tensor(float(x), dtype=torch.float32)
-    if f.item() > x:
-        f = torch.nextafter(f, torch.tensor(-math.inf))
-    return f.item()
+    return (f if f.item() <= x else torch.nextafter(f, torch.tensor(-math.inf))).item()
 
 
 def _score_order(scores):
@@ -193,33 +188,34 @@ def _resolve(near, may_keep, thr, spread=lambda keep: keep.unsqueeze(-2)):
 
 
 def _nms_torch(boxes, scores, labels, thr):
-    """batched_nms in torch: one class -> _greedy_nms_rows; labels of at most _BAND + 1 boxes ->
-    _greedy_nms_band; else one matrix of rows per label size class for _sweep_rows (many small
-    labels: SSD's per-class NMS) or _greedy_nms_rows (labels over _SMALL_GROUP boxes)."""
+    """batched_nms in torch, the fastest path for the shape on CPU (bench.py): one class ->
+    _greedy_nms; labels of up to _BAND + 1 boxes -> _greedy_nms_band; else rows of labels for
+    _sweep_rows (SSD's per-class NMS: many labels of up to 400 boxes)."""
     pad = boxes.shape[0]
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
     order = _score_order(scores)  # [N]
     if labels is None:
-        return _greedy_nms_rows(c5, order.unsqueeze(0), thr)  # already by score
+        return _greedy_nms(c5, order, thr)
     order, _, start, counts = _segments(order, labels)
     width = int(counts.max()) - 1
     if width <= _BAND and pad * width <= _SMALL_BLOCK // 8:
         kept = _greedy_nms_band(c5, order, labels[order], width, thr)
     else:
         kept = torch.cat([rows[_sweep_rows(c5[:, rows], rows != pad, thr)]
-                          if rows.shape[1] <= _SMALL_GROUP else _greedy_nms_rows(c5, rows, thr)
-                          for rows in _label_rows(order, start, counts, pad, smallest=8)])
+                          if rows.shape[1] <= _SMALL_GROUP  # else a few big labels, one by one
+                          else torch.cat([_greedy_nms(c5, r[r != pad], thr) for r in rows])
+                          for rows in _label_rows(order, start, counts, pad)])
     kept = kept.sort().values
     return kept[_score_order(scores[kept])]
 
 
-def _label_rows(order, start, counts, pad, smallest=1):
+def _label_rows(order, start, counts, pad):
     """Segments of order (see _segments) as matrices [G, n] of indices, one row per label, padded
-    with pad; one matrix per power-of-two size class, so a few big labels never pad many small ones
-    (labels of at most `smallest` boxes share one: fewer, wider steps)."""
+    with pad; one matrix per power-of-two size class (labels of up to 8 boxes share one), so a few
+    big labels never pad many small ones."""
     slot = torch.repeat_interleave(torch.arange(len(counts), device=order.device), counts)  # [N]
     rank = torch.arange(len(order), device=order.device) - start[slot]  # [N] place in its label
-    size_class = torch.ceil(torch.log2(counts.clamp(min=smallest).double())).long()  # [S]
+    size_class = torch.ceil(torch.log2(counts.clamp(min=8).double())).long()  # [S]
     for k in size_class.unique().tolist():
         members = size_class == k  # [S]
         pick = members[slot]  # [N] boxes in this size class
@@ -229,31 +225,18 @@ def _label_rows(order, start, counts, pad, smallest=1):
         yield rows
 
 
-def _greedy_nms_rows(c5, rows, thr):
-    """Greedy NMS within each row of rows [G, n]: indices into c5 [5, N + 1] (see _coords; the last,
-    empty box pads), each row by decreasing score -> the kept indices, row by row. _CHUNK boxes of
-    each row at a time are resolved, then the kept ones prune the rest of their row, so the work
+def _greedy_nms(c5, order, thr):
+    """Greedy NMS of order [n], indices into c5 (see _coords) by decreasing score -> the kept ones,
+    by score. _CHUNK boxes at a time are resolved, then the kept ones prune the rest, so the work
     shrinks as boxes are suppressed (one big class)."""
-    pad = c5.shape[1] - 1
     kept = []
-    while rows.shape[1] > 0:
-        head, rows = rows[:, :_CHUNK], rows[:, _CHUNK:]  # [G, c], [G, r]
-        hc = c5[:, head]  # [5, G, c]
-        survivors = _compact(head, _resolve(_iou(hc, hc).tril_(-1), True, thr), pad)  # [G, k]
-        kept.append(survivors.flatten())
-        if rows.shape[1] > 0:  # amax: a NaN (two empty boxes) is never > thr
-            rows = _compact(rows, ~(_iou(c5[:, survivors], c5[:, rows]).amax(1) > thr), pad)
-    kept = torch.cat(kept)
-    return kept[kept != pad]
-
-
-def _compact(rows, keep, pad):
-    """Entries of rows [G, r] where keep [G, r], moved to the front of each row and padded with
-    pad; columns that hold only padding are dropped."""
-    if rows.shape[0] == 1:
-        return rows[keep].unsqueeze(0)
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept first
-    return rows.masked_fill(~keep, pad).gather(1, order)[:, : int(keep.sum(1).max())]
+    while len(order):
+        head, order = order[:_CHUNK], order[_CHUNK:]  # [c], [r]
+        hc = c5[:, head]  # [5, c]
+        kept.append(head[_resolve(_iou(hc, hc).tril_(-1), True, thr)])  # [k]
+        if len(order):  # amax: a NaN (two empty boxes) is never > thr
+            order = order[~(_iou(c5[:, kept[-1]], c5[:, order]).amax(0) > thr)]
+    return torch.cat(kept)
 
 
 def _greedy_nms_band(c5, order, sorted_labels, width, thr):
