@@ -1,9 +1,9 @@
 """Box operations for SSD post-processing: IoU, greedy NMS, class-aware NMS and Soft-NMS.
 
-The contract (every engine, every device), that of torchvision.ops.box_iou / nms / batched_nms:
+The contract, on every engine and device (that of torchvision.ops.box_iou / nms / batched_nms):
 - Boxes are [N, 4] (x1, y1, x2, y2). A box with x2 <= x1 or y2 <= y1 has zero area and IoU 0 with
-  everything. A box with a NaN or infinite coordinate is treated as empty: it never suppresses and
-  is never suppressed (torchvision's IoU with it is NaN or 0, never > a threshold; box_iou gives 0).
+  everything. A box with a NaN or infinite coordinate counts as empty: it never suppresses and is
+  never suppressed (torchvision's IoU with it is NaN or 0, never > a threshold; box_iou gives 0).
 - IoU is float32 whatever the input dtype (float16 / bfloat16 give their float32 copy's result),
   rounded as torchvision's kernels: inter / ((area_a + area_b) - inter).
 - Hard NMS: going down the scores, a box is kept unless a kept box has IoU > iou_threshold with it
@@ -12,9 +12,9 @@ The contract (every engine, every device), that of torchvision.ops.box_iou / nms
   would merge stay apart) and a NaN score ranks above every other, as torch.sort does.
 - labels [N] int (any values): boxes only suppress boxes of their own label; None = one class.
 - Soft-NMS (Bodla et al. 2017) decays scores in float32; a NaN score is dropped.
-Engines: CUDA tensors run the Triton kernels, CPU tensors the torch code (so does nms_rows on any
+Engines: CUDA tensors run the Triton kernels, CPU tensors the torch code (as does nms_rows on any
 device, and every call when Triton cannot be imported). SSD_KERNELS=torch or SSD_KERNELS=triton
-forces one; triton on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported (the tests).
+forces one; triton on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported (tests).
 """
 import functools
 import math
@@ -174,11 +174,10 @@ def _iou(a, b):
 
 def _resolve(near, may_keep, thr, spread=lambda keep: keep.unsqueeze(-2)):
     """Greedy NMS of a short run of boxes: near [..., j, i] = IoU of box j with each box i before it
-    (0 elsewhere; spread(keep) lays keep [..., i] out the same way), may_keep [..., j] bool.
-    Iterates keep[j] = may_keep[j] and not any(keep[i] and near[j, i] > thr) from "all kept" to its
-    fixed point: after k rounds the first k boxes are final, so it exists, is the greedy answer, and
-    takes a few rounds in practice. Float amax, not bool any: much faster on CPU. A NaN (two empty
-    boxes) only fills the row of an empty box, which nothing can suppress anyway."""
+    (0 elsewhere; spread(keep) lays keep [..., i] out so), may_keep [..., j] bool. Iterates keep[j]
+    = may_keep[j] and not any(keep[i] and near[j, i] > thr) from "all kept": after k rounds the
+    first k are final, so the fixed point is the greedy answer (a few rounds in practice). Float
+    amax: faster than bool any on CPU; a NaN (two empty boxes) is never > thr."""
     keep = may_keep & ~(near.amax(-1) > thr)
     while True:
         nxt = may_keep & ~((near * spread(keep)).amax(-1) > thr)
@@ -259,13 +258,11 @@ def _greedy_nms_band(c5, order, sorted_labels, width, thr):
 
 
 def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
-    """Greedy NMS along each row of rc [5, G, n] (see _coords; each row in priority order) ->
-    keep [G, n] bool. valid [G, n]: the entries that may be kept (the others suppress nothing);
-    labels [G, n]: if given, only kept entries of the same label suppress; max_kept: a row is left
-    (the rest False) after the chunk in which it reaches max_kept kept entries. Blocks of rows
-    sized for the cache walk their columns _CHUNK at a time: a chunk is first checked against its
-    row's kept boxes so far (front-packed in a buffer whose unused slots are empty boxes, which
-    suppress nothing), then resolved within itself."""
+    """Greedy NMS along each row of rc [5, G, n] (see _coords; rows in priority order) -> keep
+    [G, n] bool; valid, labels [G, n] and max_kept as in nms_rows (labels None: one class). Blocks
+    of rows sized for the cache walk their columns _CHUNK at a time: a chunk is checked against
+    its row's kept boxes so far (front-packed in a buffer of empty boxes, which suppress nothing),
+    then resolved within itself."""
     g_all, n = valid.shape
     keep = torch.zeros(g_all, n, dtype=torch.bool, device=valid.device)
     cap = n if max_kept is None else min(n, max_kept + _CHUNK)  # buffer slots a row can need
@@ -276,8 +273,7 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
         g = v.shape[0]
         buf = bc.new_zeros(5, g, cap)  # [5, g, cap] kept boxes of each row, front-packed
         buf_label = None if lab is None else lab.new_zeros(g, cap)  # [g, cap]
-        count = torch.zeros(g, dtype=torch.long, device=v.device)  # [g] boxes in the buffer
-        kept_count = torch.zeros_like(count)  # [g]
+        count = kept_count = torch.zeros(g, dtype=torch.long, device=v.device)  # [g] buffer, kept
         for c0 in range(0, n, _CHUNK):
             cols = slice(c0, c0 + _CHUNK)
             may_keep, cc = v[:, cols], bc[:, :, cols]  # [g, c], [5, g, c]
@@ -297,7 +293,7 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
                 may_keep = may_keep & ~(hit.amax(2) > thr)  # no kept box of an earlier chunk hits
             k = keep[g0:g0 + g, cols] = _resolve(near, may_keep, thr)  # [g, c]
             if c0 + _CHUNK < n:
-                kept_count += k.sum(1)
+                kept_count = kept_count + k.sum(1)
                 add = k & (cc[4] > 0)  # [g, c] kept boxes that can suppress
                 slot = count.unsqueeze(1) + add.cumsum(1) - 1  # [g, c]
                 gi, ci = add.nonzero(as_tuple=True)
@@ -309,8 +305,7 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
 
 
 def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
-    """soft_nms in torch, the labels of a size class stepping together -> the picked (indices, new
-    scores), in no particular order."""
+    """soft_nms in torch, all labels of a size class stepping together -> picked (indices, scores)."""
     pad = boxes.shape[0]  # index of an empty box with score 0 that pads the rows
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1]
     scores = torch.cat([scores, scores.new_zeros(1)])  # [N + 1]
@@ -393,8 +388,8 @@ def _nms_triton(boxes, scores, labels, thr):
 
 
 def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr):
-    """soft_nms with one Triton program per label running its whole decay loop -> the picked
-    (indices, new scores), in no particular order; host syncs: the label split and the end."""
+    """soft_nms with one Triton program per label running its whole decay loop -> picked (indices,
+    scores); host syncs: the label split and the end."""
     n = boxes.shape[0]
     order, _, start, counts = _segments(_score_order(scores), labels)
     cur = scores[order].contiguous()  # [N] current scores, decayed in place by the kernel
@@ -416,8 +411,7 @@ if triton is not None:
 
     @triton.jit
     def _load_box(ptr, idx, n):
-        """Boxes idx (< n) of an [n, 4] array as 4 blocks; a box with a NaN or infinite coordinate
-        (or past n) is loaded as the empty box 0, 0, 0, 0 (see _coords)."""
+        """Boxes idx of an [n, 4] array as 4 blocks; non-finite or past n: the empty box 0, 0, 0, 0."""
         x1 = tl.load(ptr + idx * 4 + 0, mask=idx < n, other=0.0)
         y1 = tl.load(ptr + idx * 4 + 1, mask=idx < n, other=0.0)
         x2 = tl.load(ptr + idx * 4 + 2, mask=idx < n, other=0.0)
@@ -461,8 +455,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_mask_kernel(boxes_ptr, labels_ptr, meta_ptr, segments, n, mask_ptr, thr,
                          COMPARE_LABELS: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr):
-        """Segment s, rows block r, word w: mask[row, w] bit b = box (row) would suppress box
-        (w*64 + b) of the same segment: it comes later in score order and IoU > thr."""
+        """Program (segment, rows block, word w): bit b of mask[row, w] = box row would suppress box
+        w * 64 + b of its segment (it comes later and IoU > thr)."""
         start, count, mask_off, _ = _segment(meta_ptr, tl.program_id(0), segments, n, SEGMENTED)
         n_words = (count + 63) // 64
         rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -488,9 +482,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_sweep_kernel(mask_ptr, meta_ptr, segments, n, removed_ptr, perm_ptr, flags_ptr,
                           SEGMENTED: tl.constexpr, PERMUTED: tl.constexpr, CHUNK: tl.constexpr):
-        """Greedy pass over one segment's mask, 64 boxes (one word) at a time: resolve the word's
-        boxes in order against its diagonal word, then OR the kept rows into `removed` for the
-        later words. Sets flags[perm[start + i]] (flags[i] if not PERMUTED) for each kept box i."""
+        """Greedy pass over a segment's mask a word (64 boxes) at a time: resolve them in order on
+        the diagonal word, OR the kept rows into `removed`; flags[perm[start + i]] = kept i."""
         seg = tl.program_id(0)
         start, count, mask_off, word_off = _segment(meta_ptr, seg, segments, n, SEGMENTED)
         mask_base = mask_ptr + mask_off
@@ -531,9 +524,8 @@ if triton is not None:
     @triton.jit
     def _soft_nms_kernel(boxes_ptr, cur_ptr, start_ptr, count_ptr, pos_ptr, new_ptr, picks_ptr,
                          sigma, score_thr, iou_thr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
-        """Soft-NMS of one segment (a label, boxes by decreasing score): pick the best live score
-        (first in segment order among equals), record it, decay the others, until none is live.
-        A picked box's score becomes NaN (NaN >= score_thr is false), so it is never live again."""
+        """Soft-NMS of a segment (a label, by score): pick the best live score (the first among
+        equals), record it, decay the rest, until none is live; a pick's score becomes NaN."""
         seg = tl.program_id(0)
         start = tl.load(start_ptr + seg)
         count = tl.load(count_ptr + seg)
