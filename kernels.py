@@ -91,13 +91,12 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
         raise ValueError(f"soft_nms method must be 'gaussian' or 'linear', got {method!r}")
     out_dtype = scores.dtype if scores.is_floating_point() else torch.float32
     if boxes.shape[0] == 0:
-        return (torch.empty(0, dtype=torch.long, device=boxes.device),
-                torch.empty(0, dtype=out_dtype, device=boxes.device))
+        return scores.new_zeros(0, dtype=torch.long), scores.new_zeros(0, dtype=out_dtype)
     thr, boxes, scores = _f32_threshold(iou_threshold), boxes.float().contiguous(), scores.float()
     run = _soft_nms_triton if _use_triton(boxes) else _soft_nms_torch
     keep, new_scores = run(boxes, scores, labels, sigma, score_threshold, method == "linear", thr)
-    order = torch.argsort(keep)  # unique indices: any sort is stable here
-    keep, new_scores = keep[order], new_scores[order]
+    keep, order = keep.sort()  # unique indices: any sort is stable here
+    new_scores = new_scores[order]
     order = _score_order(new_scores)
     return keep[order], new_scores[order].to(out_dtype)
 
@@ -196,7 +195,7 @@ def _nms_torch(boxes, scores, labels, thr):
     if labels is None:
         return _greedy_nms(c5, order, thr)
     order, _, start, counts = _segments(order, labels)
-    width = int(counts.max()) - 1
+    width = max(int(counts.max()) - 1, 1)  # the most boxes one can be suppressed by
     if width <= _BAND and pad * width <= _SMALL_BLOCK // 8:
         kept = _greedy_nms_band(c5, order, labels[order], width, thr)
     else:
@@ -243,8 +242,6 @@ def _greedy_nms_band(c5, order, sorted_labels, width, thr):
     candidates): order [N] indexes c5 (see _coords) by label, then score. A box can only be
     suppressed by the `width` boxes before it, so IoUs fill a band [N, width] (sliding windows: no
     per-label padding, no gathers). Returns the kept indices in the given order."""
-    if width == 0:
-        return order  # one box per label: nothing to suppress
     n = len(order)
 
     def windows(x, pad):  # [..., N] -> [..., N, W]: entry (j, d) is x at position j - W + d
@@ -310,7 +307,7 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1]
     scores = torch.cat([scores, scores.new_zeros(1)])  # [N + 1]
     order, _, start, counts = _segments(_score_order(scores[:pad]), labels)
-    picked, picked_scores, picked_ok = [order[:0]], [scores[:0]], [order[:0] > 0]
+    new = torch.full_like(scores, math.nan)  # [N + 1] new scores of the picked boxes
     for rows in _label_rows(order, start, counts, pad):  # [G, n]
         rc = c5[:, rows]  # [5, G, n]
         cur = scores[rows]  # [G, n] current scores
@@ -319,9 +316,8 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
             if step % 16 == 0 and not alive.any():  # a host sync, so only now and then
                 break
             best = cur.masked_fill(~alive, -math.inf).argmax(1, keepdim=True)  # [G, 1] first max
-            picked_ok.append(alive.gather(1, best).flatten())  # rows that still had a candidate
-            picked.append(rows.gather(1, best).flatten())
-            picked_scores.append(cur.gather(1, best).flatten())
+            idx = rows.gather(1, best).squeeze(1)  # [G]; rows without a candidate left keep theirs
+            new[idx] = torch.where(alive.gather(1, best), cur.gather(1, best), new[idx, None])[:, 0]
             alive.scatter_(1, best, False)
             iou = _iou(rc.gather(2, best.expand(5, -1, -1)), rc).squeeze(1).nan_to_num_(0.0)
             if linear:  # [G, n]
@@ -329,8 +325,8 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
             else:
                 cur = cur * torch.exp(-(iou * iou) / sigma)
             alive &= cur >= score_threshold
-    ok = torch.cat(picked_ok)
-    return torch.cat(picked)[ok], torch.cat(picked_scores)[ok]
+    keep = new[:pad].isnan().logical_not_().nonzero().squeeze(1)  # [K]
+    return keep, new[keep]
 
 
 # ----------------------------------------------------------------------------- Triton engine
