@@ -64,13 +64,11 @@ def batched_nms(boxes, scores, labels, iou_threshold):
 
 
 def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
-    """Class-aware greedy NMS along rows already in priority order, stopping once a row is full
-    (an untrained SSD has ~36,000 candidates per image but keeps 200).
-
-    boxes [B, n, 4], labels [B, n] int, valid [B, n] bool; each row (SSD: an image) is one problem,
-    best first. Invalid entries are never kept and suppress nothing. Returns keep [B, n] bool: per
-    row, the first max_kept entries that batched_nms would keep, and maybe more of them up to the
-    end of the _CHUNK-column chunk in which the row filled up (the rest of the row is False)."""
+    """Class-aware greedy NMS of rows already in priority order (boxes [B, n, 4], labels [B, n] int,
+    valid [B, n] bool; a row is an image), stopping once a row is full: an untrained SSD has
+    ~36,000 candidates per image but keeps 200. Invalid entries are never kept and suppress
+    nothing. Returns keep [B, n] bool: per row, the first max_kept entries batched_nms would keep,
+    maybe more of them up to the end of the _CHUNK-column chunk where the row filled up."""
     if labels.shape[1] == 0 or max_kept <= 0:
         return torch.zeros_like(valid)
     c5 = _coords(boxes.reshape(-1, 4)).view(5, *labels.shape)  # [5, B, n]
@@ -79,13 +77,11 @@ def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
 
 def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, method="gaussian",
              iou_threshold=0.3):
-    """Soft-NMS (Bodla et al. 2017): decay the scores of overlapping boxes instead of removing them.
-
-    Repeatedly take the highest current score of a label (ties: higher original score, then lower
-    index), keep it, and multiply the other boxes of its label by exp(-IoU^2 / sigma) ("gaussian")
-    or by (1 - IoU) where IoU > iou_threshold ("linear"); boxes below score_threshold are dropped.
-    Returns (keep int64 [K], new_scores [K] in the scores' dtype) by decreasing new score, equal new
-    scores lower index first."""
+    """Soft-NMS (Bodla et al. 2017): repeatedly keep the highest current score of a label (ties:
+    higher original score, then lower index) and multiply the other boxes of its label by
+    exp(-IoU^2 / sigma) ("gaussian") or by (1 - IoU) where IoU > iou_threshold ("linear"); boxes
+    below score_threshold are dropped. Returns (keep int64 [K], new_scores [K] in the scores'
+    dtype) by decreasing new score, equal new scores lower index first."""
     _check(boxes, scores, labels)
     if method not in ("gaussian", "linear"):
         raise ValueError(f"soft_nms method must be 'gaussian' or 'linear', got {method!r}")
@@ -398,8 +394,7 @@ def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr)
                                      enable_fp_fusion=False)
     segment = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device), counts,
                                       output_size=n)  # [N]
-    used = torch.arange(n, device=boxes.device) - start[segment] < picks[segment]  # [N]
-    used = used.nonzero().squeeze(1)  # [K] one host sync
+    used = (torch.arange(n, device=boxes.device) - start[segment] < picks[segment]).nonzero()[:, 0]
     return order[start[segment[used]] + pos[used]], new[used]
 
 
