@@ -97,6 +97,7 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
     return keep[order], new_scores[order].to(out_dtype)
 
 
+# ----------------------------------------------------------------------------- checks and dispatch
 def _check(boxes, scores=None, labels=None):
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
@@ -107,7 +108,7 @@ def _check(boxes, scores=None, labels=None):
 
 
 def _use_triton(t):
-    """The engine for tensor t: SSD_KERNELS if set, else Triton for CUDA tensors when it imports."""
+    """SSD_KERNELS if set, else Triton for CUDA tensors (when it imports)."""
     mode = os.environ.get("SSD_KERNELS", "")
     if mode not in ("", "torch", "triton"):
         raise ValueError(f"SSD_KERNELS={mode!r}: expected 'torch' or 'triton'")
