@@ -36,7 +36,7 @@ _ROWS_GPU, _ROWS_INTERPRETED = 64, 512  # mask-kernel rows per program (the inte
 
 
 def box_iou(a, b):
-    """Pairwise IoU of a [N, 4] and b [M, 4] -> [N, M] float32 (row i, column j: IoU(a[i], b[j]))."""
+    """Pairwise IoU of a [N, 4] and b [M, 4] -> [N, M] float32: entry (i, j) is IoU(a[i], b[j])."""
     _check(a)
     _check(b)
     a, b = a.float().contiguous(), b.float().contiguous()
@@ -299,7 +299,7 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
 
 
 def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
-    """soft_nms in torch, all labels of a size class stepping together -> picked (indices, scores)."""
+    """soft_nms in torch, the labels of a size class stepping together -> picked (idx, scores)."""
     pad = boxes.shape[0]  # index of an empty box with score 0 that pads the rows
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1]
     scores = torch.cat([scores, scores.new_zeros(1)])  # [N + 1]
@@ -403,7 +403,7 @@ if triton is not None:
 
     @triton.jit
     def _load_box(ptr, idx, n):
-        """Boxes idx of an [n, 4] array as 4 blocks; non-finite or past n: the empty box 0, 0, 0, 0."""
+        """Boxes idx of an [n, 4] array as 4 blocks; non-finite or past n: the empty box 0,0,0,0."""
         x1 = tl.load(ptr + idx * 4 + 0, mask=idx < n, other=0.0)
         y1 = tl.load(ptr + idx * 4 + 1, mask=idx < n, other=0.0)
         x2 = tl.load(ptr + idx * 4 + 2, mask=idx < n, other=0.0)
