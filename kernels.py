@@ -143,8 +143,9 @@ def _segments(order, labels):
     if labels is None:
         return order, None, order.new_zeros(1), order.new_full((1,), len(order))
     perm = torch.sort(labels[order], stable=True).indices  # [N]
-    counts = torch.unique_consecutive(labels[order[perm]], return_counts=True)[1]  # [S]
-    return order[perm], perm, counts.cumsum(0) - counts, counts
+    order = order[perm]
+    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]  # [S]
+    return order, perm, counts.cumsum(0) - counts, counts
 
 
 # ----------------------------------------------------------------------------- torch engine
@@ -168,15 +169,16 @@ def _iou(a, b):
     return inter.div_((area_a + area_b).sub_(inter))
 
 
-def _resolve(near, may_keep, thr, spread=lambda keep: keep.unsqueeze(-2)):
+def _resolve(near, thr, may_keep=None, spread=lambda keep: keep.unsqueeze(-2)):
     """Greedy NMS of a short run of boxes: near [..., j, i] = IoU of box j with each box i before it
-    (0 elsewhere; spread(keep) lays keep [..., i] out so), may_keep [..., j] bool. Iterates keep[j]
-    = may_keep[j] and not any(keep[i] and near[j, i] > thr) from "all kept": after k rounds the
-    first k are final, so the fixed point is the greedy answer (a few rounds in practice). Float
-    amax: faster than bool any on CPU; a NaN (two empty boxes) is never > thr."""
-    keep = may_keep & ~(near.amax(-1) > thr)
+    (0 elsewhere; spread(keep) lays keep [..., i] out so), may_keep [..., j] bool or None (all).
+    Iterates keep[j] = may_keep[j] and not any(keep[i] and near[j, i] > thr) from "all kept": the
+    first k are final after k rounds, so the fixed point is the greedy answer (a few rounds in
+    practice). Float amax: faster than bool any on CPU; a NaN (two empty boxes) is never > thr."""
+    allowed = (lambda keep: keep) if may_keep is None else may_keep.logical_and
+    keep = allowed(~(near.amax(-1) > thr))
     while True:
-        nxt = may_keep & ~((near * spread(keep)).amax(-1) > thr)
+        nxt = allowed(~((near * spread(keep)).amax(-1) > thr))
         if torch.equal(nxt, keep):
             return keep
         keep = nxt
@@ -228,7 +230,7 @@ def _greedy_nms(c5, order, thr):
     while len(order):
         head, order = order[:_CHUNK], order[_CHUNK:]  # [c], [r]
         hc = c5[:, head]  # [5, c]
-        kept.append(head[_resolve(_iou(hc, hc).tril_(-1), True, thr)])  # [k]
+        kept.append(head[_resolve(_iou(hc, hc).tril_(-1), thr)])  # [k]
         if len(order):  # amax: a NaN (two empty boxes) is never > thr
             order = order[~(_iou(c5[:, kept[-1]], c5[:, order]).amax(0) > thr)]
     return torch.cat(kept)
@@ -248,7 +250,7 @@ def _greedy_nms_band(c5, order, sorted_labels, width, thr):
     c = c5[:, order]  # [5, N]
     same = windows(sorted_labels, 0) == sorted_labels.unsqueeze(1)  # [N, W]; padding is empty
     near = _iou(c.unsqueeze(2), windows(c, 0.0)).view(n, width) * same  # [N, W]
-    return order[_resolve(near, True, thr, lambda keep: windows(keep, False))]
+    return order[_resolve(near, thr, spread=lambda keep: windows(keep, False))]
 
 
 def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
@@ -285,7 +287,7 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
                 if lab is not None:
                     hit *= lab[:, cols].unsqueeze(2) == buf_label[:, :width].unsqueeze(1)
                 may_keep = may_keep & ~(hit.amax(2) > thr)  # no kept box of an earlier chunk hits
-            k = keep[g0:g0 + g, cols] = _resolve(near, may_keep, thr)  # [g, c]
+            k = keep[g0:g0 + g, cols] = _resolve(near, thr, may_keep)  # [g, c]
             if c0 + _CHUNK < n:
                 kept_count = kept_count + k.sum(1)
                 add = k & (cc[4] > 0)  # [g, c] kept boxes that can suppress
