@@ -12,6 +12,8 @@ The contract, on every engine and device (that of torchvision.ops.box_iou / nms 
   would merge stay apart) and a NaN score ranks above every other, as torch.sort does.
 - labels [N] int (any values): boxes only suppress boxes of their own label; None = one class.
 - Soft-NMS (Bodla et al. 2017) decays scores in float32; a NaN score is dropped.
+- Empty input gives empty output. ValueError: a wrong shape, iou_threshold < 0, an unknown method
+  or SSD_KERNELS value; RuntimeError: SSD_KERNELS=triton where Triton cannot run.
 Engines: CUDA tensors run the Triton kernels, CPU tensors the torch code (as does nms_rows on any
 device, and every call when Triton cannot be imported). SSD_KERNELS=torch or SSD_KERNELS=triton
 forces one; triton on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported (tests).
@@ -207,9 +209,8 @@ def _nms_torch(boxes, scores, labels, thr):
 
 
 def _label_rows(order, start, counts, pad):
-    """Segments of order (see _segments) as matrices [G, n] of indices, one row per label, padded
-    with pad; one matrix per power-of-two size class (labels of up to 8 boxes share one), so a few
-    big labels never pad many small ones."""
+    """Segments of order (see _segments) as [G, n] index matrices padded with pad, a row per label,
+    one matrix per power-of-two size class (from 8), so a few big labels never pad many small."""
     slot = torch.repeat_interleave(torch.arange(len(counts), device=order.device), counts)  # [N]
     rank = torch.arange(len(order), device=order.device) - start[slot]  # [N] place in its label
     size_class = torch.ceil(torch.log2(counts.clamp(min=8).double())).long()  # [S]
@@ -339,11 +340,10 @@ def _box_iou_triton(a, b):
 
 
 def _nms_triton(boxes, scores, labels, thr):
-    """batched_nms with the Triton kernels: a bitmask kernel (bit j of row i: "i would suppress j")
-    and a greedy sweep over it, one program per label segment (labels sorted, then scores), so
-    labels run in parallel and never meet. With very uneven label sizes (padding the grid to the
-    largest would waste work) all boxes form one segment and the kernel compares labels. The sweep
-    flags the kept boxes in score order: one boolean index (the only host sync without labels)."""
+    """batched_nms in Triton: a bitmask kernel (bit j of row i: "i would suppress j") and a greedy
+    sweep over it, one program per label (sorted by label, then score). Very uneven label sizes
+    (a grid padded to the largest would waste work) make one segment whose kernel compares labels.
+    The sweep flags kept boxes in score order: one boolean index (no other host sync, one class)."""
     device, n = boxes.device, boxes.shape[0]
     score_order = _score_order(scores)  # [N]
     rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
