@@ -1,29 +1,22 @@
 """Box operations for SSD post-processing: IoU, greedy NMS, class-aware NMS and Soft-NMS.
 
-One contract, two engines. Boxes are (x1, y1, x2, y2) ("xyxy"); a box with x2 <= x1 or y2 <= y1 has
-zero area, and a zero-area box has IoU 0 with everything. IoU is computed in float32 whatever the
-input dtype, so float16/bfloat16 inputs give the same result as their float32 copy. The semantics
-are torchvision.ops': a box is suppressed when its IoU with a kept, higher-scoring box is
-> iou_threshold (strictly), results come by decreasing score, and equal scores keep the lower index
-first. Scores are ordered in their own dtype (float64 ties that float32 would merge stay apart) and,
-as torch.sort (so torchvision.ops.nms) does, a NaN score ranks above every other score. A box with
-a NaN or infinite coordinate never suppresses and is never suppressed: torchvision's IoU with it is
-NaN or 0, never > the threshold; box_iou gives 0 there. Soft-NMS decays scores in float32 and
-drops NaN scores (NaN >= the score threshold is false).
-
-- CUDA tensors run Triton kernels: pairwise IoU, and NMS as a bitmask kernel (bit j of row i says
-  "i would suppress j") followed by a greedy sweep that stays on the device, one program per label,
-  and flags the kept boxes in score order (single-class NMS: one host sync, at the end). The
-  kernels run under Triton's interpreter (3.6 to 3.9) and compile for CUDA (tested without a GPU).
-- CPU tensors run vectorised torch code (exact greedy NMS in chunks; see `_greedy_nms_rows`,
-  `_sweep_rows` for the many small labels of SSD's per-class NMS, and
-  `_greedy_nms_band` for a trained model's few hundred candidates). `nms_rows` is the NMS of
-  SSD's post-processing when only the best max_det boxes of each image are wanted: it walks the
-  candidates best first and stops early (any device).
-- SSD_KERNELS=torch forces the torch code, SSD_KERNELS=triton the Triton kernels (on CPU tensors
-  that needs TRITON_INTERPRET=1 set before Triton is imported, which is how the tests run them).
-Soft-NMS is sequential by nature: on CUDA one Triton program per label runs its whole decay loop
-(no host sync per step); on CPU the torch code steps all labels together.
+The contract, on every engine and device (that of torchvision.ops.box_iou / nms / batched_nms):
+- Boxes are [N, 4] (x1, y1, x2, y2). A box with x2 <= x1 or y2 <= y1 has zero area and IoU 0 with
+  everything. A box with a NaN or infinite coordinate counts as empty: it never suppresses and is
+  never suppressed (torchvision's IoU with it is NaN or 0, never > a threshold; box_iou gives 0).
+- IoU is float32 whatever the input dtype (float16 / bfloat16 give their float32 copy's result),
+  rounded as torchvision's kernels: inter / ((area_a + area_b) - inter).
+- Hard NMS: going down the scores, a box is kept unless a kept box has IoU > iou_threshold with it
+  (strictly; the float32 IoU against the exact threshold). Kept indices come by decreasing score,
+  equal scores lower index first. Scores are ordered in their own dtype (float64 ties that float32
+  would merge stay apart) and a NaN score ranks above every other, as torch.sort does.
+- labels [N] int (any values): boxes only suppress boxes of their own label; None = one class.
+- Soft-NMS (Bodla et al. 2017) decays scores in float32; a NaN score is dropped.
+- Empty input gives empty output. ValueError: a wrong shape, iou_threshold < 0, an unknown method
+  or SSD_KERNELS value; RuntimeError: SSD_KERNELS=triton where Triton cannot run.
+Engines: CUDA tensors run the Triton kernels, CPU tensors the torch code (as does nms_rows on any
+device, and every call when Triton cannot be imported). SSD_KERNELS=torch or SSD_KERNELS=triton
+forces one; triton on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported (tests).
 """
 import functools
 import math
@@ -38,23 +31,93 @@ except Exception:  # no Triton (macOS, Windows) or a broken install: the torch c
     triton = None
 
 _CHUNK = 64  # boxes resolved per step of the torch NMS; tuned with bench.py on CPU
-_SMALL_GROUP = 1024  # labels up to this many boxes take the uncompacted path
-_SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels there; tuned with bench.py
-_BAND = 128  # labels of at most this many + 1 boxes take the banded NMS (_greedy_nms_band)
-# mask-kernel rows per program (the interpreter likes big blocks)
-_ROWS_GPU, _ROWS_INTERPRETED = 64, 512
+_SMALL_GROUP = 1024  # labels up to this many boxes take _sweep_rows, bigger ones _greedy_nms
+_SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels in _sweep_rows; tuned on CPU
+_BAND = 128  # labels of at most this many + 1 boxes take _greedy_nms_band
+_ROWS_GPU, _ROWS_INTERPRETED = 64, 512  # mask-kernel rows per program (the interpreter likes big)
+
+
+def box_iou(a, b):
+    """Pairwise IoU of a [N, 4] and b [M, 4] -> [N, M] float32: entry (i, j) is IoU(a[i], b[j])."""
+    _check(a)
+    _check(b)
+    a, b = a.float().contiguous(), b.float().contiguous()
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return a.new_zeros(a.shape[0], b.shape[0])
+    if _use_triton(a):
+        return _box_iou_triton(a, b)
+    return _iou(_coords(a), _coords(b)).nan_to_num_(0.0)  # 0/0 only where both are empty
+
+
+def nms(boxes, scores, iou_threshold):
+    """Greedy NMS of boxes [N, 4], scores [N] -> int64 indices of the kept boxes, by decreasing
+    score (torchvision.ops.nms)."""
+    return batched_nms(boxes, scores, None, iou_threshold)
+
+
+def batched_nms(boxes, scores, labels, iou_threshold):
+    """Class-aware greedy NMS (torchvision.ops.batched_nms): boxes [N, 4], scores [N], labels [N]
+    or None -> int64 indices of the kept boxes over all labels, by decreasing score."""
+    _check(boxes, scores, labels)
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    boxes, thr = boxes.float().contiguous(), _f32_threshold(iou_threshold)
+    return (_nms_triton if _use_triton(boxes) else _nms_torch)(boxes, scores, labels, thr)
+
+
+def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
+    """Class-aware greedy NMS of rows already in priority order (boxes [B, n, 4], labels [B, n] int,
+    valid [B, n] bool; a row is an image), stopping once a row is full: an untrained SSD has
+    ~36,000 candidates per image but keeps 200. Invalid entries are never kept and suppress
+    nothing. Returns keep [B, n] bool: per row, the first max_kept entries batched_nms would keep,
+    maybe more of them up to the end of the _CHUNK-column chunk where the row filled up."""
+    if labels.shape[1] == 0 or max_kept <= 0:
+        return torch.zeros_like(valid)
+    c5 = _coords(boxes.reshape(-1, 4)).view(5, *labels.shape)  # [5, B, n]
+    return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
+
+
+def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, method="gaussian",
+             iou_threshold=0.3):
+    """Soft-NMS (Bodla et al. 2017): repeatedly keep the highest current score of a label (ties:
+    higher original score, then lower index) and multiply the other boxes of its label by
+    exp(-IoU^2 / sigma) ("gaussian") or by (1 - IoU) where IoU > iou_threshold ("linear"); boxes
+    below score_threshold are dropped. Returns (keep int64 [K], new_scores [K] in the scores'
+    dtype) by decreasing new score, equal new scores lower index first."""
+    _check(boxes, scores, labels)
+    if method not in ("gaussian", "linear"):
+        raise ValueError(f"soft_nms method must be 'gaussian' or 'linear', got {method!r}")
+    out_dtype = scores.dtype if scores.is_floating_point() else torch.float32
+    if boxes.shape[0] == 0:
+        return scores.new_zeros(0, dtype=torch.long), scores.new_zeros(0, dtype=out_dtype)
+    thr, boxes, scores = _f32_threshold(iou_threshold), boxes.float().contiguous(), scores.float()
+    run = _soft_nms_triton if _use_triton(boxes) else _soft_nms_torch
+    keep, new_scores = run(boxes, scores, labels, sigma, score_threshold, method == "linear", thr)
+    keep, order = keep.sort()  # unique indices: any sort is stable here
+    new_scores = new_scores[order]
+    order = _score_order(new_scores)
+    return keep[order], new_scores[order].to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- checks and dispatch
+def _check(boxes, scores=None, labels=None):
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
+    for name, t in (("scores", scores), ("labels", labels)):
+        if t is not None and tuple(t.shape) != (boxes.shape[0],):
+            raise ValueError(f"{name} must be [{boxes.shape[0]}] to match boxes, "
+                             f"got shape {tuple(t.shape)}")
 
 
 def _use_triton(t):
+    """SSD_KERNELS if set, else Triton for CUDA tensors (when it imports)."""
     mode = os.environ.get("SSD_KERNELS", "")
     if mode not in ("", "torch", "triton"):
         raise ValueError(f"SSD_KERNELS={mode!r}: expected 'torch' or 'triton'")
-    if mode == "torch" or (mode == "" and not t.is_cuda):
+    if mode == "torch" or (mode == "" and (not t.is_cuda or triton is None)):
         return False
     if triton is None:
-        if mode == "triton":
-            raise RuntimeError("SSD_KERNELS=triton but Triton cannot be imported")
-        return False
+        raise RuntimeError("SSD_KERNELS=triton but Triton cannot be imported")
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("SSD_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 "
                            "set before Triton is imported")
@@ -63,29 +126,34 @@ def _use_triton(t):
 
 @functools.lru_cache(maxsize=64)
 def _f32_threshold(x):
-    """Largest float32 <= x: for a float32 IoU v, v > x (compared exactly, as torchvision's C++ does
-    in double) holds exactly when v > this value, so every engine can compare in float32."""
+    """Largest float32 <= x: a float32 IoU v is > x (exactly, as torchvision's C++ compares in
+    double) when v > this value, so every engine compares in float32."""
     if not x >= 0:
         raise ValueError(f"iou_threshold must be >= 0, got {x}")
     f = torch.tensor(float(x), dtype=torch.float32)
-    if f.item() > x:
-        f = torch.nextafter(f, torch.tensor(-math.inf))
-    return f.item()
+    return (f if f.item() <= x else torch.nextafter(f, torch.tensor(-math.inf))).item()
 
 
-def _check(boxes, scores=None, labels=None):
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
-    n = boxes.shape[0]
-    for name, t in (("scores", scores), ("labels", labels)):
-        if t is not None and tuple(t.shape) != (n,):
-            raise ValueError(f"{name} must be [{n}] to match boxes, got shape {tuple(t.shape)}")
+def _score_order(scores):
+    """Indices by decreasing score; the stable sort keeps equal scores in increasing index order."""
+    return torch.sort(scores, descending=True, stable=True).indices
 
 
+def _segments(order, labels):
+    """order [N] by score -> (order by label then score, perm [N] with that = order[perm],
+    start [S], count [S]) of each label's segment; one segment without labels."""
+    if labels is None:
+        return order, None, order.new_zeros(1), order.new_full((1,), len(order))
+    perm = torch.sort(labels[order], stable=True).indices  # [N]
+    order = order[perm]
+    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]  # [S]
+    return order, perm, counts.cumsum(0) - counts, counts
+
+
+# ----------------------------------------------------------------------------- torch engine
 def _coords(b):
-    """[N, 4] xyxy -> [5, N] float32: x1, y1, x2, y2 and area as rows, so gathers give contiguous
-    rows. A box with a NaN or infinite coordinate becomes an empty box (as _load_box does): its
-    IoU in torchvision is NaN or 0, never > a threshold, and an empty box's is 0 here."""
+    """[N, 4] xyxy -> [5, N] float32 rows x1, y1, x2, y2, area (gathers give contiguous rows); a
+    box with a non-finite coordinate becomes the empty box 0, 0, 0, 0."""
     b = b.float()
     if b.is_cuda or not math.isfinite(b.sum().item()):  # finite sum: all finite (1 us on CPU)
         b = torch.where(torch.isfinite(b).all(1, keepdim=True), b, 0.0)
@@ -94,9 +162,8 @@ def _coords(b):
 
 
 def _iou(a, b):
-    """IoU of a [5, ..., n] with b [5, ..., m] (see _coords) -> [..., n, m] float32, NaN where both
-    boxes are empty. Rounding order as torchvision's kernels:
-    inter / ((area_a + area_b) - inter)."""
+    """IoU of a [5, ..., n] with b [5, ..., m] (see _coords) -> [..., n, m], NaN where both boxes
+    are empty (0 / 0)."""
     ax1, ay1, ax2, ay2, area_a = a.unsqueeze(-1).unbind(0)  # each [..., n, 1]
     bx1, by1, bx2, by2, area_b = b.unsqueeze(-2).unbind(0)  # each [..., 1, m]
     inter = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)  # [..., n, m]
@@ -104,110 +171,95 @@ def _iou(a, b):
     return inter.div_((area_a + area_b).sub_(inter))
 
 
-def box_iou(a, b):
-    """Pairwise IoU of boxes a [N, 4] and b [M, 4], both xyxy -> [N, M] float32 (row i, column j is
-    IoU(a[i], b[j])). Computed in float32; a zero-area box has IoU 0 with everything."""
-    _check(a)
-    _check(b)
-    a, b = a.float().contiguous(), b.float().contiguous()
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        return a.new_zeros(a.shape[0], b.shape[0])
-    if _use_triton(a):
-        out = a.new_empty(a.shape[0], b.shape[0])  # [N, M]
-        block = 64 if a.is_cuda else 256
-        grid = (triton.cdiv(a.shape[0], block), triton.cdiv(b.shape[0], block))
-        _iou_kernel[grid](a, b, out, a.shape[0], b.shape[0], BLOCK_N=block, BLOCK_M=block,
-                          enable_fp_fusion=False)
-        return out
-    return _iou(_coords(a), _coords(b)).nan_to_num_(0.0)  # 0/0 only where both are empty
+def _resolve(near, thr, may_keep=None, spread=lambda keep: keep.unsqueeze(-2)):
+    """Greedy NMS of a short run of boxes: near [..., j, i] = IoU of box j with each box i before it
+    (0 elsewhere; spread(keep) lays keep [..., i] out so), may_keep [..., j] bool or None (all).
+    Iterates keep[j] = may_keep[j] and not any(keep[i] and near[j, i] > thr) from "all kept": the
+    first k are final after k rounds, so the fixed point is the greedy answer (a few rounds in
+    practice). Float amax: faster than bool any on CPU; a NaN (two empty boxes) is never > thr."""
+    allowed = (lambda keep: keep) if may_keep is None else may_keep.logical_and
+    keep = allowed(~(near.amax(-1) > thr))
+    while True:
+        nxt = allowed(~((near * spread(keep)).amax(-1) > thr))
+        if torch.equal(nxt, keep):
+            return keep
+        keep = nxt
 
 
-def _score_order(scores):
-    """Indices by decreasing score; the stable sort keeps equal scores in increasing index order."""
-    return torch.sort(scores, descending=True, stable=True).indices
+def _nms_torch(boxes, scores, labels, thr):
+    """batched_nms in torch, the fastest path for the shape on CPU (bench.py): one class ->
+    _greedy_nms; labels of up to _BAND + 1 boxes -> _greedy_nms_band; else rows of labels for
+    _sweep_rows (SSD's per-class NMS: many labels of up to 400 boxes)."""
+    pad = boxes.shape[0]
+    c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
+    order = _score_order(scores)  # [N]
+    if labels is None:
+        return _greedy_nms(c5, order, thr)
+    order, _, start, counts = _segments(order, labels)
+    width = max(int(counts.max()) - 1, 1)  # the most boxes one can be suppressed by
+    if width <= _BAND and pad * width <= _SMALL_BLOCK // 8:
+        kept = _greedy_nms_band(c5, order, labels[order], width, thr)
+    else:
+        kept = torch.cat([rows[_sweep_rows(c5[:, rows], rows != pad, thr)]
+                          if rows.shape[1] <= _SMALL_GROUP  # else a few big labels, one by one
+                          else torch.cat([_greedy_nms(c5, r[r != pad], thr) for r in rows])
+                          for rows in _label_rows(order, start, counts, pad)])
+    kept = kept.sort().values
+    return kept[_score_order(scores[kept])]
 
 
-def _by_score(idx, scores):
-    """Reorder indices by decreasing score, equal scores lower index first."""
-    idx = idx.sort().values
-    return idx[_score_order(scores[idx])]
-
-
-def _compact(rows, keep, pad):
-    """Entries of rows [G, r] where keep [G, r], moved to the front of each row and padded with
-    pad; columns that hold only padding are dropped."""
-    if rows.shape[0] == 1:
-        return rows[keep].unsqueeze(0)
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept first
-    return rows.masked_fill(~keep, pad).gather(1, order)[:, : int(keep.sum(1).max())]
-
-
-def _label_rows(labels, order, pad, smallest=1):
-    """Split score-ordered indices by label into matrices [G, n], one row per label, padded with
-    `pad`; one matrix per power-of-two size class, so a few big labels never pad many small ones
-    (labels with at most `smallest` boxes share one matrix: fewer, wider steps)."""
-    order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
-    _, counts = torch.unique_consecutive(labels[order], return_counts=True)  # [L]
+def _label_rows(order, start, counts, pad):
+    """Segments of order (see _segments) as [G, n] index matrices padded with pad, a row per label,
+    one matrix per power-of-two size class (from 8), so a few big labels never pad many small."""
     slot = torch.repeat_interleave(torch.arange(len(counts), device=order.device), counts)  # [N]
-    rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[slot]  # [N]
-    size_class = torch.ceil(torch.log2(counts.clamp(min=smallest).double())).long()  # [L]
+    rank = torch.arange(len(order), device=order.device) - start[slot]  # [N] place in its label
+    size_class = torch.ceil(torch.log2(counts.clamp(min=8).double())).long()  # [S]
     for k in size_class.unique().tolist():
-        members = size_class == k  # [L]
-        row_of_slot = members.long().cumsum(0) - 1  # row of each member label in this matrix
+        members = size_class == k  # [S]
         pick = members[slot]  # [N] boxes in this size class
         rows = torch.full((int(members.sum()), int(counts[members].max())), pad,
                           dtype=torch.long, device=order.device)  # [G, n]
-        rows[row_of_slot[slot[pick]], rank[pick]] = order[pick]
+        rows[(members.long().cumsum(0) - 1)[slot[pick]], rank[pick]] = order[pick]
         yield rows
 
 
-def _greedy_nms_rows(c5, rows, thr):
-    """Exact greedy NMS within each row of rows [G, n]: indices into c5 [5, N + 1] (see _coords; the
-    last box is empty and pads the rows), each row by decreasing score. Returns the kept indices,
-    1-D (row by row, by score within a row).
-
-    Chunk by chunk: the head (next _CHUNK undecided boxes of each row) is resolved exactly by
-    iterating keep[j] = not any(keep[i] and IoU(i, j) > thr for i < j) to its fixed point. After k
-    rounds the first k entries can no longer change, so the fixed point exists, is unique and is the
-    greedy answer; it takes a few rounds in practice. The head's kept boxes then prune the rest of
-    the rows, so the work shrinks as boxes are suppressed. The empty padding box has IoU 0 (or NaN,
-    never > thr) with everything, so it suppresses nothing and is dropped at the end."""
-    pad = c5.shape[1] - 1
+def _greedy_nms(c5, order, thr):
+    """Greedy NMS of order [n], indices into c5 (see _coords) by decreasing score -> the kept ones,
+    by score. _CHUNK boxes at a time are resolved, then the kept ones prune the rest, so the work
+    shrinks as boxes are suppressed (one big class)."""
     kept = []
-    while rows.shape[1] > 0:
-        head, rows = rows[:, :_CHUNK], rows[:, _CHUNK:]  # [G, c], [G, r]
-        hc = c5[:, head]  # [5, G, c]
-        over = (_iou(hc, hc) > thr).triu_(1)  # [G, c, c]: earlier i would suppress later j
-        keep = ~over.any(1)  # [G, c] first round, from "all kept"
-        while True:
-            nxt = ~(over & keep.unsqueeze(2)).any(1)
-            if torch.equal(nxt, keep):
-                break
-            keep = nxt
-        survivors = _compact(head, keep, pad)  # [G, k]
-        kept.append(survivors.flatten())
-        if rows.shape[1] > 0:
-            # amax: a NaN (two empty boxes) is never > thr, and an empty box can't be suppressed
-            hit = _iou(c5[:, survivors], c5[:, rows]).amax(1) > thr  # [G, r]
-            rows = _compact(rows, ~hit, pad)
-    kept = torch.cat(kept)
-    return kept[kept != pad]
+    while len(order):
+        head, order = order[:_CHUNK], order[_CHUNK:]  # [c], [r]
+        hc = c5[:, head]  # [5, c]
+        kept.append(head[_resolve(_iou(hc, hc).tril_(-1), thr)])  # [k]
+        if len(order):  # amax: a NaN (two empty boxes) is never > thr
+            order = order[~(_iou(c5[:, kept[-1]], c5[:, order]).amax(0) > thr)]
+    return torch.cat(kept)
+
+
+def _greedy_nms_band(c5, order, sorted_labels, width, thr):
+    """Class-aware greedy NMS when no label has over width + 1 boxes (a trained SSD's few hundred
+    candidates): order [N] indexes c5 (see _coords) by label, then score. A box can only be
+    suppressed by the `width` boxes before it, so IoUs fill a band [N, width] (sliding windows: no
+    per-label padding, no gathers). Returns the kept indices in the given order."""
+    n = len(order)
+
+    def windows(x, pad):  # [..., N] -> [..., N, W]: entry (j, d) is x at position j - W + d
+        x = torch.cat([x.new_full(x.shape[:-1] + (width,), pad), x], -1)
+        return x.unfold(-1, width, 1)[..., :n, :]
+
+    c = c5[:, order]  # [5, N]
+    same = windows(sorted_labels, 0) == sorted_labels.unsqueeze(1)  # [N, W]; padding is empty
+    near = _iou(c.unsqueeze(2), windows(c, 0.0)).view(n, width) * same  # [N, W]
+    return order[_resolve(near, thr, spread=lambda keep: windows(keep, False))]
 
 
 def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
-    """Exact greedy NMS along each row of rc [5, G, n] (boxes as _coords gives them, each row in
-    priority order). valid [G, n]: the entries to consider; the others are never kept and
-    suppress nothing. labels [G, n]: if given, an entry is only suppressed by kept entries of its
-    own label. max_kept: if given, a row is not looked at after the chunk in which it reaches
-    max_kept kept entries (the rest stay False). Returns keep [G, n] bool.
-
-    Blocks of rows small enough for the cache go through their columns _CHUNK at a time. A
-    chunk's boxes are first checked against the boxes kept so far in their row, packed to the
-    front of a buffer whose unused slots are empty boxes (IoU 0, or NaN against an empty box,
-    never > thr); the others are then resolved among themselves by the fixed point of
-    _greedy_nms_rows, and the kept ones with an area join the buffer. Bool reductions are slow on
-    CPU, so the tests stay in float, where amax is fast; a NaN (both boxes empty) only appears in
-    the row of an empty box, which nothing can suppress."""
+    """Greedy NMS along each row of rc [5, G, n] (see _coords; rows in priority order) -> keep
+    [G, n] bool; valid, labels [G, n] and max_kept as in nms_rows (labels None: one class). Blocks
+    of rows sized for the cache walk their columns _CHUNK at a time: a chunk is checked against
+    its row's kept boxes so far (front-packed in a buffer of empty boxes, which suppress nothing),
+    then resolved within itself."""
     g_all, n = valid.shape
     keep = torch.zeros(g_all, n, dtype=torch.bool, device=valid.device)
     cap = n if max_kept is None else min(n, max_kept + _CHUNK)  # buffer slots a row can need
@@ -217,174 +269,46 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
         lab = None if labels is None else labels[g0:g0 + block]  # [g, n]
         g = v.shape[0]
         buf = bc.new_zeros(5, g, cap)  # [5, g, cap] kept boxes of each row, front-packed
-        buf_label = None if lab is None else lab.new_zeros(g, cap)
-        count = torch.zeros(g, dtype=torch.long, device=v.device)  # [g] boxes in the buffer
-        kept_count = torch.zeros(g, dtype=torch.long, device=v.device)  # [g]
-        width = 0  # max(count)
+        buf_label = None if lab is None else lab.new_zeros(g, cap)  # [g, cap]
+        count = kept_count = torch.zeros(g, dtype=torch.long, device=v.device)  # [g] buffer, kept
         for c0 in range(0, n, _CHUNK):
             cols = slice(c0, c0 + _CHUNK)
-            k0 = v[:, cols]  # [g, c] may be kept
+            may_keep, cc = v[:, cols], bc[:, :, cols]  # [g, c], [5, g, c]
             if max_kept is not None:
                 is_open = kept_count < max_kept  # [g]
                 if c0 and not bool(is_open.any()):
                     break
-                k0 = k0 & is_open.unsqueeze(1)
-            cc = bc[:, :, cols]  # [5, g, c]
-            near = _iou(cc, cc)  # [g, c, c]: IoU of j with the earlier i (below the diagonal)
+                may_keep = may_keep & is_open.unsqueeze(1)
+            near = _iou(cc, cc).tril_(-1)  # [g, c, c]: IoU of j with the earlier i
             if lab is not None:
                 near *= lab[:, cols].unsqueeze(2) == lab[:, cols].unsqueeze(1)
-            near.tril_(-1)
+            width = int(count.max())
             if width:
                 hit = _iou(cc, buf[:, :, :width])  # [g, c, w]
                 if lab is not None:
                     hit *= lab[:, cols].unsqueeze(2) == buf_label[:, :width].unsqueeze(1)
-                k0 = k0 & ~(hit.amax(2) > thr)  # no kept box of an earlier chunk hits it
-            k = k0 & ~(near.amax(2) > thr)  # first round, from "every candidate kept"
-            while True:
-                nxt = k0 & ~((near * k.unsqueeze(1)).amax(2) > thr)
-                if torch.equal(nxt, k):
-                    break
-                k = nxt
-            keep[g0:g0 + g, cols] = k
+                may_keep = may_keep & ~(hit.amax(2) > thr)  # no kept box of an earlier chunk hits
+            k = keep[g0:g0 + g, cols] = _resolve(near, thr, may_keep)  # [g, c]
             if c0 + _CHUNK < n:
-                if max_kept is not None:
-                    kept_count += k.sum(1)
+                kept_count = kept_count + k.sum(1)
                 add = k & (cc[4] > 0)  # [g, c] kept boxes that can suppress
                 slot = count.unsqueeze(1) + add.cumsum(1) - 1  # [g, c]
                 gi, ci = add.nonzero(as_tuple=True)
                 buf[:, gi, slot[gi, ci]] = cc[:, gi, ci]
                 if lab is not None:
                     buf_label[gi, slot[gi, ci]] = lab[:, cols][gi, ci]
-                count += add.sum(1)
-                width = int(count.max())
+                count = slot[:, -1] + 1
     return keep
 
 
-def nms(boxes, scores, iou_threshold):
-    """Greedy non-maximum suppression.
-
-    boxes [N, 4] xyxy, scores [N]. Going down the scores, a box is kept unless a kept box has
-    IoU > iou_threshold with it. Returns int64 indices of the kept boxes by decreasing score;
-    equal scores keep the lower index first (same as torchvision.ops.nms). Empty input -> empty."""
-    return batched_nms(boxes, scores, None, iou_threshold)
-
-
-def batched_nms(boxes, scores, labels, iou_threshold):
-    """Class-aware NMS: boxes only suppress boxes of the same label (labels [N] int; None = one
-    class).
-
-    boxes [N, 4] xyxy, scores [N]. Returns int64 indices of the kept boxes over all labels, by
-    decreasing score, equal scores lower index first. Empty input -> empty."""
-    _check(boxes, scores, labels)
-    if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long, device=boxes.device)
-    boxes = boxes.float().contiguous()
-    thr = _f32_threshold(iou_threshold)
-    if _use_triton(boxes):
-        return _nms_triton(boxes, scores, labels, thr)
-    order = _score_order(scores)
-    c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
-    if labels is None:
-        return _greedy_nms_rows(c5, order.unsqueeze(0), thr)  # already by score
-    order = order[torch.sort(labels[order], stable=True).indices]  # by label, then by score
-    sorted_labels = labels[order]
-    width = int(torch.unique_consecutive(sorted_labels, return_counts=True)[1].max()) - 1
-    if width <= _BAND and len(order) * width <= _SMALL_BLOCK // 8:
-        return _by_score(_greedy_nms_band(c5, order, sorted_labels, width, thr), scores)
-    pad = len(boxes)
-    kept = [rows[_sweep_rows(c5[:, rows], rows != pad, thr)] if rows.shape[1] <= _SMALL_GROUP
-            else _greedy_nms_rows(c5, rows, thr)
-            for rows in _label_rows(labels, order, pad, smallest=8)]
-    return _by_score(torch.cat(kept), scores)
-
-
-def _greedy_nms_band(c5, order, sorted_labels, width, thr):
-    """Exact greedy class-aware NMS when no label has more than width + 1 boxes (a trained SSD's
-    few hundred candidates): order [N] indices into c5 (see _coords) sorted by label, then by
-    decreasing score; sorted_labels = their labels. A box can only be suppressed by one of the
-    `width` entries before it in this order, so IoUs are computed in a band [N, width] (sliding
-    windows, no padded per-label matrices, no gathers), then resolved by the fixed point of
-    _greedy_nms_rows (at most width + 1 rounds). Returns the kept indices, in the given order."""
-    if width == 0:
-        return order  # one box per label: nothing to suppress
-    n = len(order)
-
-    def windows(x, pad):  # [..., N] -> [..., N, W]: entry (j, d) is x at position j - W + d
-        x = torch.cat([x.new_full(x.shape[:-1] + (width,), pad), x], -1)
-        return x.unfold(-1, width, 1)[..., :n, :]
-
-    c = c5[:, order]  # [5, N]
-    # IoU of each box with the width boxes before it, zero unless they share its label; the
-    # padding boxes are empty (IoU 0, or NaN in the row of an empty box, which nothing suppresses)
-    same = windows(sorted_labels, 0) == sorted_labels.unsqueeze(1)  # [N, W]
-    near = _iou(c.unsqueeze(2), windows(c, 0.0)).view(n, width) * same  # [N, W]
-    keep = ~(near.amax(1) > thr)  # first round, from "all kept"
-    while True:
-        nxt = ~((near * windows(keep, False)).amax(1) > thr)
-        if torch.equal(nxt, keep):
-            return order[keep]
-        keep = nxt
-
-
-def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
-    """Class-aware greedy NMS along rows already in priority order, that stops once a row is full.
-
-    boxes [B, n, 4] xyxy, labels [B, n] int, valid [B, n] bool. Each row is one independent problem
-    (SSD: one image) whose entries come in the caller's priority order (decreasing score, ties
-    already broken). Going along a row, a valid entry is kept unless a kept entry before it in
-    its row, with the same label, has IoU > iou_threshold with it; invalid entries are never kept
-    and suppress nothing. Once a row holds max_kept kept entries, the rest of it is not examined
-    (left False). Returns keep [B, n] bool: per row, the first max_kept (or more, up to one chunk
-    more) of the entries that batched_nms would keep.
-
-    Why it exists: SSD keeps at most 200 detections per image, but an untrained or poor model
-    gives ~36,000 candidates per image; going down the scores and stopping when 200 are kept does
-    a few hundred boxes' work instead of all of it (see _sweep_rows, which batched_nms also uses
-    for its many small labels)."""
-    b, n = labels.shape
-    if n == 0 or max_kept <= 0:
-        return torch.zeros(b, n, dtype=torch.bool, device=boxes.device)
-    c5 = _coords(boxes.reshape(-1, 4)).view(5, b, n)  # [5, B, n]
-    return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
-
-
-def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, method="gaussian",
-             iou_threshold=0.3):
-    """Soft-NMS (Bodla et al. 2017): instead of removing overlapping boxes, decay their scores.
-
-    boxes [N, 4] xyxy, scores [N], labels [N] (None = one class; boxes only decay boxes of their
-    own label). Repeatedly take the highest current score of a label, keep it, and multiply the
-    others by exp(-IoU^2 / sigma) ("gaussian") or by (1 - IoU) where IoU > iou_threshold
-    ("linear"); boxes whose score is (or falls) below score_threshold are dropped. Equal current
-    scores: the box with the higher original score, then the lower index, is taken first.
-    Returns (keep int64 [K], new_scores [K] in the scores' dtype), by decreasing new score, equal
-    new scores lower index first."""
-    _check(boxes, scores, labels)
-    if method not in ("gaussian", "linear"):
-        raise ValueError(f"soft_nms method must be 'gaussian' or 'linear', got {method!r}")
-    out_dtype = scores.dtype if scores.is_floating_point() else torch.float32
-    if boxes.shape[0] == 0:
-        return (torch.empty(0, dtype=torch.long, device=boxes.device),
-                torch.empty(0, dtype=out_dtype, device=boxes.device))
-    thr, boxes, scores = _f32_threshold(iou_threshold), boxes.float().contiguous(), scores.float()
-    run = _soft_nms_triton if _use_triton(boxes) else _soft_nms_torch
-    keep, new_scores = run(boxes, scores, labels, sigma, score_threshold, method == "linear", thr)
-    order = torch.argsort(keep)  # unique indices: any sort is stable here
-    keep, new_scores = keep[order], new_scores[order]
-    order = _score_order(new_scores)
-    return keep[order], new_scores[order].to(out_dtype)
-
-
 def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
-    """soft_nms in torch, all labels of a size class stepping together; returns the picked
-    (indices, new scores), in no particular order."""
+    """soft_nms in torch, the labels of a size class stepping together -> picked (idx, scores)."""
     pad = boxes.shape[0]  # index of an empty box with score 0 that pads the rows
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1]
     scores = torch.cat([scores, scores.new_zeros(1)])  # [N + 1]
-    order = _score_order(scores[:pad])
-    groups = [order.unsqueeze(0)] if labels is None else _label_rows(labels, order, pad)
-    picked, picked_scores, picked_ok = [order[:0]], [scores[:0]], [order[:0] > 0]
-    for rows in groups:  # [G, n]
+    order, _, start, counts = _segments(_score_order(scores[:pad]), labels)
+    new = torch.full_like(scores, math.nan)  # [N + 1] new scores of the picked boxes
+    for rows in _label_rows(order, start, counts, pad):  # [G, n]
         rc = c5[:, rows]  # [5, G, n]
         cur = scores[rows]  # [G, n] current scores
         alive = (rows != pad) & (cur >= score_threshold)  # [G, n]
@@ -392,65 +316,40 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
             if step % 16 == 0 and not alive.any():  # a host sync, so only now and then
                 break
             best = cur.masked_fill(~alive, -math.inf).argmax(1, keepdim=True)  # [G, 1] first max
-            picked_ok.append(alive.gather(1, best).flatten())  # rows that still had a candidate
-            picked.append(rows.gather(1, best).flatten())
-            picked_scores.append(cur.gather(1, best).flatten())
+            idx = rows.gather(1, best).squeeze(1)  # [G]; rows without a candidate left keep theirs
+            new[idx] = torch.where(alive.gather(1, best), cur.gather(1, best), new[idx, None])[:, 0]
             alive.scatter_(1, best, False)
-            iou = _iou(rc.gather(2, best.expand(5, -1, -1)), rc).squeeze(1)  # [G, n]
-            iou = iou.nan_to_num_(0.0)
-            if linear:
+            iou = _iou(rc.gather(2, best.expand(5, -1, -1)), rc).squeeze(1).nan_to_num_(0.0)
+            if linear:  # [G, n]
                 cur = torch.where(iou > thr, cur * (1.0 - iou), cur)
             else:
                 cur = cur * torch.exp(-(iou * iou) / sigma)
             alive &= cur >= score_threshold
-    ok = torch.cat(picked_ok)
-    return torch.cat(picked)[ok], torch.cat(picked_scores)[ok]
+    keep = new[:pad].isnan().logical_not_().nonzero().squeeze(1)  # [K]
+    return keep, new[keep]
 
 
-def _segments(order, labels):
-    """order [N] by score -> (order by label then score, perm [N] with order = the given
-    order[perm], start [S], count [S]) of each label's segment (one segment without labels)."""
-    if labels is None:
-        return order, None, order.new_zeros(1), order.new_full((1,), len(order))
-    perm = torch.sort(labels[order], stable=True).indices  # [N] by label, then by score
-    counts = torch.unique_consecutive(labels[order[perm]], return_counts=True)[1]  # [S]
-    return order[perm], perm, counts.cumsum(0) - counts, counts
-
-
-def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr):
-    """soft_nms with one Triton program per label running the whole decay loop; returns the picked
-    (indices, new scores), in no particular order. The only host syncs are the label split and
-    the final compaction."""
-    n = boxes.shape[0]
-    order, _, start, counts = _segments(_score_order(scores), labels)
-    cur = scores[order].contiguous()  # [N] current scores, decayed in place by the kernel
-    pos, new = torch.empty_like(order), torch.empty_like(cur)  # [N] picks of each segment
-    picks = torch.empty_like(counts)  # [S]
-    _soft_nms_kernel[(len(counts),)](boxes[order].contiguous(), cur, start, counts, pos, new,
-                                     picks, float(sigma), float(score_threshold), thr,
-                                     LINEAR=linear,
-                                     BLOCK=min(1024, triton.next_power_of_2(int(counts.max()))),
-                                     enable_fp_fusion=False)
-    segment = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device), counts,
-                                      output_size=n)  # [N]
-    used = torch.arange(n, device=boxes.device) - start[segment] < picks[segment]  # [N]
-    used = used.nonzero().squeeze(1)  # [K] one host sync
-    return order[start[segment[used]] + pos[used]], new[used]
+# ----------------------------------------------------------------------------- Triton engine
+def _box_iou_triton(a, b):
+    out = a.new_empty(a.shape[0], b.shape[0])  # [N, M]
+    block = 64 if a.is_cuda else 256
+    grid = (triton.cdiv(a.shape[0], block), triton.cdiv(b.shape[0], block))
+    _iou_kernel[grid](a, b, out, a.shape[0], b.shape[0], BLOCK_N=block, BLOCK_M=block,
+                      enable_fp_fusion=False)
+    return out
 
 
 def _nms_triton(boxes, scores, labels, thr):
-    """Greedy (class-aware) NMS with the Triton kernels. Boxes are sorted by label, then score, and
-    each label is a segment with its own bitmask and its own sweep program, so labels run in
-    parallel and never compare with each other. If label sizes are very uneven (padding the grid to
-    the largest label would waste work), all boxes form one segment and the kernel compares
-    labels. The sweep marks the kept boxes in score order, so one boolean index (the only host
-    sync without labels) gives the result by score: 2 kernels and a sort and gather around them."""
+    """batched_nms in Triton: a bitmask kernel (bit j of row i: "i would suppress j") and a greedy
+    sweep over it, one program per label (sorted by label, then score). Very uneven label sizes
+    (a grid padded to the largest would waste work) make one segment whose kernel compares labels.
+    The sweep flags kept boxes in score order: one boolean index (no other host sync, one class)."""
     device, n = boxes.device, boxes.shape[0]
     score_order = _score_order(scores)  # [N]
     rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
+    order, perm, start, counts = _segments(score_order, labels)
     segmented = labels is not None
     if segmented:
-        order, perm, start, counts = _segments(score_order, labels)
         words = (counts + 63) // 64  # [S] 64-bit mask words per row of each segment
         sizes = counts * words  # [S] mask words per segment
         useful = (counts + rows_per_prog - 1) // rows_per_prog * words  # [S] busy mask programs
@@ -461,8 +360,7 @@ def _nms_triton(boxes, scores, labels, thr):
     if segmented:
         meta = torch.stack([start, counts, sizes.cumsum(0) - sizes, words.cumsum(0) - words])
     else:  # one segment: everything is known on the host
-        order, nmax, meta = order if labels is not None else score_order, n, boxes
-        total_words = triton.cdiv(n, 64)
+        nmax, meta, total_words = n, boxes, triton.cdiv(n, 64)
         total_size = n * total_words
     mask = torch.empty(total_size, dtype=torch.long, device=device)
     scratch = torch.zeros(total_words * 8 + n, dtype=torch.uint8, device=device)  # one memset
@@ -484,12 +382,30 @@ def _nms_triton(boxes, scores, labels, thr):
     return score_order[flags.view(torch.bool)]
 
 
+def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr):
+    """soft_nms with one Triton program per label running its whole decay loop -> picked (indices,
+    scores); host syncs: the label split and the end."""
+    n = boxes.shape[0]
+    order, _, start, counts = _segments(_score_order(scores), labels)
+    cur = scores[order].contiguous()  # [N] current scores, decayed in place by the kernel
+    pos, new = torch.empty_like(order), torch.empty_like(cur)  # [N] picks of each segment
+    picks = torch.empty_like(counts)  # [S]
+    _soft_nms_kernel[(len(counts),)](boxes[order].contiguous(), cur, start, counts, pos, new,
+                                     picks, float(sigma), float(score_threshold), thr,
+                                     LINEAR=linear,
+                                     BLOCK=min(1024, triton.next_power_of_2(int(counts.max()))),
+                                     enable_fp_fusion=False)
+    segment = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device), counts,
+                                      output_size=n)  # [N]
+    used = (torch.arange(n, device=boxes.device) - start[segment] < picks[segment]).nonzero()[:, 0]
+    return order[start[segment[used]] + pos[used]], new[used]
+
+
 if triton is not None:
 
     @triton.jit
     def _load_box(ptr, idx, n):
-        """Boxes idx (< n) of an [n, 4] array as 4 blocks; a box with a NaN or infinite coordinate
-        (or past n) is loaded as the empty box 0, 0, 0, 0 (see _coords)."""
+        """Boxes idx of an [n, 4] array as 4 blocks; non-finite or past n: the empty box 0,0,0,0."""
         x1 = tl.load(ptr + idx * 4 + 0, mask=idx < n, other=0.0)
         y1 = tl.load(ptr + idx * 4 + 1, mask=idx < n, other=0.0)
         x2 = tl.load(ptr + idx * 4 + 2, mask=idx < n, other=0.0)
@@ -533,8 +449,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_mask_kernel(boxes_ptr, labels_ptr, meta_ptr, segments, n, mask_ptr, thr,
                          COMPARE_LABELS: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr):
-        """Segment s, rows block r, word w: mask[row, w] bit b = box (row) would suppress box
-        (w*64 + b) of the same segment: it comes later in score order and IoU > thr."""
+        """Program (segment, rows block, word w): bit b of mask[row, w] = box row would suppress box
+        w * 64 + b of its segment (it comes later and IoU > thr)."""
         start, count, mask_off, _ = _segment(meta_ptr, tl.program_id(0), segments, n, SEGMENTED)
         n_words = (count + 63) // 64
         rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -560,9 +476,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_sweep_kernel(mask_ptr, meta_ptr, segments, n, removed_ptr, perm_ptr, flags_ptr,
                           SEGMENTED: tl.constexpr, PERMUTED: tl.constexpr, CHUNK: tl.constexpr):
-        """Greedy pass over one segment's mask, 64 boxes (one word) at a time: resolve the word's
-        boxes in order against its diagonal word, then OR the kept rows into `removed` for the
-        later words. Sets flags[perm[start + i]] (flags[i] if not PERMUTED) for each kept box i."""
+        """Greedy pass over a segment's mask a word (64 boxes) at a time: resolve them in order on
+        the diagonal word, OR the kept rows into `removed`; flags[perm[start + i]] = kept i."""
         seg = tl.program_id(0)
         start, count, mask_off, word_off = _segment(meta_ptr, seg, segments, n, SEGMENTED)
         mask_base = mask_ptr + mask_off
@@ -603,9 +518,8 @@ if triton is not None:
     @triton.jit
     def _soft_nms_kernel(boxes_ptr, cur_ptr, start_ptr, count_ptr, pos_ptr, new_ptr, picks_ptr,
                          sigma, score_thr, iou_thr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
-        """Soft-NMS of one segment (a label, boxes by decreasing score): pick the best live score
-        (first in segment order among equals), record it, decay the others, until none is live.
-        A picked box's score becomes NaN (NaN >= score_thr is false), so it is never live again."""
+        """Soft-NMS of a segment (a label, by score): pick the best live score (the first among
+        equals), record it, decay the rest, until none is live; a pick's score becomes NaN."""
         seg = tl.program_id(0)
         start = tl.load(start_ptr + seg)
         count = tl.load(count_ptr + seg)

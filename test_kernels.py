@@ -160,6 +160,9 @@ def test_nms_3000_torch_path(monkeypatch):
     monkeypatch.setenv("SSD_KERNELS", "torch")
     for boxes, scores in (hard_boxes(3000, seed=3)[:2], smooth_boxes(3000, seed=3)):
         assert kernels.nms(boxes, scores, 0.45).tolist() == ref_nms(boxes, scores, None, 0.45)
+        labels = torch.arange(3000) % 2  # two labels of 1500: each label on its own (one big class)
+        want = ref_nms(boxes, scores, labels, 0.45)
+        assert kernels.batched_nms(boxes, scores, labels, 0.45).tolist() == want
 
 
 def test_nms_1000_smooth(path):
