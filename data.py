@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -867,29 +866,11 @@ def write_shapes(folder, split="val", num_images=8):
 
 
 # -----------------------------------------------------------------------------------------------
-# Shared by the scripts (train.py, evaluate.py, detect.py): usage errors, files written atomically,
-# durations, the newest run, drawing detections
+# Shared by the scripts (train.py, evaluate.py, detect.py): usage errors, durations, the newest
+# run, drawing detections (files are written atomically by ssd.write_atomic)
 
 class UsageError(Exception):
     """A mistake that stops a whole command (exit 2); the message is one line, printed as is."""
-
-
-def write_atomic(path, write, mode="w"):
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
-    `path`: a crash leaves the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def duration(seconds):

@@ -75,7 +75,7 @@ def main(argv=None):
             failures += 1
     if args.json and results:
         try:
-            data.write_atomic(args.json, lambda f: json.dump(results, f, indent=1))
+            ssd.write_atomic(args.json, lambda f: json.dump(results, f, indent=1))
         except OSError as e:
             print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
             failures += 1

@@ -11,6 +11,7 @@ Label 0 is background, 1..C are objects. Anchors are (cx, cy, w, h), normalised.
 import math
 import os
 import re
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -617,11 +618,27 @@ def strip_prefixes(state_dict):
     return out
 
 
+def write_atomic(path, write, mode="w"):
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a crash leaves the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(path, **fields):
-    """torch.save({"model": state_dict, "config": ..., **rest}) atomically: written to a temporary
-    file in the same folder, flushed to disk, then renamed over `path`, so a crash leaves the old
-    file or the new one, never half of one. `model` may be a state_dict or an SSD (then its config
-    is used unless `config` is given)."""
+    """torch.save({"model": state_dict, "config": ..., **rest}) atomically (write_atomic). `model`
+    may be a state_dict or an SSD (then its config is used unless `config` is given)."""
     model = fields.get("model")
     if isinstance(model, nn.Module):
         fields.setdefault("config", getattr(model, "config", None))
@@ -629,16 +646,7 @@ def save_checkpoint(path, **fields):
     if not isinstance(model, dict) or not isinstance(fields.get("config"), dict):
         raise ValueError("save_checkpoint needs model= (state_dict or SSD) and config= (dict)")
     fields["model"] = strip_prefixes(model)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(fields, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda f: torch.save(fields, f), mode="wb")
 
 
 def read_weights(path):
