@@ -220,7 +220,8 @@ def build_model(config):
 
 def ssd300(num_classes, **preset):
     """SSD300 (8,732 anchors). preset: anchors="voc"|"coco", clip="none"|"wh"|"all", width=1.0,
-    class_names, mean, norm="none"|"bn". torchvision's ssd300_vgg16 is ssd300(90, anchors="coco", clip="wh")."""
+    class_names, mean, norm="none"|"bn". torchvision's ssd300_vgg16 is ssd300(90, anchors="coco",
+    clip="wh")."""
     return SSD(make_config(300, num_classes, **preset))
 
 

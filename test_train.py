@@ -187,7 +187,7 @@ def test_help_lists_the_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--data", "--data-root", "--size", "--gpus", "--epochs", "--batch-size", "--lr",
                  "--workers", "--amp", "--no-amp", "--out", "--resume", "--pretrained",
-                 "--width", "--eval-every", "--seed"):
+                 "--width", "--eval-every", "--seed", "--optimizer", "--norm"):
         assert flag in text
 
 
@@ -271,6 +271,8 @@ def test_batchnorm_model_saves_loads_detects_and_evaluates(tmp_path, capsys):
     no_norm = ssd.make_config(300, 2)  # old configs without the key build the plain network
     del no_norm["norm"]
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ssd.build_model(no_norm).modules())
+    with pytest.raises(ValueError, match="norm must be 'none' or 'bn', got 'gn'"):
+        ssd.make_config(300, 2, norm="gn")
 
 
 def test_bad_data_is_reported_before_any_process_starts(tmp_path, monkeypatch, capsys):

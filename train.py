@@ -5,12 +5,14 @@
     torchrun --nproc_per_node=8 train.py --data coco --data-root ~/coco --pretrained vgg16.pth
     python train.py --resume                                # continue the newest runs/*/last.pt
 
-Recipe of the reference implementations (facts §9): SGD, momentum 0.9, weight decay 5e-4, lr 1e-3
-per 32 images scaled linearly with the global batch, linear warmup over 500 iterations from 1/3 of
-the lr, lr x0.1 at 2/3 and at 5/6 of the iterations. The run folder (--out, default
-runs/<data>-<time>) receives last.pt and best.pt after every epoch (written atomically; best = the
-highest validation mAP so far, or the latest weights before any evaluation), metrics.jsonl (one
-JSON object per log line and one per evaluation, with "map") and, at the end, detections.jpg.
+With --pretrained, the recipe of the paper (§3) and its Caffe code: SGD, momentum 0.9, weight
+decay 5e-4, lr 1e-3 per 32 images scaled linearly with the global batch, linear warmup over 500
+iterations from 1/3 of the lr, lr x0.1 at 2/3 and at 5/6 of the iterations. Without it, a recipe
+for training from scratch (RECIPES below; the first log line names it). The run folder (--out,
+default runs/<data>-<time>) receives last.pt and best.pt after every epoch (written atomically;
+best = the highest validation mAP so far, or the latest weights before any evaluation),
+metrics.jsonl (one JSON object per log line and one per evaluation, with "map") and, at the end,
+detections.jpg.
 --gpus N > 1 spawns N DDP processes (NCCL; on a machine without CUDA, N gloo processes on the CPU);
 torchrun's RANK / LOCAL_RANK / WORLD_SIZE are used when set. --resume restarts exactly where the
 last checkpoint left off: the data order and every augmentation are functions of (seed, epoch,
@@ -41,7 +43,7 @@ import evaluate
 import ssd
 
 # -----------------------------------------------------------------------------------------------
-# Recipe (facts §9). The paper / Caffe values unless a comment says otherwise.
+# Recipe: the SSD paper's / Caffe's values unless a comment says otherwise.
 MOMENTUM = 0.9  # every reference
 WEIGHT_DECAY = 5e-4  # every reference; on all parameters, as mmdetection and torchvision do
 BASE_LR, BASE_BATCH = 1e-3, 32  # Caffe, amdegroot, lufficc: 1e-3 at 32 images; linear scaling rule
@@ -76,7 +78,6 @@ RECIPES = {
     # on shapes val after 5 epochs of its 2,000 images (6m08s, another job sharing the cores).
     ("shapes", "scratch"): dict(SCRATCH, iterations=625, width=0.0625),
 }
-RECIPES[("shapes", "pretrained")] = RECIPES[("shapes", "scratch")]
 DATASETS = sorted({d for d, _ in RECIPES})
 
 # Flags that define a run: on --resume they come from the checkpoint (--epochs may be given again
@@ -91,7 +92,7 @@ class UsageError(Exception):
 
 def recipe(data_name, pretrained):
     """(case, the RECIPES row) for --data and whether --pretrained was given."""
-    case = "pretrained" if pretrained else "scratch"
+    case = "pretrained" if pretrained and (data_name, "pretrained") in RECIPES else "scratch"
     return case, RECIPES[(data_name, case)]
 
 
@@ -99,7 +100,7 @@ def per_case(key, show=lambda v: f"{v:g}" if isinstance(v, float) else str(v)):
     """Help text for a default from RECIPES, e.g. 'voc/coco: 32 with --pretrained, 16 without'."""
     parts = []
     for name in DATASETS:
-        with_, without = RECIPES[(name, "pretrained")][key], RECIPES[(name, "scratch")][key]
+        with_, without = (recipe(name, p)[1][key] for p in (True, False))
         parts.append(f"{name} {show(without)}" if with_ == without else
                      f"{name} {show(with_)} with --pretrained, {show(without)} without")
     return "; ".join(parts)
@@ -118,8 +119,8 @@ def parse_args(argv):
     p.add_argument("--size", type=int, choices=[300, 512], help="input size (default: 300)")
     p.add_argument("--gpus", type=int,
                    help="processes: 0 = CPU, N > 1 = N DDP processes (default: 1 if CUDA, else 0)")
-    p.add_argument("--epochs", type=int, help="passes over the training set (default: "
-                   f"iterations / (images // batch), iterations per --data: {per_case('iterations')})")
+    p.add_argument("--epochs", type=int, help="passes over the training set (default: iterations "
+                   f"/ (images // batch), iterations per --data: {per_case('iterations')})")
     p.add_argument("--batch-size", type=int, help="global batch, split over the processes "
                    f"(default per --data: {per_case('batch_size')})")
     linear_lr = f"{BASE_LR:g} x batch / {BASE_BATCH}"
@@ -230,6 +231,7 @@ def settings(args):
                                  f"{saved.get(key)}; a resumed run keeps its settings")
         s.update(saved, resume=path, out=args.out or os.path.dirname(os.path.abspath(path)),
                  case="pretrained" if saved["pretrained"] else "scratch")
+        check_data(s)
     else:
         case, d = recipe(args.data, args.pretrained)
         flag = lambda key: getattr(args, key) if getattr(args, key) is not None else d[key]  # noqa
