@@ -234,16 +234,16 @@ def test_few_steps_on_shapes(tmp_path, capsys):
 def test_from_scratch_default_is_chosen_logged_and_lowers_the_loss(tmp_path, capsys):
     root = write_voc(tmp_path / "voc", [2] * 4, val=2, size=(64, 48))
     out = tmp_path / "run"
-    code = train.main(["--data", "voc", "--data-root", str(root), "--batch-size", "4",
-                       "--max-steps", "12", "--warmup", "0", "--size", "300", "--eval-every", "0",
-                       "--out", str(out), *TINY])
+    code = train.main(["--data", "voc", "--data-root", str(root), "--batch-size", "2",
+                       "--max-steps", "8", "--warmup", "0", "--eval-every", "0", "--out", str(out),
+                       *TINY])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("recipe: adamw lr 0.003") and "from scratch" in lines[0]
     assert "--pretrained" in lines[0] and "--optimizer sgd" in lines[0]
     assert "2 validation" in lines[1]  # no test split: val.txt
     loss = [r["loss"] for r in metrics(out)]
-    assert len(loss) == 12 and sum(loss[-3:]) < 0.8 * sum(loss[:3]), loss
+    assert len(loss) == 8 and sum(loss[-3:]) < 0.8 * sum(loss[:3]), loss
     args = read_ckpt(out / "last.pt")["train_args"]
     assert (args["optimizer"], args["norm"], args["pretrained"]) == ("adamw", "none", None)
 
@@ -397,7 +397,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert same_weights(straight["model"], resumed["model"])
     for a, b in zip(straight["optimizer"]["state"].values(),
                     resumed["optimizer"]["state"].values()):
-        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # AdamW's
     assert resumed["scheduler"] == straight["scheduler"]
     steps = [r["step"] for r in metrics(killed) if "loss" in r]
     assert steps == list(range(1, 7))  # each step logged once, the killed run's extras dropped

@@ -556,9 +556,9 @@ def train(s, rank, local_rank, world):
         f"{len(train_source.class_names)} classes")
     num_params = sum(p.numel() for p in model.parameters())
     log(f"model SSD{s['size']} width {s['width']:g} norm {s['norm']}: {num_params:,} "
-        f"parameters; device {device.type}, world size {world}, {s['workers']} loader workers"
-        f"{'' if s['cuda'] else f', {torch.get_num_threads()} threads'}"
-        f"{f' ({dist.get_backend()})' if world > 1 else ''}; amp "
+        f"parameters; device {device.type}, world size {world}"
+        f"{f' ({dist.get_backend()})' if world > 1 else ''}, {s['workers']} loader workers"
+        f"{'' if s['cuda'] else f', {torch.get_num_threads()} threads'}; amp "
         f"{str(amp_dtype).split('.')[-1] if amp else 'off'}")
     log(f"global batch {s['batch_size']} ({per_rank} per process), {type(optimizer).__name__} "
         f"lr {s['lr']:.3g}, "
