@@ -202,8 +202,9 @@ def read_checkpoint(path):
 def check_data(s):
     """Both splits readable and not empty (data.DataError -> UsageError); -> training images."""
     try:
+        images = len(data.build_source(s["data"], s["data_root"], None, train=True))
         data.build_source(s["data"], s["data_root"], s["val_split"], train=False)
-        return len(data.build_source(s["data"], s["data_root"], None, train=True))
+        return images
     except data.DataError as e:
         raise UsageError(str(e).strip().splitlines()[-1]) from None
 
