@@ -69,7 +69,7 @@ def anchor_sizes(size, dataset):
 
 
 def make_config(size, num_classes, anchors="voc", clip="none", width=1.0, class_names=None,
-                mean=MEAN):
+                mean=MEAN, norm="none"):
     """The plain-types dict that fully describes a model; it travels in every checkpoint."""
     # ValueError, not assert: the checks must hold under python -O too
     if size not in GEOMETRY:
@@ -78,6 +78,8 @@ def make_config(size, num_classes, anchors="voc", clip="none", width=1.0, class_
         raise ValueError(f"anchors must be 'voc' or 'coco', got {anchors!r}")
     if clip not in ("none", "wh", "all"):
         raise ValueError(f"clip must be 'none', 'wh' or 'all', got {clip!r}")
+    if norm not in ("none", "bn"):
+        raise ValueError(f"norm must be 'none' or 'bn', got {norm!r}")
     if class_names is None:
         class_names = (VOC_CLASSES if num_classes == 20 else COCO_CLASSES if num_classes == 80
                        else [f"class{i}" for i in range(1, num_classes + 1)])
@@ -85,11 +87,11 @@ def make_config(size, num_classes, anchors="voc", clip="none", width=1.0, class_
         raise ValueError("need one class name per object class")
     return dict(size=size, width=float(width), num_classes=int(num_classes),
                 class_names=list(class_names), anchors=anchors, clip=clip,
-                mean=[float(m) for m in mean])
+                mean=[float(m) for m in mean], norm=norm)
 
 
 # -----------------------------------------------------------------------------------------------
-# Network (facts §2, §3)
+# Network (SSD paper §2.1 and §3; Caffe's ssd_pascal.py VGG16 net)
 
 class L2Norm(nn.Module):
     """Channel-wise L2 normalisation of conv4_3 with a learned per-channel scale (init 20):
@@ -106,11 +108,25 @@ class L2Norm(nn.Module):
         return (x.float() / norm * self.weight.view(1, -1, 1, 1)).to(x.dtype)
 
 
-def vgg16_layers(c):
+class ConvBN(nn.Conv2d):
+    """A conv followed by BatchNorm (config norm "bn"): ScratchDet (Zhu et al. 2019) and DSOD (Shen
+    et al. 2017) train SSD from scratch with BN after every backbone conv. A Conv2d subclass, so
+    the VGG indices, `.weight` and the conv init loops stay as without BN; keys gain `N.bn.*`."""
+
+    def __init__(self, cin, cout, kernel_size, **kw):
+        super().__init__(cin, cout, kernel_size, **kw)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(super().forward(x))
+
+
+def vgg16_layers(c, conv=nn.Conv2d):
     """VGG16 cut for SSD as a flat list; indices match torchvision's vgg16().features (0-30),
     amdegroot's `vgg.N` and mmdetection's `features.N`: 22 is conv4_3's ReLU (first source),
     30 the 3x3/s1 pool5, 31 conv6 (3x3, dilation 6, from fc6), 33 conv7 (1x1, from fc7), 34 its
-    ReLU (second source). `c` maps a paper channel count to this model's width."""
+    ReLU (second source). `c` maps a paper channel count to this model's width; `conv` is
+    nn.Conv2d or ConvBN."""
     layers, cin = [], 3
     for i, v in enumerate([64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M",
                            512, 512, 512]):
@@ -119,18 +135,18 @@ def vgg16_layers(c):
         elif v == "C":  # pool3 rounds up so 75 -> 38 (floor would give 37)
             layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
         else:
-            layers += [nn.Conv2d(cin, c(v), 3, padding=1), nn.ReLU(inplace=True)]
+            layers += [conv(cin, c(v), 3, padding=1), nn.ReLU(inplace=True)]
             cin = c(v)
     layers += [nn.MaxPool2d(3, 1, padding=1),
-               nn.Conv2d(cin, c(1024), 3, padding=6, dilation=6), nn.ReLU(inplace=True),
-               nn.Conv2d(c(1024), c(1024), 1), nn.ReLU(inplace=True)]
+               conv(cin, c(1024), 3, padding=6, dilation=6), nn.ReLU(inplace=True),
+               conv(c(1024), c(1024), 1), nn.ReLU(inplace=True)]
     return layers
 
 
-def extra_layers(size, c):
-    """Extra feature layers after conv7 (facts §2.2), ReLU after each conv. Each level is a 1x1
-    reduction then a 3x3 conv; SSD300's last two levels are unpadded stride 1 (5 -> 3 -> 1), SSD512
-    strides all of them and ends with a 4x4 pad-1 conv (2 -> 1)."""
+def extra_layers(size, c, conv=nn.Conv2d):
+    """Extra feature layers after conv7 (paper Fig. 2; Caffe's AddExtraLayers), ReLU after each
+    conv. Each level is a 1x1 reduction then a 3x3 conv; SSD300's last two levels are unpadded
+    stride 1 (5 -> 3 -> 1), SSD512 strides all of them and ends with a 4x4 pad-1 conv (2 -> 1)."""
     # (in, mid, out, kernel, stride, padding) per level
     spec = [(1024, 256, 512, 3, 2, 1), (512, 128, 256, 3, 2, 1)]
     if size == 300:
@@ -139,7 +155,7 @@ def extra_layers(size, c):
         spec += [(256, 128, 256, 3, 2, 1), (256, 128, 256, 3, 2, 1), (256, 128, 256, 4, 1, 1)]
     layers = []
     for cin, mid, cout, k, s, p in spec:
-        layers += [nn.Conv2d(c(cin), c(mid), 1), nn.Conv2d(c(mid), c(cout), k, stride=s, padding=p)]
+        layers += [conv(c(cin), c(mid), 1), conv(c(mid), c(cout), k, stride=s, padding=p)]
     return layers
 
 
@@ -152,9 +168,10 @@ class SSD(nn.Module):
         self.config = config
         size, width, nc = config["size"], config["width"], config["num_classes"]
         c = lambda ch: max(1, int(round(ch * width)))  # noqa: E731  (channel width multiplier)
-        self.vgg = nn.ModuleList(vgg16_layers(c))
+        conv = ConvBN if config.get("norm", "none") == "bn" else nn.Conv2d  # none: older configs
+        self.vgg = nn.ModuleList(vgg16_layers(c, conv))
         self.l2norm = L2Norm(c(512))
-        self.extras = nn.ModuleList(extra_layers(size, c))
+        self.extras = nn.ModuleList(extra_layers(size, c, conv))
         source_channels = [c(512), c(1024)] + [m.out_channels for m in self.extras[1::2]]
         per_location = [2 + 2 * len(r) for r in GEOMETRY[size]["ratios"]]  # 4 or 6
         self.cls_heads = nn.ModuleList(nn.Conv2d(ch, k * (nc + 1), 3, padding=1)
@@ -198,7 +215,8 @@ def build_model(config):
 
 def ssd300(num_classes, **preset):
     """SSD300 (8,732 anchors). preset: anchors="voc"|"coco", clip="none"|"wh"|"all", width=1.0,
-    class_names, mean. torchvision's ssd300_vgg16 is ssd300(90, anchors="coco", clip="wh")."""
+    class_names, mean, norm="none"|"bn". torchvision's ssd300_vgg16 is ssd300(90, anchors="coco",
+    clip="wh")."""
     return SSD(make_config(300, num_classes, **preset))
 
 

@@ -80,17 +80,39 @@ def test_lr_schedule_follows_the_recipe():
     assert f[1000] == pytest.approx(0.01) and f[-1] == pytest.approx(0.01)  # 5/6 of 1200
 
 
-def test_defaults_per_dataset_and_linear_lr_rule():
-    s = train.settings(train.parse_args(["--data", "voc", "--data-root", "x", "--out", "o"]))
-    # Caffe: 120k iterations x 32 images over 16,551 images; lr 1e-3 at 32
-    assert s["epochs"] == round(120_000 * 32 / 16_551) and s["batch_size"] == 32
-    assert s["lr"] == pytest.approx(1e-3) and s["warmup"] == 500 and s["width"] == 1.0
-    s = train.settings(train.parse_args(["--data", "coco", "--data-root", "x", "--out", "o",
+def test_defaults_per_case_and_linear_lr_rule(tmp_path):
+    root = write_voc(tmp_path / "voc", [1] * 8, size=(32, 24))  # 8 training images
+    (tmp_path / "vgg.pth").write_bytes(b"")  # only its existence is checked before training
+    base = ["--data", "voc", "--data-root", str(root), "--out", str(tmp_path / "o")]
+    s = train.settings(train.parse_args([*base, "--pretrained", str(tmp_path / "vgg.pth")]))
+    # the paper's recipe: SGD, lr 1e-3 at 32 images, 500 warmup, full width; Caffe's 120k
+    # iterations over 8 // 32 -> 1 iteration per epoch
+    assert (s["case"], s["optimizer"], s["norm"], s["batch_size"], s["warmup"], s["width"]) == (
+        "pretrained", "sgd", "none", 32, 500, 1.0)
+    assert s["lr"] == pytest.approx(1e-3) and s["epochs"] == 120_000
+    s = train.settings(train.parse_args([*base, "--pretrained", str(tmp_path / "vgg.pth"),
                                          "--batch-size", "64"]))
-    assert s["epochs"] == 120 and s["lr"] == pytest.approx(2e-3)
-    s = train.settings(train.parse_args(["--data", "voc", "--data-root", "x", "--out", "o",
-                                         "--batch-size", "8", "--lr", "0.5"]))
-    assert s["lr"] == 0.5
+    assert s["lr"] == pytest.approx(2e-3)
+    s = train.settings(train.parse_args(base))  # from scratch: the scratch row
+    d = train.RECIPES[("voc", "scratch")]
+    assert s["case"] == "scratch" and s["optimizer"] == d["optimizer"] == "adamw"
+    assert (s["batch_size"], s["lr"], s["warmup"], s["width"], s["norm"]) == tuple(
+        d[k] for k in ("batch_size", "lr", "warmup", "width", "norm"))
+    assert s["epochs"] == round(d["iterations"] / (8 // d["batch_size"] or 1))
+    s = train.settings(train.parse_args([*base, "--batch-size", "2", "--lr", "0.5", "--optimizer",
+                                         "sgd", "--norm", "bn", "--epochs", "3"]))
+    assert (s["batch_size"], s["lr"], s["optimizer"], s["norm"], s["epochs"]) == (
+        2, 0.5, "sgd", "bn", 3)
+    s = train.settings(train.parse_args([*base, "--batch-size", "2"]))
+    assert s["epochs"] == round(d["iterations"] / 4)  # the schedule follows the images
+
+
+def test_eta_uses_the_median_rate_after_the_first_window():
+    rates = []
+    assert train.eta_rate(dict(steps=10), 50.0, rates) == 5.0  # only the slow first window
+    assert train.eta_rate(dict(steps=10), 10.0, rates) == 1.0  # first window left out
+    train.eta_rate(dict(steps=10), 12.0, rates)
+    assert train.eta_rate(dict(steps=10), 40.0, rates) == pytest.approx(1.2)  # one slow window
 
 
 def test_scratch_init_keeps_every_source_alive():
@@ -166,7 +188,7 @@ def test_help_lists_the_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--data", "--data-root", "--size", "--gpus", "--epochs", "--batch-size", "--lr",
                  "--workers", "--amp", "--no-amp", "--out", "--resume", "--pretrained",
-                 "--width", "--eval-every", "--seed"):
+                 "--width", "--eval-every", "--seed", "--optimizer", "--norm"):
         assert flag in text
 
 
@@ -174,18 +196,18 @@ def test_help_shows_the_defaults_per_data_set(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
-    for default in ("--epochs EPOCHS passes over the training set (default per --data: voc 232, "
-                    "coco 120, shapes 5;",
-                    "(default per --data: voc 32, coco 32, shapes 16)",
-                    "(default per --data: voc 0.001 x batch / 32, coco 0.001 x batch / 32, "
-                    "shapes 0.003)",
-                    "(default per --data: voc 500, coco 500, shapes 50)",
-                    "(default per --data: voc 1, coco 1, shapes 0.0625)",
-                    "input size (default: 300)", "per rank (default: the process's share of the cores",
-                    "augmentation (default: 0)", "log lines (default: 20)"):
+    for default in ("iterations per --data: coco 440000 with --pretrained, 1800 without; "
+                    "shapes 625; voc 120000 with --pretrained, 1800 without)",
+                    "(default per --data: coco 32 with --pretrained, 16 without; shapes 16;",
+                    "--data: coco 0.001 x batch / 32 with --pretrained, 0.003 without;",
+                    "(default per --data: coco sgd with --pretrained, adamw without;",
+                    "input size (default: 300)", "augmentation (default: 0)",
+                    "per rank (default: the process's share of the cores",
+                    "log lines (default: 20)"):
         assert default in text
-    for key in ("epochs", "batch_size", "warmup", "width"):  # the help follows the table
-        assert f"shapes {train.DATASETS['shapes'][key]:g}" in text
+    for key in ("iterations", "batch_size", "warmup", "width", "norm", "optimizer"):
+        value = train.RECIPES[("voc", "scratch")][key]  # the help follows the table
+        assert (f"{value:g}" if isinstance(value, float) else str(value)) in text
 
 
 def test_few_steps_on_shapes(tmp_path, capsys):
@@ -211,17 +233,59 @@ def test_few_steps_on_shapes(tmp_path, capsys):
     assert Image.open(out / "detections.jpg").size == (600, 600)  # 2 x 2 grid of 300 x 300
 
 
-def test_few_steps_on_bccd(shared_data, tmp_path, capsys):
+def test_from_scratch_default_is_chosen_logged_and_lowers_the_loss(tmp_path, capsys):
+    root = write_voc(tmp_path / "voc", [2] * 4, val=2, size=(64, 48))
     out = tmp_path / "run"
-    code = train.main(["--data", "voc", "--data-root", str(shared_data / "bccd" / "BCCD"),
-                       "--batch-size", "2", "--max-steps", "2", "--eval-every", "0",
-                       "--out", str(out), *TINY])
+    code = train.main(["--data", "voc", "--data-root", str(root), "--batch-size", "2",
+                       "--max-steps", "8", "--warmup", "0", "--eval-every", "0", "--out", str(out),
+                       *TINY])
     assert code == 0
-    text = capsys.readouterr().out
-    assert "87 validation" in text  # BCCD has no test split: val.txt
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("recipe: adamw lr 0.003") and "from scratch" in lines[0]
+    assert "--pretrained" in lines[0] and "--optimizer sgd" in lines[0]
+    assert "2 validation" in lines[1]  # no test split: val.txt
+    loss = [r["loss"] for r in metrics(out)]
+    assert len(loss) == 8 and sum(loss[-3:]) < 0.8 * sum(loss[:3]), loss
+    args = read_ckpt(out / "last.pt")["train_args"]
+    assert (args["optimizer"], args["norm"], args["pretrained"]) == ("adamw", "none", None)
+
+
+def test_batchnorm_model_saves_loads_detects_and_evaluates(tmp_path, capsys):
+    import evaluate
+    root = write_voc(tmp_path / "voc", [1, 2, 1, 1], val=2)
+    out = tmp_path / "run"
+    code = train.main(["--data", "voc", "--data-root", str(root), "--batch-size", "2",
+                       "--epochs", "1", "--eval-every", "1", "--norm", "bn", "--out", str(out),
+                       *TINY])
+    assert code == 0 and "norm bn" in capsys.readouterr().out
     ckpt = read_ckpt(out / "last.pt")
-    assert ckpt["step"] == 2
-    assert sorted(ckpt["config"]["class_names"]) == ["Platelets", "RBC", "WBC"]
+    assert ckpt["config"]["norm"] == "bn" and ckpt["train_args"]["norm"] == "bn"
+    assert ckpt["model"]["vgg.0.bn.running_var"].ne(1).any()  # statistics were tracked
+    model = ssd.load_model(out / "last.pt")
+    assert not model.training and isinstance(model.vgg[0].bn, torch.nn.BatchNorm2d)
+    assert same_weights(model.state_dict(), ckpt["model"])
+    image = torch.rand(3, 72, 96) * 255
+    dets = ssd.detect(model, [image, image])
+    torch.testing.assert_close(dets[0][0], dets[1][0])  # eval mode: no batch statistics
+    source = train.data.build_source("voc", str(root), None, train=False)
+    result = evaluate.evaluate_model(model, source, batch_size=2, workers=0, log=lambda *a: None)
+    assert 0.0 <= result["map"] <= 1.0
+    no_norm = ssd.make_config(300, 2)  # old configs without the key build the plain network
+    del no_norm["norm"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ssd.build_model(no_norm).modules())
+    with pytest.raises(ValueError, match="norm must be 'none' or 'bn', got 'gn'"):
+        ssd.make_config(300, 2, norm="gn")
+
+
+def test_bad_data_is_reported_before_any_process_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train.mp, "spawn", lambda *a, **k: pytest.fail("spawned"))
+    assert train.main(["--data", "voc", "--data-root", str(tmp_path / "none"), "--gpus", "2"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: no such folder (--data-root)\n"
+    root = write_voc(tmp_path / "voc", [1, 1], val=0)
+    assert train.main(["--data", "voc", "--data-root", str(root), "--gpus", "2"]) == 2
+    assert capsys.readouterr().err == f"error: {root}/ImageSets/Main/val.txt: no image ids\n"
+    assert train.main(["--data", "voc", "--data-root", str(root), "--val-split", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_evaluation_every_epoch_and_best_checkpoint(tmp_path, capsys):
@@ -296,7 +360,8 @@ def test_nan_guard_stops_with_the_step_and_terms(tmp_path, monkeypatch, capsys):
 
 
 def run_cli(args, **kwargs):
-    env = dict(os.environ, PYTHONPATH=str(HERE))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(HERE)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     return subprocess.Popen([sys.executable, str(HERE / "train.py"), *args], cwd=str(HERE),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **kwargs)
@@ -334,7 +399,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert same_weights(straight["model"], resumed["model"])
     for a, b in zip(straight["optimizer"]["state"].values(),
                     resumed["optimizer"]["state"].values()):
-        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # AdamW's
     assert resumed["scheduler"] == straight["scheduler"]
     steps = [r["step"] for r in metrics(killed) if "loss" in r]
     assert steps == list(range(1, 7))  # each step logged once, the killed run's extras dropped

@@ -5,12 +5,14 @@
     torchrun --nproc_per_node=8 train.py --data coco --data-root ~/coco --pretrained vgg16.pth
     python train.py --resume                                # continue the newest runs/*/last.pt
 
-Recipe of the reference implementations (facts §9): SGD, momentum 0.9, weight decay 5e-4, lr 1e-3
-per 32 images scaled linearly with the global batch, linear warmup over 500 iterations from 1/3 of
-the lr, lr x0.1 at 2/3 and at 5/6 of the iterations. The run folder (--out, default
-runs/<data>-<time>) receives last.pt and best.pt after every epoch (written atomically; best = the
-highest validation mAP so far, or the latest weights before any evaluation), metrics.jsonl (one
-JSON object per log line and one per evaluation, with "map") and, at the end, detections.jpg.
+With --pretrained, the recipe of the paper (§3) and its Caffe code: SGD, momentum 0.9, weight
+decay 5e-4, lr 1e-3 per 32 images scaled linearly with the global batch, linear warmup over 500
+iterations from 1/3 of the lr, lr x0.1 at 2/3 and at 5/6 of the iterations. Without it, a recipe
+for training from scratch (RECIPES below; the first log line names it). The run folder (--out,
+default runs/<data>-<time>) receives last.pt and best.pt after every epoch (written atomically;
+best = the highest validation mAP so far, or the latest weights before any evaluation),
+metrics.jsonl (one JSON object per log line and one per evaluation, with "map") and, at the end,
+detections.jpg.
 --gpus N > 1 spawns N DDP processes (NCCL; on a machine without CUDA, N gloo processes on the CPU);
 torchrun's RANK / LOCAL_RANK / WORLD_SIZE are used when set. --resume restarts exactly where the
 last checkpoint left off: the data order and every augmentation are functions of (seed, epoch,
@@ -43,7 +45,7 @@ import ssd
 import weights
 
 # -----------------------------------------------------------------------------------------------
-# Recipe (facts §9). The paper / Caffe values unless a comment says otherwise.
+# Recipe: the SSD paper's / Caffe's values unless a comment says otherwise.
 MOMENTUM = 0.9  # every reference
 WEIGHT_DECAY = 5e-4  # every reference; on all parameters, as mmdetection and torchvision do
 BASE_LR, BASE_BATCH = 1e-3, 32  # Caffe, amdegroot, lufficc: 1e-3 at 32 images; linear scaling rule
@@ -55,36 +57,57 @@ PIXEL_STD = 57.6  # ImageNet's per-channel pixel std on the 0-255 scale (58.4, 5
 MAX_UNREADABLE = 10  # consecutive unreadable training images before giving up
 DIST_TIMEOUT = datetime.timedelta(hours=1)  # other ranks wait this long while rank 0 evaluates
 
-# Per data set. lr None = BASE_LR * batch / BASE_BATCH.
-DATASETS = {
-    # 120k iterations x 32 images (Caffe, amdegroot, lufficc) over VOC07+12's 16,551 images
-    "voc": dict(epochs=232, batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd"),
-    # 120 passes over train2017: torchvision's reference (and mmdetection's 24 epochs x repeat 5),
-    # whose ssd300_vgg16 is the checkpoint people compare with; Caffe's 400k x 32 over
-    # trainval35k is about 109 passes.
-    "coco": dict(epochs=120, batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd"),
-    # Quick start: VOC mAP >= 0.5 within 5 minutes on 2 CPU cores, from scratch. Departures from the
-    # recipe: a 1/16-wide network (16 channels where VGG16 has 256; ~45 images/s here, 1/8 width
-    # ~28), AdamW (SGD from scratch without BatchNorm learned nothing visible in a few hundred
-    # iterations), lr 3e-3 (5 epochs at 2e-3 / 4e-3 / 8e-3 gave mAP 0.81 / 0.87 / 0.53), 50
-    # warmup iterations. Measured: mAP 0.96 on shapes val after 5 epochs (6m08s with another
-    # training job sharing the 2 cores; ~60 images/s alone).
-    "shapes": dict(epochs=5, batch_size=16, lr=3e-3, warmup=50, width=0.0625, optimizer="adamw"),
+# Run defaults: the ONE table, per data set and case ("pretrained": --pretrained FILE given,
+# "scratch": not). The schedule is a number of iterations (as Caffe defines it); --epochs defaults
+# to iterations / (training images // batch), rounded. lr None = BASE_LR * batch / BASE_BATCH.
+PAPER = dict(batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd", norm="none")
+# From scratch (any VOC-layout or COCO folder; shapes always): the paper's recipe assumes an
+# ImageNet backbone and learns nearly nothing without one. AdamW (SGD without BatchNorm learned
+# nothing visible in a few hundred iterations), a 1/8-wide VGG16 (CPU-sized), 50 warmup
+# iterations. BCCD (205 training images): val mAP 0.71 after 960 iterations without BatchNorm.
+# --norm bn: BCCD mAP 0.27 vs 0.20 after 240 iterations (0.061 vs 0.038 at 120), but 28 vs 37
+# images/s on 2 CPU cores, so within this schedule's time it is not the default.
+SCRATCH = dict(iterations=1800, batch_size=16, lr=3e-3, warmup=50, width=0.125,
+               optimizer="adamw", norm="none")
+RECIPES = {
+    # Caffe, amdegroot, lufficc: 120k iterations x 32 images (232 passes over VOC07+12)
+    ("voc", "pretrained"): dict(PAPER, iterations=120_000),
+    # torchvision's reference: 120 passes over train2017 (3,664 iterations x 32 each), whose
+    # ssd300_vgg16 is the checkpoint people compare with; Caffe's 400k x 32 is about 109 passes
+    ("coco", "pretrained"): dict(PAPER, iterations=440_000),
+    ("voc", "scratch"): SCRATCH,
+    ("coco", "scratch"): SCRATCH,
+    # Quick start: VOC mAP >= 0.5 within 5 minutes on 2 CPU cores. 1/16 width (~45 images/s),
+    # lr 3e-3 (5 epochs at 2e-3 / 4e-3 / 8e-3 gave mAP 0.81 / 0.87 / 0.53). Measured: mAP 0.96
+    # on shapes val after 5 epochs of its 2,000 images (6m08s, another job sharing the cores).
+    ("shapes", "scratch"): dict(SCRATCH, iterations=625, width=0.0625),
 }
+DATASETS = sorted({d for d, _ in RECIPES})
 
 # Flags that define a run: on --resume they come from the checkpoint (--epochs may be given again
 # to lengthen it).
 RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "warmup", "optimizer",
-            "val_split", "pretrained", "epochs")
+            "norm", "val_split", "pretrained", "epochs")
 
 
 class UsageError(Exception):
     """A user mistake: printed as one line, exit code 2."""
 
 
-def per_data(key, show=str):
-    """Help text for a default that depends on --data, e.g. 'voc 232, coco 120, shapes 5'."""
-    return ", ".join(f"{name} {show(d[key])}" for name, d in DATASETS.items())
+def recipe(data_name, pretrained):
+    """(case, the RECIPES row) for --data and whether --pretrained was given."""
+    case = "pretrained" if pretrained and (data_name, "pretrained") in RECIPES else "scratch"
+    return case, RECIPES[(data_name, case)]
+
+
+def per_case(key, show=lambda v: f"{v:g}" if isinstance(v, float) else str(v)):
+    """Help text for a default from RECIPES, e.g. 'voc/coco: 32 with --pretrained, 16 without'."""
+    parts = []
+    for name in DATASETS:
+        with_, without = (recipe(name, p)[1][key] for p in (True, False))
+        parts.append(f"{name} {show(without)}" if with_ == without else
+                     f"{name} {show(with_)} with --pretrained, {show(without)} without")
+    return "; ".join(parts)
 
 
 def parse_args(argv):
@@ -100,17 +123,19 @@ def parse_args(argv):
     p.add_argument("--size", type=int, choices=[300, 512], help="input size (default: 300)")
     p.add_argument("--gpus", type=int,
                    help="processes: 0 = CPU, N > 1 = N DDP processes (default: 1 if CUDA, else 0)")
-    p.add_argument("--epochs", type=int,
-                   help=f"passes over the training set (default per --data: {per_data('epochs')}; "
-                        "voc's is Caffe's 120k iterations x 32 images over VOC07+12, coco's "
-                        "torchvision's)")
+    p.add_argument("--epochs", type=int, help="passes over the training set (default: iterations "
+                   f"/ (images // batch), iterations per --data: {per_case('iterations')})")
     p.add_argument("--batch-size", type=int, help="global batch, split over the processes "
-                   f"(default per --data: {per_data('batch_size')})")
+                   f"(default per --data: {per_case('batch_size')})")
     linear_lr = f"{BASE_LR:g} x batch / {BASE_BATCH}"
     p.add_argument("--lr", type=float, help="peak lr (default per --data: "
-                   f"{per_data('lr', lambda v: linear_lr if v is None else f'{v:g}')})")
+                   f"{per_case('lr', lambda v: linear_lr if v is None else f'{v:g}')})")
     p.add_argument("--warmup", type=int, help="linear warmup iterations "
-                   f"(default per --data: {per_data('warmup')})")
+                   f"(default per --data: {per_case('warmup')})")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"],
+                   help=f"(default per --data: {per_case('optimizer')})")
+    p.add_argument("--norm", choices=["none", "bn"], help="BatchNorm after every VGG16 and extra "
+                   f"conv, or none (default per --data: {per_case('norm')})")
     p.add_argument("--workers", type=int,
                    help="data loading processes per rank (default: the process's share of the "
                         "cores less one, at most 8; without CUDA a quarter of the share)")
@@ -127,10 +152,10 @@ def parse_args(argv):
                    help="continue from PATH, or from <out>/last.pt, or the newest runs/*/last.pt, "
                         "with the settings saved there (default: start a new run)")
     p.add_argument("--pretrained", metavar="PATH",
-                   help="VGG16 ImageNet weights for the backbone (default: none, trained from "
-                        "scratch)")
+                   help="VGG16 ImageNet weights for the backbone, and the paper's recipe (default: "
+                        "none: trained from scratch with the scratch recipe)")
     p.add_argument("--width", type=float, help="channel width multiplier "
-                   f"(default per --data: {per_data('width', lambda v: f'{v:g}')})")
+                   f"(default per --data: {per_case('width')})")
     p.add_argument("--eval-every", type=int, metavar="K",
                    help="evaluate every K epochs and at the end (default: at the end; 0: never)")
     p.add_argument("--val-split", help="evaluation split (default: data.build_source's: voc: test, "
@@ -182,6 +207,16 @@ def read_checkpoint(path):
     return ckpt
 
 
+def check_data(s):
+    """Both splits readable and not empty (data.DataError -> UsageError); -> training images."""
+    try:
+        images = len(data.build_source(s["data"], s["data_root"], None, train=True))
+        data.build_source(s["data"], s["data_root"], s["val_split"], train=False)
+        return images
+    except data.DataError as e:
+        raise UsageError(str(e).strip().splitlines()[-1]) from None
+
+
 def settings(args):
     """-> dict of everything a rank needs (plain types: it crosses to spawned processes)."""
     s = dict(resume=None)
@@ -195,7 +230,7 @@ def settings(args):
             path = newest_last_checkpoint()
             if path is None:
                 raise UsageError("--resume: no runs/*/last.pt to continue (give a path)")
-        saved = read_checkpoint(path)["train_args"]
+        saved = dict(dict(norm="none"), **read_checkpoint(path)["train_args"])  # older: no norm
         for key in RUN_KEYS:
             given = getattr(args, key, None)  # some settings have no flag
             if key == "epochs" and given is not None:
@@ -203,18 +238,26 @@ def settings(args):
             elif given is not None and given != saved.get(key):
                 raise UsageError(f"--{key.replace('_', '-')} {given}: {path} was trained with "
                                  f"{saved.get(key)}; a resumed run keeps its settings")
-        s.update(saved, resume=path, out=args.out or os.path.dirname(os.path.abspath(path)))
+        s.update(saved, resume=path, out=args.out or os.path.dirname(os.path.abspath(path)),
+                 case="pretrained" if saved["pretrained"] else "scratch")
+        check_data(s)
     else:
-        d = DATASETS[args.data]
-        s.update(data=args.data, data_root=args.data_root, size=args.size or 300,
-                 width=args.width or d["width"], batch_size=args.batch_size or d["batch_size"],
-                 seed=0 if args.seed is None else args.seed,
-                 warmup=d["warmup"] if args.warmup is None else args.warmup,
-                 optimizer=d["optimizer"], val_split=args.val_split, pretrained=args.pretrained,
-                 epochs=args.epochs or d["epochs"])
+        case, d = recipe(args.data, args.pretrained)
+        flag = lambda key: getattr(args, key) if getattr(args, key) is not None else d[key]  # noqa
+        s.update(data=args.data, data_root=args.data_root, size=args.size or 300, case=case,
+                 **{k: flag(k) for k in ("width", "batch_size", "warmup", "optimizer", "norm")},
+                 seed=0 if args.seed is None else args.seed, val_split=args.val_split,
+                 pretrained=args.pretrained)
         s["lr"] = args.lr or d["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
         if args.data != "shapes" and not args.data_root:
             raise UsageError(f"--data {args.data} needs --data-root DIR")
+        if args.data_root and not os.path.isdir(args.data_root):
+            raise UsageError(f"{args.data_root}: no such folder (--data-root)")
+        if args.pretrained and s["norm"] == "bn":
+            raise UsageError("--norm bn: the VGG16 files --pretrained reads have no BatchNorm")
+        images = check_data(s)  # before any process is spawned
+        s["epochs"] = args.epochs or max(1, round(
+            d["iterations"] / max(1, images // s["batch_size"])))
         if args.pretrained and not os.path.isfile(args.pretrained):
             raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
         out = args.out
@@ -231,8 +274,11 @@ def settings(args):
     cuda = torch.cuda.is_available()
     gpus = args.gpus if args.gpus is not None else (1 if cuda else 0)
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(gpus, 1)  # on this machine
-    s.update(workers=default_workers(cuda and gpus > 0, procs) if args.workers is None
-             else args.workers, compile=args.compile,
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = default_workers(cuda and gpus > 0, procs) if args.workers is None else args.workers
+    # a worker needs a fraction of a core on the CPU (BCCD: ~0.1 at 10 img/s): the rest go to torch
+    s.update(workers=workers, threads=max(1, (cores or 1) // procs - workers // 2),
+             compile=args.compile,
              augment_on=args.augment_on or ("device" if cuda and gpus > 0 else "cpu"))
     s.update(gpus=gpus, cuda=cuda and gpus > 0, log_every=args.log_every,
              max_steps=args.max_steps,
@@ -366,6 +412,13 @@ def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start,
 # -----------------------------------------------------------------------------------------------
 # Output: log lines, metrics.jsonl, checkpoints, the detection picture
 
+def eta_rate(window, elapsed, rates):
+    """Seconds per step for the ETA: the median over the log windows so far, leaving out the first
+    (DataLoader start-up, allocator warm-up) once there is another; `rates` collects them."""
+    rates.append(elapsed / window["steps"])
+    return float(np.median(rates[1:] or rates))
+
+
 def duration(seconds):
     s = int(round(seconds))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -439,11 +492,17 @@ def weights_fingerprint(model):
 def train(s, rank, local_rank, world):
     """Train on this rank; -> exit code. Rank 0 alone logs, evaluates and writes files."""
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    log(f"recipe: {s['optimizer']} lr {s['lr']:.3g}, batch {s['batch_size']}, width "
+        f"{s['width']:g}, norm {s['norm']}, warmup {s['warmup']}, {s['epochs']} epochs" + (
+            " (the paper's, for --pretrained)" if s["case"] == "pretrained" else
+            " (from scratch: the default without --pretrained; the paper's recipe is --pretrained "
+            "VGG16_FILE, or --optimizer sgd --lr 0.001 --batch-size 32 --warmup 500 --width 1 "
+            "--norm none)"))
     device = torch.device(f"cuda:{local_rank}" if s["cuda"] else "cpu")
     if s["cuda"]:
         torch.cuda.set_device(device)
-    elif world > 1:  # the processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    else:  # the ranks and their DataLoader workers share the cores
+        torch.set_num_threads(s["threads"])
     amp = s["cuda"] and s["amp"] is not False
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     if s["amp"] and not s["cuda"]:
@@ -465,7 +524,8 @@ def train(s, rank, local_rank, world):
     anchors = "coco" if s["data"] == "coco" else "voc"
     try:  # the flags are checked by parse_args; a resumed checkpoint's settings are not
         config = ssd.make_config(s["size"], len(train_source.class_names), anchors=anchors,
-                                 width=s["width"], class_names=train_source.class_names)
+                                 width=s["width"], class_names=train_source.class_names,
+                                 norm=s["norm"])
     except ValueError as e:
         raise UsageError(f"{s['resume'] or 'settings'}: {e}") from None
     model = ssd.build_model(config)
@@ -516,7 +576,7 @@ def train(s, rank, local_rank, world):
 
     ddp_model = model
     if world > 1:
-        ddp_model = wrap_ddp(model, [local_rank] if s["cuda"] else None)
+        ddp_model = wrap_ddp(model, [local_rank] if s["cuda"] else None, s["norm"] == "bn")
     if s["compile"]:
         ddp_model = torch.compile(ddp_model)
     transform = data.TrainTransform(s["size"], model.config["mean"],
@@ -527,9 +587,10 @@ def train(s, rank, local_rank, world):
     log(f"data {s['data']}: {len(train_source)} training images, {len(val_source)} validation; "
         f"{len(train_source.class_names)} classes")
     num_params = sum(p.numel() for p in model.parameters())
-    log(f"model SSD{s['size']} width {s['width']:g}: {num_params:,} parameters; "
-        f"device {device.type}, world size {world}"
-        f"{f' ({dist.get_backend()})' if world > 1 else ''}; amp "
+    log(f"model SSD{s['size']} width {s['width']:g} norm {s['norm']}: {num_params:,} "
+        f"parameters; device {device.type}, world size {world}"
+        f"{f' ({dist.get_backend()})' if world > 1 else ''}, {s['workers']} loader workers"
+        f"{'' if s['cuda'] else f', {torch.get_num_threads()} threads'}; amp "
         f"{str(amp_dtype).split('.')[-1] if amp else 'off'}")
     log(f"global batch {s['batch_size']} ({per_rank} per process), {type(optimizer).__name__} "
         f"lr {s['lr']:.3g}, "
@@ -564,7 +625,7 @@ def train(s, rank, local_rank, world):
         return improved
 
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-    start = time.perf_counter()
+    start, rates = time.perf_counter(), []
     window = dict(t=time.perf_counter(), wait=0.0, steps=0,
                   terms=torch.zeros(2, dtype=torch.float64))
     ddp_model.train()
@@ -618,7 +679,7 @@ def train(s, rank, local_rank, world):
                            loss_cls=cls_loss, loss_box=box_loss,
                            images_per_s=window["steps"] * s["batch_size"] / elapsed,
                            data_wait=window["wait"] / elapsed,
-                           eta_s=(stop - step) * elapsed / window["steps"],
+                           eta_s=(stop - step) * eta_rate(window, elapsed, rates),
                            time_s=now - start)
                 mem = ""
                 if s["cuda"]:
@@ -668,9 +729,12 @@ def train(s, rank, local_rank, world):
 # -----------------------------------------------------------------------------------------------
 # Processes
 
-def wrap_ddp(model, device_ids):
-    """DistributedDataParallel without syncing buffers at each forward: there are no BatchNorm
-    statistics, and the one buffer (the anchors) is a function of the config, never changed."""
+def wrap_ddp(model, device_ids, batchnorm=False):
+    """DistributedDataParallel. Without BatchNorm no buffers are synced at each forward: the one
+    buffer (the anchors) is a function of the config, never changed. With BatchNorm, rank 0's
+    running statistics are broadcast at each forward (DDP's default), so the replicas agree."""
+    if batchnorm:
+        return DistributedDataParallel(model, device_ids=device_ids)
     # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers, which still
     # broadcasts the buffers once at construction: the same anchors on every rank, so no change.
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
