@@ -261,7 +261,7 @@ def test_batchnorm_model_saves_loads_detects_and_evaluates(tmp_path, capsys):
     ckpt = read_ckpt(out / "last.pt")
     assert ckpt["config"]["norm"] == "bn" and ckpt["train_args"]["norm"] == "bn"
     assert ckpt["model"]["vgg.0.bn.running_var"].ne(1).any()  # statistics were tracked
-    model = ssd.load_model(out / "last.pt")
+    model = weights.load_model(out / "last.pt")
     assert not model.training and isinstance(model.vgg[0].bn, torch.nn.BatchNorm2d)
     assert same_weights(model.state_dict(), ckpt["model"])
     image = torch.rand(3, 72, 96) * 255
@@ -467,6 +467,9 @@ def test_one_loader_for_all_epochs_and_workers_change_nothing(tmp_path, monkeypa
         made.append(kwargs.get("num_workers"))
         return real(*args, **kwargs)
     monkeypatch.setattr(torch.utils.data, "DataLoader", counting)
+    # one core: both runs get one torch thread (train gives the cores the workers leave to torch,
+    # and a different thread count changes float sums)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert train.main([*common, "--out", str(tmp_path / "w0")]) == 0
     assert train.main([*common, "--workers", "2", "--out", str(tmp_path / "w2")]) == 0
     assert made == [0, 2]
