@@ -550,6 +550,8 @@ def test_backbone_errors(tmp_path, full_width_model):
     torch.save(sd, path)
     with pytest.raises(CheckpointError, match=r"vgg.pth: VGG16 weights fit width 1.0"):
         weights.load_backbone(ssd.ssd300(20, width=0.5), path)
+    with pytest.raises(CheckpointError, match=r"vgg.pth: ImageNet VGG16 files have no BatchNorm"):
+        weights.load_backbone(ssd.ssd300(20, norm="bn"), path)
     torch.save({**sd, "7.weight": torch.zeros(128, 128, 1, 1)}, path)
     with pytest.raises(CheckpointError, match=r"vgg.pth: key '7.weight' has shape "
                                               r"\[128, 128, 1, 1\]"):

@@ -194,6 +194,9 @@ def load_backbone(model, path, source=None):
     path = str(path)
     if source not in (None, "torchvision", "caffe"):
         raise ValueError("source must be 'torchvision' or 'caffe'")
+    if model.config.get("norm", "none") != "none":
+        raise CheckpointError(f"{path}: ImageNet VGG16 files have no BatchNorm layers; build the "
+                              "model with norm 'none' (train.py --norm none) to load them")
     if model.config["width"] != 1.0:
         raise CheckpointError(f"{path}: VGG16 weights fit width 1.0, the model has width "
                               f"{model.config['width']}")
