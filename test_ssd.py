@@ -1,4 +1,4 @@
-"""Tests of the detector core in ssd.py: presets and anchors against the facts-sheet check values,
+"""Tests of the detector core in ssd.py: presets and anchors against published check values,
 network shapes and parameter counts, box coding, matching, the loss and post-processing against
 slow per-anchor / per-class references, and one training step."""
 import math
@@ -14,7 +14,7 @@ def xyxy_pixels(config):
     return ssd.cxcywh_to_xyxy(ssd.anchors(config)) * config["size"]
 
 
-# --- presets and anchors (facts §4, §16) ----------------------------------------------------------
+# --- presets and anchors (Caffe PriorBox sizes, torchvision DefaultBoxGenerator) -----------------
 
 @pytest.mark.parametrize("size,dataset,mins,maxs", [
     (300, "voc", [30, 60, 111, 162, 213, 264], [60, 111, 162, 213, 264, 315]),
@@ -133,7 +133,7 @@ def test_channels_last_gives_same_outputs():
     torch.testing.assert_close(out[1], ref[1], atol=1e-4, rtol=1e-4)
 
 
-# --- box coding (facts §6, §16) ------------------------------------------------------------------
+# --- box coding (Caffe CENTER_SIZE, torchvision BoxCoder) -----------------------------------------
 
 def test_encode_check_value_and_round_trip():
     anchor = ssd.xyxy_to_cxcywh(torch.tensor([[-11.0, -11.0, 19.0, 19.0]]))
@@ -155,7 +155,7 @@ def test_decode_clamps_log_size():
     assert ssd.LOG_SIZE_CLAMP == pytest.approx(4.1352, abs=1e-4)
 
 
-# --- matching (facts §5) -------------------------------------------------------------------------
+# --- matching (the paper, Sec. 2.2; torchvision SSDMatcher) --------------------------------------
 
 def slow_match(anchors, boxes, labels, thr=0.5):
     """Per-anchor reference: best box if IoU >= thr; then each box, in order, takes its best
@@ -227,7 +227,7 @@ def test_match_equals_slow_reference_on_random_batch():
         torch.testing.assert_close(tgt[i], ref_tgt, atol=1e-5, rtol=1e-5)
 
 
-# --- loss (facts §7) -----------------------------------------------------------------------------
+# --- loss (the paper, Sec. 2.2; Caffe MultiBoxLoss; torchvision SSD.compute_loss) -----------------
 
 def slow_loss(cls_logits, box_deltas, anchors, boxes, labels):
     """Per-anchor reference: CE of positives plus the 3*npos highest-CE negatives of each image,
@@ -315,7 +315,7 @@ def test_one_sgd_step_lowers_loss():
     assert after.item() < before.item()
 
 
-# --- post-processing (facts §10) -----------------------------------------------------------------
+# --- post-processing (Caffe DetectionOutput; torchvision postprocess_detections) ------------------
 
 def slow_postprocess(cls_logits, box_deltas, anchors, sizes, score_thr, nms_iou, topk, max_det):
     """Per image, per class loop with a plain greedy NMS (suppress IoU > thr)."""

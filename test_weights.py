@@ -19,16 +19,16 @@ import ssd
 import weights
 from ssd import CheckpointError
 
-# --- the SSD layout, written from the facts sheet ------------------------------------------------
+# --- the SSD layout, written from the paper and the projects' public layer lists ---------------
 
 VGG = [("conv1_1", 3, 64), ("conv1_2", 64, 64), ("conv2_1", 64, 128), ("conv2_2", 128, 128),
        ("conv3_1", 128, 256), ("conv3_2", 256, 256), ("conv3_3", 256, 256),
        ("conv4_1", 256, 512), ("conv4_2", 512, 512), ("conv4_3", 512, 512),
        ("conv5_1", 512, 512), ("conv5_2", 512, 512), ("conv5_3", 512, 512)]
-# torchvision vgg16().features index of each conv (facts §2.1); conv6 = 31, conv7 = 33
+# torchvision vgg16().features index of each conv (torchvision's vgg16); conv6 = 31, conv7 = 33
 FEATURE_INDEX = dict(zip([n for n, _, _ in VGG], [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]))
 FEATURE_INDEX.update(conv6=31, conv7=33)
-# extra levels (facts §2.2): (in, mid, out, kernel, stride, padding)
+# extra levels (Caffe ssd_pascal.py AddExtraLayers): (in, mid, out, kernel, stride, padding)
 EXTRAS = {300: [(1024, 256, 512, 3, 2, 1), (512, 128, 256, 3, 2, 1), (256, 128, 256, 3, 1, 0),
                 (256, 128, 256, 3, 1, 0)],
           512: [(1024, 256, 512, 3, 2, 1), (512, 128, 256, 3, 2, 1), (256, 128, 256, 3, 2, 1),
@@ -51,7 +51,8 @@ def layer_shapes(size, outputs, width=1.0):
 
 
 def torchvision_name(role):
-    """facts §2.6: features = vgg[:23]; extra.0 = pool4, conv5_x (1, 3, 5), (pool5, fc6, fc7)."""
+    """torchvision ssd300_vgg16's module tree: features = vgg[:23]; extra.0 = pool4, conv5_x
+    (1, 3, 5), (pool5, fc6, fc7)."""
     if role in FEATURE_INDEX and FEATURE_INDEX[role] < 23:
         return f"backbone.features.{FEATURE_INDEX[role]}"
     fixed = {"conv5_1": "backbone.extra.0.1", "conv5_2": "backbone.extra.0.3",
@@ -77,7 +78,8 @@ def amdegroot_name(role):
 
 
 def mmdetection_name(role):
-    """facts §2.7, v2.14+: SSDVGG features, SSDNeck extra_layers.i.j.conv, SSDHead convs.i.0."""
+    """mmdetection v2.14+ (tools/model_converters/upgrade_ssd_version.py): SSDVGG features,
+    SSDNeck extra_layers.i.j.conv, SSDHead convs.i.0."""
     if role in FEATURE_INDEX:
         return f"backbone.features.{FEATURE_INDEX[role]}"
     if m := re.fullmatch(r"extra(\d)_(\d)", role):
@@ -154,7 +156,7 @@ def conv_count(shapes):
 
 
 def test_layouts_have_the_published_parameter_counts():
-    # facts §2.5: the role tables above are the real layouts
+    # the published parameter counts: the role tables above are the real layouts
     assert conv_count(layer_shapes(300, 91)) + 512 == 35_641_826  # torchvision COCO
     assert conv_count(layer_shapes(300, 81)) + 512 == 34_305_206
     assert conv_count(layer_shapes(300, 21)) + 512 == 26_285_486  # Caffe VOC
@@ -196,7 +198,7 @@ def test_foreign_detector_matches_reference_forward(tmp_path, fmt, size, outputs
                 "mmdetection": ("coco" if outputs == 81 else "voc", "none")}[fmt]
     assert (cfg["anchors"], cfg["clip"]) == expected
     if fmt == "torchvision":
-        # 91 outputs by raw category id: used ids named, the 10 unused "N/A" (facts §13.1)
+        # 91 outputs by raw category id: used ids named, the 10 unused "N/A" (COCO's instances json)
         assert cfg["category_ids"] == list(range(1, 91))
         assert cfg["class_names"][0] == "person" and cfg["class_names"][11] == "N/A"
         assert cfg["class_names"][89] == "toothbrush" and cfg["class_names"].count("N/A") == 10
