@@ -22,7 +22,7 @@ def xyxy_pixels(config):
     (512, "voc", [35, 76, 153, 230, 307, 384, 460], [76, 153, 230, 307, 384, 460, 537]),
     (512, "coco", [20, 51, 133, 215, 296, 378, 460], [51, 133, 215, 296, 378, 460, 542]),
 ])
-def test_anchor_sizes_match_facts_table(size, dataset, mins, maxs):
+def test_anchor_sizes_match_the_caffe_rule_table(size, dataset, mins, maxs):
     assert ssd.anchor_sizes(size, dataset) == (mins, maxs)
 
 
