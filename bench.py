@@ -63,11 +63,12 @@ DECODE_TARGET = 200.0  # images/s per core a decode-only worker (--augment-on de
 # batched augmentation is memory-bound at full resolution and only the worker path is timed.
 PIPELINE = dict(
     cpu=[(["--width", "0.125", "--batch-size", "8", "--augment-on", "cpu"], 30, 10)],
-    cuda=[(["--width", "1", "--batch-size", "32", "--augment-on", aug, *more], 160, 20)
+    cuda=[(["--width", "1", "--batch-size", "64", "--augment-on", aug, *more], 160, 20)
           for aug, more in (("cpu", []), ("device", []), ("device", ["--compile"]))])
 PIPELINE_IMAGES = 96  # the JPEG folder: several epochs, so epoch boundaries fall in the window
 TRAIN_CPU = dict(widths=(0.25, 0.125), batch=8)  # narrow models on the CPU
-TRAIN_GPU = dict(widths=(1.0,), batch=32)  # full SSD300, the paper's batch 32, AMP bf16
+TRAIN_GPU = dict(widths=(1.0,), batch=64)  # full SSD300, AMP bf16
+TRAIN_GPU_TARGET = 2000.0  # images/s of that step on one H200-class GPU (~3,800 is the bf16 peak)
 NMS_SIZES = (200, 1000, 8732, 20000)  # 8732 = SSD300's anchor count
 IOU_COLUMNS = 1000  # box_iou is timed as [N, 4] x [min(N, IOU_COLUMNS), 4]
 IOU_THRESHOLD = 0.45  # NMS IoU of the paper and Caffe's DetectionOutput
@@ -359,8 +360,10 @@ def bench_train(device, args):
             fns["channels_last" if cl else "NCHW"] = step
         ms, _ = time_side_by_side(fns, device, args.repeat)
         for layout, t in ms.items():
+            ok = b * 1e3 / t >= TRAIN_GPU_TARGET if amp else None
             rows.append(row("train", f"SSD300 width {width:g} b={b} {layout}"
-                            f"{' AMP bf16' if amp else ''}", t, images=b))
+                            f"{' AMP bf16' if amp else ''}", t, images=b, ok=ok,
+                            target=f">= {TRAIN_GPU_TARGET:g} img/s" if amp else None))
     return rows
 
 
@@ -393,9 +396,14 @@ def bench_pipeline(device, args):
                 timed = [r for r in map(json.loads, f) if "images_per_s" in r][1:]
             seconds = [window / r["images_per_s"] for r in timed]  # each window's s / batch
             wait = sum(r["data_wait"] * t for r, t in zip(timed, seconds)) / sum(seconds)
+            # on the GPU, the loop keeps >= 90% of the bare step's rate (the train section, same
+            # batch) when it waits for data at most 10% of the time
+            gpu = device.type == "cuda"
             rows.append(row("pipeline", name, sum(seconds) * batch * 1e3 / (window * len(timed)),
                             images=batch, data_wait=wait, steps=steps,
-                            workers=train.default_workers(device.type == "cuda", 1)))
+                            workers=train.default_workers(gpu, 1),
+                            target="data wait <= 10%" if gpu else None,
+                            ok=wait <= 0.10 if gpu else None))
     return rows
 
 
