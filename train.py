@@ -6,16 +6,14 @@
     python train.py --resume                                # continue the newest runs/*/last.pt
 
 With --pretrained, the paper's recipe (Sec. 3; Caffe's ssd_pascal.py): SGD, momentum 0.9, weight
-decay 5e-4, lr 1e-3 per 32 images scaled linearly with the global batch, linear warmup over 500
-iterations from lr/3, lr x0.1 at 2/3 and 5/6 of the iterations. Without it, a recipe for training
-from scratch (RECIPES below; the first log line names it). The run folder (--out, default
-runs/<data>-<time>) receives last.pt and best.pt after every epoch (best = the highest validation
-mAP so far, or the latest weights before any evaluation), metrics.jsonl (one JSON object per log
-line and per evaluation, with "map") and, at the end, detections.jpg.
---gpus N > 1 spawns N DDP processes (NCCL; without CUDA, N gloo processes on the CPU); torchrun's
-RANK / LOCAL_RANK / WORLD_SIZE are used when set. --resume continues exactly where the last
-checkpoint left off, with its settings: the data order and every augmentation are functions of
-(seed, epoch, image), so the resumed run repeats the uninterrupted one.
+decay 5e-4, lr 1e-3 per 32 images (scaled with the batch), warmup over 500 iterations from lr/3,
+lr x0.1 at 2/3 and 5/6 of the iterations; without, a from-scratch recipe (RECIPES; the first log
+line names it). The run folder (--out) receives last.pt and best.pt (the best validation mAP, or
+the latest weights before any evaluation) after every epoch, metrics.jsonl (one JSON object per
+log line and per evaluation) and detections.jpg at the end. --gpus N > 1 spawns N DDP processes
+(NCCL; gloo on the CPU); torchrun's RANK / LOCAL_RANK / WORLD_SIZE are used when set. --resume
+continues a run bit for bit with its settings: data order and augmentation are functions of
+(seed, epoch, image).
 Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage, data or checkpoint.
 """
 import argparse
@@ -60,36 +58,30 @@ PIXEL_STD = 57.6  # ImageNet's per-channel pixel std on the 0-255 scale (58.4, 5
 MAX_UNREADABLE = 10  # consecutive unreadable training images before giving up
 DIST_TIMEOUT = datetime.timedelta(hours=1)  # other ranks wait this long while rank 0 evaluates
 
-# Run defaults: the ONE table, per data set and case ("pretrained": --pretrained FILE given,
-# "scratch": not); --help shows it. The schedule is a number of iterations (as Caffe defines it);
-# --epochs defaults to iterations / (training images // batch), rounded. lr None = BASE_LR *
-# batch / BASE_BATCH.
+# Run defaults: the ONE table (--help shows it), per data set and case ("pretrained": --pretrained
+# given). The schedule is in iterations, as Caffe's; --epochs = iterations / (images // batch).
+# lr None: BASE_LR * batch / BASE_BATCH.
 PAPER = dict(batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd", norm="none")
-# From scratch (any VOC-layout or COCO folder; shapes always): the paper's recipe assumes an
-# ImageNet backbone and learns nearly nothing without one. AdamW (SGD without BatchNorm learned
-# nothing visible in a few hundred iterations), a 1/8-wide VGG16 (CPU-sized), 50 warmup
-# iterations. BCCD (205 training images): val mAP 0.71 after 960 iterations without BatchNorm.
-# --norm bn: BCCD mAP 0.27 vs 0.20 after 240 iterations (0.061 vs 0.038 at 120), but 28 vs 37
-# images/s on 2 CPU cores, so within this schedule's time it is not the default.
+# From scratch the paper's recipe learns nearly nothing (it assumes an ImageNet VGG16): AdamW (SGD
+# without BatchNorm learned nothing visible in a few hundred iterations), a 1/8-wide VGG16
+# (CPU-sized). BCCD (205 training images): val mAP 0.71 after 960 iterations. --norm bn: BCCD mAP
+# 0.27 vs 0.20 after 240 iterations but 28 vs 37 images/s on 2 CPU cores, so not the default.
 SCRATCH = dict(iterations=1800, batch_size=16, lr=3e-3, warmup=50, width=0.125,
                optimizer="adamw", norm="none")
 RECIPES = {
     # Caffe, amdegroot, lufficc: 120k iterations x 32 images (232 passes over VOC07+12)
     ("voc", "pretrained"): dict(PAPER, iterations=120_000),
-    # torchvision's reference: 120 passes over train2017 (3,664 iterations x 32 each), whose
-    # ssd300_vgg16 is the checkpoint people compare with; Caffe's 400k x 32 is about 109 passes
+    # torchvision's reference (ssd300_vgg16): 120 passes over train2017 (Caffe's 400k: ~109)
     ("coco", "pretrained"): dict(PAPER, iterations=440_000),
     ("voc", "scratch"): SCRATCH,
     ("coco", "scratch"): SCRATCH,
-    # Quick start: VOC mAP >= 0.5 within 5 minutes on 2 CPU cores. 1/16 width (~45 images/s),
-    # lr 3e-3 (5 epochs at 2e-3 / 4e-3 / 8e-3 gave mAP 0.81 / 0.87 / 0.53). Measured: mAP 0.96
-    # on shapes val after 5 epochs of its 2,000 images (6m08s, another job sharing the cores).
+    # Quick start, 2 CPU cores: 1/16 width (~45 images/s); lr 2e-3 / 4e-3 / 8e-3 gave mAP 0.81 /
+    # 0.87 / 0.53 in 5 epochs; this row: mAP 0.96 on shapes val in 6m08s.
     ("shapes", "scratch"): dict(SCRATCH, iterations=625, width=0.0625),
 }
 DATASETS = sorted({d for d, _ in RECIPES})
 COMMON = dict(size=300, seed=0)  # the same for every data set and case
-# Flags that define a run: on --resume they come from the checkpoint (--epochs may be given again
-# to lengthen it).
+# the flags that define a run: a resumed run takes them from its checkpoint (--epochs may grow)
 RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "warmup", "optimizer",
             "norm", "val_split", "pretrained", "epochs")
 
@@ -100,13 +92,15 @@ def recipe(data_name, pretrained):
     return case, RECIPES[(data_name, case)]
 
 
-def _per_case(key, show=lambda v: f"{v:g}" if isinstance(v, float) else str(v)):
+def _per_case(key):
     """Help text for a RECIPES default, e.g. 'coco 32 with --pretrained, 16 without; shapes 16'."""
+    _show = lambda v: f"{BASE_LR:g} x batch / {BASE_BATCH}" if v is None else (  # noqa: E731
+        f"{v:g}" if isinstance(v, float) else str(v))
     parts = []
     for name in DATASETS:
         with_, without = (recipe(name, p)[1][key] for p in (True, False))
-        parts.append(f"{name} {show(without)}" if with_ == without else
-                     f"{name} {show(with_)} with --pretrained, {show(without)} without")
+        parts.append(f"{name} {_show(without)}" if with_ == without else
+                     f"{name} {_show(with_)} with --pretrained, {_show(without)} without")
     return "; ".join(parts)
 
 
@@ -115,29 +109,24 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     add = p.add_argument
-    linear_lr = f"{BASE_LR:g} x batch / {BASE_BATCH}"
     add("--data", choices=DATASETS,
         help="data set; several defaults below depend on it (required unless --resume)")
     add("--data-root", metavar="DIR",
-        help="voc: a VOC-layout folder or a folder holding VOCdevkit/VOC2007, VOC2012; coco: the "
-             "folder with annotations/ and train2017/ (required for voc and coco; shapes needs none)")
+        help="voc: a VOC-layout folder or one holding VOCdevkit/VOC2007, VOC2012; coco: the "
+             "folder with annotations/ and train2017/ (required for voc and coco)")
     add("--size", type=int, choices=[300, 512], help=f"input size (default: {COMMON['size']})")
     add("--gpus", type=int,
         help="processes: 0 = CPU, N > 1 = N DDP processes (default: 1 if CUDA, else 0)")
     add("--epochs", type=int, help="passes over the training set (default: iterations / (images "
         f"// batch), iterations per --data: {_per_case('iterations')})")
-    add("--batch-size", type=int, help="global batch, split over the processes (default per "
-        f"--data: {_per_case('batch_size')})")
-    add("--lr", type=float, help="peak lr (default per --data: "
-        f"{_per_case('lr', lambda v: linear_lr if v is None else f'{v:g}')})")
-    add("--warmup", type=int,
-        help=f"linear warmup iterations (default per --data: {_per_case('warmup')})")
-    add("--optimizer", choices=["sgd", "adamw"],
-        help=f"(default per --data: {_per_case('optimizer')})")
-    add("--norm", choices=["none", "bn"], help="BatchNorm after every VGG16 and extra conv, or "
-        f"none (default per --data: {_per_case('norm')})")
-    add("--width", type=float,
-        help=f"channel width multiplier (default per --data: {_per_case('width')})")
+    for key, kind, choices, what in (
+            ("batch_size", int, None, "global batch, split over the processes "),
+            ("lr", float, None, "peak lr "), ("warmup", int, None, "linear warmup iterations "),
+            ("optimizer", str, ["sgd", "adamw"], ""),
+            ("width", float, None, "channel width multiplier "),
+            ("norm", str, ["none", "bn"], "BatchNorm after every VGG16 and extra conv, or none ")):
+        add(f"--{key.replace('_', '-')}", type=kind, choices=choices,
+            help=f"{what}(default per --data: {_per_case(key)})")
     add("--workers", type=int,
         help="data loading processes per rank (default: the process's share of the cores less "
              "one, at most 8; without CUDA a quarter of the share)")
@@ -244,19 +233,16 @@ def _new_run(args):
     if args.pretrained and s["norm"] == "bn":
         raise UsageError("--norm bn: the VGG16 files --pretrained reads have no BatchNorm")
     images = _check_data(s)  # before any process is spawned
-    s["epochs"] = args.epochs or max(1, round(row["iterations"] / max(1, images // s["batch_size"])))
+    s["epochs"] = args.epochs or max(1, round(
+        row["iterations"] / max(1, images // s["batch_size"])))
     if args.pretrained and not os.path.isfile(args.pretrained):
         raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
-    out = args.out
-    if out is None:
-        out = base = os.path.join("runs", f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-        for k in itertools.count(2):
-            if not os.path.exists(out):
-                break
-            out = f"{base}-{k}"
-    elif os.path.isfile(os.path.join(out, "last.pt")):
-        raise UsageError(f"{out}/last.pt exists: continue it with --resume or choose another --out")
-    s["out"] = out
+    if args.out and os.path.isfile(os.path.join(args.out, "last.pt")):
+        raise UsageError(f"{args.out}/last.pt exists: continue it with --resume or choose another "
+                         "--out")
+    base = os.path.join("runs", f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    s["out"] = args.out or next(o for o in (f"{base}-{k}" if k > 1 else base
+                                            for k in itertools.count(1)) if not os.path.exists(o))
     return s
 
 
@@ -269,7 +255,7 @@ def settings(args):
     workers = default_workers(cuda and gpus > 0, procs) if args.workers is None else args.workers
     # a worker needs a fraction of a core on the CPU (BCCD: ~0.1 at 10 img/s): the rest go to torch
     s.update(gpus=gpus, cuda=cuda and gpus > 0, workers=workers,
-             threads=max(1, _cores() // procs - workers // 2), compile=args.compile,
+             threads=max(1, (_cores() or 1) // procs - workers // 2), compile=args.compile,
              augment_on=args.augment_on or ("device" if cuda and gpus > 0 else "cpu"),
              log_every=args.log_every, max_steps=args.max_steps, eval_every=args.eval_every,
              amp=args.amp)
@@ -278,28 +264,23 @@ def settings(args):
 
 def _cores():
     """The cores this process may run on (its CPU affinity where the OS has one)."""
-    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def default_workers(cuda, procs):
-    """--workers default: this process's share of the cores (over the machine's `procs` training
-    processes) less one for the process itself, at most 8; on the CPU a quarter of the share, the
-    rest left to torch's threads; at least 1."""
-    share = _cores() // procs
+    """--workers default: this process's share of the cores (over `procs` training processes) less
+    one for itself, at most 8; on the CPU a quarter of the share (the rest: torch's threads)."""
+    share = (_cores() or 1) // procs
     return max(1, min(8, share - 1 if cuda else share // 4))
 
 
 # -----------------------------------------------------------------------------------------------
-# Initialisation, schedule, RNG, data order
+# Initialisation, schedule, RNG, data order, output
 
 def init_from_scratch(model):
-    """He (Kaiming) initialisation of the VGG and extra convs for training without --pretrained.
-
-    ssd.py starts every conv Xavier-uniform, as the references do around a pretrained VGG16; from
-    scratch, without BatchNorm, that halves the signal's variance at each of the 15+ ReLU layers
-    (the conv7 source starts ~50x weaker than conv4_3). He init (He et al. 2015, Sec. 2.2) keeps
-    it; conv1_1 is also divided by the pixel std, the input being 0-255 minus the mean. The heads
-    keep their Xavier init."""
+    """He init (He et al. 2015, Sec. 2.2) of the VGG and extra convs, conv1_1 also / PIXEL_STD (its
+    input is 0-255 minus the mean). Xavier (ssd.py's, for a pretrained VGG16) halves the variance
+    at each ReLU: from scratch the conv7 source would start ~50x weaker than conv4_3."""
     convs = [m for m in [*model.vgg, *model.extras] if isinstance(m, torch.nn.Conv2d)]
     for conv in convs:
         torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
@@ -310,9 +291,7 @@ def init_from_scratch(model):
 
 def param_groups(model, lr, scratch):
     """SGD parameter groups. From scratch, conv1_1's weight gets lr / PIXEL_STD^2 and weight decay
-    x PIXEL_STD^2: on 0-255 input its gradient is ~PIXEL_STD times too large for a weight
-    ~PIXEL_STD times too small; so SGD moves it exactly as it would move PIXEL_STD x the weight on
-    input / PIXEL_STD. A pretrained conv1_1 is left to the recipe."""
+    x PIXEL_STD^2, so SGD moves it exactly as PIXEL_STD x the weight on input / PIXEL_STD."""
     first = model.vgg[0].weight
     if not scratch:
         return [dict(params=list(model.parameters()))]
@@ -357,9 +336,8 @@ def seed_all(*key):
 
 
 class EpochSeeded(torch.utils.data.Dataset):
-    """Items by key (epoch, index): seeds every generator from (seed, epoch, index) first, so an
-    image's augmentation depends on nothing else: not the number of workers, not which worker
-    gets it, not a stop and resume mid-epoch (data.TrainTransform seeds from torch.initial_seed)."""
+    """Items by key (epoch, index), every generator seeded from (seed, epoch, index) first: an
+    image's augmentation depends on nothing else (not the workers, not a resume mid-epoch)."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -390,18 +368,14 @@ def epoch_batches(num_images, epoch, seed, rank, world, per_rank):
 
 
 def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start, stop):
-    """This rank's batches from step `start` to `stop`, epoch after epoch, as lists of EpochSeeded
-    keys (epoch, index): the batch sampler of the run's one DataLoader, whose workers thus live
-    through the epoch boundaries and keep prefetching."""
+    """This rank's batches of EpochSeeded keys (epoch, index) from step `start` to `stop`: the batch
+    sampler of the run's one DataLoader, whose workers live on across epochs."""
     for epoch in range(start // iters_per_epoch, (stop - 1) // iters_per_epoch + 1):
         first = epoch * iters_per_epoch
         for batch in epoch_batches(num_images, epoch, seed, rank, world, per_rank)[
                 max(start - first, 0):stop - first]:
             yield [(epoch, i) for i in batch]
 
-
-# -----------------------------------------------------------------------------------------------
-# Output: metrics.jsonl, best.pt, the detection picture
 
 def eta_rate(window, elapsed, rates):
     """Seconds per step for the ETA: the median over the log windows so far, leaving out the first
@@ -423,11 +397,6 @@ def _drop_metrics_after(path, step):
         ssd.write_atomic(path, lambda f: f.writelines(keep))
 
 
-def _write_metrics(path, **row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def _copy(src, dst):
     with open(src, "rb") as f:
         ssd.write_atomic(dst, lambda out: shutil.copyfileobj(f, out), mode="wb")
@@ -446,12 +415,6 @@ def write_detections(model, source, path, count=4):
     for k, im in enumerate(images):
         grid.paste(im, ((k % cols) * cell_w, (k // cols) * cell_h))
     ssd.write_atomic(path, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
-
-
-def _fingerprint(model):
-    """float64 [2 * params]: each tensor's sum and sum of squares; equal when replicas agree."""
-    return torch.stack([t for p in model.parameters()
-                        for t in (p.detach().double().sum(), p.detach().double().pow(2).sum())])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -515,8 +478,21 @@ def _setup(s, rank, local_rank, world, log):
     r.scaler = torch.amp.GradScaler("cuda", enabled=r.amp and r.amp_dtype == torch.float16)
     r.last, r.best = os.path.join(s["out"], "last.pt"), os.path.join(s["out"], "best.pt")
     r.metrics = os.path.join(s["out"], "metrics.jsonl")
-    if s["resume"]:
-        _restore(r, s["resume"])
+    if s["resume"]:  # weights, optimizer, schedule, step, RNG
+        ckpt = _read_checkpoint(s["resume"])
+        try:
+            r.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UsageError(f"{s['resume']}: weights do not fit the model "
+                             f"({str(e).splitlines()[1].strip()})") from None
+        r.optimizer.load_state_dict(ckpt["optimizer"])
+        r.scheduler.load_state_dict(ckpt["scheduler"])
+        if r.scaler.is_enabled() and ckpt.get("scaler"):
+            r.scaler.load_state_dict(ckpt["scaler"])
+        r.step, r.best_map = int(ckpt["step"]), ckpt.get("best_map")
+        if ckpt.get("rng"):
+            set_rng_state(ckpt["rng"])
+        log(f"resumed {s['resume']} at step {r.step} (epoch {r.step // r.iters})")
     if rank == 0:
         os.makedirs(s["out"], exist_ok=True)
         for stale in glob.glob(os.path.join(glob.escape(s["out"]), "*.pt.tmp*")):  # cut short
@@ -531,25 +507,8 @@ def _setup(s, rank, local_rank, world, log):
     return r
 
 
-def _restore(r, path):
-    """Weights, optimizer, schedule, step and RNG state from a train.py checkpoint."""
-    ckpt = _read_checkpoint(path)
-    try:
-        r.model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UsageError(f"{path}: weights do not fit the model "
-                         f"({str(e).splitlines()[1].strip()})") from None
-    r.optimizer.load_state_dict(ckpt["optimizer"])
-    r.scheduler.load_state_dict(ckpt["scheduler"])
-    if r.scaler.is_enabled() and ckpt.get("scaler"):
-        r.scaler.load_state_dict(ckpt["scaler"])
-    r.step, r.best_map = int(ckpt["step"]), ckpt.get("best_map")
-    if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
-    r.log(f"resumed {path} at step {r.step} (epoch {r.step // r.iters})")
-
-
 def _log_start(r):
+    """The run's data, model, schedule and folder, in three lines."""
     s, m = r.s, r.model
     milestones = [round(f * r.total) for f in DECAY_AT]
     r.log(f"data {s['data']}: {len(r.train_source)} training images, {len(r.val_source)} "
@@ -565,19 +524,6 @@ def _log_start(r):
           f"x{DECAY:g} at {milestones[0]} and {milestones[1]}; run folder {s['out']}")
     if r.stop < r.total:
         r.log(f"stopping at step {r.stop} (--max-steps)")
-
-
-def _loader(r):
-    """The run's one DataLoader, from r.step to r.stop."""
-    s = r.s
-    transform = data.TrainTransform(s["size"], r.model.config["mean"],
-                                    on_device=s["augment_on"] == "device")
-    dataset = EpochSeeded(data.DetectionDataset(r.train_source, transform), s["seed"])
-    return iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=run_batches(len(dataset), s["seed"], r.rank, r.world, r.per_rank,
-                                           r.iters, r.step, r.stop),
-        num_workers=s["workers"], collate_fn=data.collate, pin_memory=s["cuda"],
-        prefetch_factor=4 if s["workers"] else None))
 
 
 def _train_epoch(r, loader):
@@ -645,18 +591,20 @@ def _log_window(r):
           f"{row['images_per_s']:.1f} img/s data {100 * row['data_wait']:.0f}% ETA "
           f"{data.duration(row['eta_s'])}{mem}")
     if r.rank == 0:
-        _write_metrics(r.metrics, **{k: round(v, 6) if isinstance(v, float) else v
-                                     for k, v in row.items()})
+        with open(r.metrics, "a") as f:
+            f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
+                                for k, v in row.items()}) + "\n")
     r.window = _new_window()
 
 
 def _end_of_epoch(r):
     """Check the replicas agree (at the end), evaluate when due, save last.pt (and best.pt)."""
     s, epoch, finished = r.s, r.step // r.iters, r.step >= r.stop
-    if r.world > 1 and finished:  # check it once, at the end
-        prints = [torch.zeros(2 * len(list(r.model.parameters())), dtype=torch.float64,
-                              device=r.device) for _ in range(r.world)]
-        dist.all_gather(prints, _fingerprint(r.model).to(r.device))
+    if r.world > 1 and finished:  # check it once, at the end: each tensor's sum and sum of squares
+        mine = torch.stack([t for p in r.model.parameters() for t in (
+            p.detach().double().sum(), p.detach().double().pow(2).sum())])  # [2 * params]
+        prints = [torch.empty_like(mine) for _ in range(r.world)]
+        dist.all_gather(prints, mine)
         same = all(torch.equal(prints[0], p) for p in prints[1:])
         r.log(f"weights {'identical' if same else 'DIFFERENT'} across {r.world} processes")
     if r.rank == 0:
@@ -683,8 +631,9 @@ def _evaluate(r, epoch):
                                      workers=min(2, r.s["workers"]), log=r.log)
     seconds = time.perf_counter() - t0
     r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} ({data.duration(seconds)})")
-    _write_metrics(r.metrics, step=r.step, epoch=epoch, map=result["map"],
-                   eval_s=round(seconds, 1), time_s=round(time.perf_counter() - r.start, 1))
+    with open(r.metrics, "a") as f:
+        f.write(json.dumps(dict(step=r.step, epoch=epoch, map=result["map"], eval_s=round(
+            seconds, 1), time_s=round(time.perf_counter() - r.start, 1))) + "\n")
     improved = r.best_map is None or result["map"] > r.best_map
     r.best_map = max(result["map"], r.best_map or 0.0)
     return improved
@@ -707,7 +656,14 @@ def train(s, rank, local_rank, world):
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     r.start, r.rates, r.window = time.perf_counter(), [], _new_window()
     r.ddp_model.train()
-    loader = _loader(r)
+    transform = data.TrainTransform(s["size"], r.model.config["mean"],
+                                    on_device=s["augment_on"] == "device")
+    dataset = EpochSeeded(data.DetectionDataset(r.train_source, transform), s["seed"])
+    loader = iter(torch.utils.data.DataLoader(  # the run's one loader: its workers live on
+        dataset, batch_sampler=run_batches(len(dataset), s["seed"], rank, world, r.per_rank,
+                                           r.iters, r.step, r.stop),
+        num_workers=s["workers"], collate_fn=data.collate, pin_memory=s["cuda"],
+        prefetch_factor=4 if s["workers"] else None))
     while r.step < r.stop:
         if not _train_epoch(r, loader):
             return 1
@@ -726,13 +682,11 @@ def train(s, rank, local_rank, world):
 # Processes
 
 def wrap_ddp(model, device_ids, batchnorm=False):
-    """DistributedDataParallel. Without BatchNorm no buffers are synced at each forward: the one
-    buffer (the anchors) is a function of the config, never changed. With BatchNorm, rank 0's
-    running statistics are broadcast at each forward (DDP's default), so the replicas agree."""
+    """DistributedDataParallel. With BatchNorm rank 0's running statistics are broadcast at each
+    forward (DDP's default); without, the one buffer (the anchors, fixed) is synced only once."""
     if batchnorm:
         return DistributedDataParallel(model, device_ids=device_ids)
-    # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers, which still
-    # broadcasts the buffers once at construction: the same anchors on every rank, so no change.
+    # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
         return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
