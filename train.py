@@ -397,11 +397,6 @@ def _drop_metrics_after(path, step):
         ssd.write_atomic(path, lambda f: f.writelines(keep))
 
 
-def _copy(src, dst):
-    with open(src, "rb") as f:
-        ssd.write_atomic(dst, lambda out: shutil.copyfileobj(f, out), mode="wb")
-
-
 def write_detections(model, source, path, count=4):
     """Draw the model's detections on the first `count` images of `source`, in a grid, to `path`."""
     from PIL import Image
@@ -617,8 +612,9 @@ def _end_of_epoch(r):
             scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
             step=r.step, best_map=r.best_map, rng=rng_state(),
             train_args={k: s[k] for k in RUN_KEYS})
-        if improved or r.best_map is None:
-            _copy(r.last, r.best)
+        if improved or r.best_map is None:  # best.pt: a copy of last.pt
+            with open(r.last, "rb") as f:
+                ssd.write_atomic(r.best, lambda out: shutil.copyfileobj(f, out), mode="wb")
         r.log(f"saved {r.last}" + (f" and {r.best}" if improved else ""))
     if r.world > 1:
         dist.barrier(device_ids=r.device_ids)
