@@ -70,16 +70,14 @@ def anchor_sizes(size, dataset):
 
 def make_config(size, num_classes, anchors="voc", clip="none", width=1.0, class_names=None,
                 mean=MEAN, norm="none"):
-    """The plain-types dict that fully describes a model; it travels in every checkpoint."""
-    # ValueError, not assert: the checks must hold under python -O too
-    if size not in GEOMETRY:
-        raise ValueError(f"size must be 300 or 512, got {size}")
-    if anchors not in ("voc", "coco"):
-        raise ValueError(f"anchors must be 'voc' or 'coco', got {anchors!r}")
-    if clip not in ("none", "wh", "all"):
-        raise ValueError(f"clip must be 'none', 'wh' or 'all', got {clip!r}")
-    if norm not in ("none", "bn"):
-        raise ValueError(f"norm must be 'none' or 'bn', got {norm!r}")
+    """The plain-types dict that fully describes a model; it travels in every checkpoint.
+    ValueError (not assert: it must hold under python -O) for a value out of range."""
+    for name, value, allowed in (("size", size, (300, 512)), ("anchors", anchors, ("voc", "coco")),
+                                 ("clip", clip, ("none", "wh", "all")),
+                                 ("norm", norm, ("none", "bn"))):
+        if value not in allowed:
+            *most, last = map(repr, allowed)
+            raise ValueError(f"{name} must be {', '.join(most)} or {last}, got {value!r}")
     if class_names is None:
         class_names = (VOC_CLASSES if num_classes == 20 else COCO_CLASSES if num_classes == 80
                        else [f"class{i}" for i in range(1, num_classes + 1)])
@@ -91,11 +89,12 @@ def make_config(size, num_classes, anchors="voc", clip="none", width=1.0, class_
 
 
 # -----------------------------------------------------------------------------------------------
-# Network (SSD paper §2.1 and §3; Caffe's ssd_pascal.py VGG16 net)
+# Network (the paper, Sec. 2.1 and Fig. 2; Caffe's ssd_pascal.py VGGNetBody and AddExtraLayers;
+# torchvision's SSDFeatureExtractorVGG)
 
 class L2Norm(nn.Module):
-    """Channel-wise L2 normalisation of conv4_3 with a learned per-channel scale (init 20):
-    conv4_3 activations are much larger than the deeper ones, this evens the heads' inputs."""
+    """conv4_3's channel-wise L2 normalisation with a learned per-channel scale, init 20 (ParseNet;
+    the paper, Sec. 3.1): it evens the scale of conv4_3 against the deeper sources."""
 
     def __init__(self, channels, scale=20.0, eps=1e-10):
         super().__init__()
@@ -103,15 +102,14 @@ class L2Norm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # the norm in float32: under fp16 the sum of squares of 512 channels overflows
+        # in float32: under fp16 the sum of squares of 512 channels overflows
         norm = x.float().pow(2).sum(1, keepdim=True).sqrt() + self.eps  # [B, 1, H, W]
         return (x.float() / norm * self.weight.view(1, -1, 1, 1)).to(x.dtype)
 
 
 class ConvBN(nn.Conv2d):
-    """A conv followed by BatchNorm (config norm "bn"): ScratchDet (Zhu et al. 2019) and DSOD (Shen
-    et al. 2017) train SSD from scratch with BN after every backbone conv. A Conv2d subclass, so
-    the VGG indices, `.weight` and the conv init loops stay as without BN; keys gain `N.bn.*`."""
+    """Conv then BatchNorm (norm "bn"), as ScratchDet and DSOD train SSD from scratch. A Conv2d
+    subclass: VGG indices, `.weight` and the init loops stay; state_dict keys gain `N.bn.*`."""
 
     def __init__(self, cin, cout, kernel_size, **kw):
         super().__init__(cin, cout, kernel_size, **kw)
@@ -122,37 +120,29 @@ class ConvBN(nn.Conv2d):
 
 
 def vgg16_layers(c, conv=nn.Conv2d):
-    """VGG16 cut for SSD as a flat list; indices match torchvision's vgg16().features (0-30),
-    amdegroot's `vgg.N` and mmdetection's `features.N`: 22 is conv4_3's ReLU (first source),
-    30 the 3x3/s1 pool5, 31 conv6 (3x3, dilation 6, from fc6), 33 conv7 (1x1, from fc7), 34 its
-    ReLU (second source). `c` maps a paper channel count to this model's width; `conv` is
-    nn.Conv2d or ConvBN."""
+    """VGG16 cut for SSD, a flat list indexed as torchvision's vgg16().features (0-30),
+    amdegroot's `vgg.N`, mmdetection's `features.N`: 22 = conv4_3's ReLU (first source), 30 the
+    3x3/s1 pool5, 31 conv6 (3x3, dilation 6, from fc6), 33 conv7 (1x1, from fc7), 34 its ReLU
+    (second source). `c` scales a channel count to the width; `conv` is nn.Conv2d or ConvBN."""
     layers, cin = [], 3
-    for i, v in enumerate([64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M",
-                           512, 512, 512]):
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        elif v == "C":  # pool3 rounds up so 75 -> 38 (floor would give 37)
-            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+    for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M", 512, 512, 512]:
+        if v in ("M", "C"):  # pool3 ("C") rounds up: 75 -> 38
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=v == "C"))
         else:
             layers += [conv(cin, c(v), 3, padding=1), nn.ReLU(inplace=True)]
             cin = c(v)
-    layers += [nn.MaxPool2d(3, 1, padding=1),
-               conv(cin, c(1024), 3, padding=6, dilation=6), nn.ReLU(inplace=True),
-               conv(c(1024), c(1024), 1), nn.ReLU(inplace=True)]
-    return layers
+    return layers + [nn.MaxPool2d(3, 1, padding=1),
+                     conv(cin, c(1024), 3, padding=6, dilation=6), nn.ReLU(inplace=True),
+                     conv(c(1024), c(1024), 1), nn.ReLU(inplace=True)]
 
 
 def extra_layers(size, c, conv=nn.Conv2d):
-    """Extra feature layers after conv7 (paper Fig. 2; Caffe's AddExtraLayers), ReLU after each
-    conv. Each level is a 1x1 reduction then a 3x3 conv; SSD300's last two levels are unpadded
-    stride 1 (5 -> 3 -> 1), SSD512 strides all of them and ends with a 4x4 pad-1 conv (2 -> 1)."""
-    # (in, mid, out, kernel, stride, padding) per level
-    spec = [(1024, 256, 512, 3, 2, 1), (512, 128, 256, 3, 2, 1)]
-    if size == 300:
-        spec += [(256, 128, 256, 3, 1, 0), (256, 128, 256, 3, 1, 0)]
-    else:
-        spec += [(256, 128, 256, 3, 2, 1), (256, 128, 256, 3, 2, 1), (256, 128, 256, 4, 1, 1)]
+    """The extra levels after conv7 (Caffe's AddExtraLayers), each a 1x1 reduction then a 3x3
+    conv (ReLU after each, in SSD.features). SSD300's last two are unpadded stride 1 (5 -> 3 -> 1);
+    SSD512 strides all and ends with a 4x4 pad-1 conv (2 -> 1)."""
+    spec = [(1024, 256, 512, 3, 2, 1), (512, 128, 256, 3, 2, 1)]  # (in, mid, out, k, stride, pad)
+    spec += [(256, 128, 256, 3, 1, 0)] * 2 if size == 300 else (
+        [(256, 128, 256, 3, 2, 1)] * 2 + [(256, 128, 256, 4, 1, 1)])
     layers = []
     for cin, mid, cout, k, s, p in spec:
         layers += [conv(c(cin), c(mid), 1), conv(c(mid), c(cout), k, stride=s, padding=p)]
@@ -160,26 +150,26 @@ def extra_layers(size, c, conv=nn.Conv2d):
 
 
 class SSD(nn.Module):
-    """SSD300/SSD512 on VGG16. forward(x [B,3,S,S] normalised) -> (cls_logits [B,A,C+1],
-    box_deltas [B,A,4]); anchor order = level, row, column, then the anchors of a location."""
+    """SSD300/SSD512 on VGG16. forward(x [B, 3, S, S] normalised) -> (cls_logits [B, A, C+1],
+    box_deltas [B, A, 4]); anchor order: level, row, column, then the anchors of a location."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        size, width, nc = config["size"], config["width"], config["num_classes"]
-        c = lambda ch: max(1, int(round(ch * width)))  # noqa: E731  (channel width multiplier)
+        size, nc = config["size"], config["num_classes"]
+        c = lambda ch: max(1, int(round(ch * config["width"])))  # noqa: E731  (width multiplier)
         conv = ConvBN if config.get("norm", "none") == "bn" else nn.Conv2d  # none: older configs
         self.vgg = nn.ModuleList(vgg16_layers(c, conv))
         self.l2norm = L2Norm(c(512))
         self.extras = nn.ModuleList(extra_layers(size, c, conv))
-        source_channels = [c(512), c(1024)] + [m.out_channels for m in self.extras[1::2]]
+        channels = [c(512), c(1024)] + [m.out_channels for m in self.extras[1::2]]
         per_location = [2 + 2 * len(r) for r in GEOMETRY[size]["ratios"]]  # 4 or 6
         self.cls_heads = nn.ModuleList(nn.Conv2d(ch, k * (nc + 1), 3, padding=1)
-                                       for ch, k in zip(source_channels, per_location))
+                                       for ch, k in zip(channels, per_location))
         self.box_heads = nn.ModuleList(nn.Conv2d(ch, k * 4, 3, padding=1)
-                                       for ch, k in zip(source_channels, per_location))
+                                       for ch, k in zip(channels, per_location))
         self.register_buffer("anchors", anchors(config), persistent=False)  # [A, 4] cx,cy,w,h
-        for m in [*self.vgg, *self.extras, *self.cls_heads, *self.box_heads]:
+        for m in self.modules():
             if isinstance(m, nn.Conv2d):  # Xavier-uniform, bias 0 (mmdetection, torchvision)
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -199,29 +189,25 @@ class SSD(nn.Module):
         return sources
 
     def forward(self, x):
-        cls, box = [], []
-        k1 = self.config["num_classes"] + 1
+        cls, box, k1 = [], [], self.config["num_classes"] + 1
         for f, cls_head, box_head in zip(self.features(x), self.cls_heads, self.box_heads):
-            b = f.shape[0]
             # channel = anchor * K + k: NCHW -> NHWC -> [B, H*W*anchors, K] keeps the anchor order
-            cls.append(cls_head(f).permute(0, 2, 3, 1).reshape(b, -1, k1))
-            box.append(box_head(f).permute(0, 2, 3, 1).reshape(b, -1, 4))
+            cls.append(cls_head(f).permute(0, 2, 3, 1).reshape(f.shape[0], -1, k1))
+            box.append(box_head(f).permute(0, 2, 3, 1).reshape(f.shape[0], -1, 4))
         return torch.cat(cls, 1), torch.cat(box, 1)  # [B, A, C+1], [B, A, 4]
 
 
-def build_model(config):
-    return SSD(config)
+build_model = SSD  # config -> SSD
 
 
 def ssd300(num_classes, **preset):
-    """SSD300 (8,732 anchors). preset: anchors="voc"|"coco", clip="none"|"wh"|"all", width=1.0,
-    class_names, mean, norm="none"|"bn". torchvision's ssd300_vgg16 is ssd300(90, anchors="coco",
-    clip="wh")."""
+    """SSD300 (8,732 anchors). preset: make_config's keywords (anchors, clip, width, class_names,
+    mean, norm); torchvision's ssd300_vgg16 is ssd300(90, anchors="coco", clip="wh")."""
     return SSD(make_config(300, num_classes, **preset))
 
 
 def ssd512(num_classes, **preset):
-    """SSD512 (24,564 anchors); same preset keywords as ssd300."""
+    """SSD512 (24,564 anchors); same presets as ssd300."""
     return SSD(make_config(512, num_classes, **preset))
 
 

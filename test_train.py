@@ -105,6 +105,9 @@ def test_defaults_per_case_and_linear_lr_rule(tmp_path):
         2, 0.5, "sgd", "bn", 3)
     s = train.settings(train.parse_args([*base, "--batch-size", "2"]))
     assert s["epochs"] == round(d["iterations"] / 4)  # the schedule follows the images
+    with pytest.raises(train.data.UsageError, match="--norm bn: the VGG16 files --pretrained"):
+        train.settings(train.parse_args([*base, "--pretrained", str(tmp_path / "vgg.pth"),
+                                         "--norm", "bn"]))  # no BatchNorm in ImageNet VGG16s
 
 
 def test_eta_uses_the_median_rate_after_the_first_window():

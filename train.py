@@ -5,18 +5,15 @@
     torchrun --nproc_per_node=8 train.py --data coco --data-root ~/coco --pretrained vgg16.pth
     python train.py --resume                                # continue the newest runs/*/last.pt
 
-With --pretrained, the recipe of the paper (§3) and its Caffe code: SGD, momentum 0.9, weight
-decay 5e-4, lr 1e-3 per 32 images scaled linearly with the global batch, linear warmup over 500
-iterations from 1/3 of the lr, lr x0.1 at 2/3 and at 5/6 of the iterations. Without it, a recipe
-for training from scratch (RECIPES below; the first log line names it). The run folder (--out,
-default runs/<data>-<time>) receives last.pt and best.pt after every epoch (written atomically;
-best = the highest validation mAP so far, or the latest weights before any evaluation),
-metrics.jsonl (one JSON object per log line and one per evaluation, with "map") and, at the end,
-detections.jpg.
---gpus N > 1 spawns N DDP processes (NCCL; on a machine without CUDA, N gloo processes on the CPU);
-torchrun's RANK / LOCAL_RANK / WORLD_SIZE are used when set. --resume restarts exactly where the
-last checkpoint left off: the data order and every augmentation are functions of (seed, epoch,
-image), so the resumed run repeats the uninterrupted one.
+With --pretrained, the paper's recipe (Sec. 3; Caffe's ssd_pascal.py): SGD, momentum 0.9, weight
+decay 5e-4, lr 1e-3 per 32 images (scaled with the batch), warmup over 500 iterations from lr/3,
+lr x0.1 at 2/3 and 5/6 of the iterations; without, a from-scratch recipe (RECIPES; the first log
+line names it). The run folder (--out) receives last.pt and best.pt (the best validation mAP, or
+the latest weights before any evaluation) after every epoch, metrics.jsonl (one JSON object per
+log line and per evaluation) and detections.jpg at the end. --gpus N > 1 spawns N DDP processes
+(NCCL; gloo on the CPU); torchrun's RANK / LOCAL_RANK / WORLD_SIZE are used when set. --resume
+continues a run bit for bit with its settings: data order and augmentation are functions of
+(seed, epoch, image).
 Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage, data or checkpoint.
 """
 import argparse
@@ -28,9 +25,11 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
@@ -43,6 +42,8 @@ import data
 import evaluate
 import ssd
 import weights
+
+UsageError = data.UsageError
 
 # -----------------------------------------------------------------------------------------------
 # Recipe: the SSD paper's / Caffe's values unless a comment says otherwise.
@@ -57,41 +58,32 @@ PIXEL_STD = 57.6  # ImageNet's per-channel pixel std on the 0-255 scale (58.4, 5
 MAX_UNREADABLE = 10  # consecutive unreadable training images before giving up
 DIST_TIMEOUT = datetime.timedelta(hours=1)  # other ranks wait this long while rank 0 evaluates
 
-# Run defaults: the ONE table, per data set and case ("pretrained": --pretrained FILE given,
-# "scratch": not). The schedule is a number of iterations (as Caffe defines it); --epochs defaults
-# to iterations / (training images // batch), rounded. lr None = BASE_LR * batch / BASE_BATCH.
+# Run defaults: the ONE table (--help shows it), per data set and case ("pretrained": --pretrained
+# given). The schedule is in iterations, as Caffe's; --epochs = iterations / (images // batch).
+# lr None: BASE_LR * batch / BASE_BATCH.
 PAPER = dict(batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd", norm="none")
-# From scratch (any VOC-layout or COCO folder; shapes always): the paper's recipe assumes an
-# ImageNet backbone and learns nearly nothing without one. AdamW (SGD without BatchNorm learned
-# nothing visible in a few hundred iterations), a 1/8-wide VGG16 (CPU-sized), 50 warmup
-# iterations. BCCD (205 training images): val mAP 0.71 after 960 iterations without BatchNorm.
-# --norm bn: BCCD mAP 0.27 vs 0.20 after 240 iterations (0.061 vs 0.038 at 120), but 28 vs 37
-# images/s on 2 CPU cores, so within this schedule's time it is not the default.
+# From scratch the paper's recipe learns nearly nothing (it assumes an ImageNet VGG16): AdamW (SGD
+# without BatchNorm learned nothing visible in a few hundred iterations), a 1/8-wide VGG16
+# (CPU-sized). BCCD (205 training images): val mAP 0.71 after 960 iterations. --norm bn: BCCD mAP
+# 0.27 vs 0.20 after 240 iterations but 28 vs 37 images/s on 2 CPU cores, so not the default.
 SCRATCH = dict(iterations=1800, batch_size=16, lr=3e-3, warmup=50, width=0.125,
                optimizer="adamw", norm="none")
 RECIPES = {
     # Caffe, amdegroot, lufficc: 120k iterations x 32 images (232 passes over VOC07+12)
     ("voc", "pretrained"): dict(PAPER, iterations=120_000),
-    # torchvision's reference: 120 passes over train2017 (3,664 iterations x 32 each), whose
-    # ssd300_vgg16 is the checkpoint people compare with; Caffe's 400k x 32 is about 109 passes
+    # torchvision's reference (ssd300_vgg16): 120 passes over train2017 (Caffe's 400k: ~109)
     ("coco", "pretrained"): dict(PAPER, iterations=440_000),
     ("voc", "scratch"): SCRATCH,
     ("coco", "scratch"): SCRATCH,
-    # Quick start: VOC mAP >= 0.5 within 5 minutes on 2 CPU cores. 1/16 width (~45 images/s),
-    # lr 3e-3 (5 epochs at 2e-3 / 4e-3 / 8e-3 gave mAP 0.81 / 0.87 / 0.53). Measured: mAP 0.96
-    # on shapes val after 5 epochs of its 2,000 images (6m08s, another job sharing the cores).
+    # Quick start, 2 CPU cores: 1/16 width (~45 images/s); lr 2e-3 / 4e-3 / 8e-3 gave mAP 0.81 /
+    # 0.87 / 0.53 in 5 epochs; this row: mAP 0.96 on shapes val in 6m08s.
     ("shapes", "scratch"): dict(SCRATCH, iterations=625, width=0.0625),
 }
 DATASETS = sorted({d for d, _ in RECIPES})
-
-# Flags that define a run: on --resume they come from the checkpoint (--epochs may be given again
-# to lengthen it).
+COMMON = dict(size=300, seed=0)  # the same for every data set and case
+# the flags that define a run: a resumed run takes them from its checkpoint (--epochs may grow)
 RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "warmup", "optimizer",
             "norm", "val_split", "pretrained", "epochs")
-
-
-class UsageError(Exception):
-    """A user mistake: printed as one line, exit code 2."""
 
 
 def recipe(data_name, pretrained):
@@ -100,13 +92,15 @@ def recipe(data_name, pretrained):
     return case, RECIPES[(data_name, case)]
 
 
-def per_case(key, show=lambda v: f"{v:g}" if isinstance(v, float) else str(v)):
-    """Help text for a default from RECIPES, e.g. 'voc/coco: 32 with --pretrained, 16 without'."""
+def _per_case(key):
+    """Help text for a RECIPES default, e.g. 'coco 32 with --pretrained, 16 without; shapes 16'."""
+    _show = lambda v: f"{BASE_LR:g} x batch / {BASE_BATCH}" if v is None else (  # noqa: E731
+        f"{v:g}" if isinstance(v, float) else str(v))
     parts = []
     for name in DATASETS:
         with_, without = (recipe(name, p)[1][key] for p in (True, False))
-        parts.append(f"{name} {show(without)}" if with_ == without else
-                     f"{name} {show(with_)} with --pretrained, {show(without)} without")
+        parts.append(f"{name} {_show(without)}" if with_ == without else
+                     f"{name} {_show(with_)} with --pretrained, {_show(without)} without")
     return "; ".join(parts)
 
 
@@ -114,86 +108,70 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--data", choices=sorted(DATASETS),
-                   help="data set; several defaults below depend on it (required unless --resume)")
-    p.add_argument("--data-root", metavar="DIR",
-                   help="voc: a VOC-layout folder or a folder holding VOCdevkit/VOC2007, VOC2012; "
-                        "coco: the folder with annotations/ and train2017/ (required for voc and "
-                        "coco; shapes needs none)")
-    p.add_argument("--size", type=int, choices=[300, 512], help="input size (default: 300)")
-    p.add_argument("--gpus", type=int,
-                   help="processes: 0 = CPU, N > 1 = N DDP processes (default: 1 if CUDA, else 0)")
-    p.add_argument("--epochs", type=int, help="passes over the training set (default: iterations "
-                   f"/ (images // batch), iterations per --data: {per_case('iterations')})")
-    p.add_argument("--batch-size", type=int, help="global batch, split over the processes "
-                   f"(default per --data: {per_case('batch_size')})")
-    linear_lr = f"{BASE_LR:g} x batch / {BASE_BATCH}"
-    p.add_argument("--lr", type=float, help="peak lr (default per --data: "
-                   f"{per_case('lr', lambda v: linear_lr if v is None else f'{v:g}')})")
-    p.add_argument("--warmup", type=int, help="linear warmup iterations "
-                   f"(default per --data: {per_case('warmup')})")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"],
-                   help=f"(default per --data: {per_case('optimizer')})")
-    p.add_argument("--norm", choices=["none", "bn"], help="BatchNorm after every VGG16 and extra "
-                   f"conv, or none (default per --data: {per_case('norm')})")
-    p.add_argument("--workers", type=int,
-                   help="data loading processes per rank (default: the process's share of the "
-                        "cores less one, at most 8; without CUDA a quarter of the share)")
-    p.add_argument("--augment-on", choices=("cpu", "device"),
-                   help="where the augmentation runs: in the workers, or batched on the training "
-                        "device, the workers only decoding (default: device with CUDA, else cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="mixed precision on CUDA: bf16 where supported, else fp16 (default: on "
-                        "with CUDA; the CPU always trains in float32)")
-    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<data>-<time>; with "
-                   "--resume, the checkpoint's folder)")
-    p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                   help="continue from PATH, or from <out>/last.pt, or the newest runs/*/last.pt, "
-                        "with the settings saved there (default: start a new run)")
-    p.add_argument("--pretrained", metavar="PATH",
-                   help="VGG16 ImageNet weights for the backbone, and the paper's recipe (default: "
-                        "none: trained from scratch with the scratch recipe)")
-    p.add_argument("--width", type=float, help="channel width multiplier "
-                   f"(default per --data: {per_case('width')})")
-    p.add_argument("--eval-every", type=int, metavar="K",
-                   help="evaluate every K epochs and at the end (default: at the end; 0: never)")
-    p.add_argument("--val-split", help="evaluation split (default: data.build_source's: voc: test, "
-                   "or val in a folder without a test split; coco: val2017; shapes: val)")
-    p.add_argument("--seed", type=int,
-                   help="seed of the weights, data order and augmentation (default: 0)")
-    p.add_argument("--log-every", type=int, default=20,
-                   help="steps between log lines (default: %(default)s)")
-    p.add_argument("--max-steps", type=int,
-                   help="stop at this step (checkpoint, evaluation, picture); the lr schedule "
-                        "still spans --epochs, and --resume continues it (default: no limit)")
+    add = p.add_argument
+    add("--data", choices=DATASETS,
+        help="data set; several defaults below depend on it (required unless --resume)")
+    add("--data-root", metavar="DIR",
+        help="voc: a VOC-layout folder or one holding VOCdevkit/VOC2007, VOC2012; coco: the "
+             "folder with annotations/ and train2017/ (required for voc and coco)")
+    add("--size", type=int, choices=[300, 512], help=f"input size (default: {COMMON['size']})")
+    add("--gpus", type=int,
+        help="processes: 0 = CPU, N > 1 = N DDP processes (default: 1 if CUDA, else 0)")
+    add("--epochs", type=int, help="passes over the training set (default: iterations / (images "
+        f"// batch), iterations per --data: {_per_case('iterations')})")
+    for key, kind, choices, what in (
+            ("batch_size", int, None, "global batch, split over the processes "),
+            ("lr", float, None, "peak lr "), ("warmup", int, None, "linear warmup iterations "),
+            ("optimizer", str, ["sgd", "adamw"], ""),
+            ("width", float, None, "channel width multiplier "),
+            ("norm", str, ["none", "bn"], "BatchNorm after every VGG16 and extra conv, or none ")):
+        add(f"--{key.replace('_', '-')}", type=kind, choices=choices,
+            help=f"{what}(default per --data: {_per_case(key)})")
+    add("--workers", type=int,
+        help="data loading processes per rank (default: the process's share of the cores less "
+             "one, at most 8; without CUDA a quarter of the share)")
+    add("--augment-on", choices=("cpu", "device"),
+        help="where the augmentation runs: in the workers, or batched on the training device, "
+             "the workers only decoding (default: device with CUDA, else cpu)")
+    add("--compile", action="store_true", help="torch.compile the model (default: off)")
+    add("--amp", action=argparse.BooleanOptionalAction,
+        help="mixed precision on CUDA: bf16 where supported, else fp16 (default: on with CUDA; "
+             "the CPU always trains in float32)")
+    add("--out", metavar="DIR",
+        help="run folder (default: runs/<data>-<time>; with --resume, the checkpoint's folder)")
+    add("--resume", nargs="?", const="auto", metavar="PATH",
+        help="continue from PATH, or from <out>/last.pt, or the newest runs/*/last.pt, with the "
+             "settings saved there (default: start a new run)")
+    add("--pretrained", metavar="PATH",
+        help="VGG16 ImageNet weights for the backbone, and the paper's recipe (default: none: "
+             "trained from scratch with the scratch recipe)")
+    add("--eval-every", type=int, metavar="K",
+        help="evaluate every K epochs and at the end (default: at the end; 0: never)")
+    add("--val-split", help="evaluation split (default: data.build_source's: voc: test, or val in "
+        "a folder without a test split; coco: val2017; shapes: val)")
+    add("--seed", type=int, help="seed of the weights, data order and augmentation (default: "
+        f"{COMMON['seed']})")
+    add("--log-every", type=int, default=20, help="steps between log lines (default: %(default)s)")
+    add("--max-steps", type=int,
+        help="stop at this step (checkpoint, evaluation, picture); the lr schedule still spans "
+             "--epochs, and --resume continues it (default: no limit)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "log_every", "max_steps", "workers", "warmup", "gpus"):
-        value = getattr(args, name)
-        low = 0 if name in ("workers", "warmup", "gpus") else 1
-        if value is not None and value < low:
+    for name, low in (("epochs", 1), ("batch_size", 1), ("log_every", 1), ("max_steps", 1),
+                      ("workers", 0), ("warmup", 0), ("gpus", 0), ("eval_every", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}")
-    if args.lr is not None and not args.lr > 0:
-        p.error("--lr must be positive")
-    if args.width is not None and not args.width > 0:
-        p.error("--width must be positive")
-    if args.eval_every is not None and args.eval_every < 0:
-        p.error("--eval-every must be 0 or more")
+    for name in ("lr", "width"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            p.error(f"--{name} must be positive")
     if args.resume is None and args.data is None:
         p.error("--data is required (or --resume to continue a run)")
     return args
 
 
 # -----------------------------------------------------------------------------------------------
-# Settings: data-set defaults, or those of the run being resumed
+# Settings: the recipe and the flags, or the run being resumed
 
-def newest_last_checkpoint(runs_dir="runs"):
-    found = [p for p in glob.glob(os.path.join(glob.escape(runs_dir), "*", "last.pt"))
-             if os.path.isfile(p)]
-    return max(found, key=os.path.getmtime) if found else None
-
-
-def read_checkpoint(path):
+def _read_checkpoint(path):
     """A train.py checkpoint (weights_only=True) or UsageError naming the file."""
     try:
         ckpt = ssd.read_weights(path)
@@ -207,7 +185,7 @@ def read_checkpoint(path):
     return ckpt
 
 
-def check_data(s):
+def _check_data(s):
     """Both splits readable and not empty (data.DataError -> UsageError); -> training images."""
     try:
         images = len(data.build_source(s["data"], s["data_root"], None, train=True))
@@ -217,86 +195,92 @@ def check_data(s):
         raise UsageError(str(e).strip().splitlines()[-1]) from None
 
 
-def settings(args):
-    """-> dict of everything a rank needs (plain types: it crosses to spawned processes)."""
-    s = dict(resume=None)
-    if args.resume is not None:
-        path = args.resume
-        if path == "auto" and args.out:
-            path = os.path.join(args.out, "last.pt")
-            if not os.path.isfile(path):
-                raise UsageError(f"{path}: no checkpoint to resume")
-        elif path == "auto":
-            path = newest_last_checkpoint()
-            if path is None:
-                raise UsageError("--resume: no runs/*/last.pt to continue (give a path)")
-        saved = dict(dict(norm="none"), **read_checkpoint(path)["train_args"])  # older: no norm
-        for key in RUN_KEYS:
-            given = getattr(args, key, None)  # some settings have no flag
-            if key == "epochs" and given is not None:
-                saved[key] = given
-            elif given is not None and given != saved.get(key):
-                raise UsageError(f"--{key.replace('_', '-')} {given}: {path} was trained with "
-                                 f"{saved.get(key)}; a resumed run keeps its settings")
-        s.update(saved, resume=path, out=args.out or os.path.dirname(os.path.abspath(path)),
-                 case="pretrained" if saved["pretrained"] else "scratch")
-        check_data(s)
-    else:
-        case, d = recipe(args.data, args.pretrained)
-        flag = lambda key: getattr(args, key) if getattr(args, key) is not None else d[key]  # noqa
-        s.update(data=args.data, data_root=args.data_root, size=args.size or 300, case=case,
-                 **{k: flag(k) for k in ("width", "batch_size", "warmup", "optimizer", "norm")},
-                 seed=0 if args.seed is None else args.seed, val_split=args.val_split,
-                 pretrained=args.pretrained)
-        s["lr"] = args.lr or d["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
-        if args.data != "shapes" and not args.data_root:
-            raise UsageError(f"--data {args.data} needs --data-root DIR")
-        if args.data_root and not os.path.isdir(args.data_root):
-            raise UsageError(f"{args.data_root}: no such folder (--data-root)")
-        if args.pretrained and s["norm"] == "bn":
-            raise UsageError("--norm bn: the VGG16 files --pretrained reads have no BatchNorm")
-        images = check_data(s)  # before any process is spawned
-        s["epochs"] = args.epochs or max(1, round(
-            d["iterations"] / max(1, images // s["batch_size"])))
-        if args.pretrained and not os.path.isfile(args.pretrained):
-            raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
-        out = args.out
-        if out is None:
-            out = os.path.join("runs", f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-            base, k = out, 1
-            while os.path.exists(out):
-                k += 1
-                out = f"{base}-{k}"
-        elif os.path.isfile(os.path.join(out, "last.pt")):
-            raise UsageError(f"{out}/last.pt exists: continue it with --resume or choose another "
-                             "--out")
-        s["out"] = out
-    cuda = torch.cuda.is_available()
-    gpus = args.gpus if args.gpus is not None else (1 if cuda else 0)
-    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(gpus, 1)  # on this machine
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = default_workers(cuda and gpus > 0, procs) if args.workers is None else args.workers
-    # a worker needs a fraction of a core on the CPU (BCCD: ~0.1 at 10 img/s): the rest go to torch
-    s.update(workers=workers, threads=max(1, (cores or 1) // procs - workers // 2),
-             compile=args.compile,
-             augment_on=args.augment_on or ("device" if cuda and gpus > 0 else "cpu"))
-    s.update(gpus=gpus, cuda=cuda and gpus > 0, log_every=args.log_every,
-             max_steps=args.max_steps,
-             eval_every=args.eval_every, amp=args.amp)
+def _resumed_run(args):
+    """The checkpoint's settings; a flag may only repeat them, except --epochs (a longer run)."""
+    path = args.resume
+    if path == "auto":
+        path = os.path.join(args.out, "last.pt") if args.out else data.newest_run_file("last.pt")
+        if path is None:
+            raise UsageError("--resume: no runs/*/last.pt to continue (give a path)")
+        if not os.path.isfile(path):
+            raise UsageError(f"{path}: no checkpoint to resume")
+    s = {"norm": "none", **_read_checkpoint(path)["train_args"]}  # older runs: no norm
+    for key in RUN_KEYS:
+        given = getattr(args, key)
+        if key == "epochs" and given is not None:
+            s[key] = given
+        elif given is not None and given != s.get(key):
+            raise UsageError(f"--{key.replace('_', '-')} {given}: {path} was trained with "
+                             f"{s.get(key)}; a resumed run keeps its settings")
+    s.update(resume=path, out=args.out or os.path.dirname(os.path.abspath(path)),
+             case="pretrained" if s["pretrained"] else "scratch")
+    _check_data(s)
     return s
 
 
+def _new_run(args):
+    """The RECIPES row of --data and --pretrained, overridden by the flags given."""
+    case, row = recipe(args.data, args.pretrained)
+    given = lambda k, d: d[k] if getattr(args, k) is None else getattr(args, k)  # noqa: E731
+    s = {k: given(k, row) for k in ("width", "batch_size", "warmup", "optimizer", "norm")}
+    s.update({k: given(k, COMMON) for k in COMMON}, data=args.data, data_root=args.data_root,
+             case=case, val_split=args.val_split, pretrained=args.pretrained, resume=None)
+    s["lr"] = args.lr or row["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
+    if args.data != "shapes" and not args.data_root:
+        raise UsageError(f"--data {args.data} needs --data-root DIR")
+    if args.data_root and not os.path.isdir(args.data_root):
+        raise UsageError(f"{args.data_root}: no such folder (--data-root)")
+    if args.pretrained and s["norm"] == "bn":
+        raise UsageError("--norm bn: the VGG16 files --pretrained reads have no BatchNorm")
+    images = _check_data(s)  # before any process is spawned
+    s["epochs"] = args.epochs or max(1, round(
+        row["iterations"] / max(1, images // s["batch_size"])))
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
+    if args.out and os.path.isfile(os.path.join(args.out, "last.pt")):
+        raise UsageError(f"{args.out}/last.pt exists: continue it with --resume or choose another "
+                         "--out")
+    base = os.path.join("runs", f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    s["out"] = args.out or next(o for o in (f"{base}-{k}" if k > 1 else base
+                                            for k in itertools.count(1)) if not os.path.exists(o))
+    return s
+
+
+def settings(args):
+    """-> dict of everything a rank needs (plain types: it crosses to spawned processes)."""
+    s = _resumed_run(args) if args.resume is not None else _new_run(args)
+    cuda = torch.cuda.is_available()
+    gpus = args.gpus if args.gpus is not None else int(cuda)
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(gpus, 1)  # on this machine
+    workers = default_workers(cuda and gpus > 0, procs) if args.workers is None else args.workers
+    # a worker needs a fraction of a core on the CPU (BCCD: ~0.1 at 10 img/s): the rest go to torch
+    s.update(gpus=gpus, cuda=cuda and gpus > 0, workers=workers,
+             threads=max(1, (_cores() or 1) // procs - workers // 2), compile=args.compile,
+             augment_on=args.augment_on or ("device" if cuda and gpus > 0 else "cpu"),
+             log_every=args.log_every, max_steps=args.max_steps, eval_every=args.eval_every,
+             amp=args.amp)
+    return s
+
+
+def _cores():
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def default_workers(cuda, procs):
+    """--workers default: this process's share of the cores (over `procs` training processes) less
+    one for itself, at most 8; on the CPU a quarter of the share (the rest: torch's threads)."""
+    share = (_cores() or 1) // procs
+    return max(1, min(8, share - 1 if cuda else share // 4))
+
+
 # -----------------------------------------------------------------------------------------------
-# Schedule, RNG, data order
+# Initialisation, schedule, RNG, data order, output
 
 def init_from_scratch(model):
-    """He (Kaiming) initialisation of the VGG and extra layers for training without --pretrained.
-
-    ssd.py starts every conv Xavier-uniform, as the references do around a pretrained VGG16; from
-    scratch, without BatchNorm, that halves the signal's variance at each of the 15+ ReLU layers
-    (the conv7 source starts ~50x weaker than conv4_3 and the deepest heads see almost nothing).
-    He init keeps the variance; conv1_1 is also divided by the pixel std, as the input is 0-255
-    minus the mean, not unit-scaled. The heads keep their Xavier init."""
+    """He init (He et al. 2015, Sec. 2.2) of the VGG and extra convs, conv1_1 also / PIXEL_STD (its
+    input is 0-255 minus the mean). Xavier (ssd.py's, for a pretrained VGG16) halves the variance
+    at each ReLU: from scratch the conv7 source would start ~50x weaker than conv4_3."""
     convs = [m for m in [*model.vgg, *model.extras] if isinstance(m, torch.nn.Conv2d)]
     for conv in convs:
         torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
@@ -307,10 +291,7 @@ def init_from_scratch(model):
 
 def param_groups(model, lr, scratch):
     """SGD parameter groups. From scratch, conv1_1's weight gets lr / PIXEL_STD^2 and weight decay
-    x PIXEL_STD^2: its input is on the 0-255 scale, so its gradient is ~PIXEL_STD times too large
-    for a weight ~PIXEL_STD times too small (at the shared lr it would change several-fold per
-    step). With these two factors SGD moves it exactly as it would move PIXEL_STD x the weight on
-    input / PIXEL_STD. A pretrained conv1_1 is left to the recipe."""
+    x PIXEL_STD^2, so SGD moves it exactly as PIXEL_STD x the weight on input / PIXEL_STD."""
     first = model.vgg[0].weight
     if not scratch:
         return [dict(params=list(model.parameters()))]
@@ -340,10 +321,9 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-    n = state["numpy"]
+    n, p = state["numpy"], state["python"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
@@ -355,20 +335,9 @@ def seed_all(*key):
     random.seed(seed)
 
 
-def default_workers(cuda, procs):
-    """--workers default: the cores this process can claim (its CPU affinity over the `procs`
-    training processes of the machine) less one for the process itself, capped at 8; on the CPU,
-    a quarter of them, the rest left to torch's threads; at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    share = (cores or 1) // procs
-    return max(1, min(8, share - 1 if cuda else share // 4))
-
-
 class EpochSeeded(torch.utils.data.Dataset):
-    """Items by key (epoch, index): seeds every generator from (seed, epoch, index) before
-    producing the item, so an image's augmentation depends on nothing else: not the number of
-    workers, not which worker gets it, not whether the run was stopped and resumed in the middle
-    of the epoch. (data.TrainTransform draws from a Generator seeded by torch.initial_seed().)"""
+    """Items by key (epoch, index), every generator seeded from (seed, epoch, index) first: an
+    image's augmentation depends on nothing else (not the workers, not a resume mid-epoch)."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -399,18 +368,14 @@ def epoch_batches(num_images, epoch, seed, rank, world, per_rank):
 
 
 def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start, stop):
-    """This rank's batches from step `start` to `stop`, epoch after epoch, as lists of (epoch,
-    index) keys of EpochSeeded: the batch sampler of the one DataLoader of the run, whose workers
-    then never restart and keep prefetching across epoch boundaries."""
+    """This rank's batches of EpochSeeded keys (epoch, index) from step `start` to `stop`: the batch
+    sampler of the run's one DataLoader, whose workers live on across epochs."""
     for epoch in range(start // iters_per_epoch, (stop - 1) // iters_per_epoch + 1):
         first = epoch * iters_per_epoch
         for batch in epoch_batches(num_images, epoch, seed, rank, world, per_rank)[
                 max(start - first, 0):stop - first]:
             yield [(epoch, i) for i in batch]
 
-
-# -----------------------------------------------------------------------------------------------
-# Output: log lines, metrics.jsonl, checkpoints, the detection picture
 
 def eta_rate(window, elapsed, rates):
     """Seconds per step for the ETA: the median over the log windows so far, leaving out the first
@@ -419,75 +384,256 @@ def eta_rate(window, elapsed, rates):
     return float(np.median(rates[1:] or rates))
 
 
-def duration(seconds):
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class MetricsFile:
-    """<out>/metrics.jsonl, appended one JSON object per line. On resume, lines logged after the
-    checkpoint (by the run that was stopped) are dropped, so each step appears once."""
-
-    def __init__(self, path, resume_step=None):
-        self.path = path
-        if resume_step is not None and os.path.isfile(path):
-            with open(path) as f:
-                rows = [line for line in f if line.strip()]
-            keep = []
-            for line in rows:
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
-                except ValueError:  # a line cut short by the kill
-                    pass
-            with open(path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(path + ".tmp", path)
-
-    def write(self, **row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def link_or_copy(src, dst):
-    """dst becomes the same file as src, atomically (a hard link where the file system has them)."""
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def _drop_metrics_after(path, step):
+    """On resume: drop the metrics.jsonl lines the stopped run logged after its checkpoint."""
+    def logged_by(line):
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line cut short by the kill
+            return False
+    if os.path.isfile(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and logged_by(line)]
+        ssd.write_atomic(path, lambda f: f.writelines(keep))
 
 
 def write_detections(model, source, path, count=4):
     """Draw the model's detections on the first `count` images of `source`, in a grid, to `path`."""
     from PIL import Image
-    count = min(count, len(source))
-    images = [source.load_image(i) for i in range(count)]
+    images = [source.load_image(i) for i in range(min(count, len(source)))]
     dets = ssd.detect(model, [data.to_tensor(im) for im in images], score_thr=0.5)  # as detect.py
     for im, (boxes, scores, labels) in zip(images, dets):
         data.draw_detections(im, boxes, scores, labels, model.config["class_names"])
-    cols = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / cols)
+    cols = math.ceil(math.sqrt(len(images)))
     cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
-    grid = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
+    grid = Image.new("RGB", (cols * cell_w, math.ceil(len(images) / cols) * cell_h), "white")
     for k, im in enumerate(images):
         grid.paste(im, ((k % cols) * cell_w, (k // cols) * cell_h))
-    tmp = f"{path}.tmp{os.getpid()}.jpg"
-    grid.save(tmp, quality=92)
-    os.replace(tmp, path)
-
-
-def weights_fingerprint(model):
-    """float64 [2 * params]: each tensor's sum and sum of squares; equal across ranks when the
-    replicas agree."""
-    return torch.stack([t for p in model.parameters()
-                        for t in (p.detach().double().sum(), p.detach().double().pow(2).sum())])
+    ssd.write_atomic(path, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
 
 
 # -----------------------------------------------------------------------------------------------
-# Training (one rank)
+# Training (one rank): setup, one epoch, end of epoch
+
+def _build_model(s, source, device):
+    """The SSD of the settings, initialised (--pretrained backbone or He init), on `device`."""
+    try:  # the flags are checked by parse_args; a resumed checkpoint's settings are not
+        config = ssd.make_config(s["size"], len(source.class_names), width=s["width"],
+                                 anchors="coco" if s["data"] == "coco" else "voc",
+                                 class_names=source.class_names, norm=s["norm"])
+    except ValueError as e:
+        raise UsageError(f"{s['resume'] or 'settings'}: {e}") from None
+    model = ssd.build_model(config)
+    if hasattr(source, "category_ids"):  # COCO: labels map back to category ids
+        model.config["category_ids"] = list(source.category_ids)
+    if not s["pretrained"]:
+        init_from_scratch(model)
+    elif not s["resume"]:
+        try:
+            weights.load_backbone(model, s["pretrained"])
+        except ssd.CheckpointError as e:
+            raise UsageError(str(e)) from None
+    # channels_last: faster on GPUs (tensor cores) and on CPUs too (1.6x for width 0.125 on 2 cores)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def _setup(s, rank, local_rank, world, log):
+    """-> the run's state: device, data, model, optimizer, schedule (restored on --resume)."""
+    r = types.SimpleNamespace(s=s, rank=rank, world=world, log=log, step=0, best_map=None,
+                              device=torch.device(f"cuda:{local_rank}" if s["cuda"] else "cpu"),
+                              device_ids=[local_rank] if s["cuda"] else None)
+    if s["cuda"]:
+        torch.cuda.set_device(r.device)
+    else:  # the ranks and their DataLoader workers share the cores
+        torch.set_num_threads(s["threads"])
+    r.amp = s["cuda"] and s["amp"] is not False
+    r.amp_dtype = torch.bfloat16 if r.amp and torch.cuda.is_bf16_supported() else torch.float16
+    if s["amp"] and not s["cuda"]:
+        log("warning: --amp is for CUDA; training in float32 on the CPU")
+    if s["batch_size"] % world:
+        raise UsageError(f"--batch-size {s['batch_size']} does not split over {world} processes")
+    r.per_rank = s["batch_size"] // world
+    r.train_source = data.build_source(s["data"], s["data_root"], None, train=True)
+    r.val_source = data.build_source(s["data"], s["data_root"], s["val_split"], train=False)
+    r.iters = len(r.train_source) // world // r.per_rank  # per epoch
+    if r.iters == 0:
+        raise UsageError(f"{s['data']}: {len(r.train_source)} training images, fewer than the "
+                         f"global batch {s['batch_size']}")
+    r.total = s["epochs"] * r.iters
+    r.stop = min(r.total, s["max_steps"] or r.total)
+    seed_all(s["seed"])  # the same initial weights on every rank
+    r.model = _build_model(s, r.train_source, r.device)
+    if s["optimizer"] == "adamw":
+        r.optimizer = torch.optim.AdamW(r.model.parameters(), lr=s["lr"], weight_decay=WEIGHT_DECAY)
+    else:
+        r.optimizer = torch.optim.SGD(param_groups(r.model, s["lr"], scratch=not s["pretrained"]),
+                                      lr=s["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    r.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        r.optimizer, lambda it: lr_factor(it, r.total, s["warmup"]))
+    r.scaler = torch.amp.GradScaler("cuda", enabled=r.amp and r.amp_dtype == torch.float16)
+    r.last, r.best = os.path.join(s["out"], "last.pt"), os.path.join(s["out"], "best.pt")
+    r.metrics = os.path.join(s["out"], "metrics.jsonl")
+    if s["resume"]:  # weights, optimizer, schedule, step, RNG
+        ckpt = _read_checkpoint(s["resume"])
+        try:
+            r.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UsageError(f"{s['resume']}: weights do not fit the model "
+                             f"({str(e).splitlines()[1].strip()})") from None
+        r.optimizer.load_state_dict(ckpt["optimizer"])
+        r.scheduler.load_state_dict(ckpt["scheduler"])
+        if r.scaler.is_enabled() and ckpt.get("scaler"):
+            r.scaler.load_state_dict(ckpt["scaler"])
+        r.step, r.best_map = int(ckpt["step"]), ckpt.get("best_map")
+        if ckpt.get("rng"):
+            set_rng_state(ckpt["rng"])
+        log(f"resumed {s['resume']} at step {r.step} (epoch {r.step // r.iters})")
+    if rank == 0:
+        os.makedirs(s["out"], exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(s["out"]), "*.pt.tmp*")):  # cut short
+            os.remove(stale)
+        if s["resume"]:
+            _drop_metrics_after(r.metrics, r.step)
+    r.ddp_model = r.model
+    if world > 1:
+        r.ddp_model = wrap_ddp(r.model, r.device_ids, s["norm"] == "bn")
+    if s["compile"]:
+        r.ddp_model = torch.compile(r.ddp_model)
+    return r
+
+
+def _log_start(r):
+    """The run's data, model, schedule and folder, in three lines."""
+    s, m = r.s, r.model
+    milestones = [round(f * r.total) for f in DECAY_AT]
+    r.log(f"data {s['data']}: {len(r.train_source)} training images, {len(r.val_source)} "
+          f"validation; {len(r.train_source.class_names)} classes")
+    r.log(f"model SSD{s['size']} width {s['width']:g} norm {s['norm']}: "
+          f"{sum(p.numel() for p in m.parameters()):,} parameters; device {r.device.type}, world "
+          f"size {r.world}{f' ({dist.get_backend()})' if r.world > 1 else ''}, {s['workers']} "
+          f"loader workers{'' if s['cuda'] else f', {torch.get_num_threads()} threads'}; amp "
+          f"{str(r.amp_dtype).split('.')[-1] if r.amp else 'off'}")
+    r.log(f"global batch {s['batch_size']} ({r.per_rank} per process), "
+          f"{type(r.optimizer).__name__} lr {s['lr']:.3g}, {r.iters} iterations/epoch x "
+          f"{s['epochs']} epochs = {r.total} iterations; warmup {s['warmup']} from lr/3, "
+          f"x{DECAY:g} at {milestones[0]} and {milestones[1]}; run folder {s['out']}")
+    if r.stop < r.total:
+        r.log(f"stopping at step {r.stop} (--max-steps)")
+
+
+def _train_epoch(r, loader):
+    """Steps to the end of this epoch (or r.stop); -> False on a non-finite loss."""
+    epoch, device = r.step // r.iters, r.device
+    t_wait = time.perf_counter()
+    for images, boxes, labels, _ in itertools.islice(
+            loader, min(r.stop, (epoch + 1) * r.iters) - r.step):
+        r.window["wait"] += time.perf_counter() - t_wait
+        if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
+            images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
+                                        r.model.config["mean"])  # [B, 3, S, S]
+        images = images.to(device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last)  # [B, 3, S, S]
+        boxes = [b.to(device, non_blocking=True) for b in boxes]  # [N_i, 4] each
+        labels = [lab.to(device, non_blocking=True) for lab in labels]  # [N_i] each
+        with torch.autocast(device.type, dtype=r.amp_dtype, enabled=r.amp):
+            cls_logits, box_deltas = r.ddp_model(images)  # [B, A, C+1], [B, A, 4]
+        losses = ssd.multibox_loss(cls_logits, box_deltas, r.model.anchors, boxes, labels)
+        terms = torch.stack([losses["loss_cls"].detach(), losses["loss_box"].detach()]).double()
+        if r.world > 1:
+            dist.all_reduce(terms)
+            terms /= r.world
+        terms = terms.cpu()  # [2]: cls, box, averaged over the ranks
+        if not torch.isfinite(terms).all():
+            if r.rank == 0:
+                print(f"error: non-finite loss at step {r.step + 1} (loss_cls="
+                      f"{terms[0].item():.4g}, loss_box={terms[1].item():.4g}); last good "
+                      f"checkpoint: {r.last if os.path.isfile(r.last) else 'none yet'}",
+                      file=sys.stderr, flush=True)
+            return False
+        r.optimizer.zero_grad(set_to_none=True)
+        r.scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
+        r.scheduler.step()
+        r.step += 1
+        r.window["steps"] += 1
+        r.window["terms"] += terms
+        if r.step % r.s["log_every"] == 0 or r.step == r.stop:
+            _log_window(r)
+        t_wait = time.perf_counter()
+    return True
+
+
+def _new_window():
+    return dict(t=time.perf_counter(), wait=0.0, steps=0, terms=torch.zeros(2, dtype=torch.float64))
+
+
+def _log_window(r):
+    """One log line and one metrics.jsonl row: the means over the steps since the last one."""
+    w, s, now = r.window, r.s, time.perf_counter()
+    elapsed = now - w["t"]
+    cls_loss, box_loss = (w["terms"] / w["steps"]).tolist()
+    row = dict(step=r.step, epoch=r.step / r.iters, lr=r.optimizer.param_groups[0]["lr"],
+               loss=cls_loss + box_loss, loss_cls=cls_loss, loss_box=box_loss,
+               images_per_s=w["steps"] * s["batch_size"] / elapsed, data_wait=w["wait"] / elapsed,
+               eta_s=(r.stop - r.step) * eta_rate(w, elapsed, r.rates), time_s=now - r.start)
+    mem = ""
+    if s["cuda"]:
+        row["mem_gb"] = torch.cuda.max_memory_allocated(r.device) / 2**30
+        mem = f" mem {row['mem_gb']:.1f}G"
+    r.log(f"step {r.step}/{r.total} ep {(r.step - 1) // r.iters + 1}/{s['epochs']} lr "
+          f"{row['lr']:.1e} loss {row['loss']:.3f} (cls {cls_loss:.3f} box {box_loss:.3f}) "
+          f"{row['images_per_s']:.1f} img/s data {100 * row['data_wait']:.0f}% ETA "
+          f"{data.duration(row['eta_s'])}{mem}")
+    if r.rank == 0:
+        with open(r.metrics, "a") as f:
+            f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
+                                for k, v in row.items()}) + "\n")
+    r.window = _new_window()
+
+
+def _end_of_epoch(r):
+    """Check the replicas agree (at the end), evaluate when due, save last.pt (and best.pt)."""
+    s, epoch, finished = r.s, r.step // r.iters, r.step >= r.stop
+    if r.world > 1 and finished:  # check it once, at the end: each tensor's sum and sum of squares
+        mine = torch.stack([t for p in r.model.parameters() for t in (
+            p.detach().double().sum(), p.detach().double().pow(2).sum())])  # [2 * params]
+        prints = [torch.empty_like(mine) for _ in range(r.world)]
+        dist.all_gather(prints, mine)
+        same = all(torch.equal(prints[0], p) for p in prints[1:])
+        r.log(f"weights {'identical' if same else 'DIFFERENT'} across {r.world} processes")
+    if r.rank == 0:
+        due = s["eval_every"] != 0 and (finished or (
+            s["eval_every"] and epoch > 0 and r.step % (s["eval_every"] * r.iters) == 0))
+        improved = _evaluate(r, epoch) if due else False
+        ssd.save_checkpoint(
+            r.last, model={k: v.detach().cpu() for k, v in r.model.state_dict().items()},
+            config=r.model.config, optimizer=r.optimizer.state_dict(),
+            scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
+            step=r.step, best_map=r.best_map, rng=rng_state(),
+            train_args={k: s[k] for k in RUN_KEYS})
+        if improved or r.best_map is None:  # best.pt: a copy of last.pt
+            with open(r.last, "rb") as f:
+                ssd.write_atomic(r.best, lambda out: shutil.copyfileobj(f, out), mode="wb")
+        r.log(f"saved {r.last}" + (f" and {r.best}" if improved else ""))
+    if r.world > 1:
+        dist.barrier(device_ids=r.device_ids)
+
+
+def _evaluate(r, epoch):
+    """Validation mAP (rank 0); -> whether it is the best so far."""
+    t0 = time.perf_counter()
+    result = evaluate.evaluate_model(r.model, r.val_source, batch_size=EVAL_BATCH, device=r.device,
+                                     workers=min(2, r.s["workers"]), log=r.log)
+    seconds = time.perf_counter() - t0
+    r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} ({data.duration(seconds)})")
+    with open(r.metrics, "a") as f:
+        f.write(json.dumps(dict(step=r.step, epoch=epoch, map=result["map"], eval_s=round(
+            seconds, 1), time_s=round(time.perf_counter() - r.start, 1))) + "\n")
+    improved = r.best_map is None or result["map"] > r.best_map
+    r.best_map = max(result["map"], r.best_map or 0.0)
+    return improved
+
 
 def train(s, rank, local_rank, world):
     """Train on this rank; -> exit code. Rank 0 alone logs, evaluates and writes files."""
@@ -498,231 +644,33 @@ def train(s, rank, local_rank, world):
             " (from scratch: the default without --pretrained; the paper's recipe is --pretrained "
             "VGG16_FILE, or --optimizer sgd --lr 0.001 --batch-size 32 --warmup 500 --width 1 "
             "--norm none)"))
-    device = torch.device(f"cuda:{local_rank}" if s["cuda"] else "cpu")
-    if s["cuda"]:
-        torch.cuda.set_device(device)
-    else:  # the ranks and their DataLoader workers share the cores
-        torch.set_num_threads(s["threads"])
-    amp = s["cuda"] and s["amp"] is not False
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    if s["amp"] and not s["cuda"]:
-        log("warning: --amp is for CUDA; training in float32 on the CPU")
-    if s["batch_size"] % world:
-        raise UsageError(f"--batch-size {s['batch_size']} does not split over {world} processes")
-    per_rank = s["batch_size"] // world
-
-    train_source = data.build_source(s["data"], s["data_root"], None, train=True)
-    val_source = data.build_source(s["data"], s["data_root"], s["val_split"], train=False)
-    iters_per_epoch = len(train_source) // world // per_rank
-    if iters_per_epoch == 0:
-        raise UsageError(f"{s['data']}: {len(train_source)} training images, fewer than the "
-                         f"global batch {s['batch_size']}")
-    total = s["epochs"] * iters_per_epoch
-    stop = min(total, s["max_steps"] or total)
-
-    seed_all(s["seed"])  # the same initial weights on every rank
-    anchors = "coco" if s["data"] == "coco" else "voc"
-    try:  # the flags are checked by parse_args; a resumed checkpoint's settings are not
-        config = ssd.make_config(s["size"], len(train_source.class_names), anchors=anchors,
-                                 width=s["width"], class_names=train_source.class_names,
-                                 norm=s["norm"])
-    except ValueError as e:
-        raise UsageError(f"{s['resume'] or 'settings'}: {e}") from None
-    model = ssd.build_model(config)
-    if hasattr(train_source, "category_ids"):  # COCO: labels map back to category ids
-        model.config["category_ids"] = list(train_source.category_ids)
-    if s["pretrained"] and not s["resume"]:
-        try:
-            weights.load_backbone(model, s["pretrained"])
-        except ssd.CheckpointError as e:
-            raise UsageError(str(e)) from None
-    elif not s["pretrained"]:
-        init_from_scratch(model)
-    # channels_last: faster on GPUs (tensor cores) and on CPUs too (1.6x for width 0.125 on 2 cores)
-    model.to(device, memory_format=torch.channels_last)
-    if s["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=WEIGHT_DECAY)
-    else:
-        optimizer = torch.optim.SGD(param_groups(model, s["lr"], scratch=not s["pretrained"]),
-                                    lr=s["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, total, s["warmup"]))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-
-    step, best_map = 0, None
-    out = s["out"]
-    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
-    if s["resume"]:
-        ckpt = read_checkpoint(s["resume"])
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UsageError(f"{s['resume']}: weights do not fit the model "
-                             f"({str(e).splitlines()[1].strip()})") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step, best_map = int(ckpt["step"]), ckpt.get("best_map")
-        if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"])
-        del ckpt
-        log(f"resumed {s['resume']} at step {step} (epoch {step // iters_per_epoch})")
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(out), "*.pt.tmp*")):  # saves cut short
-            os.remove(stale)
-        metrics = MetricsFile(os.path.join(out, "metrics.jsonl"), step if s["resume"] else None)
-
-    ddp_model = model
-    if world > 1:
-        ddp_model = wrap_ddp(model, [local_rank] if s["cuda"] else None, s["norm"] == "bn")
-    if s["compile"]:
-        ddp_model = torch.compile(ddp_model)
-    transform = data.TrainTransform(s["size"], model.config["mean"],
-                                    on_device=s["augment_on"] == "device")
-    dataset = EpochSeeded(data.DetectionDataset(train_source, transform), s["seed"])
-    epochs = s["epochs"]
-    milestones = [round(f * total) for f in DECAY_AT]
-    log(f"data {s['data']}: {len(train_source)} training images, {len(val_source)} validation; "
-        f"{len(train_source.class_names)} classes")
-    num_params = sum(p.numel() for p in model.parameters())
-    log(f"model SSD{s['size']} width {s['width']:g} norm {s['norm']}: {num_params:,} "
-        f"parameters; device {device.type}, world size {world}"
-        f"{f' ({dist.get_backend()})' if world > 1 else ''}, {s['workers']} loader workers"
-        f"{'' if s['cuda'] else f', {torch.get_num_threads()} threads'}; amp "
-        f"{str(amp_dtype).split('.')[-1] if amp else 'off'}")
-    log(f"global batch {s['batch_size']} ({per_rank} per process), {type(optimizer).__name__} "
-        f"lr {s['lr']:.3g}, "
-        f"{iters_per_epoch} iterations/epoch x {epochs} epochs = {total} iterations; warmup "
-        f"{s['warmup']} from lr/3, x{DECAY:g} at {milestones[0]} and {milestones[1]}; "
-        f"run folder {out}")
-    if stop < total:
-        log(f"stopping at step {stop} (--max-steps)")
-    if step >= stop:
-        log(f"nothing to do: the run is at step {step} of {stop}")
+    r = _setup(s, rank, local_rank, world, log)
+    _log_start(r)
+    if r.step >= r.stop:
+        log(f"nothing to do: the run is at step {r.step} of {r.stop}")
         return 0
-
-    def save(epoch_done):
-        ckpt = dict(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    config=model.config, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch_done,
-                    step=step, best_map=best_map, rng=rng_state(),
-                    train_args={k: s[k] for k in RUN_KEYS})
-        ssd.save_checkpoint(last_path, **ckpt)
-
-    def run_eval(epoch_done):
-        nonlocal best_map
-        t0 = time.perf_counter()
-        result = evaluate.evaluate_model(model, val_source, batch_size=EVAL_BATCH, device=device,
-                                         workers=min(2, s["workers"]), log=log)
-        seconds = time.perf_counter() - t0
-        log(f"eval step {step} epoch {epoch_done}: mAP {result['map']:.4f} ({duration(seconds)})")
-        metrics.write(step=step, epoch=epoch_done, map=result["map"], eval_s=round(seconds, 1),
-                      time_s=round(time.perf_counter() - start, 1))
-        improved = best_map is None or result["map"] > best_map
-        best_map = max(result["map"], best_map or 0.0)
-        return improved
-
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-    start, rates = time.perf_counter(), []
-    window = dict(t=time.perf_counter(), wait=0.0, steps=0,
-                  terms=torch.zeros(2, dtype=torch.float64))
-    ddp_model.train()
-    loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=run_batches(len(dataset), s["seed"], rank, world, per_rank,
-                                           iters_per_epoch, step, stop),
+    r.start, r.rates, r.window = time.perf_counter(), [], _new_window()
+    r.ddp_model.train()
+    transform = data.TrainTransform(s["size"], r.model.config["mean"],
+                                    on_device=s["augment_on"] == "device")
+    dataset = EpochSeeded(data.DetectionDataset(r.train_source, transform), s["seed"])
+    loader = iter(torch.utils.data.DataLoader(  # the run's one loader: its workers live on
+        dataset, batch_sampler=run_batches(len(dataset), s["seed"], rank, world, r.per_rank,
+                                           r.iters, r.step, r.stop),
         num_workers=s["workers"], collate_fn=data.collate, pin_memory=s["cuda"],
         prefetch_factor=4 if s["workers"] else None))
-    while step < stop:
-        epoch = step // iters_per_epoch
-        t_wait = time.perf_counter()
-        for images, boxes, labels, _ in itertools.islice(
-                loader, min(stop, (epoch + 1) * iters_per_epoch) - step):
-            window["wait"] += time.perf_counter() - t_wait
-            if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
-                images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
-                                            model.config["mean"])  # [B, 3, S, S]
-            images = images.to(device, non_blocking=True).contiguous(
-                memory_format=torch.channels_last)  # [B, 3, S, S]
-            boxes = [b.to(device, non_blocking=True) for b in boxes]
-            labels = [lab.to(device, non_blocking=True) for lab in labels]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                cls_logits, box_deltas = ddp_model(images)  # [B, A, C+1], [B, A, 4]
-            losses = ssd.multibox_loss(cls_logits, box_deltas, model.anchors, boxes, labels)
-            terms = torch.stack([losses["loss_cls"].detach(), losses["loss_box"].detach()]).double()
-            if world > 1:
-                dist.all_reduce(terms)
-                terms /= world
-            terms = terms.cpu()
-            if not torch.isfinite(terms).all():
-                if rank == 0:
-                    print(f"error: non-finite loss at step {step + 1} (loss_cls="
-                          f"{terms[0].item():.4g}, loss_box={terms[1].item():.4g}); last good "
-                          f"checkpoint: {last_path if os.path.isfile(last_path) else 'none yet'}",
-                          file=sys.stderr, flush=True)
-                return 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            window["steps"] += 1
-            window["terms"] += terms
-            if step % s["log_every"] == 0 or step == stop:
-                now = time.perf_counter()
-                elapsed = now - window["t"]
-                cls_loss, box_loss = (window["terms"] / window["steps"]).tolist()
-                row = dict(step=step, epoch=step / iters_per_epoch,
-                           lr=optimizer.param_groups[0]["lr"], loss=cls_loss + box_loss,
-                           loss_cls=cls_loss, loss_box=box_loss,
-                           images_per_s=window["steps"] * s["batch_size"] / elapsed,
-                           data_wait=window["wait"] / elapsed,
-                           eta_s=(stop - step) * eta_rate(window, elapsed, rates),
-                           time_s=now - start)
-                mem = ""
-                if s["cuda"]:
-                    row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    mem = f" mem {row['mem_gb']:.1f}G"
-                log(f"step {step}/{total} ep {epoch + 1}/{epochs} lr {row['lr']:.1e} loss "
-                    f"{row['loss']:.3f} (cls {cls_loss:.3f} box {box_loss:.3f}) "
-                    f"{row['images_per_s']:.1f} img/s data {100 * row['data_wait']:.0f}% ETA "
-                    f"{duration(row['eta_s'])}{mem}")
-                if rank == 0:
-                    metrics.write(**{k: round(v, 6) if isinstance(v, float) else v
-                                     for k, v in row.items()})
-                window.update(t=time.perf_counter(), wait=0.0, steps=0,
-                              terms=torch.zeros_like(terms))
-            t_wait = time.perf_counter()
-
-        epoch_done = step // iters_per_epoch
-        finished = step >= stop
-        if world > 1 and finished:  # the replicas must agree; check it once, at the end
-            prints = [torch.zeros(2 * len(list(model.parameters())), dtype=torch.float64,
-                                  device=device) for _ in range(world)]
-            dist.all_gather(prints, weights_fingerprint(model).to(device))
-            same = all(torch.equal(prints[0], p) for p in prints[1:])
-            log(f"weights {'identical' if same else 'DIFFERENT'} across {world} processes")
-        if rank == 0:
-            due = s["eval_every"] != 0 and (finished or (
-                s["eval_every"] and epoch_done > 0
-                and step % (s["eval_every"] * iters_per_epoch) == 0))
-            improved = run_eval(epoch_done) if due else False
-            save(epoch_done)
-            if improved or best_map is None:
-                link_or_copy(last_path, best_path)
-            log(f"saved {last_path}" + (f" and {best_path}" if improved else ""))
-        if world > 1:
-            dist.barrier(device_ids=[local_rank] if s["cuda"] else None)
-
+    while r.step < r.stop:
+        if not _train_epoch(r, loader):
+            return 1
+        _end_of_epoch(r)
     if rank == 0:
-        pic = os.path.join(out, "detections.jpg")
-        model.eval()
-        write_detections(model, val_source, pic)
-        model.train()
-        log(f"done: {step} steps in {duration(time.perf_counter() - start)}"
-            f"{f', best mAP {best_map:.4f}' if best_map is not None else ''}; wrote {pic}")
+        pic = os.path.join(s["out"], "detections.jpg")
+        r.model.eval()
+        write_detections(r.model, r.val_source, pic)
+        best = f", best mAP {r.best_map:.4f}" if r.best_map is not None else ""
+        log(f"done: {r.step} steps in {data.duration(time.perf_counter() - r.start)}{best}; "
+            f"wrote {pic}")
     return 0
 
 
@@ -730,13 +678,11 @@ def train(s, rank, local_rank, world):
 # Processes
 
 def wrap_ddp(model, device_ids, batchnorm=False):
-    """DistributedDataParallel. Without BatchNorm no buffers are synced at each forward: the one
-    buffer (the anchors) is a function of the config, never changed. With BatchNorm, rank 0's
-    running statistics are broadcast at each forward (DDP's default), so the replicas agree."""
+    """DistributedDataParallel. With BatchNorm rank 0's running statistics are broadcast at each
+    forward (DDP's default); without, the one buffer (the anchors, fixed) is synced only once."""
     if batchnorm:
         return DistributedDataParallel(model, device_ids=device_ids)
-    # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers, which still
-    # broadcasts the buffers once at construction: the same anchors on every rank, so no change.
+    # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
         return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
@@ -763,18 +709,12 @@ def run(s, rank, local_rank, world):
             dist.destroy_process_group()
 
 
-def spawned(local_rank, world, s):
+def _spawned(local_rank, world, s):
     """Entry point of a process started by --gpus N."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
     code = run(s, local_rank, local_rank, world)
     if code:
         sys.exit(code)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv=None):
@@ -785,26 +725,29 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (one or several nodes)
-        world = int(os.environ["WORLD_SIZE"])
-        return run(s, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), world)
-    if s["gpus"] > 1:
-        if not s["cuda"]:
-            print(f"warning: no CUDA: --gpus {s['gpus']} runs {s['gpus']} gloo processes on the "
-                  "CPU", flush=True)
-        elif s["gpus"] > torch.cuda.device_count():
-            print(f"error: --gpus {s['gpus']}: only {torch.cuda.device_count()} CUDA devices",
-                  file=sys.stderr)
-            return 2
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        try:
-            mp.spawn(spawned, args=(s["gpus"], s), nprocs=s["gpus"])
-        except mp.ProcessExitedException as e:
-            return e.exit_code if e.exit_code and e.exit_code > 0 else 1
-        return 0
-    if args.gpus and not s["cuda"]:
-        print("warning: no CUDA: training on the CPU", flush=True)
-    return run(s, 0, 0, 1)
+        return run(s, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
+                   int(os.environ["WORLD_SIZE"]))
+    if s["gpus"] <= 1:
+        if args.gpus and not s["cuda"]:
+            print("warning: no CUDA: training on the CPU", flush=True)
+        return run(s, 0, 0, 1)
+    if not s["cuda"]:
+        print(f"warning: no CUDA: --gpus {s['gpus']} runs {s['gpus']} gloo processes on the CPU",
+              flush=True)
+    elif s["gpus"] > torch.cuda.device_count():
+        print(f"error: --gpus {s['gpus']}: only {torch.cuda.device_count()} CUDA devices",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:  # a free port
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    try:
+        mp.spawn(_spawned, args=(s["gpus"], s), nprocs=s["gpus"])
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    return 0
 
 
 if __name__ == "__main__":
