@@ -135,7 +135,7 @@ def load_model(path, device="cpu"):
                               "with mmdetection's tools/model_converters/upgrade_ssd_version.py")
     elif "l2norm.weight" in sd:
         raise CheckpointError(f"{path}: a bare state_dict of this project's SSD without its "
-                              "config; save it with train.save_checkpoint(path, model=, config=)")
+                              "config; save it with ssd.save_checkpoint(path, model=, config=)")
     else:
         raise CheckpointError(f"{path}: unrecognised format (first keys: {list(sd or obj)[:5]})")
     model = ssd.build_model(_foreign_config(path, sd, fmt, obj.get("meta")))
