@@ -130,8 +130,8 @@ def row(section, name, ms, tv_ms=None, images=None, target=None, ok=None, same=N
 @functools.cache
 def model_pair(device_type):
     """(ours, torchvision's ssd300_vgg16 or None) in eval mode with the same random weights: the
-    torchvision model's state_dict read by weights.load_model, which maps its keys. Without torchvision,
-    ours alone: ssd300(90, anchors="coco", clip="wh"), torchvision's configuration."""
+    torchvision model's state_dict read by weights.load_model, which maps its keys. Without
+    torchvision, ours alone: ssd300(90, anchors="coco", clip="wh"), torchvision's configuration."""
     torch.manual_seed(0)
     if torchvision is None:
         return ssd.ssd300(90, anchors="coco", clip="wh").eval().to(device_type), None

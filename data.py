@@ -867,7 +867,7 @@ def write_shapes(folder, split="val", num_images=8):
 
 # -----------------------------------------------------------------------------------------------
 # Shared by the scripts (train.py, evaluate.py, detect.py): usage errors, durations, the newest
-# run, drawing detections (files are written atomically by ssd.write_atomic)
+# run, drawing detections (files are written atomically by weights.write_atomic)
 
 class UsageError(Exception):
     """A mistake that stops a whole command (exit 2); the message is one line, printed as is."""

@@ -60,7 +60,7 @@ def main(argv=None):
         return 2
     try:
         model, weights_path = _setup(args)
-    except (data.UsageError, ssd.CheckpointError) as e:
+    except (data.UsageError, weights.CheckpointError) as e:
         print(e, file=sys.stderr)
         return 2
     taken, results = {os.path.realpath(f) for f in files}, []
@@ -75,7 +75,7 @@ def main(argv=None):
             failures += 1
     if args.json and results:
         try:
-            ssd.write_atomic(args.json, lambda f: json.dump(results, f, indent=1))
+            weights.write_atomic(args.json, lambda f: json.dump(results, f, indent=1))
         except OSError as e:
             print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
             failures += 1
@@ -129,7 +129,7 @@ def _setup(args):
     path = args.weights or data.newest_run_file("best.pt")
     if path is None:
         raise data.UsageError(NO_WEIGHTS)
-    model = weights.load_model(path, args.device)  # ssd.CheckpointError names a bad file
+    model = weights.load_model(path, args.device)  # weights.CheckpointError names a bad file
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

@@ -203,7 +203,7 @@ def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_
             lines[label].append(f"{image_id} {score!r} {x1 + 1!r} {y1 + 1!r} {x2!r} {y2!r}\n")
     paths = [Path(folder) / f"{prefix}{name}.txt" for name in class_names]
     for c, path in enumerate(paths, start=1):
-        ssd.write_atomic(path, lambda f: f.write("".join(lines[c])))
+        weights.write_atomic(path, lambda f: f.write("".join(lines[c])))
     return paths
 
 
@@ -531,8 +531,8 @@ def main(argv=None):
         result, failed = _run(args, rank, world, device)
         if result is not None and args.json_out:
             text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
-            ssd.write_atomic(args.json_out, lambda f: f.write(text))
-    except (EvalError, data.DataError, ssd.CheckpointError, OSError) as e:
+            weights.write_atomic(args.json_out, lambda f: f.write(text))
+    except (EvalError, data.DataError, weights.CheckpointError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -631,7 +631,7 @@ def _run(args, rank=0, world=1, device=None):
         ids = [source.image_id(i) for i in indices]
         if args.coco:
             results = coco_results(ordered, ids, source.category_ids)
-            ssd.write_atomic(args.save_results, lambda f: json.dump(results, f))
+            weights.write_atomic(args.save_results, lambda f: json.dump(results, f))
         else:
             write_voc_results(args.save_results, ordered, ids, source.class_names)
         print(f"detections written to {args.save_results}")

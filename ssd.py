@@ -2,16 +2,14 @@
 
 Read top to bottom: class lists and presets, the network (VGG16 backbone, L2Norm, extra layers,
 heads), anchors, box coding, matching, the loss with hard-negative mining, post-processing,
-inference on images, and our checkpoints (weights.py reads other projects' files).
+and inference on images. Checkpoint files (ours and other projects') are read and written by
+weights.py.
 
 Conventions: boxes are xyxy; inside the model they are normalised to
 [0, 1] of the network input, at the edges (files, CLI, JSON) absolute pixels of the original image.
 Label 0 is background, 1..C are objects. Anchors are (cx, cy, w, h), normalised.
 """
 import math
-import os
-import re
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -595,131 +593,3 @@ def detect(model, images, bf16=False, **postprocess_options):
     # to the host as one copy per field, not one per image and field (each copy waits for the GPU)
     n = [len(d[1]) for d in dets]
     return list(zip(*(torch.cat(field).cpu().split(n) for field in zip(*dets))))
-
-
-# -----------------------------------------------------------------------------------------------
-# Our checkpoints
-#
-# Every file is read with torch.load(weights_only=True): tensors and plain containers only, never
-# arbitrary pickled objects. Foreign formats (torchvision, amdegroot, mmdetection) and ImageNet
-# VGG16 backbones are read by weights.py.
-
-
-class CheckpointError(ValueError):
-    """A weights file we cannot use. The message starts with the file's path, then the reason."""
-
-
-_NOT_LEARNED = ("num_batches_tracked", "anchors", "priors")  # buffers, no learned weights
-
-
-def strip_prefixes(state_dict):
-    """Keys without the `module.` (DataParallel / DDP) and `_orig_mod.` (torch.compile) prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
-
-
-def write_atomic(path, write, mode="w"):
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
-    `path`: a crash leaves the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(path, **fields):
-    """torch.save({"model": state_dict, "config": ..., **rest}) atomically (write_atomic). `model`
-    may be a state_dict or an SSD (then its config is used unless `config` is given)."""
-    model = fields.get("model")
-    if isinstance(model, nn.Module):
-        fields.setdefault("config", getattr(model, "config", None))
-        model = model.state_dict()
-    if not isinstance(model, dict) or not isinstance(fields.get("config"), dict):
-        raise ValueError("save_checkpoint needs model= (state_dict or SSD) and config= (dict)")
-    fields["model"] = strip_prefixes(model)
-    write_atomic(path, lambda f: torch.save(fields, f), mode="wb")
-
-
-def read_weights(path):
-    """torch.load(path, weights_only=True) onto the CPU; every failure becomes a CheckpointError."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: {'not a file' if os.path.exists(path) else 'no such file'}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # damaged files raise many types (zip, EOF, pickle, KeyError...)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:  # e.g. a whole nn.Module saved with torch.save(model, path)
-            raise CheckpointError(
-                f"{path}: holds Python objects other than tensors and plain containers ("
-                f"{refused[1]}); not loaded, for safety (weights_only). Save the weights alone: "
-                "torch.save(model.state_dict(), path) or ssd.save_checkpoint") from e
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head != b"PK" and head[:1] != b"\x80":  # torch.save's zip, the legacy format's pickle
-            what = "an empty file" if not head else "not the zip or pickle torch.save writes"
-            raise CheckpointError(f"{path}: not a checkpoint: not a PyTorch file ({what})") from e
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip()
-        reason = type(e).__name__ + (f": {detail.splitlines()[0][:150]}" if detail else "")
-        raise CheckpointError(f"{path}: not a checkpoint (a damaged PyTorch file: {reason})") from e
-
-
-def weight_of(path, sd, key, shape):
-    """sd[key], checked to be a tensor of `shape`."""
-    if key not in sd:
-        raise CheckpointError(f"{path}: missing key {key!r}")
-    t = sd[key]
-    if not isinstance(t, torch.Tensor):
-        raise CheckpointError(f"{path}: key {key!r} holds a {type(t).__name__}, not a tensor")
-    if t.shape != shape:
-        raise CheckpointError(f"{path}: key {key!r} has shape {list(t.shape)}, expected "
-                              f"{list(shape)}")
-    return t
-
-
-def remap(path, sd, key_map, expected):
-    """{our key: tensor} from a file's state_dict `sd`; key_map is {our key: file key}, expected
-    {our key: shape}. Every expected key must be there with its shape and every key of sd must be
-    used (bar buffers that hold no learned weights); errors name the first offender as the file
-    spells it."""
-    out = {ours: weight_of(path, sd, key_map[ours], shape) for ours, shape in expected.items()}
-    used = set(key_map.values())
-    for key in sd:
-        if key not in used and key.rsplit(".", 1)[-1] not in _NOT_LEARNED:
-            raise CheckpointError(f"{path}: unexpected key {key!r}")
-    return out
-
-
-def load_checkpoint(path, device="cpu"):
-    """An SSD in eval mode from one of our checkpoints, as train.py writes them; every key and shape
-    checked. weights.load_model reads foreign detector files too."""
-    return from_checkpoint(str(path), read_weights(path)).to(device).eval()
-
-
-def from_checkpoint(path, obj):
-    """The SSD stored in `obj`, our checkpoint {"model": state_dict, "config": dict, ...} read
-    from `path` (named in errors)."""
-    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)
-            and isinstance(obj.get("config"), dict)):
-        raise CheckpointError(f"{path}: not one of our checkpoints (no 'model' and 'config')")
-    try:
-        model = build_model(obj["config"])
-    except (AssertionError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad config ({type(e).__name__}: {e})") from e
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    model.load_state_dict(remap(path, strip_prefixes(obj["model"]), {k: k for k in expected},
-                                expected))
-    return model

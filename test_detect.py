@@ -27,6 +27,7 @@ from PIL import Image, ImageOps, ImageSequence
 import data
 import detect
 import ssd
+import weights as weight_files  # the name `weights` is a fixture here
 
 HERE = Path(__file__).resolve().parent
 NAMES = ["blob", "other", "third"]
@@ -53,7 +54,7 @@ def blob_finder(class_names=NAMES):
 
 
 def save_model(path, model):
-    ssd.save_checkpoint(str(path), model=model.state_dict(), config=model.config)
+    weight_files.save_checkpoint(str(path), model=model.state_dict(), config=model.config)
     return str(path)
 
 
@@ -472,7 +473,7 @@ def test_cuda_gives_the_cpu_detections(tmp_path, weights, capsys):
 
 def torchvision_state_dict(model):
     """Our SSD300 state_dict under the key names of torchvision.models.detection.ssd300_vgg16,
-    written out here independently of ssd.py's loader."""
+    written out here independently of weights.py's loader."""
     ours = model.state_dict()
     rename = {"l2norm.weight": "backbone.scale_weight"}
     for i in [0, 2, 5, 7, 10, 12, 14, 17, 19, 21]:  # conv1_1 .. conv4_3

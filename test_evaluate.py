@@ -644,11 +644,11 @@ def tiny_checkpoints(tmp_path_factory):
     import ssd
     root = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    ssd.save_checkpoint(root / "voc.pt", model=ssd.ssd300(
+    weights.save_checkpoint(root / "voc.pt", model=ssd.ssd300(
         3, width=0.125, class_names=["cat", "dog", "person"]))
-    ssd.save_checkpoint(root / "coco.pt", model=ssd.ssd300(
+    weights.save_checkpoint(root / "coco.pt", model=ssd.ssd300(
         3, width=0.125, anchors="coco", class_names=["car", "train", "dog"]))
-    ssd.save_checkpoint(root / "blood.pt", model=ssd.ssd300(
+    weights.save_checkpoint(root / "blood.pt", model=ssd.ssd300(
         3, width=0.125, class_names=["RBC", "WBC", "Platelets"]))
     return root
 
@@ -660,7 +660,6 @@ def read_json(path):
 @pytest.fixture(scope="module")
 def voc_run(tmp_path_factory, tiny_checkpoints):
     """A VOC tree scored from the "voc" checkpoint by the CLI, which also saved its detections."""
-    import ssd
     root = tmp_path_factory.mktemp("voc_run")
     make_voc_tree(root / "voc", np.random.default_rng(0),
                   model=weights.load_model(tiny_checkpoints / "voc.pt"))
@@ -674,7 +673,6 @@ def voc_run(tmp_path_factory, tiny_checkpoints):
 
 def test_voc_checkpoint_and_results_file_paths_agree(voc_run, tiny_checkpoints):
     import data
-    import ssd
     root, a = voc_run["root"], voc_run["json"]
     assert evaluate.main(["--voc", "--data-root", str(root / "voc"), "--split", "test",
                           "--results", str(root / "dets"), "--json-out", str(root / "b.json")]) == 0
@@ -696,7 +694,6 @@ def test_voc_checkpoint_and_results_file_paths_agree(voc_run, tiny_checkpoints):
 
 def test_coco_checkpoint_and_results_file_paths_agree(tmp_path, tiny_checkpoints, capsys):
     import data
-    import ssd
     make_coco_tree(tmp_path / "coco", np.random.default_rng(1),
                    weights.load_model(tiny_checkpoints / "coco.pt"))
     common = ["--coco", "--data-root", str(tmp_path / "coco")]
@@ -737,7 +734,6 @@ def test_coco_checkpoint_and_results_file_paths_agree(tmp_path, tiny_checkpoints
 
 def test_subset_source_checkpoint(tmp_path, tiny_checkpoints):
     import data
-    import ssd
 
     class Subset:  # the source interface over a few images of a larger source
         def __init__(self, source, indices):
@@ -759,8 +755,8 @@ def test_subset_source_checkpoint(tmp_path, tiny_checkpoints):
     names = ("RBC", "WBC", "Platelets")
     make_voc_tree(tmp_path / "blood", np.random.default_rng(4), num_images=6, names=names)
     source = Subset(data.build_source("voc", tmp_path / "blood", "test", train=False), [0, 2, 4])
-    r = evaluate.evaluate_model(weights.load_model(tiny_checkpoints / "blood.pt"), source, workers=0,
-                                log=lambda *a: None, progress=False)
+    model = weights.load_model(tiny_checkpoints / "blood.pt")
+    r = evaluate.evaluate_model(model, source, workers=0, log=lambda *a: None, progress=False)
     assert r["images"] == 3 and set(r["per_class_11point"]) == set(source.class_names) <= set(names)
     assert 0.0 <= r["map_area"] <= 1.0
     present = sorted({source.class_names[int(c) - 1] for i in range(3)

@@ -496,7 +496,8 @@ def test_nan_box_suppresses_nothing_and_is_not_suppressed(path):
     boxes = torch.tensor([[0.0, 0, 10, 10], [math.nan, 0, 10, 10], [0, 0, 10, 10]])
     scores = torch.tensor([0.9, 0.8, 0.7])
     assert kernels.nms(boxes, scores, 0.5).tolist() == [0, 1]
-    assert kernels.batched_nms(boxes, scores, torch.zeros(3, dtype=torch.long), 0.5).tolist() == [0, 1]
+    one_label = torch.zeros(3, dtype=torch.long)
+    assert kernels.batched_nms(boxes, scores, one_label, 0.5).tolist() == [0, 1]
     keep = kernels.nms_rows(boxes[None], torch.zeros(1, 3, dtype=torch.long),
                             torch.ones(1, 3, dtype=torch.bool), 0.5, 10)
     assert keep.tolist() == [[True, True, False]]
@@ -534,4 +535,5 @@ def test_float64_scores_keep_their_order(path):
     scores = torch.tensor([0.5, 0.5 + 1e-12, 0.25, 0.25], dtype=torch.float64)
     assert kernels.nms(boxes, scores, 0.5).tolist() == [1, 2]
     assert kernels.batched_nms(boxes, scores, torch.tensor([0, 0, 1, 1]), 0.5).tolist() == [1, 2]
-    assert kernels.batched_nms(boxes, scores, torch.tensor([0, 1, 2, 3]), 0.5).tolist() == [1, 0, 2, 3]
+    labels = torch.tensor([0, 1, 2, 3])
+    assert kernels.batched_nms(boxes, scores, labels, 0.5).tolist() == [1, 0, 2, 3]

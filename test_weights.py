@@ -1,9 +1,10 @@
-"""Tests for checkpoints and foreign weights in ssd.py (save_checkpoint, load_model, load_backbone).
+"""Tests of weights.py: our checkpoints and foreign weights (save_checkpoint, load_model,
+load_backbone).
 
 None of the real files can be downloaded here, so each test writes a state_dict with its format's
 key names and shapes. The layouts below are written from the layer list (SSD paper Fig. 2 and §3,
 torchvision's vgg16 and ssd300_vgg16) and each format's naming (torchvision's ssd.py, mmdetection's
-SSDVGG / SSDNeck / SSDHead, amdegroot's ssd.py), independently of ssd.py's key maps; their
+SSDVGG / SSDNeck / SSDHead, amdegroot's ssd.py), independently of weights.py's key maps; their
 full-width parameter counts are checked against the published ones. A loaded model is compared with
 a plain functional SSD forward that reads the file's own keys, so a swapped or misplaced weight
 of the right shape is caught too. Where torchvision is importable, a real ssd300_vgg16 is compared.
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 import ssd
 import weights
-from ssd import CheckpointError
+from weights import CheckpointError
 
 # --- the SSD layout, written from the paper and the projects' public layer lists ---------------
 
@@ -304,7 +305,7 @@ def test_checkpoint_round_trip(tmp_path):
     wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
     path = tmp_path / "ckpt.pt"
     rng = torch.get_rng_state()
-    ssd.save_checkpoint(path, model=wrapped, config=model.config, epoch=7, step=1234,
+    weights.save_checkpoint(path, model=wrapped, config=model.config, epoch=7, step=1234,
                         best_map=0.5, rng=rng, optimizer={"state": {}, "param_groups": []})
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
     loaded = weights.load_model(path)
@@ -318,23 +319,23 @@ def test_checkpoint_round_trip(tmp_path):
     assert all(k.startswith(("vgg.", "l2norm.", "extras.", "cls_heads.", "box_heads."))
                for k in raw["model"])
     # the module itself may be passed; its config goes along
-    ssd.save_checkpoint(path, model=model)
+    weights.save_checkpoint(path, model=model)
     assert weights.load_model(path).config == model.config
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     model = ssd.ssd300(2, width=WIDTH)
     path = tmp_path / "ckpt.pt"
-    ssd.save_checkpoint(path, model=model, epoch=1)
+    weights.save_checkpoint(path, model=model, epoch=1)
     before = path.read_bytes()
 
     def crash(obj, f):  # dies half way through writing
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ssd.torch, "save", crash)
+    monkeypatch.setattr(weights.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        ssd.save_checkpoint(path, model=model, epoch=2)
+        weights.save_checkpoint(path, model=model, epoch=2)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -391,11 +392,11 @@ def test_our_checkpoint_with_a_mismatch(tmp_path):
     model = ssd.ssd300(3, width=WIDTH)
     path = tmp_path / "w.pt"
     cfg = dict(model.config, num_classes=4, class_names=list("abcd"))  # config disagrees with heads
-    ssd.save_checkpoint(path, model=model.state_dict(), config=cfg)
+    weights.save_checkpoint(path, model=model.state_dict(), config=cfg)
     with pytest.raises(CheckpointError, match=r"w.pt: key 'cls_heads.0.weight' has shape "
                                               r"\[16, 64, 3, 3\], expected \[20, 64, 3, 3\]"):
         weights.load_model(path)
-    ssd.save_checkpoint(path, model=model.state_dict(), config={"size": 300})
+    weights.save_checkpoint(path, model=model.state_dict(), config={"size": 300})
     with pytest.raises(CheckpointError, match=r"w.pt: bad config"):
         weights.load_model(path)
     torch.save(model.state_dict(), path)
@@ -408,7 +409,7 @@ def test_wrong_shape_missing_and_unexpected_keys(tmp_path, fmt):
     if fmt == "ours":
         model = ssd.ssd300(20, width=WIDTH)
         sd, key = model.state_dict(), "extras.3.weight"
-        save = lambda p, d: ssd.save_checkpoint(p, model=d, config=model.config)  # noqa: E731
+        save = lambda p, d: weights.save_checkpoint(p, model=d, config=model.config)  # noqa: E731
     else:
         sd = make_state_dict(fmt, 300, 21, WIDTH)
         key = f"{FORMATS[fmt][0]('conv5_2')}.weight"  # same shape as its neighbours

@@ -174,8 +174,8 @@ def parse_args(argv):
 def _read_checkpoint(path):
     """A train.py checkpoint (weights_only=True) or UsageError naming the file."""
     try:
-        ckpt = ssd.read_weights(path)
-    except ssd.CheckpointError as e:
+        ckpt = weights.read_weights(path)
+    except weights.CheckpointError as e:
         raise UsageError(str(e)) from None
     missing = [k for k in ("model", "config", "optimizer", "scheduler", "step", "train_args")
                if not isinstance(ckpt, dict) or k not in ckpt]
@@ -394,7 +394,7 @@ def _drop_metrics_after(path, step):
     if os.path.isfile(path):
         with open(path) as f:
             keep = [line for line in f if line.strip() and logged_by(line)]
-        ssd.write_atomic(path, lambda f: f.writelines(keep))
+        weights.write_atomic(path, lambda f: f.writelines(keep))
 
 
 def write_detections(model, source, path, count=4):
@@ -409,7 +409,7 @@ def write_detections(model, source, path, count=4):
     grid = Image.new("RGB", (cols * cell_w, math.ceil(len(images) / cols) * cell_h), "white")
     for k, im in enumerate(images):
         grid.paste(im, ((k % cols) * cell_w, (k // cols) * cell_h))
-    ssd.write_atomic(path, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
+    weights.write_atomic(path, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def _build_model(s, source, device):
     elif not s["resume"]:
         try:
             weights.load_backbone(model, s["pretrained"])
-        except ssd.CheckpointError as e:
+        except weights.CheckpointError as e:
             raise UsageError(str(e)) from None
     # channels_last: faster on GPUs (tensor cores) and on CPUs too (1.6x for width 0.125 on 2 cores)
     return model.to(device, memory_format=torch.channels_last)
@@ -606,7 +606,7 @@ def _end_of_epoch(r):
         due = s["eval_every"] != 0 and (finished or (
             s["eval_every"] and epoch > 0 and r.step % (s["eval_every"] * r.iters) == 0))
         improved = _evaluate(r, epoch) if due else False
-        ssd.save_checkpoint(
+        weights.save_checkpoint(
             r.last, model={k: v.detach().cpu() for k, v in r.model.state_dict().items()},
             config=r.model.config, optimizer=r.optimizer.state_dict(),
             scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
@@ -614,7 +614,7 @@ def _end_of_epoch(r):
             train_args={k: s[k] for k in RUN_KEYS})
         if improved or r.best_map is None:  # best.pt: a copy of last.pt
             with open(r.last, "rb") as f:
-                ssd.write_atomic(r.best, lambda out: shutil.copyfileobj(f, out), mode="wb")
+                weights.write_atomic(r.best, lambda out: shutil.copyfileobj(f, out), mode="wb")
         r.log(f"saved {r.last}" + (f" and {r.best}" if improved else ""))
     if r.world > 1:
         dist.barrier(device_ids=r.device_ids)
@@ -695,7 +695,7 @@ def run(s, rank, local_rank, world):
                                 timeout=DIST_TIMEOUT)
     try:
         return train(s, rank, local_rank, world)
-    except (UsageError, data.DataError, ssd.CheckpointError) as e:
+    except (UsageError, data.DataError, weights.CheckpointError) as e:
         if rank == 0:  # an error raised in a DataLoader worker arrives with its traceback
             print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr, flush=True)
         return 2

@@ -1,19 +1,141 @@
-"""Weights from other projects: whole SSD detectors (torchvision, amdegroot's ssd.pytorch,
-mmdetection) and ImageNet VGG16 backbones for train.py --pretrained.
+"""Weights files: our checkpoints (written by save_checkpoint, read by load_model), whole SSD
+detectors of other projects (torchvision, amdegroot's ssd.pytorch, mmdetection) and ImageNet VGG16
+backbones for train.py --pretrained.
 
-Every file is read with torch.load(weights_only=True) (ssd.read_weights). A foreign file is mapped
-key by key, like nanoGPT's from_pretrained: each weight our model needs must be in the file under
-the mapped name with the same shape, and nothing in the file may be left over; otherwise
-CheckpointError names the file and the first offending key. Our own checkpoints go through
-ssd.load_checkpoint.
+Every file is read with torch.load(weights_only=True) (read_weights) and mapped key by key, like
+nanoGPT's from_pretrained: each weight the model needs must be in the file under the mapped name
+with the same shape, and nothing in the file may be left over; otherwise CheckpointError names the
+file and the first offending key. Files are written atomically (write_atomic), which the scripts
+use for their JSON and text outputs too.
 """
 import os
+import re
+import tempfile
 import warnings
 
 import torch
 
 import ssd
-from ssd import CheckpointError
+
+# -----------------------------------------------------------------------------------------------
+# Our checkpoints, and what every reader shares
+
+class CheckpointError(ValueError):
+    """A weights file we cannot use. The message starts with the file's path, then the reason."""
+
+
+_NOT_LEARNED = ("num_batches_tracked", "anchors", "priors")  # buffers, no learned weights
+
+
+def _strip_prefixes(state_dict):
+    """Keys without the `module.` (DataParallel / DDP) and `_orig_mod.` (torch.compile) prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def write_atomic(path, write, mode="w"):
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a crash leaves the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, **fields):
+    """torch.save({"model": state_dict, "config": ..., **rest}) atomically (write_atomic). `model`
+    may be a state_dict or an SSD (then its config is used unless `config` is given)."""
+    model = fields.get("model")
+    if isinstance(model, torch.nn.Module):
+        fields.setdefault("config", getattr(model, "config", None))
+        model = model.state_dict()
+    if not isinstance(model, dict) or not isinstance(fields.get("config"), dict):
+        raise ValueError("save_checkpoint needs model= (state_dict or SSD) and config= (dict)")
+    fields["model"] = _strip_prefixes(model)
+    write_atomic(path, lambda f: torch.save(fields, f), mode="wb")
+
+
+def read_weights(path):
+    """torch.load(path, weights_only=True) onto the CPU; every failure becomes a CheckpointError."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: {'not a file' if os.path.exists(path) else 'no such file'}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged files raise many types (zip, EOF, pickle, KeyError...)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:  # e.g. a whole nn.Module saved with torch.save(model, path)
+            raise CheckpointError(
+                f"{path}: holds Python objects other than tensors and plain containers ("
+                f"{refused[1]}); not loaded, for safety (weights_only). Save the weights alone: "
+                "torch.save(model.state_dict(), path) or weights.save_checkpoint") from e
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head != b"PK" and head[:1] != b"\x80":  # torch.save's zip, the legacy format's pickle
+            what = "an empty file" if not head else "not the zip or pickle torch.save writes"
+            raise CheckpointError(f"{path}: not a checkpoint: not a PyTorch file ({what})") from e
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip()
+        reason = type(e).__name__ + (f": {detail.splitlines()[0][:150]}" if detail else "")
+        raise CheckpointError(f"{path}: not a checkpoint (a damaged PyTorch file: {reason})") from e
+
+
+def _weight_of(path, sd, key, shape):
+    """sd[key], checked to be a tensor of `shape`."""
+    if key not in sd:
+        raise CheckpointError(f"{path}: missing key {key!r}")
+    t = sd[key]
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"{path}: key {key!r} holds a {type(t).__name__}, not a tensor")
+    if t.shape != shape:
+        raise CheckpointError(f"{path}: key {key!r} has shape {list(t.shape)}, expected "
+                              f"{list(shape)}")
+    return t
+
+
+def _remap(path, sd, key_map, expected):
+    """{our key: tensor} from a file's state_dict `sd`; key_map is {our key: file key}, expected
+    {our key: shape}. Every expected key must be there with its shape and every key of sd must be
+    used (bar buffers that hold no learned weights); errors name the first offender as the file
+    spells it."""
+    out = {ours: _weight_of(path, sd, key_map[ours], shape) for ours, shape in expected.items()}
+    used = set(key_map.values())
+    for key in sd:
+        if key not in used and key.rsplit(".", 1)[-1] not in _NOT_LEARNED:
+            raise CheckpointError(f"{path}: unexpected key {key!r}")
+    return out
+
+
+def _from_checkpoint(path, obj):
+    """The SSD stored in `obj`, our checkpoint {"model": state_dict, "config": dict, ...} read
+    from `path` (named in errors)."""
+    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)
+            and isinstance(obj.get("config"), dict)):
+        raise CheckpointError(f"{path}: not one of our checkpoints (no 'model' and 'config')")
+    try:
+        model = ssd.build_model(obj["config"])
+    except (AssertionError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad config ({type(e).__name__}: {e})") from e
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(_remap(path, _strip_prefixes(obj["model"]), {k: k for k in expected},
+                                 expected))
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# Other projects' detectors and backbones
 
 _VGG_CONVS = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # conv1_1 ... conv5_3 in model.vgg
 _CONV6, _CONV7 = 31, 33  # fc6 and fc7 as convolutions
@@ -117,13 +239,13 @@ def load_model(path, device="cpu"):
     amdegroot ssd.pytorch (vgg.N, L2Norm.weight, extras.N, loc.N, conf.N); mmdetection v2.14+
     {"state_dict", "meta"}. Raises CheckpointError naming the file and the first bad key."""
     path = str(path)
-    obj = ssd.read_weights(path)
+    obj = read_weights(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: unrecognised format (a {type(obj).__name__}, not a dict)")
     if "model" in obj and "config" in obj:
-        return ssd.from_checkpoint(path, obj).to(device).eval()
+        return _from_checkpoint(path, obj).to(device).eval()
     sd = obj.get("state_dict", obj)  # mmdetection wraps it with "meta"
-    sd = ssd.strip_prefixes(sd) if isinstance(sd, dict) else {}
+    sd = _strip_prefixes(sd) if isinstance(sd, dict) else {}
     if "backbone.scale_weight" in sd:
         fmt = "torchvision"
     elif "L2Norm.weight" in sd:
@@ -135,7 +257,7 @@ def load_model(path, device="cpu"):
                               "with mmdetection's tools/model_converters/upgrade_ssd_version.py")
     elif "l2norm.weight" in sd:
         raise CheckpointError(f"{path}: a bare state_dict of this project's SSD without its "
-                              "config; save it with ssd.save_checkpoint(path, model=, config=)")
+                              "config; save it with save_checkpoint(path, model=, config=)")
     else:
         raise CheckpointError(f"{path}: unrecognised format (first keys: {list(sd or obj)[:5]})")
     model = ssd.build_model(_foreign_config(path, sd, fmt, obj.get("meta")))
@@ -143,7 +265,7 @@ def load_model(path, device="cpu"):
     names = _foreign_names(fmt, model.config["size"])
     key_map = {k: names.get(k) or f"{names[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}"
                for k in expected}
-    state = ssd.remap(path, sd, key_map, expected)
+    state = _remap(path, sd, key_map, expected)
     if fmt == "mmdetection":
         for k in state:
             if k.startswith("cls_heads."):
@@ -156,7 +278,8 @@ def _decimate_fc(fc6_weight, fc6_bias, fc7_weight, fc7_bias):
     """VGG16's fc6/fc7 as SSD's conv6/conv7 by subsampling (the paper, Sec. 3 "Base network").
     fc6 [4096, 512*7*7] is a 7x7 conv on pool5 at stride 32: keep every 4th filter (4096 -> 1024)
     and taps 0, 3, 6, which sit 96 px apart, the spacing of a 3x3 conv with dilation 6 on SSD's
-    stride-16 pool5. fc7 [4096, 4096] is a 1x1 conv: every 4th filter and every 4th input channel."""
+    stride-16 pool5. fc7 [4096, 4096] is a 1x1 conv: every 4th filter and every 4th input
+    channel."""
     conv6_w = fc6_weight.reshape(4096, 512, 7, 7)[::4, :, ::3, ::3]  # [1024, 512, 3, 3]
     conv7_w = fc7_weight.reshape(4096, 4096, 1, 1)[::4, ::4]  # [1024, 1024, 1, 1]
     return conv6_w, fc6_bias[::4], conv7_w, fc7_bias[::4]
@@ -200,9 +323,9 @@ def load_backbone(model, path, source=None):
     if model.config["width"] != 1.0:
         raise CheckpointError(f"{path}: VGG16 weights fit width 1.0, the model has width "
                               f"{model.config['width']}")
-    obj = ssd.read_weights(path)
+    obj = read_weights(path)
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None  # mmcv wraps its files
-    sd = ssd.strip_prefixes(sd) if isinstance(sd, dict) else {}
+    sd = _strip_prefixes(sd) if isinstance(sd, dict) else {}
     if "0.weight" in sd:
         source, prefix = "amdegroot", ""
     elif "features.0.weight" in sd:
@@ -214,15 +337,15 @@ def load_backbone(model, path, source=None):
     wanted = _VGG_CONVS + [_CONV6, _CONV7] if f"{prefix}{_CONV6}.weight" in sd else _VGG_CONVS
     expected = {k: s for k, s in expected.items() if int(k.split(".")[0]) in wanted}
     fc = {k: v for k, v in sd.items() if k.startswith("classifier.")}  # fc6, fc7, fc8 (unused)
-    state = ssd.remap(path, {k: v for k, v in sd.items() if k not in fc},
+    state = _remap(path, {k: v for k, v in sd.items() if k not in fc},
                   {k: prefix + k for k in expected}, expected)
     how = "from the file" if _CONV6 in wanted else "left at their initial values"
     if _CONV6 not in wanted and "classifier.0.weight" in fc:
         conv6_w, conv6_b, conv7_w, conv7_b = _decimate_fc(
-            ssd.weight_of(path, fc, "classifier.0.weight", (4096, 512 * 7 * 7)),
-            ssd.weight_of(path, fc, "classifier.0.bias", (4096,)),
-            ssd.weight_of(path, fc, "classifier.3.weight", (4096, 4096)),
-            ssd.weight_of(path, fc, "classifier.3.bias", (4096,)))
+            _weight_of(path, fc, "classifier.0.weight", (4096, 512 * 7 * 7)),
+            _weight_of(path, fc, "classifier.0.bias", (4096,)),
+            _weight_of(path, fc, "classifier.3.weight", (4096, 4096)),
+            _weight_of(path, fc, "classifier.3.bias", (4096,)))
         state.update({f"{_CONV6}.weight": conv6_w, f"{_CONV6}.bias": conv6_b,
                       f"{_CONV7}.weight": conv7_w, f"{_CONV7}.bias": conv7_b})
         how = "decimated from fc6/fc7"
