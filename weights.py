@@ -10,7 +10,6 @@ use for their JSON and text outputs too.
 """
 import os
 import re
-import tempfile
 import warnings
 
 import torch
@@ -41,11 +40,10 @@ def write_atomic(path, write, mode="w"):
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
     `path`: a crash leaves the old file or the new one, never half of one."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.tmp", dir=folder)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"  # the permissions of a plain open(), unlike mkstemp's 0600
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
