@@ -200,7 +200,7 @@ def test_help_shows_the_defaults_per_data_set(capsys):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
     for default in ("iterations per --data: coco 440000 with --pretrained, 1800 without; "
-                    "shapes 625; voc 120000 with --pretrained, 1800 without)",
+                    "shapes 1000; voc 120000 with --pretrained, 1800 without)",
                     "(default per --data: coco 32 with --pretrained, 16 without; shapes 16;",
                     "--data: coco 0.001 x batch / 32 with --pretrained, 0.003 without;",
                     "(default per --data: coco sgd with --pretrained, adamw without;",
