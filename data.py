@@ -511,14 +511,19 @@ def build_source(name, data_root=None, split=None, train=True, images=True):
         sources = [VOCDetection(root, s, images=images) for root, s in found]
         return sources[0] if len(sources) == 1 else ConcatSource(sources)
     if name == "coco":
-        root = Path(data_root)
-        chosen = split or ("train2017" if train else "val2017")
-        if split is None and not (root / "annotations" / f"instances_{chosen}.json").is_file():
-            present = sorted((root / "annotations").glob("instances_*.json"))
-            if len(present) == 1:
-                chosen = present[0].name[len("instances_"):-len(".json")]
-        return COCODetection(root, chosen, skip_empty=train)
+        return COCODetection(data_root, coco_split(data_root, split, train), skip_empty=train)
     raise DataError(f"{name}: unknown data set (use voc, coco or shapes)")
+
+
+def coco_split(root, split=None, train=True):
+    """The COCO split build_source reads: `split`, else train2017 / val2017, else the only
+    annotations/instances_*.json there (tiny_coco has only train2017)."""
+    chosen = split or ("train2017" if train else "val2017")
+    if split is None and not (Path(root) / "annotations" / f"instances_{chosen}.json").is_file():
+        present = sorted((Path(root) / "annotations").glob("instances_*.json"))
+        if len(present) == 1:
+            chosen = present[0].name[len("instances_"):-len(".json")]
+    return chosen
 
 
 def _voc_folder_split(root, train):

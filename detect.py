@@ -64,9 +64,9 @@ def main(argv=None):
         print(e, file=sys.stderr)
         return 2
     taken, results = {os.path.realpath(f) for f in files}, []
-    streams = [f for f in files if _is_stream(f)]
-    failures = errors + _run_images(args, model, [f for f in files if f not in streams], taken,
-                                    results)
+    stream = {f: _is_stream(f) for f in files}  # one look at each file
+    streams, images = [f for f in files if stream[f]], [f for f in files if not stream[f]]
+    failures = errors + _run_images(args, model, images, taken, results)
     for path in streams:
         try:
             results.append(_run_stream(args, model, path, taken))

@@ -604,7 +604,10 @@ def _run(args, rank=0, world=1, device=None):
     if not args.shapes and not args.ann and not Path(root).is_dir():
         raise EvalError(f"{root}: folder does not exist"
                         + ("" if args.data_root else " (the default; give --data-root DIR)"))
-    ann = (args.ann or _coco_ann_file(root, args.split)) if args.coco else None
+    ann = args.ann  # --ann comes with --coco only
+    if args.coco and not ann:  # data.build_source's choice of json
+        split = data.coco_split(root, args.split, train=False)
+        ann = Path(root) / "annotations" / f"instances_{split}.json"
     if args.results:
         return (_score_results(args, root, ann) if rank == 0 else None), 0
     source = _image_source(args, name, root, ann)
@@ -669,16 +672,6 @@ def _image_source(args, name, root, ann):
     if not len(source):
         raise EvalError(f"{ann or root}: no images to evaluate")
     return source
-
-
-def _coco_ann_file(root, split=None):
-    """root/annotations/instances_<split>.json; without a split val2017, or the only
-    instances_*.json there (data.build_source's rule)."""
-    folder = Path(root) / "annotations"
-    found = sorted(folder.glob("instances_*.json"))
-    if split is None and not (folder / "instances_val2017.json").is_file() and len(found) == 1:
-        return found[0]
-    return folder / f"instances_{split or 'val2017'}.json"
 
 
 def _init_distributed():

@@ -185,12 +185,23 @@ def _read_checkpoint(path):
     return ckpt
 
 
+_SOURCES = {}  # (data, root, evaluation split) -> (training, evaluation) sources
+
+
+def _sources(s):
+    """(training, evaluation) sources of the settings, built once per process: the check before
+    any process is spawned and this rank's setup share them (a COCO json takes seconds to read)."""
+    key = (s["data"], str(s["data_root"]), s["val_split"])
+    if key not in _SOURCES:
+        _SOURCES[key] = (data.build_source(s["data"], s["data_root"], None, train=True),
+                         data.build_source(s["data"], s["data_root"], s["val_split"], train=False))
+    return _SOURCES[key]
+
+
 def _check_data(s):
     """Both splits readable and not empty (data.DataError -> UsageError); -> training images."""
     try:
-        images = len(data.build_source(s["data"], s["data_root"], None, train=True))
-        data.build_source(s["data"], s["data_root"], s["val_split"], train=False)
-        return images
+        return len(_sources(s)[0])
     except data.DataError as e:
         raise UsageError(str(e).strip().splitlines()[-1]) from None
 
@@ -248,6 +259,7 @@ def _new_run(args):
 
 def settings(args):
     """-> dict of everything a rank needs (plain types: it crosses to spawned processes)."""
+    _SOURCES.clear()  # the data as it is now, not as an earlier run in this process read it
     s = _resumed_run(args) if args.resume is not None else _new_run(args)
     cuda = torch.cuda.is_available()
     gpus = args.gpus if args.gpus is not None else int(cuda)
@@ -453,8 +465,7 @@ def _setup(s, rank, local_rank, world, log):
     if s["batch_size"] % world:
         raise UsageError(f"--batch-size {s['batch_size']} does not split over {world} processes")
     r.per_rank = s["batch_size"] // world
-    r.train_source = data.build_source(s["data"], s["data_root"], None, train=True)
-    r.val_source = data.build_source(s["data"], s["data_root"], s["val_split"], train=False)
+    r.train_source, r.val_source = _sources(s)
     r.iters = len(r.train_source) // world // r.per_rank  # per epoch
     if r.iters == 0:
         raise UsageError(f"{s['data']}: {len(r.train_source)} training images, fewer than the "
