@@ -1,14 +1,8 @@
-"""SSD: Single Shot MultiBox Detector (Liu et al. 2016, arXiv 1512.02325) in one file.
-
-Read top to bottom: class lists and presets, the network (VGG16 backbone, L2Norm, extra layers,
-heads), anchors, box coding, matching, the loss with hard-negative mining, post-processing,
-and inference on images. Checkpoint files (ours and other projects') are read and written by
-weights.py.
-
-Conventions: boxes are xyxy; inside the model they are normalised to
-[0, 1] of the network input, at the edges (files, CLI, JSON) absolute pixels of the original image.
-Label 0 is background, 1..C are objects. Anchors are (cx, cy, w, h), normalised.
-"""
+"""SSD: Single Shot MultiBox Detector (Liu et al. 2016, arXiv 1512.02325): presets, network,
+anchors, box coding, matching, loss, post-processing, inference (weights files: weights.py).
+Boxes are xyxy: normalised to [0, 1] of the network input inside the model, pixels of the original
+image at the edges (files, CLI, JSON). Label 0 is background, 1..C objects. Anchors are (cx, cy,
+w, h), normalised."""
 import math
 
 import torch
@@ -32,31 +26,24 @@ COCO_CLASSES = (
 ).split(",")
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
-# RGB mean on the 0-255 scale; the caffe-style VGG16 every SSD starts from
-MEAN = (123.0, 117.0, 104.0)
+MEAN = (123.0, 117.0, 104.0)  # RGB, 0-255 scale: of the caffe-style VGG16 every SSD starts from
 
 # -----------------------------------------------------------------------------------------------
 # Presets (the paper, Sec. 2.2 and 3; Caffe examples/ssd/ssd_pascal.py and ssd_coco.py). Anchor
 # sizes come from the Caffe/mmdetection integer-percentage rule.
-
 # input size -> feature map sides, anchor steps (strides) and extra aspect ratios per level
-GEOMETRY = {
-    300: dict(feature_maps=[38, 19, 10, 5, 3, 1], steps=[8, 16, 32, 64, 100, 300],
-              ratios=[[2], [2, 3], [2, 3], [2, 3], [2], [2]]),
-    512: dict(feature_maps=[64, 32, 16, 8, 4, 2, 1], steps=[8, 16, 32, 64, 128, 256, 512],
-              ratios=[[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]]),
-}
+GEOMETRY = {300: dict(feature_maps=[38, 19, 10, 5, 3, 1], steps=[8, 16, 32, 64, 100, 300],
+                      ratios=[[2], [2, 3], [2, 3], [2, 3], [2], [2]]),
+            512: dict(feature_maps=[64, 32, 16, 8, 4, 2, 1], steps=[8, 16, 32, 64, 128, 256, 512],
+                      ratios=[[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]])}
 # (size, dataset) -> (min_ratio %, first level min %, first level max %); max_ratio is 90 everywhere
-SIZE_RULE = {
-    (300, "voc"): (20, 10, 20), (300, "coco"): (15, 7, 15),
-    (512, "voc"): (15, 7, 15), (512, "coco"): (10, 4, 10),
-}
+SIZE_RULE = {(300, "voc"): (20, 10, 20), (300, "coco"): (15, 7, 15),
+             (512, "voc"): (15, 7, 15), (512, "coco"): (10, 4, 10)}
 
 
 def anchor_sizes(size, dataset):
-    """Per-level (min_sizes, max_sizes) in pixels by the Caffe rule (ssd_pascal.py): the integer
-    percentage step floor((90 - min_ratio) / (levels - 2)); sizes truncated to int as Caffe's
-    PriorBox layer and mmdetection do. SSD300-VOC: 30, 60, 111, 162, 213, 264 / 60 ... 315."""
+    """Per-level (min_sizes, max_sizes) in pixels by the Caffe rule (ssd_pascal.py): percentage
+    step floor((90 - min_ratio) / (levels - 2)), sizes truncated to int (PriorBox, mmdetection)."""
     min_ratio, first_min, first_max = SIZE_RULE[(size, dataset)]
     levels = len(GEOMETRY[size]["feature_maps"])
     step = (90 - min_ratio) // (levels - 2)
@@ -68,8 +55,7 @@ def anchor_sizes(size, dataset):
 
 def make_config(size, num_classes, anchors="voc", clip="none", width=1.0, class_names=None,
                 mean=MEAN, norm="none"):
-    """The plain-types dict that fully describes a model; it travels in every checkpoint.
-    ValueError (not assert: it must hold under python -O) for a value out of range."""
+    """A model's plain-types config (checkpoints hold it); ValueError for a value out of range."""
     for name, value, allowed in (("size", size, (300, 512)), ("anchors", anchors, ("voc", "coco")),
                                  ("clip", clip, ("none", "wh", "all")),
                                  ("norm", norm, ("none", "bn"))):
@@ -92,7 +78,7 @@ def make_config(size, num_classes, anchors="voc", clip="none", width=1.0, class_
 
 class L2Norm(nn.Module):
     """conv4_3's channel-wise L2 normalisation with a learned per-channel scale, init 20 (ParseNet;
-    the paper, Sec. 3.1): it evens the scale of conv4_3 against the deeper sources."""
+    the paper, Sec. 3.1)."""
 
     def __init__(self, channels, scale=20.0, eps=1e-10):
         super().__init__()
@@ -106,8 +92,7 @@ class L2Norm(nn.Module):
 
 
 class ConvBN(nn.Conv2d):
-    """Conv then BatchNorm (norm "bn"), as ScratchDet and DSOD train SSD from scratch. A Conv2d
-    subclass: VGG indices, `.weight` and the init loops stay; state_dict keys gain `N.bn.*`."""
+    """Conv then BatchNorm (norm "bn"; ScratchDet, DSOD); a Conv2d, keys gain `N.bn.*`."""
 
     def __init__(self, cin, cout, kernel_size, **kw):
         super().__init__(cin, cout, kernel_size, **kw)
@@ -118,10 +103,9 @@ class ConvBN(nn.Conv2d):
 
 
 def vgg16_layers(c, conv=nn.Conv2d):
-    """VGG16 cut for SSD, a flat list indexed as torchvision's vgg16().features (0-30),
-    amdegroot's `vgg.N`, mmdetection's `features.N`: 22 = conv4_3's ReLU (first source), 30 the
-    3x3/s1 pool5, 31 conv6 (3x3, dilation 6, from fc6), 33 conv7 (1x1, from fc7), 34 its ReLU
-    (second source). `c` scales a channel count to the width; `conv` is nn.Conv2d or ConvBN."""
+    """VGG16 cut for SSD, indexed as torchvision's vgg16().features (0-30), amdegroot's `vgg.N`,
+    mmdetection's `features.N`: 22 conv4_3's ReLU (first source), 30 pool5 (3x3/s1), 31 conv6 (3x3,
+    dilation 6), 33 conv7 (1x1), 34 its ReLU (second source). `c` scales channels to the width."""
     layers, cin = [], 3
     for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M", 512, 512, 512]:
         if v in ("M", "C"):  # pool3 ("C") rounds up: 75 -> 38
@@ -135,16 +119,13 @@ def vgg16_layers(c, conv=nn.Conv2d):
 
 
 def extra_layers(size, c, conv=nn.Conv2d):
-    """The extra levels after conv7 (Caffe's AddExtraLayers), each a 1x1 reduction then a 3x3
-    conv (ReLU after each, in SSD.features). SSD300's last two are unpadded stride 1 (5 -> 3 -> 1);
-    SSD512 strides all and ends with a 4x4 pad-1 conv (2 -> 1)."""
+    """Extra levels after conv7 (Caffe's AddExtraLayers): a 1x1 then a 3x3 conv each (ReLUs in
+    SSD.features); SSD300 ends with two unpadded stride 1, SSD512 with a 4x4 pad-1 conv."""
     spec = [(1024, 256, 512, 3, 2, 1), (512, 128, 256, 3, 2, 1)]  # (in, mid, out, k, stride, pad)
     spec += [(256, 128, 256, 3, 1, 0)] * 2 if size == 300 else (
         [(256, 128, 256, 3, 2, 1)] * 2 + [(256, 128, 256, 4, 1, 1)])
-    layers = []
-    for cin, mid, cout, k, s, p in spec:
-        layers += [conv(c(cin), c(mid), 1), conv(c(mid), c(cout), k, stride=s, padding=p)]
-    return layers
+    return [layer for cin, mid, cout, k, s, p in spec
+            for layer in (conv(c(cin), c(mid), 1), conv(c(mid), c(cout), k, stride=s, padding=p))]
 
 
 class SSD(nn.Module):
@@ -213,13 +194,11 @@ def ssd512(num_classes, **preset):
 # Anchors: Caffe's PriorBox layer, torchvision's DefaultBoxGenerator
 
 def anchors(config):
-    """Default boxes [A, 4] as (cx, cy, w, h) normalised to the input. Order: level, row (y),
-    column (x), then per location [s, sqrt(s*s'), 2:1, 1:2, 3:1, 1:3] (Caffe/torchvision order,
-    which the heads' channel layout must follow). Centres at (i + 0.5) * step / size. clip: "wh"
-    clamps w, h to 1 (torchvision), "all" clamps cx, cy, w, h to [0, 1] (amdegroot), "none" keeps
-    them (Caffe, mmdetection)."""
-    size = config["size"]
-    geo = GEOMETRY[size]
+    """Default boxes [A, 4] as (cx, cy, w, h) normalised to the input, ordered by level, row (y),
+    column (x), then [s, sqrt(s*s'), 2:1, 1:2, 3:1, 1:3] per location (Caffe's and torchvision's);
+    centres (i + 0.5) * step / size. clip: "wh" clamps w, h to 1 (torchvision), "all" clamps all to
+    [0, 1] (amdegroot), "none" (Caffe, mmdetection)."""
+    size, geo = config["size"], GEOMETRY[config["size"]]
     min_sizes, max_sizes = anchor_sizes(size, config["anchors"])
     out = []
     for f, step, ratios, s, s2 in zip(geo["feature_maps"], geo["steps"], geo["ratios"],
@@ -251,7 +230,6 @@ def xyxy_to_cxcywh(b):
 # -----------------------------------------------------------------------------------------------
 # Box coding (Caffe CENTER_SIZE with variances; torchvision BoxCoder(weights=(10, 10, 5, 5))):
 # centre offsets in units of 0.1 * anchor size, log sizes in units of 0.2
-
 VARIANCES = (0.1, 0.2)
 LOG_SIZE_CLAMP = math.log(1000.0 / 16)  # torchvision's bound on exp() when decoding
 
@@ -264,8 +242,7 @@ def encode(boxes, anchors):
 
 
 def decode(deltas, anchors):
-    """Regression outputs [..., 4] -> xyxy boxes [..., 4]; log-size deltas clamped at
-    ln(1000/16) so an untrained model cannot overflow exp()."""
+    """Regression outputs [..., 4] -> xyxy boxes [..., 4]; log sizes clamped at ln(1000/16)."""
     cxcy = anchors[..., :2] + deltas[..., :2] * VARIANCES[0] * anchors[..., 2:]
     wh = anchors[..., 2:] * torch.exp((deltas[..., 2:] * VARIANCES[1]).clamp(max=LOG_SIZE_CLAMP))
     return torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1)
@@ -273,17 +250,6 @@ def decode(deltas, anchors):
 
 # -----------------------------------------------------------------------------------------------
 # Matching (the paper, Sec. 2.2 "Matching strategy"; torchvision's SSDMatcher)
-
-def _pad_boxes(gt_boxes, gt_labels, device):
-    """Ragged per-image lists -> padded [B, G, 4] boxes, [B, G] labels (0 where padded)."""
-    g = max([len(b) for b in gt_boxes] + [1])
-    boxes = torch.zeros(len(gt_boxes), g, 4, device=device)
-    labels = torch.zeros(len(gt_boxes), g, dtype=torch.int64, device=device)
-    for i, (b, lab) in enumerate(zip(gt_boxes, gt_labels)):
-        boxes[i, :len(b)] = b.to(device, torch.float32)
-        labels[i, :len(b)] = lab.to(device)
-    return boxes, labels
-
 
 def _batched_iou(a, b):
     """IoU of xyxy boxes a [A, 4] with each image's boxes b [B, G, 4] -> [B, A, G]."""
@@ -297,17 +263,18 @@ def _batched_iou(a, b):
 
 
 def match(anchors, gt_boxes, gt_labels, iou_threshold=0.5):
-    """Assign every anchor a class (0 = background) and a regression target.
-
-    An anchor whose best IoU with a ground-truth box is >= 0.5 takes that box; then every
-    ground-truth box takes its best anchor whatever the IoU (so no object goes unmatched); when two
-    boxes share a best anchor the later box wins (mmdetection, torchvision, amdegroot). Departure:
-    a box with IoU 0 to every anchor (zero area) forces nothing, as in Caffe, instead of grabbing
-    anchor 0. Batched over images: anchors [A, 4] (cx,cy,w,h); gt_boxes a list of [n_i, 4] xyxy in
-    [0, 1]; gt_labels a list of int64 [n_i] in 1..C. Returns cls_targets int64 [B, A] and
-    box_targets [B, A, 4] (zeros where background)."""
-    device = anchors.device
-    boxes, labels = _pad_boxes(gt_boxes, gt_labels, device)  # [B, G, 4], [B, G]
+    """Each anchor's class (0 = background) and regression target, batched over images: anchors
+    [A, 4] (cx,cy,w,h), gt_boxes a list of [n_i, 4] xyxy in [0, 1], gt_labels a list of int64 [n_i]
+    in 1..C -> cls_targets int64 [B, A], box_targets [B, A, 4] (zeros where background). An anchor
+    takes its best box if IoU >= 0.5; then every box takes its best anchor whatever the IoU, the
+    later box winning a shared one (mmdetection, torchvision, amdegroot); a box with IoU 0 to every
+    anchor (zero area) forces nothing, as in Caffe (the others give it anchor 0)."""
+    device, g = anchors.device, max([len(b) for b in gt_boxes] + [1])
+    boxes = torch.zeros(len(gt_boxes), g, 4, device=device)  # [B, G, 4] padded
+    labels = torch.zeros(len(gt_boxes), g, dtype=torch.int64, device=device)  # [B, G] 0: padding
+    for i, (b, lab) in enumerate(zip(gt_boxes, gt_labels)):
+        boxes[i, :len(b)] = b.to(device, torch.float32)
+        labels[i, :len(b)] = lab.to(device)
     valid = labels > 0  # [B, G]
     iou = _batched_iou(cxcywh_to_xyxy(anchors), boxes)  # [B, A, G]
     iou = iou.masked_fill(~valid[:, None, :], -1.0)
@@ -330,10 +297,9 @@ def match(anchors, gt_boxes, gt_labels, iou_threshold=0.5):
 # Loss (the paper, Sec. 2.2 "Training objective" and "Hard negative mining"; Caffe MultiBoxLoss)
 
 def multibox_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, neg_pos_ratio=3):
-    """SSD loss: softmax cross-entropy over the positives and the hardest negatives (at most 3 per
-    positive, per image, ranked by their cross-entropy), plus smooth L1 (beta 1) on the positives'
-    box deltas; both sums divided by max(1, positives in the batch). Computed in float32 even under
-    autocast. Returns {"loss_cls", "loss_box"}."""
+    """{"loss_cls", "loss_box"}: softmax cross-entropy over the positives and the hardest negatives
+    (by cross-entropy, at most 3 per positive in each image), smooth L1 (beta 1) on the positives'
+    box deltas, both sums over max(1, positives in the batch); in float32 even under autocast."""
     with torch.autocast(cls_logits.device.type, enabled=False):
         cls_logits, box_deltas = cls_logits.float(), box_deltas.float()
         with torch.no_grad():
@@ -343,8 +309,7 @@ def multibox_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, neg_pos_
         ce = F.cross_entropy(cls_logits.flatten(0, 1), cls_t.flatten(), reduction="none")
         ce = ce.view_as(cls_t)  # [B, A]
         with torch.no_grad():
-            # rank negatives by loss; positives go last. Stable sort: equal losses keep the
-            # anchor order.
+            # rank negatives by loss, positives last; stable: equal losses keep the anchor order
             neg_ce = ce.detach().masked_fill(pos, -math.inf)
             order = neg_ce.sort(dim=1, descending=True, stable=True)[1]
             rank = order.argsort(1)  # [B, A]
@@ -360,16 +325,13 @@ def multibox_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, neg_pos_
 
 def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nms_iou=0.45,
                 topk=400, max_det=200, nms="hard"):
-    """Detections per image from raw outputs (Caffe's DetectionOutput layer, torchvision's
-    SSD.postprocess_detections), with no Python loop over images or classes.
-
-    Softmax; per class keep scores > score_thr, at most `topk` per class and image; class-aware
-    NMS (IoU > nms_iou suppresses; nms="soft" uses Gaussian soft-NMS and its decayed scores);
-    the best `max_det` per image. Boxes are clipped to the input and scaled to each image's
-    original pixels. image_sizes: list of (width, height). Returns a list of (boxes [k, 4] xyxy
-    pixels, scores [k], labels int64 [k] in 1..C), each sorted by decreasing score; equal scores
-    keep the lower anchor index (then the lower class) first, also for which candidates make a
-    class's top-k."""
+    """Detections per image from raw outputs (Caffe's DetectionOutput, torchvision's SSD.
+    postprocess_detections), no Python loop over images or classes: softmax; scores > score_thr,
+    at most `topk` per class and image; class-aware NMS (IoU > nms_iou suppresses; nms="soft":
+    Gaussian soft-NMS, decayed scores); the best `max_det` per image; boxes clipped to the input,
+    scaled to image_sizes [(width, height)]. Returns [(boxes [k, 4] xyxy pixels, scores [k], labels
+    int64 [k] in 1..C)] by decreasing score; equal scores keep the lower anchor (then class) first,
+    also for a class's top-k."""
     if nms not in ("hard", "soft"):
         raise ValueError(f"nms must be 'hard' or 'soft', got {nms!r}")
     if topk < 1 or max_det < 1:
@@ -385,9 +347,8 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
 
 
 def _top_k_per_class(scores, score_thr, topk):
-    """(image, anchor, class) indices [N] each, in that order, of the scores [B, A, C] above
-    score_thr that are among their (image, class)'s best `topk`; at a tie on the cut the lower
-    anchors take the places left."""
+    """(image, anchor, class) indices [N] each, in that order, of the scores [B, A, C] > score_thr
+    among their (image, class)'s best `topk`; at a tie on the cut the lower anchors go in."""
     passed = scores > score_thr  # [B, A, C]
     if passed.sum(1, dtype=torch.int32).max() <= topk:  # int32: faster than int64 here
         return passed.nonzero(as_tuple=True)
@@ -405,17 +366,15 @@ def _top_k_per_class(scores, score_thr, topk):
 
 def _nms_and_scale(cand_scores, img_idx, anchor_idx, cls_idx, num_classes, box_deltas, anchors,
                    image_sizes, nms_iou, max_det, nms):
-    """postprocess's last steps on candidates given as (score, image, anchor, 0-based class)
-    [N] each, in (image, anchor, class) order: decode, class-aware NMS within each image, the
-    best max_det per image, scaling to pixels."""
+    """postprocess's last steps (decode, NMS, best max_det, pixels) on candidates given as (score,
+    image, anchor, 0-based class) [N] each, in (image, anchor, class) order."""
     cand_boxes = decode(box_deltas[img_idx, anchor_idx].float(),
                         anchors[anchor_idx].float()).clamp(0.0, 1.0)  # [N, 4]
     group = img_idx * num_classes + cls_idx  # NMS within one class of one image
     if nms == "soft":
         kept, kept_scores = kernels.soft_nms(cand_boxes, cand_scores, group, iou_threshold=nms_iou)
     else:
-        kept = kernels.batched_nms(cand_boxes, cand_scores, group, nms_iou)
-        kept_scores = None
+        kept, kept_scores = kernels.batched_nms(cand_boxes, cand_scores, group, nms_iou), None
     # kept is sorted by decreasing score; a stable sort by image keeps that order inside each image
     img_of_kept = img_idx[kept]
     if len(image_sizes) > 1:
@@ -430,16 +389,14 @@ def _nms_and_scale(cand_scores, img_idx, anchor_idx, cls_idx, num_classes, box_d
 
 
 def _rank_in_group(sorted_keys, num_groups):
-    """Each entry's position among the entries with its key: sorted_keys [N] int64 in
-    0..num_groups-1, ascending -> [N] (0 for the first of each key)."""
+    """Each entry's rank among those of its key (0 first): sorted_keys [N] int64 ascending."""
     n = _counts(sorted_keys, num_groups)  # [num_groups]
     first = (n.cumsum(0) - n)[sorted_keys]  # [N] index of the key's first entry
     return torch.arange(len(sorted_keys), device=sorted_keys.device) - first
 
 
 def _scale_to_pixels(boxes, scores, labels, img, image_sizes):
-    """Detections [K] sorted by image (then by decreasing score) -> one (boxes in pixels of the
-    image's original size, scores, labels) per image."""
+    """Detections [K] sorted by image -> (boxes in original pixels, scores, labels) per image."""
     scale = torch.tensor([[w, h, w, h] for w, h in image_sizes], dtype=torch.float32)  # [B, 4]
     scale = scale.to(boxes.device, non_blocking=True)  # a blocking copy would wait for the GPU
     if len(image_sizes) == 1:
@@ -453,9 +410,8 @@ def _scale_to_pixels(boxes, scores, labels, img, image_sizes):
 
 def _postprocess_fast(logits, score_thr, topk, box_deltas, anchors, image_sizes, nms_iou,
                       max_det, nms):
-    """postprocess's answer computed on fewer candidates, or None where neither shortcut applies:
-    a trained model has few anchors that can pass score_thr (softmax and decode only those); an
-    untrained one has thousands, of which only max_det per image are kept (_best_first)."""
+    """postprocess's answer from fewer candidates: those near score_thr (a trained model) or the
+    best first (_best_first, an untrained one); None where neither shortcut applies."""
     b, a, k1 = logits.shape  # logits [B, A, C+1] float32
     c = k1 - 1
     args = box_deltas, anchors, image_sizes, nms_iou, max_det, nms
@@ -481,13 +437,10 @@ def _postprocess_fast(logits, score_thr, topk, box_deltas, anchors, image_sizes,
 
 
 def _best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk, max_det):
-    """postprocess with hard NMS when many candidates pass (an untrained or poor model: up to
-    topk * C per image) and only max_det are wanted. Each image's candidates go through the NMS
-    best first (kernels.nms_rows), which stops once max_det are kept, so only the few hundred
-    best candidates are looked at: those above a cut-off score v, set so that at least 4 *
-    max_det anchors have a class above it. Exact: the candidates above v are the top of the
-    score order, and an image's answer is final once max_det are kept or v <= score_thr; else
-    returns None (postprocess then runs the NMS on every candidate)."""
+    """postprocess with hard NMS when many candidates pass (up to topk * C per image) but only
+    max_det are wanted: each image's candidates above a score v (at least 4 * max_det anchors have
+    a class above it) go best first through kernels.nms_rows, which stops at max_det kept. Exact
+    when max_det are kept or v <= score_thr in every image, else None (the NMS on every one)."""
     b, a, c = scores.shape
     device = scores.device
     best = _last_dim_max(scores)  # [B, A] each anchor's top class score
@@ -539,8 +492,7 @@ def _last_dim_max(x):
 
 def _counts(keys, num_groups):
     """torch.bincount(keys, minlength=num_groups) for keys [N] int64 in 0..num_groups-1, without
-    bincount's two host synchronisations on CUDA (it reads the keys' min and max to size its
-    output); as fast on the CPU."""
+    its two host synchronisations on CUDA (it reads the keys' min and max); as fast on the CPU."""
     return keys.new_zeros(num_groups).scatter_add_(0, keys, torch.ones_like(keys))
 
 
@@ -549,10 +501,8 @@ def _counts(keys, num_groups):
 
 def preprocess(images, size, mean=MEAN, device=None):
     """uint8 RGB images [3, H, W] of any sizes -> float [B, 3, S, S] on `device` (default: the
-    first image's): warped (aspect ratio not kept, as in training) with bilinear interpolation as
-    torchvision does, minus the mean. Images of one size travel together as uint8 (a quarter of
-    float's bytes) in one copy, and are resized in one interpolate; each image's values are those
-    of resizing it alone."""
+    first image's), warped bilinearly (as torchvision; aspect not kept, as in training) minus the
+    mean. Images of one size go as uint8 in one copy and one interpolate, values as if alone."""
     device = torch.device(device or images[0].device)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
     groups = {}
@@ -576,15 +526,14 @@ def preprocess(images, size, mean=MEAN, device=None):
 @torch.no_grad()
 def detect(model, images, bf16=False, **postprocess_options):
     """Detections for uint8 RGB images [3, H, W] (any sizes) in their original pixels: a list of
-    (boxes [k, 4] xyxy, scores [k], labels [k]) on the CPU. Runs on the model's device; the model
-    is switched to channels_last memory format (same weights, faster convolutions). bf16=True runs
-    the forward under torch.autocast in bfloat16 (CUDA or CPU); the postprocess stays float32."""
+    (boxes [k, 4] xyxy, scores [k], labels [k]) on the CPU. Runs on the model's device and makes
+    the model channels_last; bf16=True: the forward under torch.autocast in bfloat16 (CUDA or CPU),
+    the postprocess in float32."""
     device = next(model.parameters()).device
-    cfg = model.config
     # channels_last is faster on CPU (1.1-1.3x, bench.py) and GPU; convert the weights once
     if not model.vgg[0].weight.is_contiguous(memory_format=torch.channels_last):
         model.to(memory_format=torch.channels_last)
-    x = preprocess(images, cfg["size"], cfg["mean"], device)
+    x = preprocess(images, model.config["size"], model.config["mean"], device)
     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         cls_logits, box_deltas = model(x.contiguous(memory_format=torch.channels_last))
     sizes = [(im.shape[2], im.shape[1]) for im in images]
