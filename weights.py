@@ -16,6 +16,9 @@ class CheckpointError(ValueError):
     """A weights file we cannot use. The message starts with the file's path, then the reason."""
 
 
+_NOT_LEARNED = ("num_batches_tracked", "anchors", "priors")  # buffers, no learned weights
+
+
 def _strip_prefixes(sd):
     """Keys without `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes; {} if not a dict."""
     return ({re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
@@ -25,7 +28,6 @@ def _strip_prefixes(sd):
 def write_atomic(path, write, mode="w"):
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
     `path`: a crash leaves the old file or the new one, never half of one."""
-    path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"  # the permissions of a plain open(), unlike mkstemp's 0600
     try:
@@ -92,8 +94,7 @@ def _remap(path, sd, key_map, expected):
             raise CheckpointError(f"{path}: key {key!r} {got}, expected {list(shape)}")
     used = {key_map.get(k, k) for k in expected}
     for key in sd:
-        if key not in used and key.rsplit(".", 1)[-1] not in ("num_batches_tracked", "anchors",
-                                                              "priors"):  # buffers
+        if key not in used and key.rsplit(".", 1)[-1] not in _NOT_LEARNED:
             raise CheckpointError(f"{path}: unexpected key {key!r}")
     return out
 
@@ -184,7 +185,6 @@ def load_model(path, device="cpu"):
     """An SSD in eval mode from our checkpoint {"model", "config", ...} or a foreign detector file
     (torchvision ssd300_vgg16, amdegroot ssd.pytorch, mmdetection v2.14+ {"state_dict", "meta"}),
     told apart by the keys. Raises CheckpointError naming the file and the first bad key."""
-    path = str(path)
     obj = read_weights(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: unrecognised format (a {type(obj).__name__}, not a dict)")
@@ -226,7 +226,6 @@ def load_backbone(model, path, source=None):
     vgg16_caffe-292e1171.pth (features.N, maybe classifier.*, maybe in "state_dict"); `source`
     ("torchvision" | "caffe") tells the last two apart, else "caffe" in the file name does. conv1_1
     is refitted to the config mean. Prints what it loaded; returns the model.vgg indices loaded."""
-    path = str(path)
     if source not in (None, "torchvision", "caffe"):
         raise ValueError("source must be 'torchvision' or 'caffe'")
     if model.config.get("norm", "none") != "none":
