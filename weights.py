@@ -189,7 +189,7 @@ def load_model(path, device="cpu"):
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: unrecognised format (a {type(obj).__name__}, not a dict)")
     fmt = "ours" if "model" in obj and "config" in obj else None
-    sd = _strip_prefixes(obj["model"] if fmt else obj.get("state_dict", obj))  # mmdet: + "meta"
+    sd = _strip_prefixes(obj["model"] if fmt else obj.get("state_dict", obj))  # mmcv: + "meta"
     fmt = fmt or next((f for f, names in _FOREIGN.items() if names[2] in sd), None)
     if fmt == "ours":
         if not isinstance(obj["model"], dict) or not isinstance(obj["config"], dict):
@@ -213,7 +213,7 @@ def load_model(path, device="cpu"):
     state = _remap(path, sd, key_map, expected)
     if fmt == "mmdetection":  # each anchor's C+1 class channels: background last there, first here
         k1 = model.config["num_classes"] + 1
-        state.update({k: v.reshape(-1, k1, *v.shape[1:]).roll(1, 1).reshape(v.shape)  # [A, C+1, .]
+        state.update({k: v.unflatten(0, (-1, k1)).roll(1, 1).flatten(0, 1)  # [A, C+1, ...]
                       for k, v in state.items() if k.startswith("cls_heads.")})
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -255,11 +255,11 @@ def load_backbone(model, path, source=None):
         # pool5. fc7 is a 1x1 conv: every 4th filter and every 4th input channel.
         shapes = {"classifier.0.weight": (4096, 512 * 7 * 7), "classifier.0.bias": (4096,),
                   "classifier.3.weight": (4096, 4096), "classifier.3.bias": (4096,)}
-        w6, b6, w7, b7 = _remap(path, {k: sd[k] for k in shapes if k in sd},
-                                {}, shapes).values()
-        state.update({f"{_CONV6}.weight": w6.reshape(4096, 512, 7, 7)[::4, :, ::3, ::3],
-                      f"{_CONV7}.weight": w7.reshape(4096, 4096, 1, 1)[::4, ::4],
-                      f"{_CONV6}.bias": b6[::4], f"{_CONV7}.bias": b7[::4]})  # 1024 filters
+        w6, b6, w7, b7 = _remap(path, {k: sd[k] for k in shapes if k in sd}, {}, shapes).values()
+        conv6_w = w6.reshape(4096, 512, 7, 7)[::4, :, ::3, ::3]  # [1024, 512, 3, 3]
+        conv7_w = w7.reshape(4096, 4096, 1, 1)[::4, ::4]  # [1024, 1024, 1, 1]
+        state.update({f"{_CONV6}.weight": conv6_w, f"{_CONV6}.bias": b6[::4],
+                      f"{_CONV7}.weight": conv7_w, f"{_CONV7}.bias": b7[::4]})
         how = "decimated from fc6/fc7"
     # conv1_1 trained on z = (x / scale - mean) / std (x: 0-255 RGB), refitted for x - m (config
     # mean): z = (x - m) k + shift, k = 1 / (scale std), shift = (m - scale mean) k, so W z + b =
