@@ -3,23 +3,15 @@
     python detect.py photo.jpg holiday/ 'scans/*.png' --weights runs/voc/best.pt --json dets.json
     python detect.py clip.mp4 anim.gif --out annotated/ --json frames.json --bf16
 
-PATHs are image files, folders (their image files, not recursive) and globs (quote them; Python
-expands them, so they work the same on every shell). --weights takes anything weights.load_model
-reads: our checkpoints and torchvision ssd300_vgg16, amdegroot ssd.pytorch or mmdetection SSD files.
-Without it the newest runs/*/best.pt is used.
-
-Videos (.mp4, .avi, .mov, .mkv, .webm, ...; decoded by PyAV, `pip install av`) and animated GIFs
-(Pillow) are read, detected in batches of frames and written as they go: <out>/<stem>.mp4 (H.264,
-or MPEG-4 part 2 where libx264 is missing; same size and frame rate) and <out>/<stem>.gif (frame
-durations and loop kept). Progress (frames/s, ETA) goes to stderr.
-
-JSON: [{"image": path, "width": w, "height": h, "detections": [{"box": [x1, y1, x2, y2], "score":
-s, "label": i, "name": str}]}], boxes xyxy in pixels of the image as displayed (EXIF orientation
-applied), no +1. A video or animated GIF has {"video": path, "width", "height", "fps", "frames":
-[{"frame": k, "time": seconds, "detections": [...]}]} (every frame). Inputs that could not be read
-are left out of it and named on stderr instead.
-Exit code 0: all done; 1: some inputs failed, the rest were processed; 2: bad usage, no weights, or
-no image could be read.
+PATHs: image files, folders (not recursive) and globs (quoted: Python expands them). --weights: any
+file weights.load_model reads (ours, torchvision, amdegroot or mmdetection SSDs). Videos (PyAV: pip
+install av) and animated GIFs are written as they go to <out>/<stem>.mp4 (H.264, else MPEG-4 part
+2) or .gif, keeping size, frame rate or durations and loop; frames/s and ETA go to stderr.
+JSON: [{"image": path, "width": w, "height": h, "detections": [{"box": [x1, y1, x2, y2] (pixels of
+the image as displayed, EXIF applied, no +1), "score": s, "label": i, "name": str}]}]; a video or
+GIF: {"video": path, "width", "height", "fps", "frames": [{"frame": k, "time": seconds,
+"detections": [...]}]}. Exit code 0: all done; 1: some inputs failed (named on stderr, not in the
+JSON); 2: bad usage, no weights, or no input could be read.
 """
 import argparse
 import glob
@@ -43,19 +35,16 @@ TOPK = 400  # candidates per class before NMS (Caffe top_k)
 MAX_DET = 200  # detections per image (Caffe keep_top_k)
 BATCH_SIZE = 8
 OUT_DIR = "runs/detect"
-IMAGE_EXTENSIONS = set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
 VIDEO_EXTENSIONS = set(".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .wmv".split())
-_MEDIA = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what folders and globs pick up
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm"
+                                          .split())  # what folders and globs pick up
 PROGRESS_EVERY_S = 2.0
-NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a few minutes on a "
-              "CPU) or pass --weights FILE (ours, torchvision ssd300_vgg16, amdegroot ssd.pytorch "
-              "or mmdetection SSD)")
 
 
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    files, errors = collect_inputs(args.paths)
+    files, failures = collect_inputs(args.paths)
     if not files:  # every path has had its error line
         return 2
     try:
@@ -65,9 +54,8 @@ def main(argv=None):
         return 2
     taken, results = {os.path.realpath(f) for f in files}, []
     stream = {f: _is_stream(f) for f in files}  # one look at each file
-    streams, images = [f for f in files if stream[f]], [f for f in files if not stream[f]]
-    failures = errors + _run_images(args, model, images, taken, results)
-    for path in streams:
+    failures += _run_images(args, model, [f for f in files if not stream[f]], taken, results)
+    for path in filter(stream.get, files):
         try:
             results.append(_run_stream(args, model, path, taken))
         except data.DataError as e:  # one line, the path first; the run goes on
@@ -88,9 +76,9 @@ def main(argv=None):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    head, epilog = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=head, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image, video or GIF files, folders or globs")
     p.add_argument("--weights", help="checkpoint (default: the newest runs/*/best.pt)")
@@ -112,13 +100,13 @@ def parse_args(argv):
                    help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
     number("--batch-size", int, BATCH_SIZE, "images or frames per forward pass, any sizes mixed")
     args = p.parse_args(argv)
-    if not 0.0 <= args.score_thr < 1.0:
-        p.error("--score-thr must be in [0, 1)")
-    if not 0.0 <= args.nms_iou <= 1.0:
-        p.error("--nms-iou must be in [0, 1]")
-    for name in ("topk", "max_det", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for flag, ok, rule in (("--score-thr", 0.0 <= args.score_thr < 1.0, "be in [0, 1)"),
+                           ("--nms-iou", 0.0 <= args.nms_iou <= 1.0, "be in [0, 1]"),
+                           ("--topk", args.topk >= 1, "be at least 1"),
+                           ("--max-det", args.max_det >= 1, "be at least 1"),
+                           ("--batch-size", args.batch_size >= 1, "be at least 1")):
+        if not ok:
+            p.error(f"{flag} must {rule}")
     return args
 
 
@@ -128,7 +116,8 @@ def _setup(args):
         raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
     path = args.weights or data.newest_run_file("best.pt")
     if path is None:
-        raise data.UsageError(NO_WEIGHTS)
+        raise data.UsageError("no weights: train a model first (python train.py --data shapes, "
+                              "a few minutes on a CPU) or pass --weights FILE (see --help)")
     model = weights.load_model(path, args.device)  # weights.CheckpointError names a bad file
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -141,9 +130,9 @@ def _setup(args):
 
 
 def collect_inputs(paths):
-    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named
-    on stderr). A path that exists is taken literally ('a[1].jpg' is no glob) and kept whatever
-    its extension (reading it reports what it is); folders and globs give their media files."""
+    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named on
+    stderr). A path that exists is taken literally ('a[1].jpg' is no glob), a file whatever its
+    extension (reading it reports what it is); folders and globs give their media files."""
     files, errors = {}, 0  # real path -> path as given
     for p in paths:
         if os.path.isdir(p):
@@ -152,8 +141,7 @@ def collect_inputs(paths):
             found, why = [p], ""
         elif any(ch in p for ch in "*?["):
             found = [f for m in sorted(glob.glob(p, recursive=True)) for f in (
-                _files_in(m) if os.path.isdir(m) else [m] if Path(m).suffix.lower() in _MEDIA
-                else [])]
+                _files_in(m) if os.path.isdir(m) else [m] if _is_media(m) else [])]
             why = "no image files match this pattern"
         else:
             found, why = [], "no such file or folder"
@@ -165,27 +153,30 @@ def collect_inputs(paths):
     return list(files.values()), errors
 
 
+def _is_media(path):
+    return Path(path).suffix.lower() in MEDIA_EXTENSIONS
+
+
 def _files_in(folder):
     """The image and video files directly inside `folder` (by extension, any case), by name."""
-    return [p for n in sorted(os.listdir(folder)) if Path(n).suffix.lower() in _MEDIA
-            and os.path.isfile(p := os.path.join(folder, n))]
+    return [p for n in sorted(os.listdir(folder))
+            if _is_media(n) and os.path.isfile(p := os.path.join(folder, n))]
 
 
 def output_path(out_dir, image_path, taken, ext=".jpg"):
     """<out_dir>/<stem><ext>, or <stem>_<n><ext> while that real path is in `taken` (the inputs and
     the names chosen so far: no input is overwritten, same-named images all survive); adds it."""
-    stem = Path(image_path).stem
     for n in itertools.count():
-        candidate = os.path.join(out_dir, f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
+        candidate = os.path.join(out_dir, Path(image_path).stem + (f"_{n}" if n else "") + ext)
         if os.path.realpath(candidate) not in taken:
             taken.add(os.path.realpath(candidate))
             return candidate
 
 
 def _run_images(args, model, files, taken, results):
-    """Detect on image files in batches: draw, save, print a line each, add JSON entries to
+    """Detect on image files in batches: draw, save, print a line each, add their JSON entries to
     `results`. Returns the failure count."""
-    names, failures = model.config["class_names"], 0
+    failures = 0
     for start in range(0, len(files), args.batch_size):
         batch = []  # (path, PIL image, seconds spent reading it)
         for path in files[start:start + args.batch_size]:
@@ -200,11 +191,9 @@ def _run_images(args, model, files, taken, results):
         t0 = time.perf_counter()
         detections = _detect(model, [im for _, im, _ in batch], args)
         model_share = (time.perf_counter() - t0) / len(batch)
-        for (path, image, read_s), (boxes, scores, labels) in zip(batch, detections):
-            found = _draw(image, boxes, scores, labels, names)
+        for (path, image, read_s), (found, scores) in zip(batch, detections):
             target = output_path(args.out, path, taken)
-            try:
-                # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
+            try:  # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
                 image.save(target, "JPEG", quality=92, subsampling=0)
             except OSError as e:
                 print(f"{target}: cannot write ({e.strerror or e})", file=sys.stderr)
@@ -220,9 +209,9 @@ def _run_images(args, model, files, taken, results):
 
 
 def _run_stream(args, model, path, taken):
-    """Detect on every frame of a video or animated GIF, batch by batch; the annotated copy is
-    written as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
-    names, gif = model.config["class_names"], Path(path).suffix.lower() == ".gif"
+    """Detect on every frame of a video or animated GIF, batch by batch, writing the annotated copy
+    as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
+    gif = Path(path).suffix.lower() == ".gif"
     target = output_path(args.out, path, taken, ".gif" if gif else ".mp4")
     errors = (OSError, ValueError, EOFError, MemoryError)
     if not gif:
@@ -236,9 +225,7 @@ def _run_stream(args, model, path, taken):
     try:
         reader, write, close, fps, total = (_gif_io if gif else _video_io)(path, target + ".part")
         while batch := list(itertools.islice(reader, args.batch_size)):
-            for (image, t), (boxes, scores, labels) in zip(batch, _detect(
-                    model, [im for im, _ in batch], args)):
-                found = _draw(image, boxes, scores, labels, names)
+            for (image, t), (found, _) in zip(batch, _detect(model, [im for im, _ in batch], args)):
                 write(image)
                 size = size or image.size
                 frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
@@ -314,17 +301,17 @@ def _gif_io(path, target):
 
 
 def _detect(model, images, args):
-    """ssd.detect on PIL images with the command line's options -> [(boxes, scores, labels)]."""
-    return ssd.detect(model, [data.to_tensor(im) for im in images], args.bf16,
-                      score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
-                      max_det=args.max_det, nms=args.nms)
-
-
-def _draw(image, boxes, scores, labels, names):
-    """Draw one image's detections on it; -> their JSON list."""
-    data.draw_detections(image, boxes, scores, labels, names)
-    return [{"box": [round(v, 2) for v in box], "score": round(float(s), 6), "label": int(c),
-             "name": names[int(c) - 1]} for box, s, c in zip(boxes.tolist(), scores, labels)]
+    """ssd.detect on PIL images with the command line's options, drawn on them -> per image (its
+    detections' JSON list, scores)."""
+    names, out = model.config["class_names"], []
+    for image, (boxes, scores, labels) in zip(images, ssd.detect(
+            model, [data.to_tensor(im) for im in images], args.bf16, score_thr=args.score_thr,
+            nms_iou=args.nms_iou, topk=args.topk, max_det=args.max_det, nms=args.nms)):
+        data.draw_detections(image, boxes, scores, labels, names)
+        out.append(([{"box": [round(v, 2) for v in box], "score": round(float(s), 6),
+                      "label": int(c), "name": names[int(c) - 1]}
+                     for box, s, c in zip(boxes.tolist(), scores, labels)], scores))
+    return out
 
 
 def _plural(n, word):
