@@ -36,8 +36,7 @@ MAX_DET = 200  # detections per image (Caffe keep_top_k)
 BATCH_SIZE = 8
 OUT_DIR = "runs/detect"
 VIDEO_EXTENSIONS = set(".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .wmv".split())
-MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm"
-                                          .split())  # what folders and globs pick up
+_MEDIA = VIDEO_EXTENSIONS | set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
 PROGRESS_EVERY_S = 2.0
 
 
@@ -141,7 +140,8 @@ def collect_inputs(paths):
             found, why = [p], ""
         elif any(ch in p for ch in "*?["):
             found = [f for m in sorted(glob.glob(p, recursive=True)) for f in (
-                _files_in(m) if os.path.isdir(m) else [m] if _is_media(m) else [])]
+                _files_in(m) if os.path.isdir(m) else [m] if Path(m).suffix.lower() in _MEDIA
+                else [])]
             why = "no image files match this pattern"
         else:
             found, why = [], "no such file or folder"
@@ -153,14 +153,9 @@ def collect_inputs(paths):
     return list(files.values()), errors
 
 
-def _is_media(path):
-    return Path(path).suffix.lower() in MEDIA_EXTENSIONS
-
-
 def _files_in(folder):
-    """The image and video files directly inside `folder` (by extension, any case), by name."""
-    return [p for n in sorted(os.listdir(folder))
-            if _is_media(n) and os.path.isfile(p := os.path.join(folder, n))]
+    return [p for n in sorted(os.listdir(folder)) if Path(n).suffix.lower() in _MEDIA
+            and os.path.isfile(p := os.path.join(folder, n))]
 
 
 def output_path(out_dir, image_path, taken, ext=".jpg"):
@@ -174,8 +169,7 @@ def output_path(out_dir, image_path, taken, ext=".jpg"):
 
 
 def _run_images(args, model, files, taken, results):
-    """Detect on image files in batches: draw, save, print a line each, add their JSON entries to
-    `results`. Returns the failure count."""
+    """Detect, draw, save and print a line for each image, add their JSON to results -> failures."""
     failures = 0
     for start in range(0, len(files), args.batch_size):
         batch = []  # (path, PIL image, seconds spent reading it)
@@ -209,8 +203,7 @@ def _run_images(args, model, files, taken, results):
 
 
 def _run_stream(args, model, path, taken):
-    """Detect on every frame of a video or animated GIF, batch by batch, writing the annotated copy
-    as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
+    """Detect on a video or animated GIF, writing the drawn copy as it goes -> its JSON entry."""
     gif = Path(path).suffix.lower() == ".gif"
     target = output_path(args.out, path, taken, ".gif" if gif else ".mp4")
     errors = (OSError, ValueError, EOFError, MemoryError)
@@ -301,8 +294,7 @@ def _gif_io(path, target):
 
 
 def _detect(model, images, args):
-    """ssd.detect on PIL images with the command line's options, drawn on them -> per image (its
-    detections' JSON list, scores)."""
+    """ssd.detect on PIL images, drawn on them -> per image (its detections' JSON list, scores)."""
     names, out = model.config["class_names"], []
     for image, (boxes, scores, labels) in zip(images, ssd.detect(
             model, [data.to_tensor(im) for im in images], args.bf16, score_thr=args.score_thr,

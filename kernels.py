@@ -120,8 +120,7 @@ def _use_triton(t):
 
 @functools.lru_cache(maxsize=64)
 def _f32_threshold(x):
-    """Largest float32 <= x: a float32 IoU is > x (torchvision's C++ compares in double) exactly
-    when it is > this, so every engine compares in float32."""
+    """Largest float32 <= x: a float32 IoU is > x (in double, as torchvision) iff it is > this."""
     if not x >= 0:
         raise ValueError(f"iou_threshold must be >= 0, got {x}")
     f = torch.tensor(float(x), dtype=torch.float32)
@@ -133,8 +132,7 @@ def _score_order(scores):
 
 
 def _segments(order, labels):
-    """order [N] by score -> (order by label then score, perm [N] with that = order[perm],
-    start [S], count [S]) of each label's segment; one segment without labels."""
+    """order [N] by score -> (order[perm] by label then score, perm [N], start [S], count [S])."""
     if labels is None:
         return order, None, order.new_zeros(1), order.new_full((1,), len(order))
     perm = torch.sort(labels[order], stable=True).indices  # [N]
@@ -163,10 +161,8 @@ def _iou(a, b):
 
 
 def _resolve(near, thr, may_keep=None, spread=lambda keep: keep.unsqueeze(-2)):
-    """Greedy NMS of a short run: near [..., j, i] = IoU of box j with each earlier box i (else 0;
-    spread(keep) lays keep [..., i] out so), may_keep [..., j] bool or None. Iterates keep[j] =
-    may_keep[j] and not any(keep[i] and near[j, i] > thr) from all kept: the first k are final
-    after k rounds, so the fixed point is greedy. amax: a NaN (two empty boxes) is never > thr."""
+    """Greedy NMS of a short run: near [..., j, i] = IoU of box j with earlier box i (else 0;
+    spread lays keep so), may_keep [..., j] or None; iterated from all kept to the fixed point."""
     allowed = (lambda keep: keep) if may_keep is None else may_keep.logical_and
     keep = allowed(~(near.amax(-1) > thr))
     while not torch.equal(nxt := allowed(~((near * spread(keep)).amax(-1) > thr)), keep):
@@ -175,8 +171,7 @@ def _resolve(near, thr, may_keep=None, spread=lambda keep: keep.unsqueeze(-2)):
 
 
 def _nms_torch(boxes, scores, labels, thr):
-    """batched_nms, by shape the fastest on CPU (bench.py): one class: _greedy_nms; labels of up to
-    _BAND + 1 boxes: _greedy_nms_band; else rows of labels for _sweep_rows (SSD's per class NMS)."""
+    """batched_nms on CPU, by shape (bench.py): one class, labels of <= _BAND + 1 boxes, others."""
     pad = boxes.shape[0]
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
     order = _score_order(scores)  # [N]
@@ -196,8 +191,7 @@ def _nms_torch(boxes, scores, labels, thr):
 
 
 def _label_rows(order, start, counts, pad):
-    """Segments of order (_segments) as [G, n] index rows padded with pad, a matrix per power-of-two
-    size class (from 8), so a few big labels never pad many small."""
+    """Segments (_segments) as [G, n] rows padded with pad, a matrix per power-of-two size class."""
     slot = torch.repeat_interleave(torch.arange(len(counts), device=order.device), counts)  # [N]
     rank = torch.arange(len(order), device=order.device) - start[slot]  # [N] place in its label
     size_class = torch.ceil(torch.log2(counts.clamp(min=8).double())).long()  # [S]
@@ -211,8 +205,7 @@ def _label_rows(order, start, counts, pad):
 
 
 def _greedy_nms(c5, order, thr):
-    """Greedy NMS of order [n] (into c5, by score) -> the kept ones, by score: resolve _CHUNK boxes,
-    prune the rest with the kept ones, repeat (the work shrinks as boxes are suppressed)."""
+    """Greedy NMS of order [n] (into c5, by score) -> kept, by score; kept chunks prune the rest."""
     kept = []
     while len(order):
         head, order = order[:_CHUNK], order[_CHUNK:]  # [c], [r]
@@ -224,9 +217,7 @@ def _greedy_nms(c5, order, thr):
 
 
 def _greedy_nms_band(c5, order, sorted_labels, width, thr):
-    """Class-aware greedy NMS of order [N] (into c5, by label, then score) when no label has over
-    width + 1 boxes: only the `width` boxes before a box can suppress it, so IoUs fill a band
-    [N, width] (sliding windows: no padding, no gathers). -> the kept indices, in order."""
+    """NMS of order [N] (by label, score), labels of <= width + 1 boxes: IoUs in a band [N, W]."""
     n = len(order)
 
     def windows(x, pad):  # [..., N] -> [..., N, W]: entry (j, d) is x at position j - W + d
@@ -239,9 +230,8 @@ def _greedy_nms_band(c5, order, sorted_labels, width, thr):
 
 
 def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
-    """Greedy NMS along each row of rc [5, G, n] -> keep [G, n] bool; the rest as in nms_rows.
-    Blocks of rows sized for the cache go _CHUNK columns at a time: a chunk is checked against its
-    row's kept boxes (front-packed in a buffer of empty boxes), then resolved within itself."""
+    """Greedy NMS along each row of rc [5, G, n] -> keep [G, n] bool (as nms_rows): _CHUNK columns
+    at a time, checked against the row's kept boxes (front-packed buffer), then among themselves."""
     g_all, n = valid.shape
     keep = torch.zeros(g_all, n, dtype=torch.bool, device=valid.device)
     cap = n if max_kept is None else min(n, max_kept + _CHUNK)  # buffer slots a row can need
@@ -322,9 +312,8 @@ def _box_iou_triton(a, b):
 
 
 def _nms_triton(boxes, scores, labels, thr):
-    """batched_nms: a bitmask kernel (bit j of row i: "i would suppress j"), then a greedy sweep,
-    a program per label (by label, then score); very uneven label sizes make one segment whose
-    kernel compares labels. The sweep flags kept boxes in score order (no host sync, one class)."""
+    """batched_nms: a bitmask kernel (bit j of row i: i would suppress j), then a greedy sweep, a
+    program per label; very uneven label sizes make one segment whose kernel compares labels."""
     device, n = boxes.device, boxes.shape[0]
     score_order = _score_order(scores)  # [N]
     rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
@@ -427,8 +416,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_mask_kernel(boxes_ptr, labels_ptr, meta_ptr, segments, n, mask_ptr, thr,
                          COMPARE_LABELS: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr):
-        """Program (segment, rows block, word w): bit b of mask[row, w] = box row would suppress box
-        w * 64 + b of its segment (it comes later and IoU > thr)."""
+        """(segment, rows block, word w): bit b of mask[row, w] = row suppresses w * 64 + b."""
         start, count, mask_off, _ = _segment(meta_ptr, tl.program_id(0), segments, n, SEGMENTED)
         n_words = (count + 63) // 64
         rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -454,8 +442,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_sweep_kernel(mask_ptr, meta_ptr, segments, n, removed_ptr, perm_ptr, flags_ptr,
                           SEGMENTED: tl.constexpr, PERMUTED: tl.constexpr, CHUNK: tl.constexpr):
-        """Greedy pass over a segment's mask a word (64 boxes) at a time: resolve them in order on
-        the diagonal word, OR the kept rows into `removed`; flags[perm[start + i]] = kept i."""
+        """Greedy pass over a segment's mask, 64 boxes a step; flags[perm[start + i]] = kept i."""
         seg = tl.program_id(0)
         start, count, mask_off, word_off = _segment(meta_ptr, seg, segments, n, SEGMENTED)
         mask_base = mask_ptr + mask_off
@@ -496,8 +483,7 @@ if triton is not None:
     @triton.jit
     def _soft_nms_kernel(boxes_ptr, cur_ptr, start_ptr, count_ptr, pos_ptr, new_ptr, picks_ptr,
                          sigma, score_thr, iou_thr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
-        """Soft-NMS of a segment (a label, by score): pick the best live score (the first among
-        equals), record it, decay the rest, until none is live; a pick's score becomes NaN."""
+        """Soft-NMS of a segment: pick the best live score (first among equals), decay the rest."""
         seg = tl.program_id(0)
         start, count = tl.load(start_ptr + seg), tl.load(count_ptr + seg)
         box, cur = boxes_ptr + start * 4, cur_ptr + start
