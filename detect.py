@@ -46,8 +46,21 @@ def main(argv=None):
     files, failures = collect_inputs(args.paths)
     if not files:  # every path has had its error line
         return 2
-    try:
-        model, weights_path = _setup(args)
+    weights_path = args.weights or data.newest_run_file("best.pt")
+    try:  # the model, then the output folders
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+        if weights_path is None:
+            raise data.UsageError("no weights: train a model first (python train.py --data shapes, "
+                                  "a few minutes on a CPU) or pass --weights FILE (see --help)")
+        model = weights.load_model(weights_path, args.device)  # CheckpointError names the file
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise data.UsageError(f"{args.out}: cannot create the output folder "
+                                  f"({e.strerror or e})") from None
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise data.UsageError(f"{args.json}: its folder does not exist")
     except (data.UsageError, weights.CheckpointError) as e:
         print(e, file=sys.stderr)
         return 2
@@ -78,8 +91,7 @@ def parse_args(argv):
     head, epilog = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=head, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="image, video or GIF files, folders or globs")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="images, videos, GIFs, folders, globs")
     p.add_argument("--weights", help="checkpoint (default: the newest runs/*/best.pt)")
 
     def number(flag, kind, default, text):
@@ -92,9 +104,8 @@ def parse_args(argv):
     number("--max-det", int, MAX_DET, "detections per image")
     number("--out", str, OUT_DIR, "folder for the drawn images")
     p.add_argument("--json", metavar="FILE", help="also write all detections to this JSON file")
-    p.add_argument("--device", choices=["cpu", "cuda"],
-                   default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default cuda when available, else cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default cuda if available, else cpu",
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true",
                    help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
     number("--batch-size", int, BATCH_SIZE, "images or frames per forward pass, any sizes mixed")
@@ -109,42 +120,21 @@ def parse_args(argv):
     return args
 
 
-def _setup(args):
-    """(model, weights path), output folders checked; UsageError or CheckpointError if not."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-    path = args.weights or data.newest_run_file("best.pt")
-    if path is None:
-        raise data.UsageError("no weights: train a model first (python train.py --data shapes, "
-                              "a few minutes on a CPU) or pass --weights FILE (see --help)")
-    model = weights.load_model(path, args.device)  # weights.CheckpointError names a bad file
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise data.UsageError(f"{args.out}: cannot create the output folder "
-                              f"({e.strerror or e})") from None
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise data.UsageError(f"{args.json}: its folder does not exist")
-    return model, path
-
-
 def collect_inputs(paths):
     """PATH arguments -> (files in order, without repeats; how many paths gave none, each named on
     stderr). A path that exists is taken literally ('a[1].jpg' is no glob), a file whatever its
     extension (reading it reports what it is); folders and globs give their media files."""
     files, errors = {}, 0  # real path -> path as given
     for p in paths:
-        if os.path.isdir(p):
-            found, why = _files_in(p), "no image files in this folder"
-        elif os.path.exists(p):
-            found, why = [p], ""
-        elif any(ch in p for ch in "*?["):
+        if os.path.exists(p):
+            found = _files_in(p) if os.path.isdir(p) else [p]
+            why = "no image files in this folder"
+        else:  # a glob (a missing plain path matches nothing)
             found = [f for m in sorted(glob.glob(p, recursive=True)) for f in (
                 _files_in(m) if os.path.isdir(m) else [m] if Path(m).suffix.lower() in _MEDIA
                 else [])]
-            why = "no image files match this pattern"
-        else:
-            found, why = [], "no such file or folder"
+            why = ("no image files match this pattern" if any(ch in p for ch in "*?[")
+                   else "no such file or folder")
         if not found:
             print(f"{p}: {why}", file=sys.stderr)
             errors += 1
@@ -170,36 +160,30 @@ def output_path(out_dir, image_path, taken, ext=".jpg"):
 
 def _run_images(args, model, files, taken, results):
     """Detect, draw, save and print a line for each image, add their JSON to results -> failures."""
-    failures = 0
-    for start in range(0, len(files), args.batch_size):
-        batch = []  # (path, PIL image, seconds spent reading it)
-        for path in files[start:start + args.batch_size]:
+    failed = []
+
+    def read():
+        for path in files:
             t0 = time.perf_counter()
             try:
-                batch.append((path, data.load_image(path), time.perf_counter() - t0))
+                yield data.load_image(path), (path, time.perf_counter() - t0)
             except data.DataError as e:  # its message starts with the path
                 print(e, file=sys.stderr)
-                failures += 1
-        if not batch:
+                failed.append(path)
+    for image, (path, read_s), found, scores, model_s in _detected(args, model, read()):
+        target = output_path(args.out, path, taken)
+        try:  # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
+            image.save(target, "JPEG", quality=92, subsampling=0)
+        except OSError as e:
+            print(f"{target}: cannot write ({e.strerror or e})", file=sys.stderr)
+            failed.append(target)
             continue
-        t0 = time.perf_counter()
-        detections = _detect(model, [im for _, im, _ in batch], args)
-        model_share = (time.perf_counter() - t0) / len(batch)
-        for (path, image, read_s), (found, scores) in zip(batch, detections):
-            target = output_path(args.out, path, taken)
-            try:  # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
-                image.save(target, "JPEG", quality=92, subsampling=0)
-            except OSError as e:
-                print(f"{target}: cannot write ({e.strerror or e})", file=sys.stderr)
-                failures += 1
-                continue
-            listed = ", ".join(f"{d['name']} {float(v):.2f}" for d, v in zip(found, scores[:5]))
-            listed = f" ({listed}{', ...' if len(found) > 5 else ''})" if found else ""
-            print(f"{path}: {_plural(len(found), 'object')}{listed} "
-                  f"{1000 * (read_s + model_share):.0f} ms")
-            results.append({"image": path, "width": image.width, "height": image.height,
-                            "detections": found})
-    return failures
+        listed = ", ".join(f"{d['name']} {float(v):.2f}" for d, v in zip(found, scores[:5]))
+        listed = f" ({listed}{', ...' if len(found) > 5 else ''})" if found else ""
+        print(f"{path}: {_plural(len(found), 'object')}{listed} {1000 * (read_s + model_s):.0f} ms")
+        results.append({"image": path, "width": image.width, "height": image.height,
+                        "detections": found})
+    return len(failed)
 
 
 def _run_stream(args, model, path, taken):
@@ -217,11 +201,10 @@ def _run_stream(args, model, path, taken):
     frames, size = [], None  # frames: the JSON of each frame done
     try:
         reader, write, close, fps, total = (_gif_io if gif else _video_io)(path, target + ".part")
-        while batch := list(itertools.islice(reader, args.batch_size)):
-            for (image, t), (found, _) in zip(batch, _detect(model, [im for im, _ in batch], args)):
-                write(image)
-                size = size or image.size
-                frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
+        for image, t, found, _, _ in _detected(args, model, reader):
+            write(image)
+            size = size or image.size
+            frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
             if (now := time.perf_counter()) - last >= PROGRESS_EVERY_S:
                 rate, last, done = len(frames) / (now - start), now, len(frames)
                 eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
@@ -240,6 +223,24 @@ def _run_stream(args, model, path, taken):
           f"{len(frames) / (time.perf_counter() - start):.1f} frames/s -> {target}")
     return {"video": path, "width": size[0], "height": size[1], "fps": round(fps, 3),
             "frames": frames}
+
+
+def _detected(args, model, items):
+    """(PIL image, info) items -> (image, info, detections' JSON, scores, model seconds per image),
+    args.batch_size images per ssd.detect call, the boxes drawn on the image."""
+    names = model.config["class_names"]
+    while batch := list(itertools.islice(items, args.batch_size)):
+        t0 = time.perf_counter()
+        out = ssd.detect(model, [data.to_tensor(im) for im, _ in batch], args.bf16,
+                         score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
+                         max_det=args.max_det, nms=args.nms)
+        model_s = (time.perf_counter() - t0) / len(batch)
+        for (image, info), (boxes, scores, labels) in zip(batch, out):
+            data.draw_detections(image, boxes, scores, labels, names)
+            found = [{"box": [round(v, 2) for v in box], "score": round(float(s), 6),
+                      "label": int(c), "name": names[int(c) - 1]}
+                     for box, s, c in zip(boxes.tolist(), scores, labels)]
+            yield image, info, found, scores, model_s
 
 
 def _is_stream(path):
@@ -291,19 +292,6 @@ def _gif_io(path, target):
         ImageSequence.Iterator(gif), itertools.accumulate(durations, initial=0)))
     fps = 1000 * len(durations) / max(1, sum(durations))
     return frames, drawn.append, close, fps, len(durations)
-
-
-def _detect(model, images, args):
-    """ssd.detect on PIL images, drawn on them -> per image (its detections' JSON list, scores)."""
-    names, out = model.config["class_names"], []
-    for image, (boxes, scores, labels) in zip(images, ssd.detect(
-            model, [data.to_tensor(im) for im in images], args.bf16, score_thr=args.score_thr,
-            nms_iou=args.nms_iou, topk=args.topk, max_det=args.max_det, nms=args.nms)):
-        data.draw_detections(image, boxes, scores, labels, names)
-        out.append(([{"box": [round(v, 2) for v in box], "score": round(float(s), 6),
-                      "label": int(c), "name": names[int(c) - 1]}
-                     for box, s, c in zip(boxes.tolist(), scores, labels)], scores))
-    return out
 
 
 def _plural(n, word):
