@@ -1,14 +1,12 @@
 """Box operations for SSD post-processing: IoU, greedy NMS, class-aware NMS and Soft-NMS.
 
 The contract, on every engine and device (that of torchvision.ops.box_iou / nms / batched_nms):
-- Boxes are [N, 4] (x1, y1, x2, y2). x2 <= x1 or y2 <= y1: zero area, IoU 0 with everything. A box
+- Boxes are [N, 4] (x1, y1, x2, y2); x2 <= x1 or y2 <= y1: zero area, IoU 0 with everything. A box
   with a NaN or infinite coordinate counts as empty: it never suppresses and is never suppressed.
-- IoU is float32 whatever the input dtype, rounded as torchvision's kernels:
-  inter / ((area_a + area_b) - inter).
-- Hard NMS: going down the scores, a box is kept unless a kept box has IoU > iou_threshold with it
-  (the float32 IoU against the exact threshold). Kept indices come by decreasing score, equal scores
-  lower index first; scores are ordered in their own dtype (float64 ties stay apart) and a NaN score
-  ranks above every other, as torch.sort does.
+- IoU is float32 for any input dtype, rounded as torchvision: inter / ((area_a + area_b) - inter).
+- Hard NMS: down the scores, a box is kept unless a kept box has IoU > iou_threshold with it (the
+  float32 IoU against the exact threshold). Kept indices by decreasing score, equal scores lower
+  index first; scores are ordered in their own dtype (float64 ties stay apart), NaN above all.
 - labels [N] int (any values): boxes only suppress boxes of their own label; None = one class.
 - Soft-NMS (Bodla et al. 2017) decays scores in float32; a NaN score is dropped.
 - Empty input gives empty output. ValueError: a wrong shape, iou_threshold < 0, an unknown method
@@ -345,9 +343,8 @@ def _nms_triton(boxes, scores, labels, thr):
                            enable_fp_fusion=False)
     # CHUNK: later words updated per sweep step; 128 (a word per thread of 4 warps) beats 32 by ~5x
     _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed,
-                                   perm if labels is not None else flags, flags,
-                                   SEGMENTED=segmented, PERMUTED=labels is not None,
-                                   CHUNK=128 if boxes.is_cuda else 512)
+                                   flags if perm is None else perm, flags, SEGMENTED=segmented,
+                                   PERMUTED=perm is not None, CHUNK=128 if boxes.is_cuda else 512)
     return score_order[flags.view(torch.bool)]
 
 
