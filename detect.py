@@ -197,12 +197,13 @@ def _run_stream(args, model, path, taken):
         except ImportError:
             raise data.DataError(f"{path}: a video needs PyAV (pip install av)") from None
         errors += (av.FFmpegError,)
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     frames, size = [], None  # frames: the JSON of each frame done
-    try:
-        reader, write, close, fps, total = (_gif_io if gif else _video_io)(path, target + ".part")
+
+    def drawn(reader, total):  # (PIL, seconds) frames -> the images drawn; progress on stderr
+        nonlocal size
+        last = start
         for image, t, found, _, _ in _detected(args, model, reader):
-            write(image)
             size = size or image.size
             frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
             if (now := time.perf_counter()) - last >= PROGRESS_EVERY_S:
@@ -210,9 +211,11 @@ def _run_stream(args, model, path, taken):
                 eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
                 print(f"{path}: frame {done}/{total or '?'} {rate:.1f} frames/s{eta}",
                       file=sys.stderr, flush=True)
+            yield image
         if not frames:
             raise ValueError("no frame")
-        close()
+    try:
+        fps = (_gif_io if gif else _video_io)(path, target + ".part", drawn)
         os.replace(target + ".part", target)
     except errors as e:
         if os.path.exists(target + ".part"):
@@ -254,8 +257,8 @@ def _is_stream(path):
         return False  # the image path reports it
 
 
-def _video_io(path, target):
-    """(frames: (PIL RGB, seconds) iterator, write(PIL), close(), fps, frame count or 0)."""
+def _video_io(path, target, drawn):
+    """Decode path, encode drawn(frames: (PIL RGB, seconds) iterator, frame count or 0) -> fps."""
     import av  # optional: only videos need it
     source = av.open(path)
     if not source.streams.video:
@@ -267,31 +270,26 @@ def _video_io(path, target):
     enc = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
     enc.width, enc.height = stream.codec_context.width, stream.codec_context.height
     enc.pix_fmt = "yuv420p" if enc.width % 2 == 0 == enc.height % 2 else "yuv444p"  # odd sizes
-
-    def close():
-        out.mux(enc.encode())  # flush the encoder
-        out.close()
-        source.close()
     frames = ((f.to_image(), float(f.time) if f.time is not None else k / rate)
               for k, f in enumerate(source.decode(stream)))
-    return (frames, lambda image: out.mux(enc.encode(av.VideoFrame.from_image(image))), close,
-            float(rate), stream.frames)
+    for image in drawn(frames, stream.frames):
+        out.mux(enc.encode(av.VideoFrame.from_image(image)))
+    out.mux(enc.encode())  # flush the encoder
+    out.close()
+    source.close()
+    return float(rate)
 
 
-def _gif_io(path, target):
-    """As _video_io for an animated GIF (Pillow); the drawn frames are kept until close()."""
-    gif = Image.open(path)
-    durations = [f.info.get("duration", 100) for f in ImageSequence.Iterator(gif)]
-    drawn = []
-
-    def close():
-        drawn[0].save(target, "GIF", save_all=True, append_images=drawn[1:], duration=durations,
-                      loop=gif.info.get("loop", 0))
-        gif.close()
-    frames = ((f.convert("RGB"), t / 1000) for f, t in zip(
-        ImageSequence.Iterator(gif), itertools.accumulate(durations, initial=0)))
-    fps = 1000 * len(durations) / max(1, sum(durations))
-    return frames, drawn.append, close, fps, len(durations)
+def _gif_io(path, target, drawn):
+    """As _video_io for an animated GIF (Pillow), durations and loop kept."""
+    with Image.open(path) as gif:
+        durations = [f.info.get("duration", 100) for f in ImageSequence.Iterator(gif)]
+        frames = ((f.convert("RGB"), t / 1000) for f, t in zip(
+            ImageSequence.Iterator(gif), itertools.accumulate(durations, initial=0)))
+        images = list(drawn(frames, len(durations)))
+        images[0].save(target, "GIF", save_all=True, append_images=images[1:],
+                       duration=durations, loop=gif.info.get("loop", 0))
+    return 1000 * len(durations) / max(1, sum(durations))
 
 
 def _plural(n, word):
