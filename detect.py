@@ -29,15 +29,8 @@ import data
 import ssd
 import weights
 
-SCORE_THR = 0.5  # for drawing; evaluation keeps everything above 0.01 (SSD paper, Caffe ssd)
-NMS_IOU = 0.45  # paper / Caffe
-TOPK = 400  # candidates per class before NMS (Caffe top_k)
-MAX_DET = 200  # detections per image (Caffe keep_top_k)
-BATCH_SIZE = 8
-OUT_DIR = "runs/detect"
 VIDEO_EXTENSIONS = set(".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .wmv".split())
 _MEDIA = VIDEO_EXTENSIONS | set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
-PROGRESS_EVERY_S = 2.0
 
 
 def main(argv=None):
@@ -96,19 +89,19 @@ def parse_args(argv):
 
     def number(flag, kind, default, text):
         p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
-    number("--score-thr", float, SCORE_THR, "keep detections scoring above this")
-    number("--nms-iou", float, NMS_IOU, "IoU above which NMS suppresses a box")
+    number("--score-thr", float, 0.5, "keep detections scoring above this")  # eval: 0.01, Caffe
+    number("--nms-iou", float, 0.45, "IoU above which NMS suppresses a box")  # SSD paper, Caffe
     p.add_argument("--nms", choices=["hard", "soft"], default="hard",
                    help="hard NMS or Gaussian soft-NMS (default hard)")
-    number("--topk", int, TOPK, "candidates per class before NMS")
-    number("--max-det", int, MAX_DET, "detections per image")
-    number("--out", str, OUT_DIR, "folder for the drawn images")
+    number("--topk", int, 400, "candidates per class before NMS")  # Caffe top_k
+    number("--max-det", int, 200, "detections per image")  # Caffe keep_top_k
+    number("--out", str, "runs/detect", "folder for the drawn images")
     p.add_argument("--json", metavar="FILE", help="also write all detections to this JSON file")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default cuda if available, else cpu",
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true",
                    help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
-    number("--batch-size", int, BATCH_SIZE, "images or frames per forward pass, any sizes mixed")
+    number("--batch-size", int, 8, "images or frames per forward pass, any sizes mixed")
     args = p.parse_args(argv)
     for flag, ok, rule in (("--score-thr", 0.0 <= args.score_thr < 1.0, "be in [0, 1)"),
                            ("--nms-iou", 0.0 <= args.nms_iou <= 1.0, "be in [0, 1]"),
@@ -149,8 +142,8 @@ def _files_in(folder):
 
 
 def output_path(out_dir, image_path, taken, ext=".jpg"):
-    """<out_dir>/<stem><ext>, or <stem>_<n><ext> while that real path is in `taken` (the inputs and
-    the names chosen so far: no input is overwritten, same-named images all survive); adds it."""
+    """<out_dir>/<stem><ext>, else <stem>_<n><ext>: the first real path not in taken (inputs and
+    outputs so far: no input is overwritten, same-named images all survive), added to it."""
     for n in itertools.count():
         candidate = os.path.join(out_dir, Path(image_path).stem + (f"_{n}" if n else "") + ext)
         if os.path.realpath(candidate) not in taken:
@@ -206,7 +199,7 @@ def _run_stream(args, model, path, taken):
         for image, t, found, _, _ in _detected(args, model, reader):
             size = size or image.size
             frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
-            if (now := time.perf_counter()) - last >= PROGRESS_EVERY_S:
+            if (now := time.perf_counter()) - last >= 2.0:  # a progress line every 2 s
                 rate, last, done = len(frames) / (now - start), now, len(frames)
                 eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
                 print(f"{path}: frame {done}/{total or '?'} {rate:.1f} frames/s{eta}",
