@@ -46,8 +46,7 @@ def box_iou(a, b):
 
 
 def nms(boxes, scores, iou_threshold):
-    """Greedy NMS of boxes [N, 4], scores [N] -> int64 indices of the kept boxes, by decreasing
-    score (torchvision.ops.nms)."""
+    """torchvision.ops.nms: boxes [N, 4], scores [N] -> int64 kept indices, by decreasing score."""
     return batched_nms(boxes, scores, None, iou_threshold)
 
 
@@ -74,11 +73,10 @@ def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
 
 def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, method="gaussian",
              iou_threshold=0.3):
-    """Soft-NMS (Bodla et al. 2017): repeatedly keep the highest current score of a label (ties:
-    higher original score, then lower index), multiply its label's other boxes by exp(-IoU^2 /
-    sigma) ("gaussian") or (1 - IoU) where IoU > iou_threshold ("linear"), drop those below
-    score_threshold. -> (keep int64 [K], new_scores [K] in the scores' dtype) by decreasing new
-    score, ties lower index first."""
+    """Soft-NMS (Bodla et al. 2017): keep a label's highest current score (ties: higher original
+    score, then lower index), multiply its label's other boxes by exp(-IoU^2 / sigma) ("gaussian")
+    or (1 - IoU) where IoU > iou_threshold ("linear"), drop those below score_threshold; repeat.
+    -> (keep int64 [K], new_scores [K], scores' dtype) by decreasing new score, ties lower index."""
     _check(boxes, scores, labels)
     if method not in ("gaussian", "linear"):
         raise ValueError(f"soft_nms method must be 'gaussian' or 'linear', got {method!r}")
