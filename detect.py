@@ -4,9 +4,10 @@
     python detect.py clip.mp4 anim.gif --out annotated/ --json frames.json --bf16
 
 PATHs: image files, folders (not recursive) and globs (quoted: Python expands them). --weights: any
-file weights.load_model reads (ours, torchvision, amdegroot or mmdetection SSDs). Videos (PyAV: pip
-install av) and animated GIFs are written as they go to <out>/<stem>.mp4 (H.264, else MPEG-4 part
-2) or .gif, keeping size, frame rate or durations and loop; frames/s and ETA go to stderr.
+file weights.load_model reads (ours, torchvision, amdegroot or mmdetection SSDs). Videos (.mp4,
+.mov, .avi, .mkv, .webm, ...; PyAV: pip install av) and animated GIFs are written as they go to
+<out>/<stem>.mp4 (H.264, else MPEG-4 part 2) or .gif, keeping size, frame rate or durations and
+loop; frames/s and ETA go to stderr.
 JSON: [{"image": path, "width": w, "height": h, "detections": [{"box": [x1, y1, x2, y2] (pixels of
 the image as displayed, EXIF applied, no +1), "score": s, "label": i, "name": str}]}]; a video or
 GIF: {"video": path, "width", "height", "fps", "frames": [{"frame": k, "time": seconds,
@@ -31,6 +32,9 @@ import weights
 
 VIDEO_EXTENSIONS = set(".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .wmv".split())
 _MEDIA = VIDEO_EXTENSIONS | set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
+NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a few minutes on a "
+              "CPU) or pass --weights FILE (ours, torchvision ssd300_vgg16, amdegroot ssd.pytorch "
+              "or mmdetection SSD)")
 
 
 def main(argv=None):
@@ -44,8 +48,7 @@ def main(argv=None):
         if args.device == "cuda" and not torch.cuda.is_available():
             raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
         if weights_path is None:
-            raise data.UsageError("no weights: train a model first (python train.py --data shapes, "
-                                  "a few minutes on a CPU) or pass --weights FILE (see --help)")
+            raise data.UsageError(NO_WEIGHTS)
         model = weights.load_model(weights_path, args.device)  # CheckpointError names the file
         try:
             os.makedirs(args.out, exist_ok=True)
@@ -103,13 +106,13 @@ def parse_args(argv):
                    help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
     number("--batch-size", int, 8, "images or frames per forward pass, any sizes mixed")
     args = p.parse_args(argv)
-    for flag, ok, rule in (("--score-thr", 0.0 <= args.score_thr < 1.0, "be in [0, 1)"),
-                           ("--nms-iou", 0.0 <= args.nms_iou <= 1.0, "be in [0, 1]"),
-                           ("--topk", args.topk >= 1, "be at least 1"),
-                           ("--max-det", args.max_det >= 1, "be at least 1"),
-                           ("--batch-size", args.batch_size >= 1, "be at least 1")):
-        if not ok:
-            p.error(f"{flag} must {rule}")
+    if not 0.0 <= args.score_thr < 1.0:
+        p.error("--score-thr must be in [0, 1)")
+    if not 0.0 <= args.nms_iou <= 1.0:
+        p.error("--nms-iou must be in [0, 1]")
+    for name in ("topk", "max_det", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 

@@ -3,10 +3,12 @@
 The contract, on every engine and device (that of torchvision.ops.box_iou / nms / batched_nms):
 - Boxes are [N, 4] (x1, y1, x2, y2); x2 <= x1 or y2 <= y1: zero area, IoU 0 with everything. A box
   with a NaN or infinite coordinate counts as empty: it never suppresses and is never suppressed.
-- IoU is float32 for any input dtype, rounded as torchvision: inter / ((area_a + area_b) - inter).
+- IoU is float32, that of the boxes' float32 copy whatever their dtype, rounded as torchvision's
+  kernels: inter / ((area_a + area_b) - inter).
 - Hard NMS: down the scores, a box is kept unless a kept box has IoU > iou_threshold with it (the
   float32 IoU against the exact threshold). Kept indices by decreasing score, equal scores lower
-  index first; scores are ordered in their own dtype (float64 ties stay apart), NaN above all.
+  index first; scores are ordered in their own dtype (float64 scores that float32 would tie stay
+  apart) and a NaN score ranks above every other, as torch.sort does.
 - labels [N] int (any values): boxes only suppress boxes of their own label; None = one class.
 - Soft-NMS (Bodla et al. 2017) decays scores in float32; a NaN score is dropped.
 - Empty input gives empty output. ValueError: a wrong shape, iou_threshold < 0, an unknown method
@@ -157,8 +159,8 @@ def _iou(a, b):
 
 
 def _resolve(near, thr, may_keep=None, spread=lambda keep: keep.unsqueeze(-2)):
-    """Greedy NMS of a short run: near [..., j, i] = IoU of box j with earlier box i (else 0;
-    spread lays keep so), may_keep [..., j] or None; iterated from all kept to the fixed point."""
+    """Greedy NMS of a short run: near [..., j, i] = IoU of box j with earlier box i (else 0; spread
+    lays keep so), may_keep [..., j] or None; iterated from all kept to its fixed point: greedy."""
     allowed = (lambda keep: keep) if may_keep is None else may_keep.logical_and
     keep = allowed(~(near.amax(-1) > thr))
     while not torch.equal(nxt := allowed(~((near * spread(keep)).amax(-1) > thr)), keep):
@@ -167,7 +169,7 @@ def _resolve(near, thr, may_keep=None, spread=lambda keep: keep.unsqueeze(-2)):
 
 
 def _nms_torch(boxes, scores, labels, thr):
-    """batched_nms on CPU, by shape (bench.py): one class, labels of <= _BAND + 1 boxes, others."""
+    """batched_nms on CPU: _greedy_nms, _greedy_nms_band or _sweep_rows, by shape (bench.py)."""
     pad = boxes.shape[0]
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
     order = _score_order(scores)  # [N]
@@ -339,7 +341,7 @@ def _nms_triton(boxes, scores, labels, thr):
     _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, meta, segments, n, mask, thr,
                            COMPARE_LABELS=compare, SEGMENTED=segmented, ROWS=rows_per_prog,
                            enable_fp_fusion=False)
-    # CHUNK: later words updated per sweep step; 128 (a word per thread of 4 warps) beats 32 by ~5x
+    # CHUNK: later words updated per sweep step (a word per thread of 4 warps; 32 took 5x the steps)
     _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed,
                                    flags if perm is None else perm, flags, SEGMENTED=segmented,
                                    PERMUTED=perm is not None, CHUNK=128 if boxes.is_cuda else 512)
@@ -411,7 +413,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_mask_kernel(boxes_ptr, labels_ptr, meta_ptr, segments, n, mask_ptr, thr,
                          COMPARE_LABELS: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr):
-        """(segment, rows block, word w): bit b of mask[row, w] = row suppresses w * 64 + b."""
+        """Program (segment, rows block, word w): bit b of mask[row, w]: row suppresses 64 w + b."""
         start, count, mask_off, _ = _segment(meta_ptr, tl.program_id(0), segments, n, SEGMENTED)
         n_words = (count + 63) // 64
         rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
