@@ -3,23 +3,16 @@
     python detect.py photo.jpg holiday/ 'scans/*.png' --weights runs/voc/best.pt --json dets.json
     python detect.py clip.mp4 anim.gif --out annotated/ --json frames.json --bf16
 
-PATHs are image files, folders (their image files, not recursive) and globs (quote them; Python
-expands them, so they work the same on every shell). --weights takes anything weights.load_model
-reads: our checkpoints and torchvision ssd300_vgg16, amdegroot ssd.pytorch or mmdetection SSD files.
-Without it the newest runs/*/best.pt is used.
-
-Videos (.mp4, .avi, .mov, .mkv, .webm, ...; decoded by PyAV, `pip install av`) and animated GIFs
-(Pillow) are read, detected in batches of frames and written as they go: <out>/<stem>.mp4 (H.264,
-or MPEG-4 part 2 where libx264 is missing; same size and frame rate) and <out>/<stem>.gif (frame
-durations and loop kept). Progress (frames/s, ETA) goes to stderr.
-
-JSON: [{"image": path, "width": w, "height": h, "detections": [{"box": [x1, y1, x2, y2], "score":
-s, "label": i, "name": str}]}], boxes xyxy in pixels of the image as displayed (EXIF orientation
-applied), no +1. A video or animated GIF has {"video": path, "width", "height", "fps", "frames":
-[{"frame": k, "time": seconds, "detections": [...]}]} (every frame). Inputs that could not be read
-are left out of it and named on stderr instead.
-Exit code 0: all done; 1: some inputs failed, the rest were processed; 2: bad usage, no weights, or
-no image could be read.
+PATHs: image files, folders (not recursive) and globs (quoted: Python expands them). --weights: any
+file weights.load_model reads (ours, torchvision, amdegroot or mmdetection SSDs). Videos (.mp4,
+.mov, .avi, .mkv, .webm, ...; PyAV: pip install av) and animated GIFs are written as they go to
+<out>/<stem>.mp4 (H.264, else MPEG-4 part 2) or .gif, keeping size, frame rate or durations and
+loop; frames/s and ETA go to stderr.
+JSON: [{"image": path, "width": w, "height": h, "detections": [{"box": [x1, y1, x2, y2] (pixels of
+the image as displayed, EXIF applied, no +1), "score": s, "label": i, "name": str}]}]; a video or
+GIF: {"video": path, "width", "height", "fps", "frames": [{"frame": k, "time": seconds,
+"detections": [...]}]}. Exit code 0: all done; 1: some inputs failed (named on stderr, not in the
+JSON); 2: bad usage, no weights, or no input could be read.
 """
 import argparse
 import glob
@@ -37,16 +30,8 @@ import data
 import ssd
 import weights
 
-SCORE_THR = 0.5  # for drawing; evaluation keeps everything above 0.01 (SSD paper, Caffe ssd)
-NMS_IOU = 0.45  # paper / Caffe
-TOPK = 400  # candidates per class before NMS (Caffe top_k)
-MAX_DET = 200  # detections per image (Caffe keep_top_k)
-BATCH_SIZE = 8
-OUT_DIR = "runs/detect"
-IMAGE_EXTENSIONS = set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
 VIDEO_EXTENSIONS = set(".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .wmv".split())
-_MEDIA = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what folders and globs pick up
-PROGRESS_EVERY_S = 2.0
+_MEDIA = VIDEO_EXTENSIONS | set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
 NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a few minutes on a "
               "CPU) or pass --weights FILE (ours, torchvision ssd300_vgg16, amdegroot ssd.pytorch "
               "or mmdetection SSD)")
@@ -55,19 +40,30 @@ NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    files, errors = collect_inputs(args.paths)
+    files, failures = collect_inputs(args.paths)
     if not files:  # every path has had its error line
         return 2
-    try:
-        model, weights_path = _setup(args)
+    weights_path = args.weights or data.newest_run_file("best.pt")
+    try:  # the model, then the output folders
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+        if weights_path is None:
+            raise data.UsageError(NO_WEIGHTS)
+        model = weights.load_model(weights_path, args.device)  # CheckpointError names the file
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise data.UsageError(f"{args.out}: cannot create the output folder "
+                                  f"({e.strerror or e})") from None
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise data.UsageError(f"{args.json}: its folder does not exist")
     except (data.UsageError, weights.CheckpointError) as e:
         print(e, file=sys.stderr)
         return 2
     taken, results = {os.path.realpath(f) for f in files}, []
     stream = {f: _is_stream(f) for f in files}  # one look at each file
-    streams, images = [f for f in files if stream[f]], [f for f in files if not stream[f]]
-    failures = errors + _run_images(args, model, images, taken, results)
-    for path in streams:
+    failures += _run_images(args, model, [f for f in files if not stream[f]], taken, results)
+    for path in filter(stream.get, files):
         try:
             results.append(_run_stream(args, model, path, taken))
         except data.DataError as e:  # one line, the path first; the run goes on
@@ -88,29 +84,27 @@ def main(argv=None):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="image, video or GIF files, folders or globs")
+    head, epilog = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=head, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="images, videos, GIFs, folders, globs")
     p.add_argument("--weights", help="checkpoint (default: the newest runs/*/best.pt)")
 
     def number(flag, kind, default, text):
         p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
-    number("--score-thr", float, SCORE_THR, "keep detections scoring above this")
-    number("--nms-iou", float, NMS_IOU, "IoU above which NMS suppresses a box")
+    number("--score-thr", float, 0.5, "keep detections scoring above this")  # eval: 0.01, Caffe
+    number("--nms-iou", float, 0.45, "IoU above which NMS suppresses a box")  # SSD paper, Caffe
     p.add_argument("--nms", choices=["hard", "soft"], default="hard",
                    help="hard NMS or Gaussian soft-NMS (default hard)")
-    number("--topk", int, TOPK, "candidates per class before NMS")
-    number("--max-det", int, MAX_DET, "detections per image")
-    number("--out", str, OUT_DIR, "folder for the drawn images")
+    number("--topk", int, 400, "candidates per class before NMS")  # Caffe top_k
+    number("--max-det", int, 200, "detections per image")  # Caffe keep_top_k
+    number("--out", str, "runs/detect", "folder for the drawn images")
     p.add_argument("--json", metavar="FILE", help="also write all detections to this JSON file")
-    p.add_argument("--device", choices=["cpu", "cuda"],
-                   default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default cuda when available, else cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default cuda if available, else cpu",
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true",
                    help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
-    number("--batch-size", int, BATCH_SIZE, "images or frames per forward pass, any sizes mixed")
+    number("--batch-size", int, 8, "images or frames per forward pass, any sizes mixed")
     args = p.parse_args(argv)
     if not 0.0 <= args.score_thr < 1.0:
         p.error("--score-thr must be in [0, 1)")
@@ -122,41 +116,21 @@ def parse_args(argv):
     return args
 
 
-def _setup(args):
-    """(model, weights path), output folders checked; UsageError or CheckpointError if not."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-    path = args.weights or data.newest_run_file("best.pt")
-    if path is None:
-        raise data.UsageError(NO_WEIGHTS)
-    model = weights.load_model(path, args.device)  # weights.CheckpointError names a bad file
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise data.UsageError(f"{args.out}: cannot create the output folder "
-                              f"({e.strerror or e})") from None
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise data.UsageError(f"{args.json}: its folder does not exist")
-    return model, path
-
-
 def collect_inputs(paths):
-    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named
-    on stderr). A path that exists is taken literally ('a[1].jpg' is no glob) and kept whatever
-    its extension (reading it reports what it is); folders and globs give their media files."""
+    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named on
+    stderr). A path that exists is taken literally ('a[1].jpg' is no glob), a file whatever its
+    extension (reading it reports what it is); folders and globs give their media files."""
     files, errors = {}, 0  # real path -> path as given
     for p in paths:
-        if os.path.isdir(p):
-            found, why = _files_in(p), "no image files in this folder"
-        elif os.path.exists(p):
-            found, why = [p], ""
-        elif any(ch in p for ch in "*?["):
+        if os.path.exists(p):
+            found = _files_in(p) if os.path.isdir(p) else [p]
+            why = "no image files in this folder"
+        else:  # a glob (a missing plain path matches nothing)
             found = [f for m in sorted(glob.glob(p, recursive=True)) for f in (
                 _files_in(m) if os.path.isdir(m) else [m] if Path(m).suffix.lower() in _MEDIA
                 else [])]
-            why = "no image files match this pattern"
-        else:
-            found, why = [], "no such file or folder"
+            why = ("no image files match this pattern" if any(ch in p for ch in "*?[")
+                   else "no such file or folder")
         if not found:
             print(f"{p}: {why}", file=sys.stderr)
             errors += 1
@@ -166,63 +140,51 @@ def collect_inputs(paths):
 
 
 def _files_in(folder):
-    """The image and video files directly inside `folder` (by extension, any case), by name."""
     return [p for n in sorted(os.listdir(folder)) if Path(n).suffix.lower() in _MEDIA
             and os.path.isfile(p := os.path.join(folder, n))]
 
 
 def output_path(out_dir, image_path, taken, ext=".jpg"):
-    """<out_dir>/<stem><ext>, or <stem>_<n><ext> while that real path is in `taken` (the inputs and
-    the names chosen so far: no input is overwritten, same-named images all survive); adds it."""
-    stem = Path(image_path).stem
+    """<out_dir>/<stem><ext>, else <stem>_<n><ext>: the first real path not in taken (inputs and
+    outputs so far: no input is overwritten, same-named images all survive), added to it."""
     for n in itertools.count():
-        candidate = os.path.join(out_dir, f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
+        candidate = os.path.join(out_dir, Path(image_path).stem + (f"_{n}" if n else "") + ext)
         if os.path.realpath(candidate) not in taken:
             taken.add(os.path.realpath(candidate))
             return candidate
 
 
 def _run_images(args, model, files, taken, results):
-    """Detect on image files in batches: draw, save, print a line each, add JSON entries to
-    `results`. Returns the failure count."""
-    names, failures = model.config["class_names"], 0
-    for start in range(0, len(files), args.batch_size):
-        batch = []  # (path, PIL image, seconds spent reading it)
-        for path in files[start:start + args.batch_size]:
+    """Detect, draw, save and print a line for each image, add their JSON to results -> failures."""
+    failed = []
+
+    def read():
+        for path in files:
             t0 = time.perf_counter()
             try:
-                batch.append((path, data.load_image(path), time.perf_counter() - t0))
+                yield data.load_image(path), (path, time.perf_counter() - t0)
             except data.DataError as e:  # its message starts with the path
                 print(e, file=sys.stderr)
-                failures += 1
-        if not batch:
+                failed.append(path)
+    for image, (path, read_s), found, scores, model_s in _detected(args, model, read()):
+        target = output_path(args.out, path, taken)
+        try:  # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
+            image.save(target, "JPEG", quality=92, subsampling=0)
+        except OSError as e:
+            print(f"{target}: cannot write ({e.strerror or e})", file=sys.stderr)
+            failed.append(target)
             continue
-        t0 = time.perf_counter()
-        detections = _detect(model, [im for _, im, _ in batch], args)
-        model_share = (time.perf_counter() - t0) / len(batch)
-        for (path, image, read_s), (boxes, scores, labels) in zip(batch, detections):
-            found = _draw(image, boxes, scores, labels, names)
-            target = output_path(args.out, path, taken)
-            try:
-                # 4:4:4 chroma: subsampling would bleed the colour of 2-pixel lines
-                image.save(target, "JPEG", quality=92, subsampling=0)
-            except OSError as e:
-                print(f"{target}: cannot write ({e.strerror or e})", file=sys.stderr)
-                failures += 1
-                continue
-            listed = ", ".join(f"{d['name']} {float(v):.2f}" for d, v in zip(found, scores[:5]))
-            listed = f" ({listed}{', ...' if len(found) > 5 else ''})" if found else ""
-            print(f"{path}: {_plural(len(found), 'object')}{listed} "
-                  f"{1000 * (read_s + model_share):.0f} ms")
-            results.append({"image": path, "width": image.width, "height": image.height,
-                            "detections": found})
-    return failures
+        listed = ", ".join(f"{d['name']} {float(v):.2f}" for d, v in zip(found, scores[:5]))
+        listed = f" ({listed}{', ...' if len(found) > 5 else ''})" if found else ""
+        print(f"{path}: {_plural(len(found), 'object')}{listed} {1000 * (read_s + model_s):.0f} ms")
+        results.append({"image": path, "width": image.width, "height": image.height,
+                        "detections": found})
+    return len(failed)
 
 
 def _run_stream(args, model, path, taken):
-    """Detect on every frame of a video or animated GIF, batch by batch; the annotated copy is
-    written as it goes (to <target>.part, renamed at the end). Returns its JSON entry."""
-    names, gif = model.config["class_names"], Path(path).suffix.lower() == ".gif"
+    """Detect on a video or animated GIF, writing the drawn copy as it goes -> its JSON entry."""
+    gif = Path(path).suffix.lower() == ".gif"
     target = output_path(args.out, path, taken, ".gif" if gif else ".mp4")
     errors = (OSError, ValueError, EOFError, MemoryError)
     if not gif:
@@ -231,25 +193,25 @@ def _run_stream(args, model, path, taken):
         except ImportError:
             raise data.DataError(f"{path}: a video needs PyAV (pip install av)") from None
         errors += (av.FFmpegError,)
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     frames, size = [], None  # frames: the JSON of each frame done
-    try:
-        reader, write, close, fps, total = (_gif_io if gif else _video_io)(path, target + ".part")
-        while batch := list(itertools.islice(reader, args.batch_size)):
-            for (image, t), (boxes, scores, labels) in zip(batch, _detect(
-                    model, [im for im, _ in batch], args)):
-                found = _draw(image, boxes, scores, labels, names)
-                write(image)
-                size = size or image.size
-                frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
-            if (now := time.perf_counter()) - last >= PROGRESS_EVERY_S:
+
+    def drawn(reader, total):  # (PIL, seconds) frames -> the images drawn; progress on stderr
+        nonlocal size
+        last = start
+        for image, t, found, _, _ in _detected(args, model, reader):
+            size = size or image.size
+            frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
+            if (now := time.perf_counter()) - last >= 2.0:  # a progress line every 2 s
                 rate, last, done = len(frames) / (now - start), now, len(frames)
                 eta = f" ETA {(total - done) / rate:.0f} s" if total > done else ""
                 print(f"{path}: frame {done}/{total or '?'} {rate:.1f} frames/s{eta}",
                       file=sys.stderr, flush=True)
+            yield image
         if not frames:
             raise ValueError("no frame")
-        close()
+    try:
+        fps = (_gif_io if gif else _video_io)(path, target + ".part", drawn)
         os.replace(target + ".part", target)
     except errors as e:
         if os.path.exists(target + ".part"):
@@ -260,6 +222,24 @@ def _run_stream(args, model, path, taken):
           f"{len(frames) / (time.perf_counter() - start):.1f} frames/s -> {target}")
     return {"video": path, "width": size[0], "height": size[1], "fps": round(fps, 3),
             "frames": frames}
+
+
+def _detected(args, model, items):
+    """(PIL image, info) items -> (image, info, detections' JSON, scores, model seconds per image),
+    args.batch_size images per ssd.detect call, the boxes drawn on the image."""
+    names = model.config["class_names"]
+    while batch := list(itertools.islice(items, args.batch_size)):
+        t0 = time.perf_counter()
+        out = ssd.detect(model, [data.to_tensor(im) for im, _ in batch], args.bf16,
+                         score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
+                         max_det=args.max_det, nms=args.nms)
+        model_s = (time.perf_counter() - t0) / len(batch)
+        for (image, info), (boxes, scores, labels) in zip(batch, out):
+            data.draw_detections(image, boxes, scores, labels, names)
+            found = [{"box": [round(v, 2) for v in box], "score": round(float(s), 6),
+                      "label": int(c), "name": names[int(c) - 1]}
+                     for box, s, c in zip(boxes.tolist(), scores, labels)]
+            yield image, info, found, scores, model_s
 
 
 def _is_stream(path):
@@ -273,8 +253,8 @@ def _is_stream(path):
         return False  # the image path reports it
 
 
-def _video_io(path, target):
-    """(frames: (PIL RGB, seconds) iterator, write(PIL), close(), fps, frame count or 0)."""
+def _video_io(path, target, drawn):
+    """Decode path, encode drawn(frames: (PIL RGB, seconds) iterator, frame count or 0) -> fps."""
     import av  # optional: only videos need it
     source = av.open(path)
     if not source.streams.video:
@@ -286,45 +266,26 @@ def _video_io(path, target):
     enc = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
     enc.width, enc.height = stream.codec_context.width, stream.codec_context.height
     enc.pix_fmt = "yuv420p" if enc.width % 2 == 0 == enc.height % 2 else "yuv444p"  # odd sizes
-
-    def close():
-        out.mux(enc.encode())  # flush the encoder
-        out.close()
-        source.close()
     frames = ((f.to_image(), float(f.time) if f.time is not None else k / rate)
               for k, f in enumerate(source.decode(stream)))
-    return (frames, lambda image: out.mux(enc.encode(av.VideoFrame.from_image(image))), close,
-            float(rate), stream.frames)
+    for image in drawn(frames, stream.frames):
+        out.mux(enc.encode(av.VideoFrame.from_image(image)))
+    out.mux(enc.encode())  # flush the encoder
+    out.close()
+    source.close()
+    return float(rate)
 
 
-def _gif_io(path, target):
-    """As _video_io for an animated GIF (Pillow); the drawn frames are kept until close()."""
-    gif = Image.open(path)
-    durations = [f.info.get("duration", 100) for f in ImageSequence.Iterator(gif)]
-    drawn = []
-
-    def close():
-        drawn[0].save(target, "GIF", save_all=True, append_images=drawn[1:], duration=durations,
-                      loop=gif.info.get("loop", 0))
-        gif.close()
-    frames = ((f.convert("RGB"), t / 1000) for f, t in zip(
-        ImageSequence.Iterator(gif), itertools.accumulate(durations, initial=0)))
-    fps = 1000 * len(durations) / max(1, sum(durations))
-    return frames, drawn.append, close, fps, len(durations)
-
-
-def _detect(model, images, args):
-    """ssd.detect on PIL images with the command line's options -> [(boxes, scores, labels)]."""
-    return ssd.detect(model, [data.to_tensor(im) for im in images], args.bf16,
-                      score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
-                      max_det=args.max_det, nms=args.nms)
-
-
-def _draw(image, boxes, scores, labels, names):
-    """Draw one image's detections on it; -> their JSON list."""
-    data.draw_detections(image, boxes, scores, labels, names)
-    return [{"box": [round(v, 2) for v in box], "score": round(float(s), 6), "label": int(c),
-             "name": names[int(c) - 1]} for box, s, c in zip(boxes.tolist(), scores, labels)]
+def _gif_io(path, target, drawn):
+    """As _video_io for an animated GIF (Pillow), durations and loop kept."""
+    with Image.open(path) as gif:
+        durations = [f.info.get("duration", 100) for f in ImageSequence.Iterator(gif)]
+        frames = ((f.convert("RGB"), t / 1000) for f, t in zip(
+            ImageSequence.Iterator(gif), itertools.accumulate(durations, initial=0)))
+        images = list(drawn(frames, len(durations)))
+        images[0].save(target, "GIF", save_all=True, append_images=images[1:],
+                       duration=durations, loop=gif.info.get("loop", 0))
+    return 1000 * len(durations) / max(1, sum(durations))
 
 
 def _plural(n, word):

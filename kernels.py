@@ -1,22 +1,20 @@
 """Box operations for SSD post-processing: IoU, greedy NMS, class-aware NMS and Soft-NMS.
 
 The contract, on every engine and device (that of torchvision.ops.box_iou / nms / batched_nms):
-- Boxes are [N, 4] (x1, y1, x2, y2). A box with x2 <= x1 or y2 <= y1 has zero area and IoU 0 with
-  everything. A box with a NaN or infinite coordinate counts as empty: it never suppresses and is
-  never suppressed (torchvision's IoU with it is NaN or 0, never > a threshold; box_iou gives 0).
-- IoU is float32 whatever the input dtype (float16 / bfloat16 give their float32 copy's result),
-  rounded as torchvision's kernels: inter / ((area_a + area_b) - inter).
-- Hard NMS: going down the scores, a box is kept unless a kept box has IoU > iou_threshold with it
-  (strictly; the float32 IoU against the exact threshold). Kept indices come by decreasing score,
-  equal scores lower index first. Scores are ordered in their own dtype (float64 ties that float32
-  would merge stay apart) and a NaN score ranks above every other, as torch.sort does.
+- Boxes are [N, 4] (x1, y1, x2, y2); x2 <= x1 or y2 <= y1: zero area, IoU 0 with everything. A box
+  with a NaN or infinite coordinate counts as empty: it never suppresses and is never suppressed.
+- IoU is float32, that of the boxes' float32 copy whatever their dtype, rounded as torchvision's
+  kernels: inter / ((area_a + area_b) - inter).
+- Hard NMS: down the scores, a box is kept unless a kept box has IoU > iou_threshold with it (the
+  float32 IoU against the exact threshold). Kept indices by decreasing score, equal scores lower
+  index first; scores are ordered in their own dtype (float64 scores that float32 would tie stay
+  apart) and a NaN score ranks above every other, as torch.sort does.
 - labels [N] int (any values): boxes only suppress boxes of their own label; None = one class.
 - Soft-NMS (Bodla et al. 2017) decays scores in float32; a NaN score is dropped.
 - Empty input gives empty output. ValueError: a wrong shape, iou_threshold < 0, an unknown method
   or SSD_KERNELS value; RuntimeError: SSD_KERNELS=triton where Triton cannot run.
-Engines: CUDA tensors run the Triton kernels, CPU tensors the torch code (as does nms_rows on any
-device, and every call when Triton cannot be imported). SSD_KERNELS=torch or SSD_KERNELS=triton
-forces one; triton on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported (tests).
+Engines: Triton for CUDA tensors; torch for CPU tensors, nms_rows, and where Triton does not import.
+SSD_KERNELS=torch|triton forces one (triton on CPU: TRITON_INTERPRET=1 before Triton is imported).
 """
 import functools
 import math
@@ -50,8 +48,7 @@ def box_iou(a, b):
 
 
 def nms(boxes, scores, iou_threshold):
-    """Greedy NMS of boxes [N, 4], scores [N] -> int64 indices of the kept boxes, by decreasing
-    score (torchvision.ops.nms)."""
+    """torchvision.ops.nms: boxes [N, 4], scores [N] -> int64 kept indices, by decreasing score."""
     return batched_nms(boxes, scores, None, iou_threshold)
 
 
@@ -66,11 +63,10 @@ def batched_nms(boxes, scores, labels, iou_threshold):
 
 
 def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
-    """Class-aware greedy NMS of rows already in priority order (boxes [B, n, 4], labels [B, n] int,
-    valid [B, n] bool; a row is an image), stopping once a row is full: an untrained SSD has
-    ~36,000 candidates per image but keeps 200. Invalid entries are never kept and suppress
-    nothing. Returns keep [B, n] bool: per row, the first max_kept entries batched_nms would keep,
-    maybe more of them up to the end of the _CHUNK-column chunk where the row filled up."""
+    """Class-aware greedy NMS of rows (images) in priority order: boxes [B, n, 4], labels [B, n]
+    int, valid [B, n] bool (invalid: never kept, suppress nothing) -> keep [B, n] bool: per row the
+    first max_kept entries batched_nms would keep, maybe more up to the end of the _CHUNK-column
+    chunk where the row filled up (it stops there: an untrained SSD has ~36,000 candidates)."""
     if labels.shape[1] == 0 or max_kept <= 0:
         return torch.zeros_like(valid)
     c5 = _coords(boxes.reshape(-1, 4)).view(5, *labels.shape)  # [5, B, n]
@@ -79,11 +75,10 @@ def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
 
 def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, method="gaussian",
              iou_threshold=0.3):
-    """Soft-NMS (Bodla et al. 2017): repeatedly keep the highest current score of a label (ties:
-    higher original score, then lower index) and multiply the other boxes of its label by
-    exp(-IoU^2 / sigma) ("gaussian") or by (1 - IoU) where IoU > iou_threshold ("linear"); boxes
-    below score_threshold are dropped. Returns (keep int64 [K], new_scores [K] in the scores'
-    dtype) by decreasing new score, equal new scores lower index first."""
+    """Soft-NMS (Bodla et al. 2017): keep a label's highest current score (ties: higher original
+    score, then lower index), multiply its label's other boxes by exp(-IoU^2 / sigma) ("gaussian")
+    or (1 - IoU) where IoU > iou_threshold ("linear"), drop those below score_threshold; repeat.
+    -> (keep int64 [K], new_scores [K], scores' dtype) by decreasing new score, ties lower index."""
     _check(boxes, scores, labels)
     if method not in ("gaussian", "linear"):
         raise ValueError(f"soft_nms method must be 'gaussian' or 'linear', got {method!r}")
@@ -93,9 +88,8 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
     thr, boxes, scores = _f32_threshold(iou_threshold), boxes.float().contiguous(), scores.float()
     run = _soft_nms_triton if _use_triton(boxes) else _soft_nms_torch
     keep, new_scores = run(boxes, scores, labels, sigma, score_threshold, method == "linear", thr)
-    keep, order = keep.sort()  # unique indices: any sort is stable here
-    new_scores = new_scores[order]
-    order = _score_order(new_scores)
+    order = keep.sort().indices  # unique indices: any sort is stable here
+    order = order[_score_order(new_scores[order])]
     return keep[order], new_scores[order].to(out_dtype)
 
 
@@ -105,8 +99,7 @@ def _check(boxes, scores=None, labels=None):
         raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
     for name, t in (("scores", scores), ("labels", labels)):
         if t is not None and tuple(t.shape) != (boxes.shape[0],):
-            raise ValueError(f"{name} must be [{boxes.shape[0]}] to match boxes, "
-                             f"got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must be [{len(boxes)}] to match boxes, got {tuple(t.shape)}")
 
 
 def _use_triton(t):
@@ -119,15 +112,13 @@ def _use_triton(t):
     if triton is None:
         raise RuntimeError("SSD_KERNELS=triton but Triton cannot be imported")
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("SSD_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 "
-                           "set before Triton is imported")
+        raise RuntimeError("SSD_KERNELS=triton on CPU needs TRITON_INTERPRET=1 set before import")
     return True
 
 
 @functools.lru_cache(maxsize=64)
 def _f32_threshold(x):
-    """Largest float32 <= x: a float32 IoU v is > x (exactly, as torchvision's C++ compares in
-    double) when v > this value, so every engine compares in float32."""
+    """Largest float32 <= x: a float32 IoU is > x (in double, as torchvision) iff it is > this."""
     if not x >= 0:
         raise ValueError(f"iou_threshold must be >= 0, got {x}")
     f = torch.tensor(float(x), dtype=torch.float32)
@@ -135,13 +126,11 @@ def _f32_threshold(x):
 
 
 def _score_order(scores):
-    """Indices by decreasing score; the stable sort keeps equal scores in increasing index order."""
     return torch.sort(scores, descending=True, stable=True).indices
 
 
 def _segments(order, labels):
-    """order [N] by score -> (order by label then score, perm [N] with that = order[perm],
-    start [S], count [S]) of each label's segment; one segment without labels."""
+    """order [N] by score -> (order[perm] by label then score, perm [N], start [S], count [S])."""
     if labels is None:
         return order, None, order.new_zeros(1), order.new_full((1,), len(order))
     perm = torch.sort(labels[order], stable=True).indices  # [N]
@@ -152,8 +141,7 @@ def _segments(order, labels):
 
 # ----------------------------------------------------------------------------- torch engine
 def _coords(b):
-    """[N, 4] xyxy -> [5, N] float32 rows x1, y1, x2, y2, area (gathers give contiguous rows); a
-    box with a non-finite coordinate becomes the empty box 0, 0, 0, 0."""
+    """[N, 4] xyxy -> [5, N] float32 rows x1, y1, x2, y2, area; a non-finite box becomes 0,0,0,0."""
     b = b.float()
     if b.is_cuda or not math.isfinite(b.sum().item()):  # finite sum: all finite (1 us on CPU)
         b = torch.where(torch.isfinite(b).all(1, keepdim=True), b, 0.0)
@@ -162,8 +150,7 @@ def _coords(b):
 
 
 def _iou(a, b):
-    """IoU of a [5, ..., n] with b [5, ..., m] (see _coords) -> [..., n, m], NaN where both boxes
-    are empty (0 / 0)."""
+    """IoU of a [5, ..., n] with b [5, ..., m] (_coords) -> [..., n, m]; NaN: both are empty."""
     ax1, ay1, ax2, ay2, area_a = a.unsqueeze(-1).unbind(0)  # each [..., n, 1]
     bx1, by1, bx2, by2, area_b = b.unsqueeze(-2).unbind(0)  # each [..., 1, m]
     inter = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)  # [..., n, m]
@@ -172,24 +159,17 @@ def _iou(a, b):
 
 
 def _resolve(near, thr, may_keep=None, spread=lambda keep: keep.unsqueeze(-2)):
-    """Greedy NMS of a short run of boxes: near [..., j, i] = IoU of box j with each box i before it
-    (0 elsewhere; spread(keep) lays keep [..., i] out so), may_keep [..., j] bool or None (all).
-    Iterates keep[j] = may_keep[j] and not any(keep[i] and near[j, i] > thr) from "all kept": the
-    first k are final after k rounds, so the fixed point is the greedy answer (a few rounds in
-    practice). Float amax: faster than bool any on CPU; a NaN (two empty boxes) is never > thr."""
+    """Greedy NMS of a short run: near [..., j, i] = IoU of box j with earlier box i (else 0; spread
+    lays keep so), may_keep [..., j] or None; iterated from all kept to its fixed point: greedy."""
     allowed = (lambda keep: keep) if may_keep is None else may_keep.logical_and
     keep = allowed(~(near.amax(-1) > thr))
-    while True:
-        nxt = allowed(~((near * spread(keep)).amax(-1) > thr))
-        if torch.equal(nxt, keep):
-            return keep
+    while not torch.equal(nxt := allowed(~((near * spread(keep)).amax(-1) > thr)), keep):
         keep = nxt
+    return keep
 
 
 def _nms_torch(boxes, scores, labels, thr):
-    """batched_nms in torch, the fastest path for the shape on CPU (bench.py): one class ->
-    _greedy_nms; labels of up to _BAND + 1 boxes -> _greedy_nms_band; else rows of labels for
-    _sweep_rows (SSD's per-class NMS: many labels of up to 400 boxes)."""
+    """batched_nms on CPU: _greedy_nms, _greedy_nms_band or _sweep_rows, by shape (bench.py)."""
     pad = boxes.shape[0]
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
     order = _score_order(scores)  # [N]
@@ -209,8 +189,7 @@ def _nms_torch(boxes, scores, labels, thr):
 
 
 def _label_rows(order, start, counts, pad):
-    """Segments of order (see _segments) as [G, n] index matrices padded with pad, a row per label,
-    one matrix per power-of-two size class (from 8), so a few big labels never pad many small."""
+    """Segments (_segments) as [G, n] rows padded with pad, a matrix per power-of-two size class."""
     slot = torch.repeat_interleave(torch.arange(len(counts), device=order.device), counts)  # [N]
     rank = torch.arange(len(order), device=order.device) - start[slot]  # [N] place in its label
     size_class = torch.ceil(torch.log2(counts.clamp(min=8).double())).long()  # [S]
@@ -224,9 +203,7 @@ def _label_rows(order, start, counts, pad):
 
 
 def _greedy_nms(c5, order, thr):
-    """Greedy NMS of order [n], indices into c5 (see _coords) by decreasing score -> the kept ones,
-    by score. _CHUNK boxes at a time are resolved, then the kept ones prune the rest, so the work
-    shrinks as boxes are suppressed (one big class)."""
+    """Greedy NMS of order [n] (into c5, by score) -> kept, by score; kept chunks prune the rest."""
     kept = []
     while len(order):
         head, order = order[:_CHUNK], order[_CHUNK:]  # [c], [r]
@@ -238,16 +215,12 @@ def _greedy_nms(c5, order, thr):
 
 
 def _greedy_nms_band(c5, order, sorted_labels, width, thr):
-    """Class-aware greedy NMS when no label has over width + 1 boxes (a trained SSD's few hundred
-    candidates): order [N] indexes c5 (see _coords) by label, then score. A box can only be
-    suppressed by the `width` boxes before it, so IoUs fill a band [N, width] (sliding windows: no
-    per-label padding, no gathers). Returns the kept indices in the given order."""
+    """NMS of order [N] (by label, score), labels of <= width + 1 boxes: IoUs in a band [N, W]."""
     n = len(order)
 
     def windows(x, pad):  # [..., N] -> [..., N, W]: entry (j, d) is x at position j - W + d
         x = torch.cat([x.new_full(x.shape[:-1] + (width,), pad), x], -1)
         return x.unfold(-1, width, 1)[..., :n, :]
-
     c = c5[:, order]  # [5, N]
     same = windows(sorted_labels, 0) == sorted_labels.unsqueeze(1)  # [N, W]; padding is empty
     near = _iou(c.unsqueeze(2), windows(c, 0.0)).view(n, width) * same  # [N, W]
@@ -255,11 +228,8 @@ def _greedy_nms_band(c5, order, sorted_labels, width, thr):
 
 
 def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
-    """Greedy NMS along each row of rc [5, G, n] (see _coords; rows in priority order) -> keep
-    [G, n] bool; valid, labels [G, n] and max_kept as in nms_rows (labels None: one class). Blocks
-    of rows sized for the cache walk their columns _CHUNK at a time: a chunk is checked against
-    its row's kept boxes so far (front-packed in a buffer of empty boxes, which suppress nothing),
-    then resolved within itself."""
+    """Greedy NMS along each row of rc [5, G, n] -> keep [G, n] bool (as nms_rows): _CHUNK columns
+    at a time, checked against the row's kept boxes (front-packed buffer), then among themselves."""
     g_all, n = valid.shape
     keep = torch.zeros(g_all, n, dtype=torch.bool, device=valid.device)
     cap = n if max_kept is None else min(n, max_kept + _CHUNK)  # buffer slots a row can need
@@ -302,7 +272,7 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
 
 
 def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
-    """soft_nms in torch, the labels of a size class stepping together -> picked (idx, scores)."""
+    """soft_nms, the labels of a size class stepping together -> picked (idx, scores)."""
     pad = boxes.shape[0]  # index of an empty box with score 0 that pads the rows
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1]
     scores = torch.cat([scores, scores.new_zeros(1)])  # [N + 1]
@@ -340,10 +310,8 @@ def _box_iou_triton(a, b):
 
 
 def _nms_triton(boxes, scores, labels, thr):
-    """batched_nms in Triton: a bitmask kernel (bit j of row i: "i would suppress j") and a greedy
-    sweep over it, one program per label (sorted by label, then score). Very uneven label sizes
-    (a grid padded to the largest would waste work) make one segment whose kernel compares labels.
-    The sweep flags kept boxes in score order: one boolean index (no other host sync, one class)."""
+    """batched_nms: a bitmask kernel (bit j of row i: i would suppress j), then a greedy sweep, a
+    program per label; very uneven label sizes make one segment whose kernel compares labels."""
     device, n = boxes.device, boxes.shape[0]
     score_order = _score_order(scores)  # [N]
     rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
@@ -373,18 +341,15 @@ def _nms_triton(boxes, scores, labels, thr):
     _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, meta, segments, n, mask, thr,
                            COMPARE_LABELS=compare, SEGMENTED=segmented, ROWS=rows_per_prog,
                            enable_fp_fusion=False)
-    # CHUNK: later words the sweep updates per step; 128 (a word per thread of 4 warps) leaves a
-    # 20,000-box sweep ~1 latency-bound step per word instead of ~5 at 32
+    # CHUNK: later words updated per sweep step (a word per thread of 4 warps; 32 took 5x the steps)
     _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed,
-                                   perm if labels is not None else flags, flags,
-                                   SEGMENTED=segmented, PERMUTED=labels is not None,
-                                   CHUNK=128 if boxes.is_cuda else 512)
+                                   flags if perm is None else perm, flags, SEGMENTED=segmented,
+                                   PERMUTED=perm is not None, CHUNK=128 if boxes.is_cuda else 512)
     return score_order[flags.view(torch.bool)]
 
 
 def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr):
-    """soft_nms with one Triton program per label running its whole decay loop -> picked (indices,
-    scores); host syncs: the label split and the end."""
+    """soft_nms, a Triton program per label running its whole decay loop -> picked (idx, scores)."""
     n = boxes.shape[0]
     order, _, start, counts = _segments(_score_order(scores), labels)
     cur = scores[order].contiguous()  # [N] current scores, decayed in place by the kernel
@@ -392,9 +357,8 @@ def _soft_nms_triton(boxes, scores, labels, sigma, score_threshold, linear, thr)
     picks = torch.empty_like(counts)  # [S]
     _soft_nms_kernel[(len(counts),)](boxes[order].contiguous(), cur, start, counts, pos, new,
                                      picks, float(sigma), float(score_threshold), thr,
-                                     LINEAR=linear,
-                                     BLOCK=min(1024, triton.next_power_of_2(int(counts.max()))),
-                                     enable_fp_fusion=False)
+                                     LINEAR=linear, enable_fp_fusion=False,
+                                     BLOCK=min(1024, triton.next_power_of_2(int(counts.max()))))
     segment = torch.repeat_interleave(torch.arange(len(counts), device=boxes.device), counts,
                                       output_size=n)  # [N]
     used = (torch.arange(n, device=boxes.device) - start[segment] < picks[segment]).nonzero()[:, 0]
@@ -449,8 +413,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_mask_kernel(boxes_ptr, labels_ptr, meta_ptr, segments, n, mask_ptr, thr,
                          COMPARE_LABELS: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr):
-        """Program (segment, rows block, word w): bit b of mask[row, w] = box row would suppress box
-        w * 64 + b of its segment (it comes later and IoU > thr)."""
+        """Program (segment, rows block, word w): bit b of mask[row, w]: row suppresses 64 w + b."""
         start, count, mask_off, _ = _segment(meta_ptr, tl.program_id(0), segments, n, SEGMENTED)
         n_words = (count + 63) // 64
         rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -476,8 +439,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["segments", "n"])
     def _nms_sweep_kernel(mask_ptr, meta_ptr, segments, n, removed_ptr, perm_ptr, flags_ptr,
                           SEGMENTED: tl.constexpr, PERMUTED: tl.constexpr, CHUNK: tl.constexpr):
-        """Greedy pass over a segment's mask a word (64 boxes) at a time: resolve them in order on
-        the diagonal word, OR the kept rows into `removed`; flags[perm[start + i]] = kept i."""
+        """Greedy pass over a segment's mask, 64 boxes a step; flags[perm[start + i]] = kept i."""
         seg = tl.program_id(0)
         start, count, mask_off, word_off = _segment(meta_ptr, seg, segments, n, SEGMENTED)
         mask_base = mask_ptr + mask_off
@@ -518,15 +480,12 @@ if triton is not None:
     @triton.jit
     def _soft_nms_kernel(boxes_ptr, cur_ptr, start_ptr, count_ptr, pos_ptr, new_ptr, picks_ptr,
                          sigma, score_thr, iou_thr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
-        """Soft-NMS of a segment (a label, by score): pick the best live score (the first among
-        equals), record it, decay the rest, until none is live; a pick's score becomes NaN."""
+        """Soft-NMS of a segment: pick the best live score (first among equals), decay the rest."""
         seg = tl.program_id(0)
-        start = tl.load(start_ptr + seg)
-        count = tl.load(count_ptr + seg)
+        start, count = tl.load(start_ptr + seg), tl.load(count_ptr + seg)
         box, cur = boxes_ptr + start * 4, cur_ptr + start
         lane = tl.arange(0, BLOCK)
-        picks = count * 0
-        go = count > 0
+        picks, go = count * 0, count > 0
         while go:
             best, best_val = count * 0 - 1, tl.full([], -float("inf"), tl.float32)
             c0 = 0
