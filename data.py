@@ -597,7 +597,6 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
     mode = _CROP_MODES[rng.integers(len(_CROP_MODES))]
     if mode is None:
         return whole, np.ones(n, bool)
-    # every trial drawn at once (numpy is slow one small array at a time)
     w, h = rng.uniform(0.3 * width, width, trials), rng.uniform(0.3 * height, height, trials)
     x0, y0 = rng.uniform(0, 1, trials) * (width - w), rng.uniform(0, 1, trials) * (height - h)
     patches = np.stack([x0, y0, x0 + w, y0 + h], 1).astype(np.int64)  # [T, 4], int() rounding
@@ -637,10 +636,10 @@ def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
 
 
 def _photometric_params(rng):
-    """SSD's photometric draws (the SSD paper, section 2.2; mmdetection's PhotoMetricDistortion),
-    each with probability 0.5, else its identity value: brightness +U(-32, 32), contrast
-    xU(0.5, 1.5) before or after the HSV steps (50/50), saturation xU(0.5, 1.5), hue +U(-18, 18)
-    degrees, channels: a permutation (else None)."""
+    """SSD's photometric draws (the SSD paper, section 2.2; mmdetection's PhotoMetricDistortion) ->
+    dict(brightness +U(-32, 32), contrast_before or (50/50) contrast_after xU(0.5, 1.5), saturation
+    xU(0.5, 1.5), hue +U(-18, 18) degrees, channels: a permutation), each with probability 0.5,
+    else its identity value (0, 1 or None)."""
     def maybe(draw, otherwise):
         return draw() if rng.random() < 0.5 else otherwise
     brightness, first = maybe(lambda: rng.uniform(-32, 32), 0.0), bool(rng.random() < 0.5)
@@ -654,8 +653,7 @@ def _photometric_params(rng):
 
 def _colour(x, brightness, contrast_before, saturation, hue, contrast_after):
     """The photometric steps on float RGB planes [..., 3, H, W] (0-255), clipped to [0, 255]:
-    numpy with numbers (steps that change nothing skipped) or torch with [B, 1, 1, 1] tensors.
-    Saturation and hue as an HSV round trip gives, in whole-plane arithmetic."""
+    numpy with numbers (steps that change nothing skipped) or torch with [B, 1, 1, 1] tensors."""
     tensor = torch.is_tensor(x)  # tensors: every step (testing a value would sync the device)
     xp = torch if tensor else np
     x = x + brightness
@@ -666,7 +664,7 @@ def _colour(x, brightness, contrast_before, saturation, hue, contrast_after):
         x -= v
         x *= saturation
         x += v
-    if tensor or hue != 0:  # rotate the hue, keeping each pixel's max and min channel
+    if tensor or hue != 0:  # rotate the HSV hue (each pixel's max and min channel kept)
         r, g, b = x[..., 0:1, :, :], x[..., 1:2, :, :], x[..., 2:3, :, :]  # [..., 1, H, W]
         mx, mn = xp.maximum(xp.maximum(r, g), b), xp.minimum(xp.minimum(r, g), b)
         chroma = mx - mn
@@ -763,8 +761,7 @@ def write_shapes(folder, split="val", num_images=8):
     return paths
 
 
-# Shared by the scripts (train.py, evaluate.py, detect.py): usage errors, durations, the newest
-# run, drawing detections (files are written atomically by weights.write_atomic)
+# Shared by train.py, evaluate.py and detect.py: usage errors, durations, runs, drawing
 
 class UsageError(Exception):
     """A mistake that stops a whole command (exit 2); the message is one line, printed as is."""
@@ -834,11 +831,10 @@ def _text_colour(background):
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write images of the synthetic shapes set (e.g. "
-                                     "for detect.py on a `train.py --data shapes` model).")
+    parser = argparse.ArgumentParser(description="Write images of the synthetic shapes set.")
     parser.add_argument("folder", help="where to write shapes_<split>_NNN.png")
     parser.add_argument("--split", choices=sorted(ShapesDetection.SPLITS), default="val",
-                        help="default val")
+                        help="which split (default val)")
     parser.add_argument("--num", type=int, default=8, help="how many images (default 8)")
     args = parser.parse_args()
     print(f"wrote {len(write_shapes(args.folder, args.split, args.num))} images to {args.folder}")
