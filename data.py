@@ -260,7 +260,30 @@ class COCODetection(FileSource):
                        int(im.get("height") or 0)) for im in doc["images"]]
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{ann}: bad category or image entry ({e!r})") from None
-        objects = _coco_objects(ann, doc["annotations"], images, self.category_ids)
+        label_of = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
+        row_of = {image_id: k for k, (image_id, *_) in enumerate(images)}
+        objects = [([], [], []) for _ in images]  # per image: boxes xyxy, labels, crowd boxes
+        unknown_cat, unknown_img = set(), 0
+        for a in doc["annotations"]:
+            try:
+                row = row_of.get(a["image_id"])
+                x, y, w, h = (float(v) for v in a["bbox"])
+                cat, is_crowd = a["category_id"], bool(a.get("iscrowd", 0))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{ann}: bad annotation {a.get('id', '?')} ({e!r})") from None
+            if row is None:
+                unknown_img += 1
+            elif is_crowd:
+                objects[row][2].append((x, y, x + w, y + h))
+            elif cat not in label_of:
+                unknown_cat.add(cat)
+            elif w >= 1 and h >= 1:
+                objects[row][0].append((x, y, x + w, y + h))
+                objects[row][1].append(label_of[cat])
+        cats = ", ".join(map(str, sorted(unknown_cat)))
+        _warn_each(ann, [
+            (cats, f"annotations with unknown category id(s) skipped: {cats}"),
+            (unknown_img, f"{unknown_img} annotation(s) of images not in 'images' skipped")])
         _require_images(img_dir, [name for _, name, _, _ in images], set(os.listdir(img_dir)))
         rows, clipped = [], 0  # (id, path, annotation) per image kept
         for (image_id, name, width, height), (boxes, labels, crowd) in zip(images, objects):
@@ -278,34 +301,6 @@ class COCODetection(FileSource):
         if not rows:
             raise DataError(f"{ann}: no images" + (" with boxes" if skip_empty else ""))
         self.ids, self.image_paths, self._annotations = map(list, zip(*rows))
-
-
-def _coco_objects(ann_file, annotations, images, category_ids):
-    """Annotations grouped by image, in `images` order: [(boxes xyxy, labels, crowd boxes)]."""
-    label_of = {cid: k + 1 for k, cid in enumerate(category_ids)}
-    row_of = {image_id: k for k, (image_id, *_) in enumerate(images)}
-    out, unknown_cat, unknown_img = [([], [], []) for _ in images], set(), 0
-    for a in annotations:
-        try:
-            row = row_of.get(a["image_id"])
-            x, y, w, h = (float(v) for v in a["bbox"])
-            cat, is_crowd = a["category_id"], bool(a.get("iscrowd", 0))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{ann_file}: bad annotation {a.get('id', '?')} ({e!r})") from None
-        if row is None:
-            unknown_img += 1
-        elif is_crowd:
-            out[row][2].append((x, y, x + w, y + h))
-        elif cat not in label_of:
-            unknown_cat.add(cat)
-        elif w >= 1 and h >= 1:
-            out[row][0].append((x, y, x + w, y + h))
-            out[row][1].append(label_of[cat])
-    cats = ", ".join(map(str, sorted(unknown_cat)))
-    _warn_each(ann_file, [
-        (cats, f"annotations with unknown category id(s) skipped: {cats}"),
-        (unknown_img, f"{unknown_img} annotation(s) of images not in 'images' skipped")])
-    return out
 
 
 class ConcatSource(FileSource):
