@@ -613,9 +613,9 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
 
 
 def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
-    """RGB pixels [H, W, 3] (0-255) at canvas_offset (left, top) on a `mean`-filled canvas: its
-    integer patch (x0, y0, x1, y1), mirrored when `flip`, resized to size x size as F.interpolate
-    (bilinear, align_corners=False), minus the mean -> float [3, S, S]; `colour`: photometric."""
+    """RGB pixels [H, W, 3] (0-255), `colour` applied, at canvas_offset (left, top) on a `mean`-
+    filled canvas: its integer patch (x0, y0, x1, y1), mirrored when `flip`, resized to size x size
+    as F.interpolate(bilinear, align_corners=False), minus the mean -> float [3, S, S]."""
     h, w = img.shape[:2]
     xs, ys = _sample_positions(canvas_offset, patch, flip, size)
     # the rows / columns bilinear sampling can touch (floor and floor + 1)
@@ -706,7 +706,6 @@ def _as_arrays(boxes, labels):
 
 
 # torch Dataset and collate
-
 class DetectionDataset(torch.utils.data.Dataset):
     """source + transform -> items (image [3, S, S], boxes [n, 4] in [0, 1], labels [n], index);
     `difficult` boxes dropped unless keep_difficult."""
@@ -757,7 +756,6 @@ def write_shapes(folder, split="val", num_images=8):
 
 
 # Shared by train.py, evaluate.py and detect.py: usage errors, durations, runs, drawing
-
 class UsageError(Exception):
     """A mistake that stops a whole command (exit 2); the message is one line, printed as is."""
 
