@@ -1,13 +1,11 @@
 """Data for SSD: image loading, the VOC / COCO / synthetic `shapes` sources, SSD's augmentation
 (on the CPU, or batched on the training device), Dataset + collate, and helpers the scripts share.
-
 A source: len(src), class_names (label i -> class_names[i-1]), image_id(i), load_image(i) -> PIL
-RGB, annotation(i) -> dict(boxes float32 [n, 4], labels int64 [n] in 1..C, difficult bool [n],
-width, height). Boxes are xyxy in continuous pixels (pixel (i, j) covers [i, i+1) x [j, j+1)),
-clipped to the image, none without area. A transform: (PIL image, pixel boxes, labels) -> (float
-[3, S, S] RGB 0-255 minus the mean, boxes float32 [n, 4] xyxy in [0, 1], labels int64 [n]).
-Bad input raises DataError, its message starting with the file's path; recoverable problems (a box
-clipped, an unknown class) are one warning line per file on the "data" logger.
+RGB, annotation(i) -> dict(boxes float32 [n, 4] xyxy in continuous pixels (pixel (i, j) covers
+[i, i+1) x [j, j+1)), clipped to the image, none without area; labels int64 [n] in 1..C; difficult
+bool [n]; width; height). A transform: (PIL image, pixel boxes, labels) -> (float [3, S, S] RGB
+0-255 minus the mean, boxes float32 [n, 4] xyxy in [0, 1], labels int64 [n]). Bad input raises
+DataError "<file>: <reason>"; a recoverable one (box clipped, unknown class) is a warning per file.
 """
 import colorsys
 import glob
@@ -34,25 +32,40 @@ class DataError(ValueError):
     """Bad input data. The message starts with the file's path, then the reason."""
 
 
-# -----------------------------------------------------------------------------------------------
 # Images
-
 def load_image(path):
-    """The image at `path` as a loaded PIL RGB image: EXIF orientation applied, alpha composited
-    on white, every other mode converted (16-bit / I / F by _scale_to_uint8's rule). Raises
-    DataError naming the file when it is missing, empty, not an image, truncated or larger than
-    PIL.Image.MAX_IMAGE_PIXELS."""
-    img = _open_image(path, load=True)
-    try:
-        return _to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable image ({img.mode} mode: {e})") from None
-    finally:
-        img.close()
+    """The image at `path` as a loaded PIL RGB image: EXIF orientation applied, transparent pixels
+    composited on white; 16-bit / I / F never clipped: 16-bit (and I in 0-65535) x / 257, F in
+    [0, 1] x 255, I or F in 0-255 as is, other ranges stretched min-max. DataError naming the file
+    when it is missing, empty, not an image, truncated or over PIL.Image.MAX_IMAGE_PIXELS."""
+    def rgb(img):
+        img.load()  # a truncated file fails here, not deep inside a transform
+        img, mode = ImageOps.exif_transpose(img), img.mode
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            a = np.nan_to_num(np.asarray(img, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+            if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+                a = a / 257.0
+            elif mode == "F" and lo >= 0 and hi <= 1:
+                a = a * 255.0
+            elif lo < 0 or hi > 255:
+                a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+            return Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), "L").convert("RGB")
+        if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+        return img if mode == "RGB" else img.convert("RGB")
+    return _read_image(path, rgb)
 
 
-def _open_image(path, load):
-    """PIL image at `path` (pixels decoded when `load`), or DataError naming the file."""
+def _image_size(path):
+    """(width, height) after EXIF orientation, from the file header (no pixel decoding)."""
+    return _read_image(path, lambda img: img.size[::-1]  # EXIF Orientation 5-8: quarter turns
+                       if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else img.size)
+
+
+def _read_image(path, use):
+    """use(the PIL image at `path`), the file closed after; DataError naming the file."""
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: {'not a file' if os.path.exists(path) else 'file not found'}")
@@ -61,10 +74,8 @@ def _open_image(path, load):
     try:
         with warnings.catch_warnings():  # PIL only warns up to twice MAX_IMAGE_PIXELS: refuse both
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        if load:
-            img.load()  # a truncated file fails here, not deep inside a transform
-        return img
+            with Image.open(path) as img:
+                return use(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{path}: image too large (over PIL.Image.MAX_IMAGE_PIXELS = "
                         f"{Image.MAX_IMAGE_PIXELS} pixels)") from None
@@ -72,46 +83,6 @@ def _open_image(path, load):
         raise DataError(f"{path}: not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
-
-
-def _image_size(path):
-    """(width, height) after EXIF orientation, from the file header (no pixel decoding)."""
-    img = _open_image(path, load=False)
-    try:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation; 5-8 are quarter turns
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
-    finally:
-        img.close()
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
-def _to_rgb(img):
-    """Any PIL mode -> RGB; transparent pixels are composited on white."""
-    if img.mode == "RGB" and "transparency" not in img.info:
-        return img
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        return Image.fromarray(_scale_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
-    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
-    return img.convert("RGB")
-
-
-def _scale_to_uint8(a, mode):
-    """High-range pixels -> uint8, never by clipping: 16-bit modes full scale (x / 257); 'I' in
-    0-255 stays, in 0-65535 is 16-bit; 'F' in [0, 1] is x 255, in [0, 255] stays; other ranges
-    are stretched min-max."""
-    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
-        a = a / 257.0
-    elif mode == "F" and lo >= 0 and hi <= 1:
-        a = a * 255.0
-    elif lo < 0 or hi > 255:
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return np.rint(np.clip(a, 0, 255)).astype(np.uint8)
 
 
 def _clip_boxes(boxes, width, height):
@@ -129,12 +100,15 @@ def _require_images(folder, names, present):
         raise DataError(f"{folder / missing[0]}: image not found{more}")
 
 
-# -----------------------------------------------------------------------------------------------
-# Sources read from files: VOC layout and COCO
+def _warn_each(path, problems):
+    for found, message in problems:
+        if found:
+            log.warning("%s: %s", path, message)
 
+
+# Sources read from files: VOC layout and COCO
 class FileSource:
-    """A source whose annotations are parsed into memory: `ids`, `image_paths` and
-    `_annotations` (one dict per image)."""
+    """A source parsed into memory: `ids`, `image_paths`, `_annotations` (one dict per image)."""
 
     def __len__(self):
         return len(self.ids)
@@ -153,12 +127,11 @@ class FileSource:
 class VOCDetection(FileSource):
     """A VOC-layout folder: Annotations/<id>.xml, JPEGImages/<id>.jpg (or another extension),
     ImageSets/Main/<split>.txt (the id first on each line). VOC XML counts pixels from 1, xmax
-    inclusive (VOC devkit), so a box loads as [xmin - 1, ymin - 1, xmax, ymax]. Boxes with xmax <=
-    xmin or ymax <= ymin are dropped, boxes outside the image clipped, a warning per file;
-    `difficult` objects are kept, flagged. Classes: `class_names` (other names reported and
-    skipped), else VOC's 20 when the split's names are among them, else the sorted names of every
-    XML in the folder (one list for all splits). Width and height: <size>, else the image's.
-    images=False: annotations only (JPEGImages/ is read only for an XML without <size>)."""
+    inclusive (VOC devkit): a box loads as [xmin - 1, ymin - 1, xmax, ymax]. Boxes without extent
+    are dropped, boxes outside the image clipped, a warning per file; `difficult` ones are kept,
+    flagged. Classes: `class_names` (other names reported and skipped), else VOC's 20 when the
+    split's names are among them, else the sorted names of every XML in the folder. Size: <size>,
+    else the image's. images=False: annotations only."""
 
     def __init__(self, root, split="trainval", class_names=None, images=True):
         self.root, self.split = Path(root), split
@@ -173,11 +146,8 @@ class VOCDetection(FileSource):
             self.ids = [line.split()[0] for line in f if line.strip()]
         if not self.ids:
             raise DataError(f"{split_file}: no image ids")
-        files = {}  # id -> file name; .jpg wins over other extensions
-        for entry in os.scandir(img_dir) if images else ():
-            stem, ext = os.path.splitext(entry.name)
-            if stem not in files or ext.lower() == ".jpg":
-                files[stem] = entry.name
+        files = {os.path.splitext(n)[0]: n for n in sorted(  # id -> file name; .jpg (last) wins
+            os.listdir(img_dir) if images else (), key=lambda n: n.lower().endswith(".jpg"))}
         if images:
             _require_images(img_dir, [f"{i}.jpg" for i in self.ids], {f"{s}.jpg" for s in files})
         self.image_paths = [str(img_dir / files.get(i, f"{i}.jpg")) for i in self.ids]
@@ -193,10 +163,7 @@ class VOCDetection(FileSource):
 
 
 def _voc_parse(xml_path):
-    """One VOC XML -> dict(width, height (0 when absent), objects [(name, xyxy as written,
-    difficult)], no_box: names of objects without <bndbox>)."""
-    if not os.path.isfile(xml_path):
-        raise DataError(f"{xml_path}: annotation file not found")
+    """VOC XML -> dict(width, height (0: absent), objects [(name, xyxy, difficult)], no_box)."""
     try:
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as e:
@@ -212,10 +179,9 @@ def _voc_parse(xml_path):
             raise DataError(f"{xml_path}: {what}: <{tag}> is {text!r}, not a number") from None
 
     size = root.find("size")
-    width = height = 0
-    if size is not None and size.findtext("width") and size.findtext("height"):
-        width, height = int(number(size, "width", "size")), int(number(size, "height", "size"))
-    objects, no_box = [], []
+    sized = size is not None and size.findtext("width") and size.findtext("height")
+    width, height = (int(number(size, t, "size")) if sized else 0 for t in ("width", "height"))
+    objects, no_box = [], []  # no_box: names of objects without <bndbox>
     for k, obj in enumerate(root.findall("object")):
         name, box = (obj.findtext("name") or "").strip(), obj.find("bndbox")
         if box is None:
@@ -228,14 +194,13 @@ def _voc_parse(xml_path):
 
 
 def _voc_names(annotation_dir):
-    """Sorted object names of every XML in a folder (a file that fails to parse is left to the
-    split that lists it, which reports it)."""
+    """Sorted object names of every XML in a folder (a file failing to parse: left to its split)."""
     names = set()
     for entry in os.scandir(annotation_dir):
         try:
             if entry.name.endswith(".xml"):
-                objects = ET.parse(entry.path).getroot().findall("object")
-                names.update((o.findtext("name") or "").strip() for o in objects)
+                names.update((o.findtext("name") or "").strip()
+                             for o in ET.parse(entry.path).findall("object"))
         except (ET.ParseError, OSError):
             continue
     return sorted(names - {""})
@@ -246,23 +211,17 @@ def _voc_annotation(xml_path, raw, image_path, label_of):
     width, height = raw["width"], raw["height"]
     if width <= 0 or height <= 0:
         width, height = _image_size(image_path)
-    if raw["no_box"]:
-        log.warning("%s: object(s) without <bndbox> skipped: %s", xml_path,
-                    ", ".join(raw["no_box"]))
     unknown = sorted({n for n, _, _ in raw["objects"] if n not in label_of})
-    if unknown:
-        log.warning("%s: unknown class name(s) skipped: %s", xml_path,
-                    ", ".join(map(repr, unknown)))
     objects = [o for o in raw["objects"] if o[0] in label_of]
     boxes = np.array([o[1] for o in objects], np.float64).reshape(-1, 4)
     written = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    if not written.all():
-        log.warning("%s: %d box(es) with no extent (xmax <= xmin or ymax <= ymin) dropped",
-                    xml_path, int((~written).sum()))
     boxes, changed, valid = _clip_boxes(boxes - [1, 1, 0, 0], width, height)  # to 0-based
-    if (changed & written).any():
-        log.warning("%s: %d box(es) outside the %dx%d image clipped", xml_path,
-                    int((changed & written).sum()), width, height)
+    clipped, empty = int((changed & written).sum()), int((~written).sum())
+    _warn_each(xml_path, [
+        (raw["no_box"], f"object(s) without <bndbox> skipped: {', '.join(raw['no_box'])}"),
+        (unknown, f"unknown class name(s) skipped: {', '.join(map(repr, unknown))}"),
+        (empty, f"{empty} box(es) with no extent (xmax <= xmin or ymax <= ymin) dropped"),
+        (clipped, f"{clipped} box(es) outside the {width}x{height} image clipped")])
     keep = written & valid
     return dict(boxes=boxes[keep].astype(np.float32),
                 labels=np.array([label_of[o[0]] for o in objects], np.int64)[keep],
@@ -274,14 +233,23 @@ class COCODetection(FileSource):
     """COCO 2017 layout: root/annotations/instances_<split>.json, images in root/<split>/. Labels
     are 1..C over the categories by id (ssd.COCO_CLASSES order), `category_ids[label - 1]` the COCO
     id. bbox [x, y, w, h] -> xyxy, clipped (one warning per json); w or h < 1 pixel dropped (as
-    mmdetection); crowd boxes go to annotation(i)["crowd"] for evaluation. `skip_empty` (training)
-    drops images without boxes as the torchvision reference does, so an image whose people are
-    only a crowd region does not teach "person = background". Plain json: pycocotools prints."""
+    mmdetection); crowd boxes go to annotation(i)["crowd"]. `skip_empty` (training) drops images
+    without boxes, as torchvision's reference does."""
 
     def __init__(self, root, split="train2017", skip_empty=False):
-        self.root, self.split = Path(root), split
-        self.ann_file = str(self.root / "annotations" / f"instances_{split}.json")
-        img_dir, doc = self.root / split, _read_coco_json(self.ann_file)
+        self.root, self.split, img_dir = Path(root), split, Path(root) / split
+        self.ann_file = ann = str(self.root / "annotations" / f"instances_{split}.json")
+        if not os.path.isfile(ann):
+            raise DataError(f"{ann}: annotation file not found")
+        try:
+            with open(ann, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{ann}: malformed JSON ({e})") from None
+        if not isinstance(doc, dict) or not all(
+                isinstance(doc.get(k), list) for k in ("images", "annotations", "categories")):
+            raise DataError(f"{ann}: not a COCO instances file (needs lists 'images', "
+                            "'annotations' and 'categories')")
         if not img_dir.is_dir():
             raise DataError(f"{img_dir}: image folder not found")
         try:
@@ -291,75 +259,48 @@ class COCODetection(FileSource):
             images = [(int(im["id"]), str(im["file_name"]), int(im.get("width") or 0),
                        int(im.get("height") or 0)) for im in doc["images"]]
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{self.ann_file}: bad category or image entry ({e!r})") from None
-        objects = _coco_objects(self.ann_file, doc["annotations"], images, self.category_ids)
+            raise DataError(f"{ann}: bad category or image entry ({e!r})") from None
+        label_of = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
+        row_of = {image_id: k for k, (image_id, *_) in enumerate(images)}
+        objects = [([], [], []) for _ in images]  # per image: boxes xyxy, labels, crowd boxes
+        unknown_cat, unknown_img = set(), 0
+        for a in doc["annotations"]:
+            try:
+                row = row_of.get(a["image_id"])
+                x, y, w, h = (float(v) for v in a["bbox"])
+                cat, is_crowd = a["category_id"], bool(a.get("iscrowd", 0))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{ann}: bad annotation {a.get('id', '?')} ({e!r})") from None
+            if row is None:
+                unknown_img += 1
+            elif is_crowd:
+                objects[row][2].append((x, y, x + w, y + h))
+            elif cat not in label_of:
+                unknown_cat.add(cat)
+            elif w >= 1 and h >= 1:
+                objects[row][0].append((x, y, x + w, y + h))
+                objects[row][1].append(label_of[cat])
+        cats = ", ".join(map(str, sorted(unknown_cat)))
+        _warn_each(ann, [
+            (cats, f"annotations with unknown category id(s) skipped: {cats}"),
+            (unknown_img, f"{unknown_img} annotation(s) of images not in 'images' skipped")])
         _require_images(img_dir, [name for _, name, _, _ in images], set(os.listdir(img_dir)))
-        self.ids, self.image_paths, self._annotations, clipped = [], [], [], 0
+        rows, clipped = [], 0  # (id, path, annotation) per image kept
         for (image_id, name, width, height), (boxes, labels, crowd) in zip(images, objects):
             path = str(img_dir / name)
             if width <= 0 or height <= 0:
                 width, height = _image_size(path)
-            boxes, changed, valid = _clip_boxes(np.array(boxes, np.float64).reshape(-1, 4),
-                                                width, height)
+            boxes, changed, valid = _clip_boxes(np.reshape(boxes, (-1, 4)), width, height)
             clipped += int(changed.sum())
-            if skip_empty and not valid.any():
-                continue
-            self.ids.append(image_id)
-            self.image_paths.append(path)
-            self._annotations.append(dict(
-                boxes=boxes[valid].astype(np.float32), labels=np.array(labels, np.int64)[valid],
-                difficult=np.zeros(int(valid.sum()), bool), width=width, height=height,
-                crowd=np.array(crowd, np.float32).reshape(-1, 4)))
-        if clipped:
-            log.warning("%s: %d box(es) reaching outside their image clipped", self.ann_file,
-                        clipped)
-        if not self.ids:
-            raise DataError(f"{self.ann_file}: no images" + (" with boxes" if skip_empty else ""))
-
-
-def _read_coco_json(ann_file):
-    if not os.path.isfile(ann_file):
-        raise DataError(f"{ann_file}: annotation file not found")
-    try:
-        with open(ann_file, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{ann_file}: malformed JSON ({e})") from None
-    if not isinstance(doc, dict) or not all(
-            isinstance(doc.get(k), list) for k in ("images", "annotations", "categories")):
-        raise DataError(f"{ann_file}: not a COCO instances file (needs lists 'images', "
-                        "'annotations' and 'categories')")
-    return doc
-
-
-def _coco_objects(ann_file, annotations, images, category_ids):
-    """Annotations grouped by image, in `images` order: [(boxes xyxy, labels, crowd boxes)]."""
-    label_of = {cid: k + 1 for k, cid in enumerate(category_ids)}
-    row_of = {image_id: k for k, (image_id, *_) in enumerate(images)}
-    out = [([], [], []) for _ in images]
-    unknown_cat, unknown_img = set(), 0
-    for a in annotations:
-        try:
-            row = row_of.get(a["image_id"])
-            x, y, w, h = (float(v) for v in a["bbox"])
-            cat, is_crowd = a["category_id"], bool(a.get("iscrowd", 0))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{ann_file}: bad annotation {a.get('id', '?')} ({e!r})") from None
-        if row is None:
-            unknown_img += 1
-        elif is_crowd:
-            out[row][2].append((x, y, x + w, y + h))
-        elif cat not in label_of:
-            unknown_cat.add(cat)
-        elif w >= 1 and h >= 1:
-            out[row][0].append((x, y, x + w, y + h))
-            out[row][1].append(label_of[cat])
-    if unknown_cat:
-        log.warning("%s: annotations with unknown category id(s) skipped: %s", ann_file,
-                    ", ".join(map(str, sorted(unknown_cat))))
-    if unknown_img:
-        log.warning("%s: %d annotation(s) of images not in 'images' skipped", ann_file, unknown_img)
-    return out
+            if valid.any() or not skip_empty:
+                rows.append((image_id, path, dict(
+                    boxes=boxes[valid].astype(np.float32), labels=np.int64(labels)[valid],
+                    difficult=np.zeros(int(valid.sum()), bool), width=width, height=height,
+                    crowd=np.float32(crowd).reshape(-1, 4))))
+        _warn_each(ann, [(clipped, f"{clipped} box(es) reaching outside their image clipped")])
+        if not rows:
+            raise DataError(f"{ann}: no images" + (" with boxes" if skip_empty else ""))
+        self.ids, self.image_paths, self._annotations = map(list, zip(*rows))
 
 
 class ConcatSource(FileSource):
@@ -379,17 +320,14 @@ class ConcatSource(FileSource):
         self._annotations = [a for s in sources for a in s._annotations]
 
 
-# -----------------------------------------------------------------------------------------------
 # shapes: a synthetic set generated on the fly, for a first run with no download
-
 SHAPE_CLASSES = ["circle", "square", "triangle"]
 
 
 class ShapesDetection:
-    """1-4 filled circles, squares and triangles (any colour: the class is in the shape) on mildly
-    textured size x size backgrounds, generated from (seed, split, index), nothing read or written.
-    Shapes span 15-60 % of the side and never touch: each box bounds its shape's rasterised
-    pixels. Triangles are equilateral, any rotation. Defaults: 2,000 train and 200 val images."""
+    """1-4 filled circles, squares and triangles (equilateral, any rotation), any colour, on mildly
+    textured size x size backgrounds, generated from (seed, split, index). Shapes span 15-60 % of
+    the side and never touch; each box bounds its shape's pixels. 2,000 train, 200 val images."""
 
     SPLITS = {"train": (0, 2000), "val": (1, 200)}  # split -> (stream id, default length)
 
@@ -399,8 +337,7 @@ class ShapesDetection:
         self.split, self.seed, self.size = split, int(seed), int(size)
         self._stream, default_len = self.SPLITS[split]
         self.num_images = default_len if num_images is None else int(num_images)
-        self.class_names = list(SHAPE_CLASSES)
-        self._last = None  # (index, rendering): load_image(i) then annotation(i) draws once
+        self.class_names, self._last = list(SHAPE_CLASSES), None  # _last: (i, _render(i))
 
     def __len__(self):
         return self.num_images
@@ -423,10 +360,8 @@ class ShapesDetection:
         if self._last is not None and self._last[0] == i:
             return self._last[1]
         rng, s = np.random.default_rng([self.seed, self._stream, i]), self.size
-        img = Image.fromarray(_textured_background(rng, s))
-        mask = Image.new("L", (s, s), 0)  # object k drawn with value k + 1, for its tight box
-        draw_img, draw_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
-        placed, labels, colours = [], [], []
+        img, placed = Image.fromarray(_textured_background(rng, s)), []
+        boxes, labels, colours = [], [], []
         for _ in range(int(rng.integers(1, 5))):
             label = int(rng.integers(len(SHAPE_CLASSES))) + 1
             # any hue, saturated: chroma = s * v * 255 >= 0.65 * 0.55 * 255 = 91
@@ -442,37 +377,32 @@ class ShapesDetection:
             else:
                 continue
             placed.append(square)
-            outline = square
+            outline, r = square, side / 2
             if label == 3:  # triangle: equilateral, inscribed in the square's circle, any rotation
-                a, r = rng.uniform(0, 2 * math.pi), side / 2
-                turns = [a + k * 2 * math.pi / 3 for k in range(3)]
                 outline = [(round(x0 + r + r * math.cos(t)), round(y0 + r + r * math.sin(t)))
-                           for t in turns]
-            for draw, fill in ((draw_img, colour), (draw_mask, len(labels) + 1)):
+                           for t in rng.uniform(0, 2 * math.pi) + np.arange(3) * 2 * math.pi / 3]
+            mask = Image.new("L", (s, s), 0)  # the shape alone, for its tight box
+            for canvas, fill in ((img, colour), (mask, 1)):
+                draw = ImageDraw.Draw(canvas)
                 getattr(draw, ("ellipse", "rectangle", "polygon")[label - 1])(outline, fill=fill)
+            boxes.append(mask.getbbox())  # pixel edges
             labels.append(label)
             colours.append(colour)
-        m = np.asarray(mask)
-        boxes = np.zeros((len(labels), 4), np.float32)
-        for k in range(len(labels)):
-            cols, rows = np.flatnonzero((m == k + 1).any(0)), np.flatnonzero((m == k + 1).any(1))
-            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)  # pixel edges
+        boxes = np.array(boxes, np.float32).reshape(-1, 4)
         self._last = (i, (img, boxes, np.array(labels, np.int64), colours))
         return self._last[1]
 
 
 def _textured_background(rng, size):
-    """uint8 [size, size, 3]: a gradient between two greyish colours, sometimes stripes, and
-    luminance noise. Its chroma (max - min channel) stays <= 30, far below every shape's (>= 91),
-    so colour alone never makes a shape of the background."""
+    """uint8 [size, size, 3]: a greyish gradient, sometimes stripes, luminance noise; chroma (max -
+    min channel) <= 30, far below every shape's (>= 91)."""
     greys, tints = rng.uniform(40, 215, size=2), rng.uniform(-15, 15, size=(2, 3))
     c0, c1 = (greys[:, None] + tints).astype(np.float32)[:, :, None, None]  # [3, 1, 1] each
-    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
-    a = rng.uniform(0, 2 * math.pi)
+    ramp, a = np.linspace(0.0, 1.0, size, dtype=np.float32), rng.uniform(0, 2 * math.pi)
     t = math.cos(a) * ramp[None, :] + math.sin(a) * ramp[:, None]  # [S, S]
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     lum = rng.standard_normal((size, size), dtype=np.float32) * np.float32(rng.uniform(2, 8))
-    if rng.random() < 0.5:
+    if rng.random() < 0.5:  # stripes
         b, period = rng.uniform(0, math.pi), rng.uniform(8, 60)
         pix = np.arange(size, dtype=np.float32)
         phase = (math.cos(b) * pix[None, :] + math.sin(b) * pix[:, None]) * (2 * math.pi / period)
@@ -481,17 +411,14 @@ def _textured_background(rng, size):
     return np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()  # [S, S, 3]
 
 
-# -----------------------------------------------------------------------------------------------
 # Picking sources by name
-
 def build_source(name, data_root=None, split=None, train=True, images=True):
     """The source for `train.py --data NAME` / `evaluate.py`; `split` overrides the defaults.
     voc: a VOC-layout folder (or a list): with a test split, trainval (training; train if only that
-    exists) / test; without (BCCD), train (trainval if no train) / val, so training never sees the
-    evaluation images. Else VOCdevkit years in data_root/VOCdevkit/ or data_root/: VOC2007 +
-    VOC2012 trainval where present (07+12) / VOC2007 test (VOC2012 val without VOC2007).
-    images=False: annotations only. coco: train2017 / val2017, or the only instances_*.json
-    (tiny_coco has only train2017). shapes: train / val."""
+    exists) / test; without (BCCD), train (trainval if no train) / val. Else VOCdevkit years in
+    data_root/VOCdevkit/ or data_root/: VOC2007 + VOC2012 trainval where present (07+12) / VOC2007
+    test (VOC2012 val without VOC2007). images=False: annotations only. coco: see coco_split.
+    shapes: train / val."""
     if name == "shapes":
         return ShapesDetection(split or ("train" if train else "val"))
     if data_root is None:
@@ -528,54 +455,46 @@ def coco_split(root, split=None, train=True):
 
 def _voc_folder_split(root, train):
     """Default split of one VOC-layout folder (see build_source)."""
-    def has(name):
-        return (root / "ImageSets" / "Main" / f"{name}.txt").is_file()
-
-    if has("test"):  # VOC2007-like: trainval is disjoint from test
-        return ("trainval" if has("trainval") or not has("train") else "train") if train else "test"
-    # trainval contains val, the evaluation split here: train on train alone
-    return ("train" if has("train") or not has("trainval") else "trainval") if train else "val"
+    has = {p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if p.is_file()}
+    # VOC2007-like: trainval is disjoint from test; else trainval holds val: train on train alone
+    first, other = ("trainval", "train") if "test" in has else ("train", "trainval")
+    if not train:
+        return "test" if "test" in has else "val"
+    return first if first in has or other not in has else other
 
 
 def _voc_years(data_root, split, train):
     """[(year folder, split)] of the VOCdevkit years build_source takes, or DataError."""
     looked = []
+    wanted = [("VOC2007", "trainval"), ("VOC2012", "trainval")] if train else [("VOC2007", "test")]
     for year_dir in (Path(data_root) / "VOCdevkit", Path(data_root)):
-        wanted = ([("VOC2007", "trainval"), ("VOC2012", "trainval")] if train
-                  else [("VOC2007", "test")])
         found = [(year_dir / y, split or s) for y, s in wanted if (year_dir / y).is_dir()]
         if not found and not train and (year_dir / "VOC2012").is_dir():
             found = [(year_dir / "VOC2012", split or "val")]
-        looked += [str(year_dir / y) for y, _ in wanted]
         if found:
             return found
+        looked += [str(year_dir / y) for y, _ in wanted]
     raise DataError(f"{data_root}: no VOC data (looked for a VOC-layout folder there and for "
                     f"{', '.join(looked)})")
 
 
-# -----------------------------------------------------------------------------------------------
-# Augmentation (the SSD paper, Liu et al. 2016, section 2.2): photometric -> expand -> min-IoU
-# crop -> flip -> warp -> normalise. Expand, crop, flip and resize stay geometry until one bilinear
-# sampling of the original image makes the S x S output: the 4x canvas is never built.
-
+# Augmentation (the SSD paper, Liu et al. 2016, section 2.2). Expand, crop, flip and resize stay
+# geometry until one bilinear sampling of the image makes the S x S output (no 4x canvas).
 class TrainTransform:
     """SSD training augmentation (the SSD paper, sections 2.2 and 3.6; mmdetection's and
     amdegroot/ssd.pytorch's order): photometric -> expand -> min-IoU crop -> flip 0.5 -> warp to
-    size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) ->
-    (float [3, S, S] or with on_device the draws (uint8 pixels [H, W, 3], float64 params [10 + 2S],
-    see _PARAMS) for augment_batch, boxes float32 [n', 4] in [0, 1], labels int64 [n']). Boxes
-    are clipped to the image (none without area), then to the crop, where only those whose centre
-    was inside remain; an image with boxes keeps one. The Generator is seeded from
-    torch.initial_seed() (re-made when it changes): workers and epochs draw differently, and
-    torch.manual_seed makes a run repeatable."""
+    size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) -> (float
+    [3, S, S], or with on_device (uint8 pixels [H, W, 3], float64 params [10 + 2S], see _PARAMS)
+    for augment_batch; boxes float32 [n', 4] in [0, 1]; labels int64 [n']). Boxes: clipped to the
+    image (none without area), kept if their centre is in the crop (an image with boxes keeps
+    one), clipped to it. Draws: a Generator seeded by torch.initial_seed(), re-made on change."""
 
     def __init__(self, size=300, mean=MEAN, on_device=False):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
-        self.on_device = on_device
-        self._seed, self._rng = None, None
+        self.on_device, self._seed, self._rng = on_device, None, None
 
     def __call__(self, image, boxes, labels):
-        if torch.initial_seed() != self._seed:
+        if torch.initial_seed() != self._seed:  # a new worker or epoch: its own stream
             self._seed = torch.initial_seed()
             self._rng = np.random.default_rng(self._seed)
         rng, img = self._rng, np.asarray(image)  # [H, W, 3] uint8
@@ -614,10 +533,9 @@ _PARAMS = ("height", "width", "brightness", "contrast_before", "saturation", "hu
 
 
 def augment_batch(pixels, params, mean):
-    """TrainTransform(on_device=True)'s draws applied to a batch where it lies (the GPU): pixels
-    uint8 [B, H, W, 3] (top-left aligned, zero padded), params float64 [B, 10 + 2S] -> float
-    [B, 3, S, S]. The photometric steps on every pixel, then one grid_sample for the batch; the
-    padding is zeroed after the mean is subtracted, so it reads as warp's mean fill."""
+    """TrainTransform(on_device=True)'s draws applied to a batch on its device: pixels uint8
+    [B, H, W, 3] (top-left aligned, zero padded), params float64 [B, 10 + 2S] -> float [B, 3, S, S]
+    as warp gives (the padding, zeroed after the mean is subtracted, reads as its mean fill)."""
     _, h, w, _ = pixels.shape
     s, n = (params.shape[1] - len(_PARAMS)) // 2, len(_PARAMS)
     p = params[:, :n, None, None].float()  # [B, 10, 1, 1]
@@ -630,24 +548,21 @@ def augment_batch(pixels, params, mean):
 
 
 class TestTransform:
-    """Evaluation: warp to size x size minus the mean (ssd.preprocess, what detect() feeds the
-    model); boxes divided by (width, height). __call__ as TrainTransform's."""
+    """Evaluation: ssd.preprocess (what detect() feeds the model) to size x size minus the mean;
+    boxes divided by (width, height). __call__ as TrainTransform's."""
 
     def __init__(self, size=300, mean=MEAN):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
 
     def __call__(self, image, boxes, labels):
-        w, h = image.size
-        boxes, labels = _as_arrays(boxes, labels)
-        boxes = (boxes / [w, h, w, h]).astype(np.float32)
-        return (preprocess([to_tensor(image)], self.size, self.mean)[0], torch.from_numpy(boxes),
-                torch.from_numpy(labels))
+        (w, h), (boxes, labels) = image.size, _as_arrays(boxes, labels)
+        x = preprocess([to_tensor(image)], self.size, self.mean)[0]
+        return x, torch.from_numpy((boxes / [w, h, w, h]).astype(np.float32)), torch.tensor(labels)
 
 
 def seed_worker(worker_id):
     """DataLoader worker_init_fn: seed Python's and numpy's global generators from the worker's
-    torch seed (base_seed + worker_id), as torch >= 1.9 does itself, on every version. The
-    transforms need neither: they seed from torch.initial_seed()."""
+    torch seed (base_seed + worker_id), as torch >= 1.9 does."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -655,11 +570,10 @@ def seed_worker(worker_id):
 
 def photometric_distort(img, p):
     """Apply _photometric_params `p` to planar float32 RGB [3, H, W] (0-255), clipped to [0, 255]
-    (mmdetection does not clip). Blocks of rows keep the temporaries in cache (3x faster on
-    640x480 than whole-image numpy)."""
+    (mmdetection does not clip)."""
     out, args = np.empty_like(img), [np.float32(p[k]) for k in _PARAMS[2:7]]
     order = [0, 1, 2] if p["channels"] is None else p["channels"]
-    rows = max(1, 32768 // max(img.shape[2], 1))
+    rows = max(1, 32768 // max(img.shape[2], 1))  # blocks that keep temporaries in cache: 3x faster
     for r in range(0, img.shape[1], rows):
         out[:, r:r + rows] = _colour(img[:, r:r + rows], *args)[order]
     return out
@@ -671,15 +585,13 @@ _CROP_MODES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)  # None: keep the whole image
 def min_iou_crop(boxes, width, height, rng, trials=50):
     """SSD's IoU-constrained random crop (the SSD paper, section 2.2) of a width x height image
     with xyxy boxes [n, 4] -> (patch (x0, y0, x1, y1) ints, keep bool [n]: centre strictly inside).
-    Mode uniform over _CROP_MODES; up to `trials` patches, sides U(0.3, 1) of the image's, h/w in
-    [0.5, 2]; the first wins where a kept box has IoU >= the mode's: Caffe's "any box" rule over
-    kept boxes, as torchvision (mmdetection's "all boxes" rarely lets a crowded image have a tight
-    crop). No boxes: the first patch of valid shape; every trial failing: the whole image."""
+    Mode uniform over _CROP_MODES; of `trials` patches (sides U(0.3, 1) of the image's, h/w in
+    [0.5, 2]) the first where a kept box has IoU >= the mode wins (Caffe's "any box" rule, as
+    torchvision); no boxes: the first of valid shape; every trial failing: the whole image."""
     n, whole = len(boxes), (0, 0, width, height)
     mode = _CROP_MODES[rng.integers(len(_CROP_MODES))]
     if mode is None:
         return whole, np.ones(n, bool)
-    # every trial drawn at once (numpy is slow one small array at a time)
     w, h = rng.uniform(0.3 * width, width, trials), rng.uniform(0.3 * height, height, trials)
     x0, y0 = rng.uniform(0, 1, trials) * (width - w), rng.uniform(0, 1, trials) * (height - h)
     patches = np.stack([x0, y0, x0 + w, y0 + h], 1).astype(np.int64)  # [T, 4], int() rounding
@@ -701,11 +613,9 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
 
 
 def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
-    """RGB pixels [H, W, 3] (0-255) at canvas_offset (left, top) on a `mean`-filled canvas: its
-    integer patch (x0, y0, x1, y1), mirrored when `flip`, resized to size x size as
-    F.interpolate(bilinear, align_corners=False), minus the mean -> float [3, S, S]. One
-    grid_sample of (image - mean), zero padded, without building the canvas; `colour` is applied
-    to just the pixels sampled (exact: every photometric step is per pixel)."""
+    """RGB pixels [H, W, 3] (0-255), `colour` applied, at canvas_offset (left, top) on a `mean`-
+    filled canvas: its integer patch (x0, y0, x1, y1), mirrored when `flip`, resized to size x size
+    as F.interpolate(bilinear, align_corners=False), minus the mean -> float [3, S, S]."""
     h, w = img.shape[:2]
     xs, ys = _sample_positions(canvas_offset, patch, flip, size)
     # the rows / columns bilinear sampling can touch (floor and floor + 1)
@@ -721,11 +631,10 @@ def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
 
 
 def _photometric_params(rng):
-    """SSD's photometric draws (the SSD paper, section 2.2; mmdetection's PhotoMetricDistortion),
-    each step with probability 0.5: brightness +U(-32, 32), contrast xU(0.5, 1.5) before or after
-    the HSV steps (50/50), saturation xU(0.5, 1.5), hue +U(-18, 18) degrees, channel shuffle
-    -> dict(brightness, contrast_before, saturation, hue, contrast_after, channels: None or a
-    permutation); a step not drawn has its identity value (0, 1 or None)."""
+    """SSD's photometric draws (the SSD paper, section 2.2; mmdetection's PhotoMetricDistortion) ->
+    dict(brightness +U(-32, 32), contrast_before or (50/50) contrast_after xU(0.5, 1.5), saturation
+    xU(0.5, 1.5), hue +U(-18, 18) degrees, channels: a permutation), each with probability 0.5,
+    else its identity value (0, 1 or None)."""
     def maybe(draw, otherwise):
         return draw() if rng.random() < 0.5 else otherwise
     brightness, first = maybe(lambda: rng.uniform(-32, 32), 0.0), bool(rng.random() < 0.5)
@@ -740,66 +649,48 @@ def _photometric_params(rng):
 def _colour(x, brightness, contrast_before, saturation, hue, contrast_after):
     """The photometric steps on float RGB planes [..., 3, H, W] (0-255), clipped to [0, 255]:
     numpy with numbers (steps that change nothing skipped) or torch with [B, 1, 1, 1] tensors."""
-    xp = torch if torch.is_tensor(x) else np
+    tensor = torch.is_tensor(x)  # tensors: every step (testing a value would sync the device)
+    xp = torch if tensor else np
     x = x + brightness
-    if _changes(contrast_before, 1):
+    if tensor or contrast_before != 1:
         x *= contrast_before
-    if _changes(saturation, 1):  # HSV saturation x f is a lerp of each channel towards the max
+    if tensor or saturation != 1:  # HSV saturation x f is a lerp of each channel towards the max
         v = xp.maximum(xp.maximum(x[..., 0:1, :, :], x[..., 1:2, :, :]), x[..., 2:3, :, :])
         x -= v
         x *= saturation
         x += v
-    if _changes(hue, 0):
-        x = _shift_hue(x, hue)
-    if _changes(contrast_after, 1):
+    if tensor or hue != 0:  # rotate the HSV hue (each pixel's max and min channel kept)
+        r, g, b = x[..., 0:1, :, :], x[..., 1:2, :, :], x[..., 2:3, :, :]  # [..., 1, H, W]
+        mx, mn = xp.maximum(xp.maximum(r, g), b), xp.minimum(xp.minimum(r, g), b)
+        chroma = mx - mn
+        is_r = mx == r
+        is_g = (mx == g) & ~is_r
+        is_b = ~(is_r | is_g)
+        # hue in sextants [-1, 5) times chroma: g-b when r is the max, b-r+2c when g, r-g+4c when b
+        h = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
+        h /= chroma + (chroma == 0)  # a grey pixel (chroma 0) stays grey whatever its hue
+        h += hue / 60.0
+        h += 6 * (h < 0)
+        h -= 6 * (h >= 6)  # now in [0, 6)
+        x = xp.concatenate([xp.abs(h - 3) - 1, 2 - xp.abs(h - 2), 2 - xp.abs(h - 4)], -3)
+        x = xp.clip(x, 0, 1) * chroma + mn
+    if tensor or contrast_after != 1:
         x *= contrast_after
     return xp.clip(x, 0, 255, out=x)
 
 
-def _changes(value, identity):
-    return torch.is_tensor(value) or value != identity  # tensors: always (no device sync)
-
-
-def _shift_hue(img, degrees):
-    """Rotate the HSV hue of float RGB planes [..., 3, H, W] (numpy or torch) by `degrees` (a
-    number or [..., 1, 1, 1]), keeping each pixel's max and min channel: an HSV round trip for
-    0-255 values, in whole-plane arithmetic (numpy is slow at reductions over an axis of 3)."""
-    xp = torch if torch.is_tensor(img) else np
-    r, g, b = img[..., 0:1, :, :], img[..., 1:2, :, :], img[..., 2:3, :, :]  # [..., 1, H, W]
-    mx, mn = xp.maximum(xp.maximum(r, g), b), xp.minimum(xp.minimum(r, g), b)
-    chroma = mx - mn
-    is_r = mx == r
-    is_g = (mx == g) & ~is_r
-    is_b = ~(is_r | is_g)
-    # hue in sextants [-1, 5) times chroma: g-b when r is the max, b-r+2c when g, r-g+4c when b
-    h = is_r * (g - b) + is_g * (b - r + 2 * chroma) + is_b * (r - g + 4 * chroma)
-    h /= chroma + (chroma == 0)  # a grey pixel (chroma 0) stays grey whatever its hue
-    h += degrees / 60.0
-    h += 6 * (h < 0)
-    h -= 6 * (h >= 6)  # now in [0, 6)
-    out = xp.concatenate([xp.abs(h - 3) - 1, 2 - xp.abs(h - 2), 2 - xp.abs(h - 4)], -3)
-    return xp.clip(out, 0, 1) * chroma + mn
-
-
 def _sample_positions(canvas_offset, patch, flip, size):
-    """Image-pixel coordinates (xs [S], ys [S], float64) that resizing the canvas patch
-    (x0, y0, x1, y1) to size x size, mirrored when `flip`, samples; clamped to the patch as
-    F.interpolate(align_corners=False) clamps to its input."""
+    """Image-pixel (xs [S], ys [S]) that resizing the canvas patch to size x size (mirrored when
+    `flip`) samples, clamped to the patch as F.interpolate(align_corners=False) does."""
     (left, top), (x0, y0, x1, y1) = canvas_offset, patch
-
-    def positions(length):
-        return np.clip((np.arange(size, dtype=np.float64) + 0.5) * (length / size) - 0.5,
-                       0, length - 1)
-
-    xs = positions(x1 - x0)
-    if flip:
-        xs = (x1 - x0 - 1) - xs
-    return xs + x0 - left, positions(y1 - y0) + y0 - top
+    centres = np.arange(size, dtype=np.float64) + 0.5
+    xs, ys = (np.clip(centres * (n / size) - 0.5, 0, n - 1) for n in (x1 - x0, y1 - y0))
+    return ((x1 - x0 - 1) - xs if flip else xs) + x0 - left, ys + y0 - top
 
 
 def _sample(x, xs, ys):
-    """Bilinear samples of x [B, 3, h, w] at pixel positions xs [B, S] (columns) and ys [B, S]
-    (rows) -> [B, 3, S, S]; zero past the edges (grid_sample, align_corners=False)."""
+    """Bilinear samples of x [B, 3, h, w] at columns xs [B, S] and rows ys [B, S] -> [B, 3, S, S],
+    zero past the edges (grid_sample, align_corners=False)."""
     h, w = x.shape[-2:]
     gx, gy = ((2 * xs + 1) / w - 1).float(), ((2 * ys + 1) / h - 1).float()  # [B, S]
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # [B, S, S, 2]
@@ -814,13 +705,10 @@ def _as_arrays(boxes, labels):
     return boxes, labels
 
 
-# -----------------------------------------------------------------------------------------------
 # torch Dataset and collate
-
 class DetectionDataset(torch.utils.data.Dataset):
-    """source + transform -> items (image [3, S, S], boxes [n, 4] in [0, 1], labels [n], index).
-    `difficult` boxes are dropped unless keep_difficult (training drops them; evaluation reads
-    them from source.annotation)."""
+    """source + transform -> items (image [3, S, S], boxes [n, 4] in [0, 1], labels [n], index);
+    `difficult` boxes dropped unless keep_difficult."""
 
     def __init__(self, source, transform, keep_difficult=False):
         self.source, self.transform, self.keep_difficult = source, transform, keep_difficult
@@ -831,15 +719,13 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image, ann = self.source.load_image(i), self.source.annotation(i)
-        boxes, labels = ann["boxes"], ann["labels"]
-        if not self.keep_difficult:
-            boxes, labels = boxes[~ann["difficult"]], labels[~ann["difficult"]]
+        keep = ~ann["difficult"] | self.keep_difficult
         ann_size = (ann["width"], ann["height"])
         if image.size != ann_size and i not in self._size_warned:
             self._size_warned.add(i)
             log.warning("image %s: image is %dx%d but its annotation says %dx%d; boxes kept as "
                         "written", self.source.image_id(i), *image.size, *ann_size)
-        return (*self.transform(image, boxes, labels), i)
+        return (*self.transform(image, ann["boxes"][keep], ann["labels"][keep]), i)
 
 
 def collate(batch):
@@ -849,8 +735,8 @@ def collate(batch):
     images, boxes, labels, indices = zip(*batch)
     if isinstance(images[0], tuple):
         pixels, params = zip(*images)
-        padded = torch.zeros(len(pixels), max(p.shape[0] for p in pixels),
-                             max(p.shape[1] for p in pixels), 3, dtype=torch.uint8)
+        padded = torch.zeros(len(pixels), *map(max, zip(*(p.shape for p in pixels))),
+                             dtype=torch.uint8)  # [B, H, W, 3]
         for k, p in enumerate(pixels):
             padded[k, :p.shape[0], :p.shape[1]] = p
         images = (padded, torch.stack(params))
@@ -860,8 +746,7 @@ def collate(batch):
 
 
 def write_shapes(folder, split="val", num_images=8):
-    """Save the first `num_images` of a shapes split as PNG files (the quick start's detect.py
-    input); returns the paths."""
+    """Save the first `num_images` of a shapes split as PNG files; returns the paths."""
     os.makedirs(folder, exist_ok=True)
     source, paths = ShapesDetection(split), []
     for i in range(min(num_images, len(source))):
@@ -870,10 +755,7 @@ def write_shapes(folder, split="val", num_images=8):
     return paths
 
 
-# -----------------------------------------------------------------------------------------------
-# Shared by the scripts (train.py, evaluate.py, detect.py): usage errors, durations, the newest
-# run, drawing detections (files are written atomically by weights.write_atomic)
-
+# Shared by train.py, evaluate.py and detect.py: usage errors, durations, runs, drawing
 class UsageError(Exception):
     """A mistake that stops a whole command (exit 2); the message is one line, printed as is."""
 
@@ -887,9 +769,8 @@ def duration(seconds):
 
 def newest_run_file(name, runs_dir="runs"):
     """The most recently written runs/*/<name> (best.pt, last.pt), or None."""
-    found = [p for p in glob.glob(os.path.join(glob.escape(runs_dir), "*", name))
-             if os.path.isfile(p)]
-    return max(found, key=os.path.getmtime) if found else None
+    found = glob.glob(os.path.join(glob.escape(runs_dir), "*", name))
+    return max(filter(os.path.isfile, found), key=os.path.getmtime, default=None)
 
 
 def to_tensor(image):
@@ -898,19 +779,17 @@ def to_tensor(image):
 
 
 def draw_detections(image, boxes, scores, labels, class_names):
-    """Draw boxes [k, 4] xyxy pixels with "name 0.87" labels on `image` (PIL RGB, in place).
-    Lowest scores are drawn first, so the best end up on top. Each label sits above its box
-    (inside its top edge where there is no room), moved down below any label already placed (best
-    first) that it would cover. Returns the label rectangles (x1, y1, x2, y2), per box."""
+    """Draw boxes [k, 4] xyxy pixels with "name 0.87" labels on `image` (PIL RGB, in place), best
+    on top. A label sits above its box (inside its top edge where there is no room), moved down
+    below any better one it would cover. Returns the label rectangles (x1, y1, x2, y2), per box."""
     w, h = image.size
     line = max(2, round(min(w, h) / 200))
     try:  # Pillow >= 10.1 scales its built-in font; older ones have the small bitmap font only
         font = ImageFont.load_default(size=max(12, round(min(w, h) / 32)))
     except (TypeError, OSError):
         font = ImageFont.load_default()
-    draw = ImageDraw.Draw(image)
+    draw, rects = ImageDraw.Draw(image), []
     texts = [f"{class_names[int(c) - 1]} {float(s):.2f}" for s, c in zip(scores, labels)]
-    rects = []
     for (x1, y1, _, _), text in zip(boxes.tolist(), texts):
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left + 2 * line, bottom - top + 2 * line
@@ -931,8 +810,7 @@ def draw_detections(image, boxes, scores, labels, class_names):
 
 
 def _class_colour(label):
-    """A saturated colour per class: hues spaced by the golden ratio, so neighbouring labels differ
-    strongly and a class has one colour in every image."""
+    """A saturated colour per class; hues spaced by the golden ratio (neighbours differ)."""
     r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
     return int(r * 255), int(g * 255), int(b * 255)
 
@@ -946,11 +824,10 @@ def _text_colour(background):
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(
-        description="Write images of the built-in synthetic shapes set to a folder, e.g. to try "
-                    "detect.py on a model trained with `train.py --data shapes`.")
+    parser = argparse.ArgumentParser(description="Write images of the synthetic shapes set.")
     parser.add_argument("folder", help="where to write shapes_<split>_NNN.png")
-    parser.add_argument("--split", choices=sorted(ShapesDetection.SPLITS), default="val")
+    parser.add_argument("--split", choices=sorted(ShapesDetection.SPLITS), default="val",
+                        help="which split (default val)")
     parser.add_argument("--num", type=int, default=8, help="how many images (default 8)")
     args = parser.parse_args()
     print(f"wrote {len(write_shapes(args.folder, args.split, args.num))} images to {args.folder}")
