@@ -42,8 +42,7 @@ MOMENTUM = 0.9  # every reference
 WEIGHT_DECAY = 5e-4  # every reference; on all parameters, as mmdetection and torchvision do
 BASE_LR, BASE_BATCH = 1e-3, 32  # Caffe, amdegroot, lufficc: 1e-3 at 32 images; linear scaling rule
 WARMUP_FROM = 1 / 3  # mmdetection v1 and lufficc: linear warmup from lr / 3
-DECAY_AT = (2 / 3, 5 / 6)  # Caffe: x0.1 at 80k and 100k of 120k iterations
-DECAY = 0.1
+DECAY_AT, DECAY = (2 / 3, 5 / 6), 0.1  # Caffe: x0.1 at 80k and 100k of 120k iterations
 EVAL_BATCH = 8
 PIXEL_STD = 57.6  # ImageNet's per-channel pixel std on the 0-255 scale (58.4, 57.1, 57.4)
 MAX_UNREADABLE = 10  # consecutive unreadable training images before giving up
@@ -62,8 +61,7 @@ RECIPES = {
     ("voc", "pretrained"): dict(PAPER, iterations=120_000),
     # torchvision's reference (ssd300_vgg16): 120 passes over train2017 (Caffe's 400k: ~109)
     ("coco", "pretrained"): dict(PAPER, iterations=440_000),
-    ("voc", "scratch"): SCRATCH,
-    ("coco", "scratch"): SCRATCH,
+    ("voc", "scratch"): SCRATCH, ("coco", "scratch"): SCRATCH,
     # Quick start, 2 idle CPU cores: 1/16 width (~70 images/s); 625 / 1000 / 1250 iterations (5 /
     # 8 / 10 epochs) gave shapes val mAP 0.82 / 1.00 / 1.00 in 2m24s / 3m47s / 4m46s
     ("shapes", "scratch"): dict(SCRATCH, iterations=1000, width=0.0625),
@@ -97,8 +95,7 @@ def parse_args(argv):
     add("--data-root", metavar="DIR", help="voc: a VOC-layout folder or one holding VOCdevkit/"
         "VOC2007, VOC2012; coco: one with annotations/, train2017/ (required for voc and coco)")
     add("--size", type=int, choices=[300, 512], help=f"input size (default: {COMMON['size']})")
-    add("--gpus", type=int,
-        help="processes: 0 = CPU, N > 1 = N DDP processes (default: 1 if CUDA, else 0)")
+    add("--gpus", type=int, help="0: CPU, N > 1: N DDP processes (default: 1 with CUDA, else 0)")
     add("--epochs", type=int, help="passes over the training set (default: iterations / (images "
         f"// batch), iterations per --data: {_per_case('iterations')})")
     for key, kind, choices, what in (
@@ -148,7 +145,7 @@ def parse_args(argv):
 def _read_checkpoint(path):
     """A train.py checkpoint (weights_only=True); CheckpointError / UsageError name the file."""
     ckpt = weights.read_weights(path)
-    missing = [k for k in ("model", "config", "optimizer", "scheduler", "step", "train_args")
+    missing = [k for k in ("model", "config", "optimizer", "scheduler", "step", "rng", "train_args")
                if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UsageError(f"{path}: not a train.py checkpoint (no {missing[0]!r}); use it with "
@@ -212,6 +209,8 @@ def settings(args):
         row["iterations"] / max(1, images // s["batch_size"])))  # a new run's: from the recipe
     gpus = int(torch.cuda.is_available()) if args.gpus is None else args.gpus
     cuda = torch.cuda.is_available() and gpus > 0
+    if cuda and gpus > torch.cuda.device_count():
+        raise UsageError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA devices")
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(gpus, 1)  # on this machine
     workers = default_workers(cuda, procs) if args.workers is None else args.workers
     # a worker needs a fraction of a core on the CPU (BCCD: ~0.1 at 10 img/s): the rest go to torch
@@ -289,9 +288,8 @@ def set_rng_state(state):
 def seed_all(*key):
     """Seed torch, numpy and random from a tuple of ints."""
     seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    for manual_seed in (torch.manual_seed, np.random.seed, random.seed):
+        manual_seed(seed)
 
 
 class EpochSeeded(torch.utils.data.Dataset):
@@ -314,13 +312,11 @@ class EpochSeeded(torch.utils.data.Dataset):
 
 
 def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start, stop):
-    """This rank's batches of EpochSeeded keys (epoch, index) from step `start` to `stop`. Each
-    epoch: DistributedSampler's shuffle (seed + epoch), the tail that fills no batch dropped, so
-    every rank takes the same number of steps."""
+    """This rank's batches of EpochSeeded keys (epoch, index) from step `start` to `stop`; each
+    epoch DistributedSampler's shuffle (seed + epoch), less the tail that fills no batch."""
     for epoch in range(start // iters_per_epoch, (stop - 1) // iters_per_epoch + 1):
-        sampler = torch.utils.data.DistributedSampler(
-            range(num_images), num_replicas=world, rank=rank, shuffle=True, seed=seed,
-            drop_last=True)
+        sampler = torch.utils.data.DistributedSampler(range(num_images), world, rank, seed=seed,
+                                                      drop_last=True)
         sampler.set_epoch(epoch)
         order, first = list(sampler), epoch * iters_per_epoch
         for k in range(max(start - first, 0), min(stop - first, len(order) // per_rank)):
@@ -424,8 +420,7 @@ def _setup(s, rank, local_rank, world, log):
         if r.scaler.is_enabled() and ckpt.get("scaler"):
             r.scaler.load_state_dict(ckpt["scaler"])
         r.step, r.best_map = int(ckpt["step"]), ckpt.get("best_map")
-        if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         log(f"resumed {s['resume']} at step {r.step} (epoch {r.step // r.iters})")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
@@ -439,67 +434,58 @@ def _setup(s, rank, local_rank, world, log):
     return r
 
 
-def _train_epoch(r, loader):
-    """Steps to the end of this epoch (or r.stop), every --log-every a log line and metrics.jsonl
-    row of the means since the last; -> False on a non-finite loss."""
+def _step(r, images, boxes, labels):
+    """One training step on a batch, and every --log-every steps a log line and metrics.jsonl row
+    of the means since the last; -> False on a non-finite loss (nothing updated)."""
     s, w, device = r.s, r.window, r.device
-    t_wait = time.perf_counter()
-    for images, boxes, labels, _ in itertools.islice(
-            loader, min(r.stop, (r.step // r.iters + 1) * r.iters) - r.step):
-        w["wait"] += time.perf_counter() - t_wait
-        if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
-            images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
-                                        r.model.config["mean"])  # [B, 3, S, S]
-        images = images.to(device, non_blocking=True).contiguous(
-            memory_format=torch.channels_last)  # [B, 3, S, S]
-        boxes = [b.to(device, non_blocking=True) for b in boxes]  # [N_i, 4] each
-        labels = [lab.to(device, non_blocking=True) for lab in labels]  # [N_i] each
-        with torch.autocast(device.type, dtype=r.amp_dtype, enabled=r.amp):
-            cls_logits, box_deltas = r.ddp_model(images)  # [B, A, C+1], [B, A, 4]
-        losses = ssd.multibox_loss(cls_logits, box_deltas, r.model.anchors, boxes, labels)
-        terms = torch.stack([losses["loss_cls"].detach(), losses["loss_box"].detach()]).double()
-        if r.world > 1:
-            dist.all_reduce(terms)
-            terms /= r.world
-        terms = terms.cpu()  # [2]: cls, box, averaged over the ranks
-        if not torch.isfinite(terms).all():
-            if r.rank == 0:
-                print(f"error: non-finite loss at step {r.step + 1} (loss_cls="
-                      f"{terms[0].item():.4g}, loss_box={terms[1].item():.4g}); last good "
-                      f"checkpoint: {r.last if os.path.isfile(r.last) else 'none yet'}",
-                      file=sys.stderr, flush=True)
-            return False
-        r.optimizer.zero_grad(set_to_none=True)
-        r.scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
-        r.scaler.step(r.optimizer)
-        r.scaler.update()
-        r.scheduler.step()
-        r.step += 1
-        w["steps"] += 1
-        w["terms"] += terms
-        if r.step % s["log_every"] == 0 or r.step == r.stop:
-            now = time.perf_counter()
-            elapsed = now - w["t"]
-            cls_loss, box_loss = (w["terms"] / w["steps"]).tolist()
-            row = dict(step=r.step, epoch=r.step / r.iters, lr=r.optimizer.param_groups[0]["lr"],
-                       loss=cls_loss + box_loss, loss_cls=cls_loss, loss_box=box_loss,
-                       images_per_s=w["steps"] * s["batch_size"] / elapsed,
-                       data_wait=w["wait"] / elapsed,
-                       eta_s=(r.stop - r.step) * eta_rate(w, elapsed, r.rates),
-                       time_s=now - r.start)
-            if s["cuda"]:
-                row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            r.log(f"step {r.step}/{r.total} ep {(r.step - 1) // r.iters + 1}/{s['epochs']} lr "
-                  f"{row['lr']:.1e} loss {row['loss']:.3f} (cls {cls_loss:.3f} box {box_loss:.3f}) "
-                  f"{row['images_per_s']:.1f} img/s data {100 * row['data_wait']:.0f}% ETA "
-                  f"{data.duration(row['eta_s'])}"
-                  + (f" mem {row['mem_gb']:.1f}G" if s["cuda"] else ""))
-            if r.rank == 0:
-                with open(r.metrics, "a") as f:
-                    f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
-                                        for k, v in row.items()}) + "\n")
-            w.update(t=time.perf_counter(), wait=0.0, steps=0, terms=0)
-        t_wait = time.perf_counter()
+    if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
+        images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
+                                    r.model.config["mean"])  # [B, 3, S, S]
+    images = images.to(device, non_blocking=True).contiguous(
+        memory_format=torch.channels_last)  # [B, 3, S, S]
+    boxes = [b.to(device, non_blocking=True) for b in boxes]  # [N_i, 4] each
+    labels = [lab.to(device, non_blocking=True) for lab in labels]  # [N_i] each
+    with torch.autocast(device.type, dtype=r.amp_dtype, enabled=r.amp):
+        cls_logits, box_deltas = r.ddp_model(images)  # [B, A, C+1], [B, A, 4]
+    losses = ssd.multibox_loss(cls_logits, box_deltas, r.model.anchors, boxes, labels)
+    terms = torch.stack([losses["loss_cls"].detach(), losses["loss_box"].detach()]).double()
+    if r.world > 1:
+        dist.all_reduce(terms)
+        terms /= r.world
+    terms = terms.cpu()  # [2]: cls, box, averaged over the ranks
+    if not torch.isfinite(terms).all():
+        r.log(f"error: non-finite loss at step {r.step + 1} (loss_cls={terms[0].item():.4g}, "
+              f"loss_box={terms[1].item():.4g}); last good checkpoint: "
+              f"{r.last if os.path.isfile(r.last) else 'none yet'}", file=sys.stderr)
+        return False
+    r.optimizer.zero_grad(set_to_none=True)
+    r.scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    r.scheduler.step()
+    r.step += 1
+    w["steps"] += 1
+    w["terms"] += terms
+    if r.step % s["log_every"] and r.step != r.stop:
+        return True
+    now = time.perf_counter()
+    elapsed = now - w["t"]
+    cls_loss, box_loss = (w["terms"] / w["steps"]).tolist()
+    row = dict(step=r.step, epoch=r.step / r.iters, lr=r.optimizer.param_groups[0]["lr"],
+               loss=cls_loss + box_loss, loss_cls=cls_loss, loss_box=box_loss,
+               images_per_s=w["steps"] * s["batch_size"] / elapsed, data_wait=w["wait"] / elapsed,
+               eta_s=(r.stop - r.step) * eta_rate(w, elapsed, r.rates), time_s=now - r.start)
+    if s["cuda"]:
+        row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    r.log(f"step {r.step}/{r.total} ep {(r.step - 1) // r.iters + 1}/{s['epochs']} lr "
+          f"{row['lr']:.1e} loss {row['loss']:.3f} (cls {cls_loss:.3f} box {box_loss:.3f}) "
+          f"{row['images_per_s']:.1f} img/s data {100 * row['data_wait']:.0f}% ETA "
+          f"{data.duration(row['eta_s'])}" + (f" mem {row['mem_gb']:.1f}G" if s["cuda"] else ""))
+    if r.rank == 0:
+        with open(r.metrics, "a") as f:
+            f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
+                                for k, v in row.items()}) + "\n")
+    w.update(t=time.perf_counter(), wait=0.0, steps=0, terms=0)
     return True
 
 
@@ -574,16 +560,20 @@ def _train(s, rank, local_rank, world, log):
     r.ddp_model.train()
     transform = data.TrainTransform(s["size"], r.model.config["mean"],
                                     on_device=s["augment_on"] == "device")
-    loader = iter(torch.utils.data.DataLoader(  # the run's one loader: its workers live on
+    loader = torch.utils.data.DataLoader(  # the run's one loader: its workers live on
         EpochSeeded(data.DetectionDataset(r.train_source, transform), s["seed"]),
         batch_sampler=run_batches(len(r.train_source), s["seed"], rank, world, r.per_rank,
                                   r.iters, r.step, r.stop),
         num_workers=s["workers"], collate_fn=data.collate, pin_memory=s["cuda"],
-        prefetch_factor=4 if s["workers"] else None))
-    while r.step < r.stop:
-        if not _train_epoch(r, loader):
+        prefetch_factor=4 if s["workers"] else None)
+    t_wait = time.perf_counter()
+    for images, boxes, labels, _ in loader:  # the batches of steps r.step + 1 to r.stop
+        r.window["wait"] += time.perf_counter() - t_wait
+        if not _step(r, images, boxes, labels):
             return 1
-        _end_of_epoch(r)
+        if r.step % r.iters == 0 or r.step == r.stop:
+            _end_of_epoch(r)
+        t_wait = time.perf_counter()
     if rank == 0:
         pic = os.path.join(s["out"], "detections.jpg")
         r.model.eval()
@@ -613,7 +603,7 @@ def run(s, rank, local_rank, world):
     try:
         return _train(s, rank, local_rank, world, log)
     except (UsageError, data.DataError, weights.CheckpointError) as e:
-        # an error raised in a DataLoader worker arrives with its traceback: its last line
+        # one line: an error raised in a DataLoader worker arrives with its traceback
         log(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -646,10 +636,6 @@ def main(argv=None):
                                       if gpus > 1 else "training on the CPU"), flush=True)
     if gpus <= 1:
         return run(s, 0, 0, 1)
-    if s["cuda"] and gpus > torch.cuda.device_count():
-        print(f"error: --gpus {gpus}: only {torch.cuda.device_count()} CUDA devices",
-              file=sys.stderr)
-        return 2
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:
         with socket.socket() as sock:  # a free port
