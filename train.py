@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 import data
 import evaluate
 import ssd
 import weights
-
-UsageError = data.UsageError
+from data import UsageError
 
 # Recipe (the SSD paper, Sec. 3; Caffe's ssd_pascal.py) unless a comment says otherwise.
 MOMENTUM = 0.9  # every reference
@@ -52,8 +52,8 @@ DIST_TIMEOUT = datetime.timedelta(hours=1)  # other ranks wait this long while r
 # in iterations, as Caffe's: --epochs = iterations / (images // batch). lr None: BASE_LR x batch/32.
 PAPER = dict(batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd", norm="none")
 # From scratch (the paper's recipe assumes an ImageNet VGG16): AdamW (SGD without BatchNorm learned
-# nothing visible in a few hundred iterations), 1/8 width (CPU-sized); BCCD val mAP 0.71 after 960
-# iterations. --norm bn: BCCD mAP 0.27 vs 0.20 after 240 iterations, 28 vs 37 images/s on 2 cores.
+# nothing visible in a few hundred iterations), 1/8 width. --norm bn: BCCD mAP 0.27 vs 0.20 after
+# 240 iterations, but 28 vs 37 images/s on 2 CPU cores.
 SCRATCH = dict(iterations=1800, batch_size=16, lr=3e-3, warmup=50, width=0.125,
                optimizer="adamw", norm="none")
 RECIPES = {
@@ -155,8 +155,7 @@ def _read_checkpoint(path):
 
 @functools.lru_cache(maxsize=None)
 def _sources(name, root, val_split):
-    """(training, evaluation) sources, built once per process (a COCO json takes seconds to read):
-    the check before spawning and the rank's setup share them. DataError -> UsageError."""
+    """(training, evaluation) sources, built once per process; DataError -> UsageError."""
     try:
         return (data.build_source(name, root, None, train=True),
                 data.build_source(name, root, val_split, train=False))
@@ -165,17 +164,14 @@ def _sources(name, root, val_split):
 
 
 def settings(args):
-    """-> dict of everything a rank needs (plain types: it crosses to spawned processes): those of
-    the run resumed (flags may only repeat them; --epochs may grow), or the RECIPES row of --data
-    and --pretrained overridden by the flags given. The data is checked before any spawning."""
+    """-> dict of everything a rank needs (plain types: it crosses to spawned processes): the
+    resumed run's (flags may only repeat them; --epochs may grow), or the RECIPES row overridden."""
     _sources.cache_clear()  # the data as it is now, not as an earlier run in this process read it
     if args.resume is not None:
-        path = args.resume
-        if path == "auto":
-            path = os.path.join(args.out, "last.pt") if args.out else data.newest_run_file(
-                "last.pt")
-            if path is None:
-                raise UsageError("--resume: no runs/*/last.pt to continue (give a path)")
+        path = (args.resume if args.resume != "auto" else os.path.join(args.out, "last.pt")
+                if args.out else data.newest_run_file("last.pt"))
+        if path is None:
+            raise UsageError("--resume: no runs/*/last.pt to continue (give a path)")
         s = {"norm": "none", **_read_checkpoint(path)["train_args"]}  # older runs: no norm
         for key in RUN_KEYS:
             given = getattr(args, key)
@@ -188,16 +184,13 @@ def settings(args):
         case = ("pretrained" if args.pretrained and (args.data, "pretrained") in RECIPES
                 else "scratch")
         row = RECIPES[args.data, case]
-        s = dict({k: row[k] for k in ("width", "batch_size", "warmup", "optimizer", "norm")},
-                 **COMMON)
+        s = COMMON | {k: row[k] for k in ("width", "batch_size", "warmup", "optimizer", "norm")}
         s.update({k: getattr(args, k) for k in s if getattr(args, k) is not None}, data=args.data,
                  data_root=args.data_root, case=case, val_split=args.val_split,
                  pretrained=args.pretrained, resume=None, epochs=None)
         s["lr"] = args.lr or row["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
         if args.pretrained and s["norm"] == "bn":
             raise UsageError("--norm bn: the VGG16 files --pretrained reads have no BatchNorm")
-        if args.pretrained and not os.path.isfile(args.pretrained):
-            raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
         if args.out and os.path.isfile(os.path.join(args.out, "last.pt")):
             raise UsageError(f"{args.out}/last.pt exists: continue it with --resume or choose "
                              "another --out")
@@ -222,7 +215,6 @@ def settings(args):
 
 
 def _cores():
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
     return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
             os.cpu_count()) or 1
 
@@ -236,9 +228,8 @@ def default_workers(cuda, procs):
 
 # ------------------------------------------------------ Initialisation, schedule, RNG, data order
 def init_from_scratch(model):
-    """He init (He et al. 2015, Sec. 2.2) of the VGG and extra convs, conv1_1 also / PIXEL_STD (its
-    input is 0-255 minus the mean). Xavier (ssd.py's, for a pretrained VGG16) halves the variance
-    at each ReLU: from scratch the conv7 source would start ~50x weaker than conv4_3."""
+    """He init (He et al. 2015, Sec. 2.2) of the VGG and extra convs, conv1_1's also / PIXEL_STD
+    (input 0-255 minus the mean); ssd.py's Xavier would start conv7 ~50x weaker than conv4_3."""
     convs = [m for m in [*model.vgg, *model.extras] if isinstance(m, torch.nn.Conv2d)]
     for conv in convs:
         torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
@@ -258,8 +249,7 @@ def param_groups(model, lr, scratch):
 
 
 def lr_factor(it, total, warmup):
-    """lr multiplier at iteration `it` of `total`: linear from WARMUP_FROM to 1 over `warmup`
-    iterations, times DECAY for every DECAY_AT fraction of the schedule passed."""
+    """lr multiplier at iteration `it` of `total`: warmup from WARMUP_FROM, x DECAY at DECAY_AT."""
     warm = WARMUP_FROM + (1 - WARMUP_FROM) * it / warmup if it < warmup else 1.0
     return warm * DECAY ** sum(it >= round(f * total) for f in DECAY_AT)
 
@@ -293,8 +283,7 @@ def seed_all(*key):
 
 
 class EpochSeeded(torch.utils.data.Dataset):
-    """Items by key (epoch, index), every generator seeded from (seed, epoch, index) first: an
-    image's augmentation depends on nothing else (not the workers, not a resume mid-epoch)."""
+    """Items by key (epoch, index), every generator seeded from (seed, epoch, index) first."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -341,21 +330,6 @@ def _drop_metrics_after(path, step):
         with open(path) as f:
             keep = [line for line in f if logged_by(line)]
         weights.write_atomic(path, lambda f: f.writelines(keep))
-
-
-def write_detections(model, source, path, count=4):
-    """Draw the model's detections on the first `count` images of `source`, in a grid, to `path`."""
-    from PIL import Image
-    images = [source.load_image(i) for i in range(min(count, len(source)))]
-    dets = ssd.detect(model, [data.to_tensor(im) for im in images], score_thr=0.5)  # as detect.py
-    for im, (boxes, scores, labels) in zip(images, dets):
-        data.draw_detections(im, boxes, scores, labels, model.config["class_names"])
-    cols = math.ceil(math.sqrt(len(images)))
-    cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
-    grid = Image.new("RGB", (cols * cell_w, math.ceil(len(images) / cols) * cell_h), "white")
-    for k, im in enumerate(images):
-        grid.paste(im, ((k % cols) * cell_w, (k // cols) * cell_h))
-    weights.write_atomic(path, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
 
 
 # ---------------------------------------------- Training (one rank): setup, epoch, end of epoch
@@ -537,7 +511,6 @@ def _train(s, rank, local_rank, world, log):
             "VGG16_FILE, or --optimizer sgd --lr 0.001 --batch-size 32 --warmup 500 --width 1 "
             "--norm none)"))
     r = _setup(s, rank, local_rank, world, log)
-    milestones = [round(f * r.total) for f in DECAY_AT]
     log(f"data {s['data']}: {len(r.train_source)} training images, {len(r.val_source)} "
         f"validation; {len(r.train_source.class_names)} classes")
     log(f"model SSD{s['size']} width {s['width']:g} norm {s['norm']}: "
@@ -548,7 +521,8 @@ def _train(s, rank, local_rank, world, log):
     log(f"global batch {s['batch_size']} ({r.per_rank} per process), "
         f"{type(r.optimizer).__name__} lr {s['lr']:.3g}, {r.iters} iterations/epoch x "
         f"{s['epochs']} epochs = {r.total} iterations; warmup {s['warmup']} from lr/3, "
-        f"x{DECAY:g} at {milestones[0]} and {milestones[1]}; run folder {s['out']}")
+        f"x{DECAY:g} at {round(DECAY_AT[0] * r.total)} and {round(DECAY_AT[1] * r.total)}; run "
+        f"folder {s['out']}")
     if r.stop < r.total:
         log(f"stopping at step {r.stop} (--max-steps)")
     if r.step >= r.stop:
@@ -574,10 +548,18 @@ def _train(s, rank, local_rank, world, log):
         if r.step % r.iters == 0 or r.step == r.stop:
             _end_of_epoch(r)
         t_wait = time.perf_counter()
-    if rank == 0:
-        pic = os.path.join(s["out"], "detections.jpg")
-        r.model.eval()
-        write_detections(r.model, r.val_source, pic)
+    if rank == 0:  # detections.jpg: the first 4 validation images, drawn as detect.py does
+        pic, images = os.path.join(s["out"], "detections.jpg"), [
+            r.val_source.load_image(i) for i in range(min(4, len(r.val_source)))]
+        dets = ssd.detect(r.model.eval(), [data.to_tensor(im) for im in images], score_thr=0.5)
+        for im, (boxes, scores, labels) in zip(images, dets):
+            data.draw_detections(im, boxes, scores, labels, r.model.config["class_names"])
+        cols = math.ceil(math.sqrt(len(images)))  # in a grid
+        cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
+        grid = Image.new("RGB", (cols * cell_w, math.ceil(len(images) / cols) * cell_h), "white")
+        for k, im in enumerate(images):
+            grid.paste(im, ((k % cols) * cell_w, (k // cols) * cell_h))
+        weights.write_atomic(pic, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
         best = f", best mAP {r.best_map:.4f}" if r.best_map is not None else ""
         log(f"done: {r.step} steps in {data.duration(time.perf_counter() - r.start)}{best}; "
             f"wrote {pic}")
@@ -586,8 +568,7 @@ def _train(s, rank, local_rank, world, log):
 
 # --------------------------------------------------------------------------------------- Processes
 def wrap_ddp(model, device_ids, batchnorm=False):
-    """DistributedDataParallel. With BatchNorm rank 0's running statistics are broadcast at each
-    forward (DDP's default); without, the one buffer (the anchors, fixed) is synced only once."""
+    """DistributedDataParallel, syncing the buffers at each forward only with BatchNorm."""
     # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers
     new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     return DistributedDataParallel(model, device_ids=device_ids, **{
@@ -616,7 +597,6 @@ def run(s, rank, local_rank, world):
 
 
 def _spawned(local_rank, world, s):
-    """Entry point of a process started by --gpus N."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
     sys.exit(run(s, local_rank, local_rank, world))
 
