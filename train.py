@@ -16,7 +16,6 @@ import glob
 import inspect
 import itertools
 import json
-import math
 import os
 import random
 import socket
@@ -52,8 +51,7 @@ DIST_TIMEOUT = datetime.timedelta(hours=1)  # other ranks wait this long while r
 # in iterations, as Caffe's: --epochs = iterations / (images // batch). lr None: BASE_LR x batch/32.
 PAPER = dict(batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd", norm="none")
 # From scratch (the paper's recipe assumes an ImageNet VGG16): AdamW (SGD without BatchNorm learned
-# nothing visible in a few hundred iterations), 1/8 width. --norm bn: BCCD mAP 0.27 vs 0.20 after
-# 240 iterations, but 28 vs 37 images/s on 2 CPU cores.
+# nothing in a few hundred iterations), 1/8 width; --norm bn learns faster but runs slower on CPUs.
 SCRATCH = dict(iterations=1800, batch_size=16, lr=3e-3, warmup=50, width=0.125,
                optimizer="adamw", norm="none")
 RECIPES = {
@@ -62,8 +60,7 @@ RECIPES = {
     # torchvision's reference (ssd300_vgg16): 120 passes over train2017 (Caffe's 400k: ~109)
     ("coco", "pretrained"): dict(PAPER, iterations=440_000),
     ("voc", "scratch"): SCRATCH, ("coco", "scratch"): SCRATCH,
-    # Quick start, 2 idle CPU cores: 1/16 width (~70 images/s); 625 / 1000 / 1250 iterations (5 /
-    # 8 / 10 epochs) gave shapes val mAP 0.82 / 1.00 / 1.00 in 2m24s / 3m47s / 4m46s
+    # quick start: 1/16 width; 625 / 1000 / 1250 iterations: shapes val mAP 0.82 / 1.00 / 1.00
     ("shapes", "scratch"): dict(SCRATCH, iterations=1000, width=0.0625),
 }
 DATASETS = sorted({d for d, _ in RECIPES})
@@ -113,8 +110,7 @@ def parse_args(argv):
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
     add("--amp", action=argparse.BooleanOptionalAction, help="mixed precision on CUDA: bf16 "
         "where supported, else fp16 (default: on with CUDA; the CPU trains in float32)")
-    add("--out", metavar="DIR",
-        help="run folder (default: runs/<data>-<time>; with --resume, the checkpoint's folder)")
+    add("--out", metavar="DIR", help="run folder (default: runs/<data>-<time>; --resume: its own)")
     add("--resume", nargs="?", const="auto", metavar="PATH", help="continue PATH, <out>/last.pt "
         "or the newest runs/*/last.pt with the settings saved there (default: start a new run)")
     add("--pretrained", metavar="PATH", help="ImageNet VGG16 weights for the backbone, and the "
@@ -164,8 +160,7 @@ def _sources(name, root, val_split):
 
 
 def settings(args):
-    """-> dict of everything a rank needs (plain types: it crosses to spawned processes): the
-    resumed run's (flags may only repeat them; --epochs may grow), or the RECIPES row overridden."""
+    """-> dict (plain types) of what a rank needs: a resumed run's, or RECIPES' with the flags."""
     _sources.cache_clear()  # the data as it is now, not as an earlier run in this process read it
     if args.resume is not None:
         path = (args.resume if args.resume != "auto" else os.path.join(args.out, "last.pt")
@@ -409,8 +404,7 @@ def _setup(s, rank, local_rank, world, log):
 
 
 def _step(r, images, boxes, labels):
-    """One training step on a batch, and every --log-every steps a log line and metrics.jsonl row
-    of the means since the last; -> False on a non-finite loss (nothing updated)."""
+    """One step, and a log line and metrics.jsonl row when due; -> False on a non-finite loss."""
     s, w, device = r.s, r.window, r.device
     if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
         images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
@@ -422,11 +416,10 @@ def _step(r, images, boxes, labels):
     with torch.autocast(device.type, dtype=r.amp_dtype, enabled=r.amp):
         cls_logits, box_deltas = r.ddp_model(images)  # [B, A, C+1], [B, A, 4]
     losses = ssd.multibox_loss(cls_logits, box_deltas, r.model.anchors, boxes, labels)
-    terms = torch.stack([losses["loss_cls"].detach(), losses["loss_box"].detach()]).double()
+    terms = torch.stack([losses["loss_cls"], losses["loss_box"]]).detach().double()
     if r.world > 1:
         dist.all_reduce(terms)
-        terms /= r.world
-    terms = terms.cpu()  # [2]: cls, box, averaged over the ranks
+    terms = terms.cpu() / r.world  # [2]: cls, box, averaged over the ranks
     if not torch.isfinite(terms).all():
         r.log(f"error: non-finite loss at step {r.step + 1} (loss_cls={terms[0].item():.4g}, "
               f"loss_box={terms[1].item():.4g}); last good checkpoint: "
@@ -464,8 +457,7 @@ def _step(r, images, boxes, labels):
 
 
 def _end_of_epoch(r):
-    """Check the replicas agree (at the end); rank 0: evaluate when due (mAP to the log and
-    metrics.jsonl), save last.pt, and best.pt when the mAP improved or none was measured."""
+    """Check the replicas agree (at the end); rank 0: evaluate when due, save last.pt, best.pt."""
     s, epoch, finished = r.s, r.step // r.iters, r.step >= r.stop
     if r.world > 1 and finished:  # check it once, at the end: each tensor's sum and sum of squares
         mine = torch.stack([t for p in r.model.parameters() for t in (
@@ -531,7 +523,6 @@ def _train(s, rank, local_rank, world, log):
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     r.start, r.rates = time.perf_counter(), []
     r.window = dict(t=r.start, wait=0.0, steps=0, terms=0)  # the steps since the last log line
-    r.ddp_model.train()
     transform = data.TrainTransform(s["size"], r.model.config["mean"],
                                     on_device=s["augment_on"] == "device")
     loader = torch.utils.data.DataLoader(  # the run's one loader: its workers live on
@@ -554,11 +545,10 @@ def _train(s, rank, local_rank, world, log):
         dets = ssd.detect(r.model.eval(), [data.to_tensor(im) for im in images], score_thr=0.5)
         for im, (boxes, scores, labels) in zip(images, dets):
             data.draw_detections(im, boxes, scores, labels, r.model.config["class_names"])
-        cols = math.ceil(math.sqrt(len(images)))  # in a grid
-        cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
-        grid = Image.new("RGB", (cols * cell_w, math.ceil(len(images) / cols) * cell_h), "white")
-        for k, im in enumerate(images):
-            grid.paste(im, ((k % cols) * cell_w, (k // cols) * cell_h))
+        w, h = max(im.width for im in images), max(im.height for im in images)  # of a cell
+        grid = Image.new("RGB", (min(2, len(images)) * w, (len(images) + 1) // 2 * h), "white")
+        for k, im in enumerate(images):  # in a 2 x 2 grid
+            grid.paste(im, (k % 2 * w, k // 2 * h))
         weights.write_atomic(pic, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
         best = f", best mAP {r.best_map:.4f}" if r.best_map is not None else ""
         log(f"done: {r.step} steps in {data.duration(time.perf_counter() - r.start)}{best}; "
