@@ -329,60 +329,60 @@ def _drop_metrics_after(path, step):
 
 # ---------------------------------------------- Training (one rank): setup, epoch, end of epoch
 def _setup(s, rank, local_rank, world, log):
-    """-> the run's state: device, data, model, optimizer, schedule (restored on --resume)."""
+    """-> the run: the settings as attributes, device, data, model, optimizer, schedule, step."""
     cuda, out = s["cuda"], s["out"]
-    r = argparse.Namespace(
-        s=s, rank=rank, world=world, log=log, step=0, best_map=None,
+    r = argparse.Namespace(**dict(
+        s, s=s, rank=rank, world=world, log=log, step=0, best_map=None,
         device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"),
         device_ids=[local_rank] if cuda else None, amp=cuda and s["amp"] is not False,
         per_rank=s["batch_size"] // world, last=os.path.join(out, "last.pt"),
-        best=os.path.join(out, "best.pt"), metrics=os.path.join(out, "metrics.jsonl"))
+        best=os.path.join(out, "best.pt"), metrics=os.path.join(out, "metrics.jsonl")))
     if cuda:
         torch.cuda.set_device(r.device)
     else:  # the ranks and their DataLoader workers share the cores
-        torch.set_num_threads(s["threads"])
+        torch.set_num_threads(r.threads)
     r.amp_dtype = torch.bfloat16 if r.amp and torch.cuda.is_bf16_supported() else torch.float16
     if s["amp"] and not cuda:
         log("warning: --amp is for CUDA; training in float32 on the CPU")
-    if s["batch_size"] % world:
-        raise UsageError(f"--batch-size {s['batch_size']} does not split over {world} processes")
-    r.train_source, r.val_source = _sources(s["data"], s["data_root"], s["val_split"])
+    if r.batch_size % world:
+        raise UsageError(f"--batch-size {r.batch_size} does not split over {world} processes")
+    r.train_source, r.val_source = _sources(r.data, r.data_root, r.val_split)
     r.iters = len(r.train_source) // world // r.per_rank  # per epoch
     if r.iters == 0:
-        raise UsageError(f"{s['data']}: {len(r.train_source)} training images, fewer than the "
-                         f"global batch {s['batch_size']}")
-    r.total = s["epochs"] * r.iters
-    r.stop = min(r.total, s["max_steps"] or r.total)
+        raise UsageError(f"{r.data}: {len(r.train_source)} training images, fewer than the "
+                         f"global batch {r.batch_size}")
+    r.total = r.epochs * r.iters
+    r.stop = min(r.total, r.max_steps or r.total)
     names = r.train_source.class_names
     try:  # the flags are checked by parse_args; a resumed checkpoint's settings are not
-        config = ssd.make_config(s["size"], len(names), width=s["width"], class_names=names,
-                                 anchors="coco" if s["data"] == "coco" else "voc", norm=s["norm"])
+        config = ssd.make_config(r.size, len(names), width=r.width, class_names=names,
+                                 anchors="coco" if r.data == "coco" else "voc", norm=r.norm)
     except ValueError as e:
-        raise UsageError(f"{s['resume'] or 'settings'}: {e}") from None
-    seed_all(s["seed"])  # the same initial weights on every rank
+        raise UsageError(f"{r.resume or 'settings'}: {e}") from None
+    seed_all(r.seed)  # the same initial weights on every rank
     r.model = ssd.build_model(config)
     if hasattr(r.train_source, "category_ids"):  # COCO: labels map back to category ids
         r.model.config["category_ids"] = list(r.train_source.category_ids)
-    if not s["pretrained"]:
+    if not r.pretrained:
         init_from_scratch(r.model)
-    elif not s["resume"]:
-        weights.load_backbone(r.model, s["pretrained"])
+    elif not r.resume:
+        weights.load_backbone(r.model, r.pretrained)
     # channels_last: faster on GPUs (tensor cores) and on CPUs too (1.6x for width 0.125 on 2 cores)
     r.model.to(r.device, memory_format=torch.channels_last)
-    if s["optimizer"] == "adamw":
-        r.optimizer = torch.optim.AdamW(r.model.parameters(), lr=s["lr"], weight_decay=WEIGHT_DECAY)
+    if r.optimizer == "adamw":  # from here on r.optimizer is the optimizer
+        r.optimizer = torch.optim.AdamW(r.model.parameters(), lr=r.lr, weight_decay=WEIGHT_DECAY)
     else:
-        r.optimizer = torch.optim.SGD(param_groups(r.model, s["lr"], scratch=not s["pretrained"]),
-                                      lr=s["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        r.optimizer = torch.optim.SGD(param_groups(r.model, r.lr, scratch=not r.pretrained),
+                                      lr=r.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     r.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        r.optimizer, lambda it: lr_factor(it, r.total, s["warmup"]))
+        r.optimizer, lambda it: lr_factor(it, r.total, r.warmup))
     r.scaler = torch.amp.GradScaler("cuda", enabled=r.amp and r.amp_dtype == torch.float16)
-    if s["resume"]:  # weights, optimizer, schedule, step, RNG
-        ckpt = _read_checkpoint(s["resume"])
+    if r.resume:  # weights, optimizer, schedule, step, RNG
+        ckpt = _read_checkpoint(r.resume)
         try:
             r.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise UsageError(f"{s['resume']}: weights do not fit the model "
+            raise UsageError(f"{r.resume}: weights do not fit the model "
                              f"({str(e).splitlines()[1].strip()})") from None
         r.optimizer.load_state_dict(ckpt["optimizer"])
         r.scheduler.load_state_dict(ckpt["scheduler"])
@@ -390,22 +390,22 @@ def _setup(s, rank, local_rank, world, log):
             r.scaler.load_state_dict(ckpt["scaler"])
         r.step, r.best_map = int(ckpt["step"]), ckpt.get("best_map")
         set_rng_state(ckpt["rng"])
-        log(f"resumed {s['resume']} at step {r.step} (epoch {r.step // r.iters})")
+        log(f"resumed {r.resume} at step {r.step} (epoch {r.step // r.iters})")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         for stale in glob.glob(os.path.join(glob.escape(out), "*.pt.tmp*")):  # saves cut short
             os.remove(stale)
-        if s["resume"]:
+        if r.resume:
             _drop_metrics_after(r.metrics, r.step)
-    r.ddp_model = wrap_ddp(r.model, r.device_ids, s["norm"] == "bn") if world > 1 else r.model
-    if s["compile"]:
+    r.ddp_model = wrap_ddp(r.model, r.device_ids, r.norm == "bn") if world > 1 else r.model
+    if r.compile:
         r.ddp_model = torch.compile(r.ddp_model)
     return r
 
 
 def _step(r, images, boxes, labels):
     """One step, and a log line and metrics.jsonl row when due; -> False on a non-finite loss."""
-    s, w, device = r.s, r.window, r.device
+    w, device = r.window, r.device
     if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
         images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
                                     r.model.config["mean"])  # [B, 3, S, S]
@@ -433,21 +433,21 @@ def _step(r, images, boxes, labels):
     r.step += 1
     w["steps"] += 1
     w["terms"] += terms
-    if r.step % s["log_every"] and r.step != r.stop:
+    if r.step % r.log_every and r.step != r.stop:
         return True
     now = time.perf_counter()
     elapsed = now - w["t"]
     cls_loss, box_loss = (w["terms"] / w["steps"]).tolist()
     row = dict(step=r.step, epoch=r.step / r.iters, lr=r.optimizer.param_groups[0]["lr"],
                loss=cls_loss + box_loss, loss_cls=cls_loss, loss_box=box_loss,
-               images_per_s=w["steps"] * s["batch_size"] / elapsed, data_wait=w["wait"] / elapsed,
+               images_per_s=w["steps"] * r.batch_size / elapsed, data_wait=w["wait"] / elapsed,
                eta_s=(r.stop - r.step) * eta_rate(w, elapsed, r.rates), time_s=now - r.start)
-    if s["cuda"]:
+    if r.cuda:
         row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    r.log(f"step {r.step}/{r.total} ep {(r.step - 1) // r.iters + 1}/{s['epochs']} lr "
+    r.log(f"step {r.step}/{r.total} ep {(r.step - 1) // r.iters + 1}/{r.epochs} lr "
           f"{row['lr']:.1e} loss {row['loss']:.3f} (cls {cls_loss:.3f} box {box_loss:.3f}) "
           f"{row['images_per_s']:.1f} img/s data {100 * row['data_wait']:.0f}% ETA "
-          f"{data.duration(row['eta_s'])}" + (f" mem {row['mem_gb']:.1f}G" if s["cuda"] else ""))
+          f"{data.duration(row['eta_s'])}" + (f" mem {row['mem_gb']:.1f}G" if r.cuda else ""))
     if r.rank == 0:
         with open(r.metrics, "a") as f:
             f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
@@ -458,7 +458,7 @@ def _step(r, images, boxes, labels):
 
 def _end_of_epoch(r):
     """Check the replicas agree (at the end); rank 0: evaluate when due, save last.pt, best.pt."""
-    s, epoch, finished = r.s, r.step // r.iters, r.step >= r.stop
+    epoch, finished = r.step // r.iters, r.step >= r.stop
     if r.world > 1 and finished:  # check it once, at the end: each tensor's sum and sum of squares
         mine = torch.stack([t for p in r.model.parameters() for t in (
             p.detach().double().sum(), p.detach().double().pow(2).sum())])  # [2 * params]
@@ -467,11 +467,11 @@ def _end_of_epoch(r):
         same = all(torch.equal(prints[0], p) for p in prints[1:])
         r.log(f"weights {'identical' if same else 'DIFFERENT'} across {r.world} processes")
     improved = False
-    if r.rank == 0 and s["eval_every"] != 0 and (
-            finished or s["eval_every"] and r.step % (s["eval_every"] * r.iters) == 0):
+    if r.rank == 0 and r.eval_every != 0 and (
+            finished or r.eval_every and r.step % (r.eval_every * r.iters) == 0):
         t0 = time.perf_counter()
         result = evaluate.evaluate_model(r.model, r.val_source, batch_size=EVAL_BATCH,
-                                         device=r.device, workers=min(2, s["workers"]), log=r.log)
+                                         device=r.device, workers=min(2, r.workers), log=r.log)
         seconds = time.perf_counter() - t0
         r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} "
               f"({data.duration(seconds)})")
@@ -487,7 +487,7 @@ def _end_of_epoch(r):
                 config=r.model.config, optimizer=r.optimizer.state_dict(),
                 scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
                 step=r.step, best_map=r.best_map, rng=rng_state(),
-                train_args={k: s[k] for k in RUN_KEYS})
+                train_args={k: r.s[k] for k in RUN_KEYS})
         r.log(f"saved {r.last}" + (f" and {r.best}" if improved else ""))
     if r.world > 1:
         dist.barrier(device_ids=r.device_ids)
@@ -503,18 +503,17 @@ def _train(s, rank, local_rank, world, log):
             "VGG16_FILE, or --optimizer sgd --lr 0.001 --batch-size 32 --warmup 500 --width 1 "
             "--norm none)"))
     r = _setup(s, rank, local_rank, world, log)
-    log(f"data {s['data']}: {len(r.train_source)} training images, {len(r.val_source)} "
+    log(f"data {r.data}: {len(r.train_source)} training images, {len(r.val_source)} "
         f"validation; {len(r.train_source.class_names)} classes")
-    log(f"model SSD{s['size']} width {s['width']:g} norm {s['norm']}: "
+    log(f"model SSD{r.size} width {r.width:g} norm {r.norm}: "
         f"{sum(p.numel() for p in r.model.parameters()):,} parameters; device {r.device.type}, "
-        f"world size {world}{f' ({dist.get_backend()})' if world > 1 else ''}, {s['workers']} "
-        f"loader workers{'' if s['cuda'] else f', {torch.get_num_threads()} threads'}; amp "
+        f"world size {world}{f' ({dist.get_backend()})' if world > 1 else ''}, {r.workers} "
+        f"loader workers{'' if r.cuda else f', {torch.get_num_threads()} threads'}; amp "
         f"{str(r.amp_dtype).split('.')[-1] if r.amp else 'off'}")
-    log(f"global batch {s['batch_size']} ({r.per_rank} per process), "
-        f"{type(r.optimizer).__name__} lr {s['lr']:.3g}, {r.iters} iterations/epoch x "
-        f"{s['epochs']} epochs = {r.total} iterations; warmup {s['warmup']} from lr/3, "
-        f"x{DECAY:g} at {round(DECAY_AT[0] * r.total)} and {round(DECAY_AT[1] * r.total)}; run "
-        f"folder {s['out']}")
+    log(f"global batch {r.batch_size} ({r.per_rank} per process), {type(r.optimizer).__name__} "
+        f"lr {r.lr:.3g}, {r.iters} iterations/epoch x {r.epochs} epochs = {r.total} iterations; "
+        f"warmup {r.warmup} from lr/3, x{DECAY:g} at {round(DECAY_AT[0] * r.total)} and "
+        f"{round(DECAY_AT[1] * r.total)}; run folder {r.out}")
     if r.stop < r.total:
         log(f"stopping at step {r.stop} (--max-steps)")
     if r.step >= r.stop:
@@ -523,14 +522,13 @@ def _train(s, rank, local_rank, world, log):
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     r.start, r.rates = time.perf_counter(), []
     r.window = dict(t=r.start, wait=0.0, steps=0, terms=0)  # the steps since the last log line
-    transform = data.TrainTransform(s["size"], r.model.config["mean"],
-                                    on_device=s["augment_on"] == "device")
+    transform = data.TrainTransform(r.size, r.model.config["mean"],
+                                    on_device=r.augment_on == "device")
     loader = torch.utils.data.DataLoader(  # the run's one loader: its workers live on
-        EpochSeeded(data.DetectionDataset(r.train_source, transform), s["seed"]),
-        batch_sampler=run_batches(len(r.train_source), s["seed"], rank, world, r.per_rank,
-                                  r.iters, r.step, r.stop),
-        num_workers=s["workers"], collate_fn=data.collate, pin_memory=s["cuda"],
-        prefetch_factor=4 if s["workers"] else None)
+        EpochSeeded(data.DetectionDataset(r.train_source, transform), r.seed),
+        batch_sampler=run_batches(len(r.train_source), r.seed, rank, world, r.per_rank, r.iters,
+                                  r.step, r.stop), num_workers=r.workers, collate_fn=data.collate,
+        pin_memory=r.cuda, prefetch_factor=4 if r.workers else None)
     t_wait = time.perf_counter()
     for images, boxes, labels, _ in loader:  # the batches of steps r.step + 1 to r.stop
         r.window["wait"] += time.perf_counter() - t_wait
@@ -540,7 +538,7 @@ def _train(s, rank, local_rank, world, log):
             _end_of_epoch(r)
         t_wait = time.perf_counter()
     if rank == 0:  # detections.jpg: the first 4 validation images, drawn as detect.py does
-        pic, images = os.path.join(s["out"], "detections.jpg"), [
+        pic, images = os.path.join(r.out, "detections.jpg"), [
             r.val_source.load_image(i) for i in range(min(4, len(r.val_source)))]
         dets = ssd.detect(r.model.eval(), [data.to_tensor(im) for im in images], score_thr=0.5)
         for im, (boxes, scores, labels) in zip(images, dets):
