@@ -42,10 +42,8 @@ WEIGHT_DECAY = 5e-4  # every reference; on all parameters, as mmdetection and to
 BASE_LR, BASE_BATCH = 1e-3, 32  # Caffe, amdegroot, lufficc: 1e-3 at 32 images; linear scaling rule
 WARMUP_FROM = 1 / 3  # mmdetection v1 and lufficc: linear warmup from lr / 3
 DECAY_AT, DECAY = (2 / 3, 5 / 6), 0.1  # Caffe: x0.1 at 80k and 100k of 120k iterations
-EVAL_BATCH = 8
 PIXEL_STD = 57.6  # ImageNet's per-channel pixel std on the 0-255 scale (58.4, 57.1, 57.4)
 MAX_UNREADABLE = 10  # consecutive unreadable training images before giving up
-DIST_TIMEOUT = datetime.timedelta(hours=1)  # other ranks wait this long while rank 0 evaluates
 
 # Run defaults per data set and case ("pretrained": --pretrained given), shown by --help. Schedules
 # in iterations, as Caffe's: --epochs = iterations / (images // batch). lr None: BASE_LR x batch/32.
@@ -72,15 +70,13 @@ RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "w
 
 def _per_case(key):
     """Help text for a RECIPES default, e.g. 'coco 32 with --pretrained, 16 without; shapes 16'."""
-    parts = []
-    for name in DATASETS:
-        with_, without = (RECIPES.get((name, case), RECIPES[name, "scratch"])[key]
-                          for case in ("pretrained", "scratch"))
-        with_, without = (f"{BASE_LR:g} x batch / {BASE_BATCH}" if v is None else
-                          f"{v:g}" if isinstance(v, float) else str(v) for v in (with_, without))
-        parts.append(f"{name} {without}" if with_ == without else
-                     f"{name} {with_} with --pretrained, {without} without")
-    return "; ".join(parts)
+    def show(name, case):
+        v = RECIPES.get((name, case), RECIPES[name, "scratch"])[key]
+        return (f"{BASE_LR:g} x batch / {BASE_BATCH}" if v is None else
+                f"{v:g}" if isinstance(v, float) else str(v))
+    return "; ".join(f"{n} {show(n, 'scratch')}" if show(n, "pretrained") == show(n, "scratch")
+                     else f"{n} {show(n, 'pretrained')} with --pretrained, {show(n, 'scratch')} "
+                     "without" for n in DATASETS)
 
 
 def parse_args(argv):
@@ -137,7 +133,6 @@ def parse_args(argv):
     return args
 
 
-# ------------------------------------------------ Settings: the recipe and flags, or a resumed run
 def _read_checkpoint(path):
     """A train.py checkpoint (weights_only=True); CheckpointError / UsageError name the file."""
     ckpt = weights.read_weights(path)
@@ -221,7 +216,6 @@ def default_workers(cuda, procs):
     return max(1, min(8, share - 1 if cuda else share // 4))
 
 
-# ------------------------------------------------------ Initialisation, schedule, RNG, data order
 def init_from_scratch(model):
     """He init (He et al. 2015, Sec. 2.2) of the VGG and extra convs, conv1_1's also / PIXEL_STD
     (input 0-255 minus the mean); ssd.py's Xavier would start conv7 ~50x weaker than conv4_3."""
@@ -253,8 +247,7 @@ def rng_state():
     """Every global generator's state as tensors and plain lists (weights_only=True can load it)."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     version, state, gauss = random.getstate()
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all(),  # [] on a CPU
                 numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
                            has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian)),
                 python=dict(version=version, state=list(state), gauss=gauss))
@@ -262,8 +255,7 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])  # none without CUDA
     n, p = state["numpy"], state["python"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
@@ -327,7 +319,6 @@ def _drop_metrics_after(path, step):
         weights.write_atomic(path, lambda f: f.writelines(keep))
 
 
-# ---------------------------------------------- Training (one rank): setup, epoch, end of epoch
 def _setup(s, rank, local_rank, world, log):
     """-> the run: the settings as attributes, device, data, model, optimizer, schedule, step."""
     cuda, out = s["cuda"], s["out"]
@@ -470,8 +461,8 @@ def _end_of_epoch(r):
     if r.rank == 0 and r.eval_every != 0 and (
             finished or r.eval_every and r.step % (r.eval_every * r.iters) == 0):
         t0 = time.perf_counter()
-        result = evaluate.evaluate_model(r.model, r.val_source, batch_size=EVAL_BATCH,
-                                         device=r.device, workers=min(2, r.workers), log=r.log)
+        result = evaluate.evaluate_model(r.model, r.val_source, batch_size=8, device=r.device,
+                                         workers=min(2, r.workers), log=r.log)
         seconds = time.perf_counter() - t0
         r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} "
               f"({data.duration(seconds)})")
@@ -554,7 +545,6 @@ def _train(s, rank, local_rank, world, log):
     return 0
 
 
-# --------------------------------------------------------------------------------------- Processes
 def wrap_ddp(model, device_ids, batchnorm=False):
     """DistributedDataParallel, syncing the buffers at each forward only with BatchNorm."""
     # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers
@@ -568,7 +558,7 @@ def run(s, rank, local_rank, world):
     log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
     if world > 1:
         dist.init_process_group("nccl" if s["cuda"] else "gloo", rank=rank, world_size=world,
-                                timeout=DIST_TIMEOUT)
+                                timeout=datetime.timedelta(hours=1))  # rank 0 evaluates alone
     try:
         return _train(s, rank, local_rank, world, log)
     except (UsageError, data.DataError, weights.CheckpointError) as e:
@@ -605,10 +595,9 @@ def main(argv=None):
     if gpus <= 1:
         return run(s, 0, 0, 1)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in env:
-        with socket.socket() as sock:  # a free port
-            sock.bind(("127.0.0.1", 0))
-            env["MASTER_PORT"] = str(sock.getsockname()[1])
+    with socket.socket() as sock:  # a free port, unless one is given
+        sock.bind(("127.0.0.1", 0))
+        env.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
     try:
         mp.spawn(_spawned, args=(gpus, s), nprocs=gpus)
     except mp.ProcessExitedException as e:
