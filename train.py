@@ -205,8 +205,7 @@ def settings(args):
 
 
 def _cores():
-    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
-            os.cpu_count()) or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers(cuda, procs):
