@@ -197,10 +197,9 @@ def settings(args):
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(gpus, 1)  # on this machine
     workers = default_workers(cuda, procs) if args.workers is None else args.workers
     # a worker needs a fraction of a core on the CPU (BCCD: ~0.1 at 10 img/s): the rest go to torch
-    s.update({k: getattr(args, k) for k in ("compile", "log_every", "max_steps", "eval_every",
-                                            "amp")}, gpus=gpus, cuda=cuda, workers=workers,
-             threads=max(1, _cores() // procs - workers // 2),
-             augment_on=args.augment_on or ("device" if cuda else "cpu"))
+    s.update({k: getattr(args, k) for k in ("compile", "log_every", "max_steps", "eval_every")},
+             amp=args.amp, threads=max(1, _cores() // procs - workers // 2), workers=workers,
+             gpus=gpus, cuda=cuda, augment_on=args.augment_on or ("device" if cuda else "cpu"))
     return s
 
 
@@ -281,8 +280,7 @@ class EpochSeeded(torch.utils.data.Dataset):
             try:
                 return self.dataset[(i + k) % len(self.dataset)]
             except data.DataError as e:
-                print(f"warning: {e}; training on the next image instead", file=sys.stderr,
-                      flush=True)
+                print(f"warning: {e}; training on the next image instead", file=sys.stderr)
         raise data.DataError(f"{MAX_UNREADABLE} unreadable images in a row from index {i}")
 
 
@@ -306,15 +304,10 @@ def eta_rate(window, elapsed, rates):
 
 
 def _drop_metrics_after(path, step):
-    """On resume: drop the metrics.jsonl lines the stopped run logged after its checkpoint."""
-    def logged_by(line):
-        try:
-            return json.loads(line).get("step", 0) <= step
-        except ValueError:  # a line cut short by the kill
-            return False
+    """On resume: drop the metrics.jsonl lines logged after `step`, and one cut short by a kill."""
     if os.path.isfile(path):
         with open(path) as f:
-            keep = [line for line in f if logged_by(line)]
+            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
         weights.write_atomic(path, lambda f: f.writelines(keep))
 
 
@@ -322,7 +315,7 @@ def _setup(s, rank, local_rank, world, log):
     """-> the run: the settings as attributes, device, data, model, optimizer, schedule, step."""
     cuda, out = s["cuda"], s["out"]
     r = argparse.Namespace(**dict(
-        s, s=s, rank=rank, world=world, log=log, step=0, best_map=None,
+        s, s=s, rank=rank, world=world, log=log, step=0, best_map=None, rates=[],
         device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"),
         device_ids=[local_rank] if cuda else None, amp=cuda and s["amp"] is not False,
         per_rank=s["batch_size"] // world, last=os.path.join(out, "last.pt"),
@@ -425,8 +418,7 @@ def _step(r, images, boxes, labels):
     w["terms"] += terms
     if r.step % r.log_every and r.step != r.stop:
         return True
-    now = time.perf_counter()
-    elapsed = now - w["t"]
+    elapsed = (now := time.perf_counter()) - w["t"]
     cls_loss, box_loss = (w["terms"] / w["steps"]).tolist()
     row = dict(step=r.step, epoch=r.step / r.iters, lr=r.optimizer.param_groups[0]["lr"],
                loss=cls_loss + box_loss, loss_cls=cls_loss, loss_box=box_loss,
@@ -462,12 +454,11 @@ def _end_of_epoch(r):
         t0 = time.perf_counter()
         result = evaluate.evaluate_model(r.model, r.val_source, batch_size=8, device=r.device,
                                          workers=min(2, r.workers), log=r.log)
-        seconds = time.perf_counter() - t0
-        r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} "
-              f"({data.duration(seconds)})")
+        secs = time.perf_counter() - t0
+        r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} ({data.duration(secs)})")
         with open(r.metrics, "a") as f:
             f.write(json.dumps(dict(step=r.step, epoch=epoch, map=result["map"], eval_s=round(
-                seconds, 1), time_s=round(time.perf_counter() - r.start, 1))) + "\n")
+                secs, 1), time_s=round(time.perf_counter() - r.start, 1))) + "\n")
         improved = r.best_map is None or result["map"] > r.best_map
         r.best_map = max(result["map"], r.best_map or 0.0)
     if r.rank == 0:
@@ -510,12 +501,11 @@ def _train(s, rank, local_rank, world, log):
         log(f"nothing to do: the run is at step {r.step} of {r.stop}")
         return 0
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-    r.start, r.rates = time.perf_counter(), []
+    r.start = time.perf_counter()
     r.window = dict(t=r.start, wait=0.0, steps=0, terms=0)  # the steps since the last log line
-    transform = data.TrainTransform(r.size, r.model.config["mean"],
-                                    on_device=r.augment_on == "device")
+    aug = data.TrainTransform(r.size, r.model.config["mean"], on_device=r.augment_on == "device")
     loader = torch.utils.data.DataLoader(  # the run's one loader: its workers live on
-        EpochSeeded(data.DetectionDataset(r.train_source, transform), r.seed),
+        EpochSeeded(data.DetectionDataset(r.train_source, aug), r.seed),
         batch_sampler=run_batches(len(r.train_source), r.seed, rank, world, r.per_rank, r.iters,
                                   r.step, r.stop), num_workers=r.workers, collate_fn=data.collate,
         pin_memory=r.cuda, prefetch_factor=4 if r.workers else None)
