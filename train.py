@@ -5,8 +5,7 @@
     torchrun --nproc_per_node=8 train.py --data coco --data-root ~/coco --pretrained vgg16.pth
     python train.py --resume                                # continue the newest runs/*/last.pt
 
-The run folder gets last.pt and best.pt (the best validation mAP; last.pt's weights until one is
-measured) each epoch, metrics.jsonl (a JSON object per log line and evaluation) and detections.jpg.
+--out gets last.pt, best.pt (best validation mAP) each epoch, metrics.jsonl and detections.jpg.
 Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage, data or checkpoint.
 """
 import argparse
@@ -146,7 +145,6 @@ def _read_checkpoint(path):
 
 @functools.lru_cache(maxsize=None)
 def _sources(name, root, val_split):
-    """(training, evaluation) sources, built once per process; DataError -> UsageError."""
     try:
         return (data.build_source(name, root, None, train=True),
                 data.build_source(name, root, val_split, train=False))
@@ -297,18 +295,9 @@ def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start,
 
 
 def eta_rate(window, elapsed, rates):
-    """Seconds per step for the ETA: the median over the log windows so far, leaving out the first
-    (DataLoader start-up, allocator warm-up) once there is another; `rates` collects them."""
+    """Seconds per step for the ETA: the median of `rates` (+ this window's) but the first's."""
     rates.append(elapsed / window["steps"])
     return float(np.median(rates[1:] or rates))
-
-
-def _drop_metrics_after(path, step):
-    """On resume: drop the metrics.jsonl lines logged after `step`, and one cut short by a kill."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-        weights.write_atomic(path, lambda f: f.writelines(keep))
 
 
 def _setup(s, rank, local_rank, world, log):
@@ -378,8 +367,10 @@ def _setup(s, rank, local_rank, world, log):
         os.makedirs(out, exist_ok=True)
         for stale in glob.glob(os.path.join(glob.escape(out), "*.pt.tmp*")):  # saves cut short
             os.remove(stale)
-        if r.resume:
-            _drop_metrics_after(r.metrics, r.step)
+        if r.resume and os.path.isfile(r.metrics):  # drop the lines logged after the checkpoint
+            with open(r.metrics) as f:  # and one cut short by a kill (no newline)
+                keep = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] <= r.step]
+            weights.write_atomic(r.metrics, lambda f: f.writelines(keep))
     r.ddp_model = wrap_ddp(r.model, r.device_ids, r.norm == "bn") if world > 1 else r.model
     if r.compile:
         r.ddp_model = torch.compile(r.ddp_model)
