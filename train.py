@@ -105,7 +105,7 @@ def parse_args(argv):
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
     add("--amp", action=argparse.BooleanOptionalAction, help="mixed precision on CUDA: bf16 "
         "where supported, else fp16 (default: on with CUDA; the CPU trains in float32)")
-    add("--out", metavar="DIR", help="run folder (default: runs/<data>-<time>; --resume: its own)")
+    add("--out", metavar="DIR", help="run folder (default: runs/<data>-<time>; --resume: the same)")
     add("--resume", nargs="?", const="auto", metavar="PATH", help="continue PATH, <out>/last.pt "
         "or the newest runs/*/last.pt with the settings saved there (default: start a new run)")
     add("--pretrained", metavar="PATH", help="ImageNet VGG16 weights for the backbone, and the "
@@ -179,6 +179,8 @@ def settings(args):
         s["lr"] = args.lr or row["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
         if args.pretrained and s["norm"] == "bn":
             raise UsageError("--norm bn: the VGG16 files --pretrained reads have no BatchNorm")
+        if args.pretrained and not os.path.isfile(args.pretrained):
+            raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
         if args.out and os.path.isfile(os.path.join(args.out, "last.pt")):
             raise UsageError(f"{args.out}/last.pt exists: continue it with --resume or choose "
                              "another --out")
@@ -295,7 +297,8 @@ def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start,
 
 
 def eta_rate(window, elapsed, rates):
-    """Seconds per step for the ETA: the median of `rates` (+ this window's) but the first's."""
+    """Seconds per step for the ETA: the median of the log windows' rates (appended to `rates`),
+    leaving out the first (start-up, warm-up) once there is another."""
     rates.append(elapsed / window["steps"])
     return float(np.median(rates[1:] or rates))
 
@@ -339,8 +342,7 @@ def _setup(s, rank, local_rank, world, log):
         init_from_scratch(r.model)
     elif not r.resume:
         weights.load_backbone(r.model, r.pretrained)
-    # channels_last: faster on GPUs (tensor cores) and on CPUs too (1.6x for width 0.125 on 2 cores)
-    r.model.to(r.device, memory_format=torch.channels_last)
+    r.model.to(r.device, memory_format=torch.channels_last)  # faster: GPUs, CPUs (1.6x on 2 cores)
     if r.optimizer == "adamw":  # from here on r.optimizer is the optimizer
         r.optimizer = torch.optim.AdamW(r.model.parameters(), lr=r.lr, weight_decay=WEIGHT_DECAY)
     else:
@@ -492,7 +494,7 @@ def _train(s, rank, local_rank, world, log):
         log(f"nothing to do: the run is at step {r.step} of {r.stop}")
         return 0
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-    r.start = time.perf_counter()
+    r.start = t_wait = time.perf_counter()
     r.window = dict(t=r.start, wait=0.0, steps=0, terms=0)  # the steps since the last log line
     aug = data.TrainTransform(r.size, r.model.config["mean"], on_device=r.augment_on == "device")
     loader = torch.utils.data.DataLoader(  # the run's one loader: its workers live on
@@ -500,7 +502,6 @@ def _train(s, rank, local_rank, world, log):
         batch_sampler=run_batches(len(r.train_source), r.seed, rank, world, r.per_rank, r.iters,
                                   r.step, r.stop), num_workers=r.workers, collate_fn=data.collate,
         pin_memory=r.cuda, prefetch_factor=4 if r.workers else None)
-    t_wait = time.perf_counter()
     for images, boxes, labels, _ in loader:  # the batches of steps r.step + 1 to r.stop
         r.window["wait"] += time.perf_counter() - t_wait
         if not _step(r, images, boxes, labels):
