@@ -5,8 +5,9 @@
     torchrun --nproc_per_node=8 train.py --data coco --data-root ~/coco --pretrained vgg16.pth
     python train.py --resume                                # continue the newest runs/*/last.pt
 
---out gets last.pt, best.pt (best validation mAP) each epoch, metrics.jsonl and detections.jpg.
-Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage, data or checkpoint.
+--out gets last.pt and best.pt (best validation mAP; last.pt's weights until one is measured) each
+epoch, metrics.jsonl (a JSON object per log line and evaluation) and detections.jpg. --resume goes
+on bit for bit. Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage, data or checkpoint.
 """
 import argparse
 import datetime
@@ -556,7 +557,6 @@ def run(s, rank, local_rank, world):
 
 
 def _spawned(local_rank, world, s):
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
     sys.exit(run(s, local_rank, local_rank, world))
 
 
