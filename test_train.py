@@ -397,6 +397,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     stopped_at = read_ckpt(killed / "last.pt")["step"]
     assert stopped_at in (2, 4)  # an epoch boundary (6 would mean the kill came too late)
     (killed / "last.pt.tmp99999").write_bytes(b"half a checkpoint")  # a save cut short
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "epoch": 4.5, "lr"')  # a line cut short by the kill
 
     # a mid-epoch stop (--max-steps) resumed too: the augmentation of image i in epoch e is
     # drawn from (seed, e, i) only
@@ -404,6 +406,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert train.main(["--resume", str(killed / "last.pt"), "--max-steps", str(stopped_at + 1),
                        *again]) == 0
     assert read_ckpt(killed / "last.pt")["step"] == stopped_at + 1
+    assert not (killed / "last.pt.tmp99999").exists()  # the half-written save is cleared away
     assert train.main(["--resume", "--out", str(killed), *again]) == 0
     resumed = read_ckpt(killed / "last.pt")
     assert resumed["step"] == 6
