@@ -158,12 +158,20 @@ def test_first_layer_group_is_sgd_on_unit_scale_input():
     torch.testing.assert_close(a.cls_heads[0].weight, b.cls_heads[0].weight, rtol=1e-4, atol=1e-5)
 
 
+def epoch_batches(num_images, epoch, seed, rank, world, per_rank):
+    """One epoch of train.run_batches, as image indices."""
+    iters = num_images // world // per_rank
+    return [[i for e, i in batch if e == epoch] for batch in train.run_batches(
+        num_images, seed, rank, world, per_rank, iters, epoch * iters, (epoch + 1) * iters)]
+
+
 def test_data_order_depends_only_on_seed_and_epoch_and_splits_over_ranks():
-    one = train.epoch_batches(50, 3, 7, 0, 1, 4)
-    assert one == train.epoch_batches(50, 3, 7, 0, 1, 4)
-    assert one != train.epoch_batches(50, 4, 7, 0, 1, 4)
+    one = epoch_batches(50, 3, 7, 0, 1, 4)
+    assert one == epoch_batches(50, 3, 7, 0, 1, 4)
+    assert one != epoch_batches(50, 4, 7, 0, 1, 4)
+    assert one != epoch_batches(50, 3, 8, 0, 1, 4)
     assert len(one) == 12 and all(len(b) == 4 for b in one)
-    ranks = [train.epoch_batches(50, 3, 7, r, 2, 4) for r in range(2)]
+    ranks = [epoch_batches(50, 3, 7, r, 2, 4) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 6  # 25 images each -> 6 full batches
     seen = [i for r in ranks for b in r for i in b]
     assert len(seen) == len(set(seen))  # no image on two ranks in one epoch
@@ -283,7 +291,7 @@ def test_batchnorm_model_saves_loads_detects_and_evaluates(tmp_path, capsys):
 def test_bad_data_is_reported_before_any_process_starts(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.mp, "spawn", lambda *a, **k: pytest.fail("spawned"))
     assert train.main(["--data", "voc", "--data-root", str(tmp_path / "none"), "--gpus", "2"]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: no such folder (--data-root)\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: folder does not exist\n"
     root = write_voc(tmp_path / "voc", [1, 1], val=0)
     assert train.main(["--data", "voc", "--data-root", str(root), "--gpus", "2"]) == 2
     assert capsys.readouterr().err == f"error: {root}/ImageSets/Main/val.txt: no image ids\n"
@@ -389,6 +397,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     stopped_at = read_ckpt(killed / "last.pt")["step"]
     assert stopped_at in (2, 4)  # an epoch boundary (6 would mean the kill came too late)
     (killed / "last.pt.tmp99999").write_bytes(b"half a checkpoint")  # a save cut short
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "epoch": 4.5, "lr"')  # a line cut short by the kill
 
     # a mid-epoch stop (--max-steps) resumed too: the augmentation of image i in epoch e is
     # drawn from (seed, e, i) only
@@ -396,6 +406,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert train.main(["--resume", str(killed / "last.pt"), "--max-steps", str(stopped_at + 1),
                        *again]) == 0
     assert read_ckpt(killed / "last.pt")["step"] == stopped_at + 1
+    assert not (killed / "last.pt.tmp99999").exists()  # the half-written save is cleared away
     assert train.main(["--resume", "--out", str(killed), *again]) == 0
     resumed = read_ckpt(killed / "last.pt")
     assert resumed["step"] == 6
@@ -443,7 +454,7 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(tmp_path):
 # The run's one data loader
 
 def test_run_batches_are_the_epoch_batches_back_to_back_from_any_step():
-    every = [[(e, i) for i in b] for e in range(3) for b in train.epoch_batches(50, e, 7, 1, 2, 4)]
+    every = [[(e, i) for i in b] for e in range(3) for b in epoch_batches(50, e, 7, 1, 2, 4)]
     assert len(every) == 3 * 6  # 25 images per rank, 6 batches of 4 per epoch
     assert list(train.run_batches(50, 7, 1, 2, 4, 6, 0, 18)) == every
     assert list(train.run_batches(50, 7, 1, 2, 4, 6, 5, 13)) == every[5:13]  # mid-epoch resume

@@ -5,67 +5,51 @@
     torchrun --nproc_per_node=8 train.py --data coco --data-root ~/coco --pretrained vgg16.pth
     python train.py --resume                                # continue the newest runs/*/last.pt
 
-With --pretrained, the paper's recipe (Sec. 3; Caffe's ssd_pascal.py): SGD, momentum 0.9, weight
-decay 5e-4, lr 1e-3 per 32 images (scaled with the batch), warmup over 500 iterations from lr/3,
-lr x0.1 at 2/3 and 5/6 of the iterations; without, a from-scratch recipe (RECIPES; the first log
-line names it). The run folder (--out) receives last.pt and best.pt (the best validation mAP, or
-the latest weights before any evaluation) after every epoch, metrics.jsonl (one JSON object per
-log line and per evaluation) and detections.jpg at the end. --gpus N > 1 spawns N DDP processes
-(NCCL; gloo on the CPU); torchrun's RANK / LOCAL_RANK / WORLD_SIZE are used when set. --resume
-continues a run bit for bit with its settings: data order and augmentation are functions of
-(seed, epoch, image).
-Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage, data or checkpoint.
+--out gets last.pt and best.pt (best validation mAP; last.pt's weights until one is measured) each
+epoch, metrics.jsonl (a JSON object per log line and evaluation) and detections.jpg. --resume goes
+on bit for bit. Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage, data or checkpoint.
 """
 import argparse
 import datetime
+import functools
 import glob
 import inspect
 import itertools
 import json
-import math
 import os
 import random
-import shutil
 import socket
 import sys
 import time
-import types
 import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 import data
 import evaluate
 import ssd
 import weights
+from data import UsageError
 
-UsageError = data.UsageError
-
-# -----------------------------------------------------------------------------------------------
-# Recipe: the SSD paper's / Caffe's values unless a comment says otherwise.
+# Recipe (the SSD paper, Sec. 3; Caffe's ssd_pascal.py) unless a comment says otherwise.
 MOMENTUM = 0.9  # every reference
 WEIGHT_DECAY = 5e-4  # every reference; on all parameters, as mmdetection and torchvision do
 BASE_LR, BASE_BATCH = 1e-3, 32  # Caffe, amdegroot, lufficc: 1e-3 at 32 images; linear scaling rule
 WARMUP_FROM = 1 / 3  # mmdetection v1 and lufficc: linear warmup from lr / 3
-DECAY_AT = (2 / 3, 5 / 6)  # Caffe: x0.1 at 80k and 100k of 120k iterations
-DECAY = 0.1
-EVAL_BATCH = 8
+DECAY_AT, DECAY = (2 / 3, 5 / 6), 0.1  # Caffe: x0.1 at 80k and 100k of 120k iterations
 PIXEL_STD = 57.6  # ImageNet's per-channel pixel std on the 0-255 scale (58.4, 57.1, 57.4)
 MAX_UNREADABLE = 10  # consecutive unreadable training images before giving up
-DIST_TIMEOUT = datetime.timedelta(hours=1)  # other ranks wait this long while rank 0 evaluates
 
-# Run defaults: the ONE table (--help shows it), per data set and case ("pretrained": --pretrained
-# given). The schedule is in iterations, as Caffe's; --epochs = iterations / (images // batch).
-# lr None: BASE_LR * batch / BASE_BATCH.
+# Run defaults per data set and case ("pretrained": --pretrained given), shown by --help. Schedules
+# in iterations, as Caffe's: --epochs = iterations / (images // batch). lr None: BASE_LR x batch/32.
 PAPER = dict(batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd", norm="none")
-# From scratch the paper's recipe learns nearly nothing (it assumes an ImageNet VGG16): AdamW (SGD
-# without BatchNorm learned nothing visible in a few hundred iterations), a 1/8-wide VGG16
-# (CPU-sized). BCCD (205 training images): val mAP 0.71 after 960 iterations. --norm bn: BCCD mAP
-# 0.27 vs 0.20 after 240 iterations but 28 vs 37 images/s on 2 CPU cores, so not the default.
+# From scratch (the paper's recipe assumes an ImageNet VGG16): AdamW (SGD without BatchNorm learned
+# nothing in a few hundred iterations), 1/8 width; --norm bn learns faster but runs slower on CPUs.
 SCRATCH = dict(iterations=1800, batch_size=16, lr=3e-3, warmup=50, width=0.125,
                optimizer="adamw", norm="none")
 RECIPES = {
@@ -73,10 +57,8 @@ RECIPES = {
     ("voc", "pretrained"): dict(PAPER, iterations=120_000),
     # torchvision's reference (ssd300_vgg16): 120 passes over train2017 (Caffe's 400k: ~109)
     ("coco", "pretrained"): dict(PAPER, iterations=440_000),
-    ("voc", "scratch"): SCRATCH,
-    ("coco", "scratch"): SCRATCH,
-    # Quick start, 2 idle CPU cores: 1/16 width (~70 images/s); 625 / 1000 / 1250 iterations (5 /
-    # 8 / 10 epochs) gave shapes val mAP 0.82 / 1.00 / 1.00 in 2m24s / 3m47s / 4m46s
+    ("voc", "scratch"): SCRATCH, ("coco", "scratch"): SCRATCH,
+    # quick start: 1/16 width; 625 / 1000 / 1250 iterations: shapes val mAP 0.82 / 1.00 / 1.00
     ("shapes", "scratch"): dict(SCRATCH, iterations=1000, width=0.0625),
 }
 DATASETS = sorted({d for d, _ in RECIPES})
@@ -86,22 +68,15 @@ RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "w
             "norm", "val_split", "pretrained", "epochs")
 
 
-def recipe(data_name, pretrained):
-    """(case, the RECIPES row) for --data and whether --pretrained was given."""
-    case = "pretrained" if pretrained and (data_name, "pretrained") in RECIPES else "scratch"
-    return case, RECIPES[(data_name, case)]
-
-
 def _per_case(key):
     """Help text for a RECIPES default, e.g. 'coco 32 with --pretrained, 16 without; shapes 16'."""
-    _show = lambda v: f"{BASE_LR:g} x batch / {BASE_BATCH}" if v is None else (  # noqa: E731
-        f"{v:g}" if isinstance(v, float) else str(v))
-    parts = []
-    for name in DATASETS:
-        with_, without = (recipe(name, p)[1][key] for p in (True, False))
-        parts.append(f"{name} {_show(without)}" if with_ == without else
-                     f"{name} {_show(with_)} with --pretrained, {_show(without)} without")
-    return "; ".join(parts)
+    def show(name, case):
+        v = RECIPES.get((name, case), RECIPES[name, "scratch"])[key]
+        return (f"{BASE_LR:g} x batch / {BASE_BATCH}" if v is None else
+                f"{v:g}" if isinstance(v, float) else str(v))
+    return "; ".join(f"{n} {show(n, 'scratch')}" if show(n, "pretrained") == show(n, "scratch")
+                     else f"{n} {show(n, 'pretrained')} with --pretrained, {show(n, 'scratch')} "
+                     "without" for n in DATASETS)
 
 
 def parse_args(argv):
@@ -109,14 +84,11 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     add = p.add_argument
-    add("--data", choices=DATASETS,
-        help="data set; several defaults below depend on it (required unless --resume)")
-    add("--data-root", metavar="DIR",
-        help="voc: a VOC-layout folder or one holding VOCdevkit/VOC2007, VOC2012; coco: the "
-             "folder with annotations/ and train2017/ (required for voc and coco)")
+    add("--data", choices=DATASETS, help="data set (required unless --resume)")
+    add("--data-root", metavar="DIR", help="voc: a VOC-layout folder or one holding VOCdevkit/"
+        "VOC2007, VOC2012; coco: one with annotations/, train2017/ (required for voc and coco)")
     add("--size", type=int, choices=[300, 512], help=f"input size (default: {COMMON['size']})")
-    add("--gpus", type=int,
-        help="processes: 0 = CPU, N > 1 = N DDP processes (default: 1 if CUDA, else 0)")
+    add("--gpus", type=int, help="0: CPU, N > 1: N DDP processes (default: 1 with CUDA, else 0)")
     add("--epochs", type=int, help="passes over the training set (default: iterations / (images "
         f"// batch), iterations per --data: {_per_case('iterations')})")
     for key, kind, choices, what in (
@@ -127,34 +99,27 @@ def parse_args(argv):
             ("norm", str, ["none", "bn"], "BatchNorm after every VGG16 and extra conv, or none ")):
         add(f"--{key.replace('_', '-')}", type=kind, choices=choices,
             help=f"{what}(default per --data: {_per_case(key)})")
-    add("--workers", type=int,
-        help="data loading processes per rank (default: the process's share of the cores less "
-             "one, at most 8; without CUDA a quarter of the share)")
-    add("--augment-on", choices=("cpu", "device"),
-        help="where the augmentation runs: in the workers, or batched on the training device, "
-             "the workers only decoding (default: device with CUDA, else cpu)")
+    add("--workers", type=int, help="data loading processes per rank (default: the process's "
+        "share of the cores less one, at most 8; without CUDA a quarter of the share)")
+    add("--augment-on", choices=("cpu", "device"), help="where augmentation runs: the workers, "
+        "or batched on the training device (default: device with CUDA, else cpu)")
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
-    add("--amp", action=argparse.BooleanOptionalAction,
-        help="mixed precision on CUDA: bf16 where supported, else fp16 (default: on with CUDA; "
-             "the CPU always trains in float32)")
-    add("--out", metavar="DIR",
-        help="run folder (default: runs/<data>-<time>; with --resume, the checkpoint's folder)")
-    add("--resume", nargs="?", const="auto", metavar="PATH",
-        help="continue from PATH, or from <out>/last.pt, or the newest runs/*/last.pt, with the "
-             "settings saved there (default: start a new run)")
-    add("--pretrained", metavar="PATH",
-        help="VGG16 ImageNet weights for the backbone, and the paper's recipe (default: none: "
-             "trained from scratch with the scratch recipe)")
+    add("--amp", action=argparse.BooleanOptionalAction, help="mixed precision on CUDA: bf16 "
+        "where supported, else fp16 (default: on with CUDA; the CPU trains in float32)")
+    add("--out", metavar="DIR", help="run folder (default: runs/<data>-<time>; --resume: the same)")
+    add("--resume", nargs="?", const="auto", metavar="PATH", help="continue PATH, <out>/last.pt "
+        "or the newest runs/*/last.pt with the settings saved there (default: start a new run)")
+    add("--pretrained", metavar="PATH", help="ImageNet VGG16 weights for the backbone, and the "
+        "paper's recipe (default: none: from scratch, with the scratch recipe)")
     add("--eval-every", type=int, metavar="K",
         help="evaluate every K epochs and at the end (default: at the end; 0: never)")
-    add("--val-split", help="evaluation split (default: data.build_source's: voc: test, or val in "
-        "a folder without a test split; coco: val2017; shapes: val)")
+    add("--val-split", help="evaluation split (default: voc: test, or val in a folder without a "
+        "test split; coco: val2017; shapes: val)")
     add("--seed", type=int, help="seed of the weights, data order and augmentation (default: "
         f"{COMMON['seed']})")
     add("--log-every", type=int, default=20, help="steps between log lines (default: %(default)s)")
-    add("--max-steps", type=int,
-        help="stop at this step (checkpoint, evaluation, picture); the lr schedule still spans "
-             "--epochs, and --resume continues it (default: no limit)")
+    add("--max-steps", type=int, help="stop at this step (checkpoint, evaluation, picture); the "
+        "lr schedule still spans --epochs and --resume continues it (default: no limit)")
     args = p.parse_args(argv)
     for name, low in (("epochs", 1), ("batch_size", 1), ("log_every", 1), ("max_steps", 1),
                       ("workers", 0), ("warmup", 0), ("gpus", 0), ("eval_every", 0)):
@@ -168,16 +133,10 @@ def parse_args(argv):
     return args
 
 
-# -----------------------------------------------------------------------------------------------
-# Settings: the recipe and the flags, or the run being resumed
-
 def _read_checkpoint(path):
-    """A train.py checkpoint (weights_only=True) or UsageError naming the file."""
-    try:
-        ckpt = weights.read_weights(path)
-    except weights.CheckpointError as e:
-        raise UsageError(str(e)) from None
-    missing = [k for k in ("model", "config", "optimizer", "scheduler", "step", "train_args")
+    """A train.py checkpoint (weights_only=True); CheckpointError / UsageError name the file."""
+    ckpt = weights.read_weights(path)
+    missing = [k for k in ("model", "config", "optimizer", "scheduler", "step", "rng", "train_args")
                if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UsageError(f"{path}: not a train.py checkpoint (no {missing[0]!r}); use it with "
@@ -185,114 +144,80 @@ def _read_checkpoint(path):
     return ckpt
 
 
-_SOURCES = {}  # (data, root, evaluation split) -> (training, evaluation) sources
-
-
-def _sources(s):
-    """(training, evaluation) sources of the settings, built once per process: the check before
-    any process is spawned and this rank's setup share them (a COCO json takes seconds to read)."""
-    key = (s["data"], str(s["data_root"]), s["val_split"])
-    if key not in _SOURCES:
-        _SOURCES[key] = (data.build_source(s["data"], s["data_root"], None, train=True),
-                         data.build_source(s["data"], s["data_root"], s["val_split"], train=False))
-    return _SOURCES[key]
-
-
-def _check_data(s):
-    """Both splits readable and not empty (data.DataError -> UsageError); -> training images."""
+@functools.lru_cache(maxsize=None)
+def _sources(name, root, val_split):
     try:
-        return len(_sources(s)[0])
+        return (data.build_source(name, root, None, train=True),
+                data.build_source(name, root, val_split, train=False))
     except data.DataError as e:
         raise UsageError(str(e).strip().splitlines()[-1]) from None
 
 
-def _resumed_run(args):
-    """The checkpoint's settings; a flag may only repeat them, except --epochs (a longer run)."""
-    path = args.resume
-    if path == "auto":
-        path = os.path.join(args.out, "last.pt") if args.out else data.newest_run_file("last.pt")
+def settings(args):
+    """-> dict (plain types) of what a rank needs: a resumed run's, or RECIPES' with the flags."""
+    _sources.cache_clear()  # the data as it is now, not as an earlier run in this process read it
+    if args.resume is not None:
+        path = (args.resume if args.resume != "auto" else os.path.join(args.out, "last.pt")
+                if args.out else data.newest_run_file("last.pt"))
         if path is None:
             raise UsageError("--resume: no runs/*/last.pt to continue (give a path)")
-        if not os.path.isfile(path):
-            raise UsageError(f"{path}: no checkpoint to resume")
-    s = {"norm": "none", **_read_checkpoint(path)["train_args"]}  # older runs: no norm
-    for key in RUN_KEYS:
-        given = getattr(args, key)
-        if key == "epochs" and given is not None:
-            s[key] = given
-        elif given is not None and given != s.get(key):
-            raise UsageError(f"--{key.replace('_', '-')} {given}: {path} was trained with "
-                             f"{s.get(key)}; a resumed run keeps its settings")
-    s.update(resume=path, out=args.out or os.path.dirname(os.path.abspath(path)),
-             case="pretrained" if s["pretrained"] else "scratch")
-    _check_data(s)
-    return s
-
-
-def _new_run(args):
-    """The RECIPES row of --data and --pretrained, overridden by the flags given."""
-    case, row = recipe(args.data, args.pretrained)
-    given = lambda k, d: d[k] if getattr(args, k) is None else getattr(args, k)  # noqa: E731
-    s = {k: given(k, row) for k in ("width", "batch_size", "warmup", "optimizer", "norm")}
-    s.update({k: given(k, COMMON) for k in COMMON}, data=args.data, data_root=args.data_root,
-             case=case, val_split=args.val_split, pretrained=args.pretrained, resume=None)
-    s["lr"] = args.lr or row["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
-    if args.data != "shapes" and not args.data_root:
-        raise UsageError(f"--data {args.data} needs --data-root DIR")
-    if args.data_root and not os.path.isdir(args.data_root):
-        raise UsageError(f"{args.data_root}: no such folder (--data-root)")
-    if args.pretrained and s["norm"] == "bn":
-        raise UsageError("--norm bn: the VGG16 files --pretrained reads have no BatchNorm")
-    images = _check_data(s)  # before any process is spawned
-    s["epochs"] = args.epochs or max(1, round(
-        row["iterations"] / max(1, images // s["batch_size"])))
-    if args.pretrained and not os.path.isfile(args.pretrained):
-        raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
-    if args.out and os.path.isfile(os.path.join(args.out, "last.pt")):
-        raise UsageError(f"{args.out}/last.pt exists: continue it with --resume or choose another "
-                         "--out")
-    base = os.path.join("runs", f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-    s["out"] = args.out or next(o for o in (f"{base}-{k}" if k > 1 else base
-                                            for k in itertools.count(1)) if not os.path.exists(o))
-    return s
-
-
-def settings(args):
-    """-> dict of everything a rank needs (plain types: it crosses to spawned processes)."""
-    _SOURCES.clear()  # the data as it is now, not as an earlier run in this process read it
-    s = _resumed_run(args) if args.resume is not None else _new_run(args)
-    cuda = torch.cuda.is_available()
-    gpus = args.gpus if args.gpus is not None else int(cuda)
+        s = {"norm": "none", **_read_checkpoint(path)["train_args"]}  # older runs: no norm
+        for key in RUN_KEYS:
+            given = getattr(args, key)
+            if given is not None and key != "epochs" and given != s.get(key):
+                raise UsageError(f"--{key.replace('_', '-')} {given}: {path} was trained with "
+                                 f"{s.get(key)}; a resumed run keeps its settings")
+        s.update(resume=path, out=args.out or os.path.dirname(os.path.abspath(path)),
+                 case="pretrained" if s["pretrained"] else "scratch")
+    else:
+        case = ("pretrained" if args.pretrained and (args.data, "pretrained") in RECIPES
+                else "scratch")
+        row = RECIPES[args.data, case]
+        s = COMMON | {k: row[k] for k in ("width", "batch_size", "warmup", "optimizer", "norm")}
+        s.update({k: getattr(args, k) for k in s if getattr(args, k) is not None}, data=args.data,
+                 data_root=args.data_root, case=case, val_split=args.val_split,
+                 pretrained=args.pretrained, resume=None, epochs=None)
+        s["lr"] = args.lr or row["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
+        if args.pretrained and s["norm"] == "bn":
+            raise UsageError("--norm bn: the VGG16 files --pretrained reads have no BatchNorm")
+        if args.pretrained and not os.path.isfile(args.pretrained):
+            raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
+        if args.out and os.path.isfile(os.path.join(args.out, "last.pt")):
+            raise UsageError(f"{args.out}/last.pt exists: continue it with --resume or choose "
+                             "another --out")
+        base = os.path.join("runs", f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+        s["out"] = args.out or next(o for o in (f"{base}-{k}" if k > 1 else base for k in
+                                                itertools.count(1)) if not os.path.exists(o))
+    images = len(_sources(s["data"], s["data_root"], s["val_split"])[0])
+    s["epochs"] = args.epochs or s["epochs"] or max(1, round(
+        row["iterations"] / max(1, images // s["batch_size"])))  # a new run's: from the recipe
+    gpus = int(torch.cuda.is_available()) if args.gpus is None else args.gpus
+    cuda = torch.cuda.is_available() and gpus > 0
+    if cuda and gpus > torch.cuda.device_count():
+        raise UsageError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA devices")
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(gpus, 1)  # on this machine
-    workers = default_workers(cuda and gpus > 0, procs) if args.workers is None else args.workers
+    workers = default_workers(cuda, procs) if args.workers is None else args.workers
     # a worker needs a fraction of a core on the CPU (BCCD: ~0.1 at 10 img/s): the rest go to torch
-    s.update(gpus=gpus, cuda=cuda and gpus > 0, workers=workers,
-             threads=max(1, (_cores() or 1) // procs - workers // 2), compile=args.compile,
-             augment_on=args.augment_on or ("device" if cuda and gpus > 0 else "cpu"),
-             log_every=args.log_every, max_steps=args.max_steps, eval_every=args.eval_every,
-             amp=args.amp)
+    s.update({k: getattr(args, k) for k in ("compile", "log_every", "max_steps", "eval_every")},
+             amp=args.amp, threads=max(1, _cores() // procs - workers // 2), workers=workers,
+             gpus=gpus, cuda=cuda, augment_on=args.augment_on or ("device" if cuda else "cpu"))
     return s
 
 
 def _cores():
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers(cuda, procs):
     """--workers default: this process's share of the cores (over `procs` training processes) less
     one for itself, at most 8; on the CPU a quarter of the share (the rest: torch's threads)."""
-    share = (_cores() or 1) // procs
+    share = _cores() // procs
     return max(1, min(8, share - 1 if cuda else share // 4))
 
 
-# -----------------------------------------------------------------------------------------------
-# Initialisation, schedule, RNG, data order, output
-
 def init_from_scratch(model):
-    """He init (He et al. 2015, Sec. 2.2) of the VGG and extra convs, conv1_1 also / PIXEL_STD (its
-    input is 0-255 minus the mean). Xavier (ssd.py's, for a pretrained VGG16) halves the variance
-    at each ReLU: from scratch the conv7 source would start ~50x weaker than conv4_3."""
+    """He init (He et al. 2015, Sec. 2.2) of the VGG and extra convs, conv1_1's also / PIXEL_STD
+    (input 0-255 minus the mean); ssd.py's Xavier would start conv7 ~50x weaker than conv4_3."""
     convs = [m for m in [*model.vgg, *model.extras] if isinstance(m, torch.nn.Conv2d)]
     for conv in convs:
         torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
@@ -312,27 +237,24 @@ def param_groups(model, lr, scratch):
 
 
 def lr_factor(it, total, warmup):
-    """lr multiplier at iteration `it` of `total`: linear from WARMUP_FROM to 1 over `warmup`
-    iterations, times DECAY for every DECAY_AT fraction of the schedule passed."""
+    """lr multiplier at iteration `it` of `total`: warmup from WARMUP_FROM, x DECAY at DECAY_AT."""
     warm = WARMUP_FROM + (1 - WARMUP_FROM) * it / warmup if it < warmup else 1.0
     return warm * DECAY ** sum(it >= round(f * total) for f in DECAY_AT)
 
 
 def rng_state():
     """Every global generator's state as tensors and plain lists (weights_only=True can load it)."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)),
-                           pos=int(np_state[2]), has_gauss=int(np_state[3]),
-                           cached_gaussian=float(np_state[4])),
-                python=dict(version=py_state[0], state=list(py_state[1]), gauss=py_state[2]))
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, state, gauss = random.getstate()
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all(),  # [] on a CPU
+                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian)),
+                python=dict(version=version, state=list(state), gauss=gauss))
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])  # none without CUDA
     n, p = state["numpy"], state["python"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
@@ -342,270 +264,177 @@ def set_rng_state(state):
 def seed_all(*key):
     """Seed torch, numpy and random from a tuple of ints."""
     seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    for manual_seed in (torch.manual_seed, np.random.seed, random.seed):
+        manual_seed(seed)
 
 
 class EpochSeeded(torch.utils.data.Dataset):
-    """Items by key (epoch, index), every generator seeded from (seed, epoch, index) first: an
-    image's augmentation depends on nothing else (not the workers, not a resume mid-epoch)."""
+    """Items by key (epoch, index), every generator seeded from (seed, epoch, index) first."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
 
-    def __len__(self):
-        return len(self.dataset)
-
     def __getitem__(self, key):
         epoch, i = key
         for k in range(MAX_UNREADABLE):  # a damaged image costs a warning, not the run
-            seed_all(self.seed, epoch, (i + k) % len(self))
+            seed_all(self.seed, epoch, (i + k) % len(self.dataset))
             try:
-                return self.dataset[(i + k) % len(self)]
+                return self.dataset[(i + k) % len(self.dataset)]
             except data.DataError as e:
-                print(f"warning: {e}; training on the next image instead", file=sys.stderr,
-                      flush=True)
+                print(f"warning: {e}; training on the next image instead", file=sys.stderr)
         raise data.DataError(f"{MAX_UNREADABLE} unreadable images in a row from index {i}")
 
 
-def epoch_batches(num_images, epoch, seed, rank, world, per_rank):
-    """This rank's batches of one epoch: DistributedSampler's shuffle (seed + epoch), the tail that
-    does not fill a batch dropped, so every rank takes the same number of steps."""
-    sampler = torch.utils.data.DistributedSampler(range(num_images), num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    order = list(sampler)
-    return [order[i:i + per_rank] for i in range(0, len(order) - per_rank + 1, per_rank)]
-
-
 def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start, stop):
-    """This rank's batches of EpochSeeded keys (epoch, index) from step `start` to `stop`: the batch
-    sampler of the run's one DataLoader, whose workers live on across epochs."""
+    """This rank's batches of EpochSeeded keys (epoch, index) from step `start` to `stop`; each
+    epoch DistributedSampler's shuffle (seed + epoch), less the tail that fills no batch."""
     for epoch in range(start // iters_per_epoch, (stop - 1) // iters_per_epoch + 1):
-        first = epoch * iters_per_epoch
-        for batch in epoch_batches(num_images, epoch, seed, rank, world, per_rank)[
-                max(start - first, 0):stop - first]:
-            yield [(epoch, i) for i in batch]
+        sampler = torch.utils.data.DistributedSampler(range(num_images), world, rank, seed=seed,
+                                                      drop_last=True)
+        sampler.set_epoch(epoch)
+        order, first = list(sampler), epoch * iters_per_epoch
+        for k in range(max(start - first, 0), min(stop - first, len(order) // per_rank)):
+            yield [(epoch, i) for i in order[k * per_rank:(k + 1) * per_rank]]
 
 
 def eta_rate(window, elapsed, rates):
-    """Seconds per step for the ETA: the median over the log windows so far, leaving out the first
-    (DataLoader start-up, allocator warm-up) once there is another; `rates` collects them."""
+    """Seconds per step for the ETA: the median of the log windows' rates (appended to `rates`),
+    leaving out the first (start-up, warm-up) once there is another."""
     rates.append(elapsed / window["steps"])
     return float(np.median(rates[1:] or rates))
 
 
-def _drop_metrics_after(path, step):
-    """On resume: drop the metrics.jsonl lines the stopped run logged after its checkpoint."""
-    def logged_by(line):
-        try:
-            return json.loads(line).get("step", 0) <= step
-        except ValueError:  # a line cut short by the kill
-            return False
-    if os.path.isfile(path):
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and logged_by(line)]
-        weights.write_atomic(path, lambda f: f.writelines(keep))
-
-
-def write_detections(model, source, path, count=4):
-    """Draw the model's detections on the first `count` images of `source`, in a grid, to `path`."""
-    from PIL import Image
-    images = [source.load_image(i) for i in range(min(count, len(source)))]
-    dets = ssd.detect(model, [data.to_tensor(im) for im in images], score_thr=0.5)  # as detect.py
-    for im, (boxes, scores, labels) in zip(images, dets):
-        data.draw_detections(im, boxes, scores, labels, model.config["class_names"])
-    cols = math.ceil(math.sqrt(len(images)))
-    cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
-    grid = Image.new("RGB", (cols * cell_w, math.ceil(len(images) / cols) * cell_h), "white")
-    for k, im in enumerate(images):
-        grid.paste(im, ((k % cols) * cell_w, (k // cols) * cell_h))
-    weights.write_atomic(path, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
-
-
-# -----------------------------------------------------------------------------------------------
-# Training (one rank): setup, one epoch, end of epoch
-
-def _build_model(s, source, device):
-    """The SSD of the settings, initialised (--pretrained backbone or He init), on `device`."""
-    try:  # the flags are checked by parse_args; a resumed checkpoint's settings are not
-        config = ssd.make_config(s["size"], len(source.class_names), width=s["width"],
-                                 anchors="coco" if s["data"] == "coco" else "voc",
-                                 class_names=source.class_names, norm=s["norm"])
-    except ValueError as e:
-        raise UsageError(f"{s['resume'] or 'settings'}: {e}") from None
-    model = ssd.build_model(config)
-    if hasattr(source, "category_ids"):  # COCO: labels map back to category ids
-        model.config["category_ids"] = list(source.category_ids)
-    if not s["pretrained"]:
-        init_from_scratch(model)
-    elif not s["resume"]:
-        try:
-            weights.load_backbone(model, s["pretrained"])
-        except weights.CheckpointError as e:
-            raise UsageError(str(e)) from None
-    # channels_last: faster on GPUs (tensor cores) and on CPUs too (1.6x for width 0.125 on 2 cores)
-    return model.to(device, memory_format=torch.channels_last)
-
-
 def _setup(s, rank, local_rank, world, log):
-    """-> the run's state: device, data, model, optimizer, schedule (restored on --resume)."""
-    r = types.SimpleNamespace(s=s, rank=rank, world=world, log=log, step=0, best_map=None,
-                              device=torch.device(f"cuda:{local_rank}" if s["cuda"] else "cpu"),
-                              device_ids=[local_rank] if s["cuda"] else None)
-    if s["cuda"]:
+    """-> the run: the settings as attributes, device, data, model, optimizer, schedule, step."""
+    cuda, out = s["cuda"], s["out"]
+    r = argparse.Namespace(**dict(
+        s, s=s, rank=rank, world=world, log=log, step=0, best_map=None, rates=[],
+        device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"),
+        device_ids=[local_rank] if cuda else None, amp=cuda and s["amp"] is not False,
+        per_rank=s["batch_size"] // world, last=os.path.join(out, "last.pt"),
+        best=os.path.join(out, "best.pt"), metrics=os.path.join(out, "metrics.jsonl")))
+    if cuda:
         torch.cuda.set_device(r.device)
     else:  # the ranks and their DataLoader workers share the cores
-        torch.set_num_threads(s["threads"])
-    r.amp = s["cuda"] and s["amp"] is not False
+        torch.set_num_threads(r.threads)
     r.amp_dtype = torch.bfloat16 if r.amp and torch.cuda.is_bf16_supported() else torch.float16
-    if s["amp"] and not s["cuda"]:
+    if s["amp"] and not cuda:
         log("warning: --amp is for CUDA; training in float32 on the CPU")
-    if s["batch_size"] % world:
-        raise UsageError(f"--batch-size {s['batch_size']} does not split over {world} processes")
-    r.per_rank = s["batch_size"] // world
-    r.train_source, r.val_source = _sources(s)
+    if r.batch_size % world:
+        raise UsageError(f"--batch-size {r.batch_size} does not split over {world} processes")
+    r.train_source, r.val_source = _sources(r.data, r.data_root, r.val_split)
     r.iters = len(r.train_source) // world // r.per_rank  # per epoch
     if r.iters == 0:
-        raise UsageError(f"{s['data']}: {len(r.train_source)} training images, fewer than the "
-                         f"global batch {s['batch_size']}")
-    r.total = s["epochs"] * r.iters
-    r.stop = min(r.total, s["max_steps"] or r.total)
-    seed_all(s["seed"])  # the same initial weights on every rank
-    r.model = _build_model(s, r.train_source, r.device)
-    if s["optimizer"] == "adamw":
-        r.optimizer = torch.optim.AdamW(r.model.parameters(), lr=s["lr"], weight_decay=WEIGHT_DECAY)
+        raise UsageError(f"{r.data}: {len(r.train_source)} training images, fewer than the "
+                         f"global batch {r.batch_size}")
+    r.total = r.epochs * r.iters
+    r.stop = min(r.total, r.max_steps or r.total)
+    names = r.train_source.class_names
+    try:  # the flags are checked by parse_args; a resumed checkpoint's settings are not
+        config = ssd.make_config(r.size, len(names), width=r.width, class_names=names,
+                                 anchors="coco" if r.data == "coco" else "voc", norm=r.norm)
+    except ValueError as e:
+        raise UsageError(f"{r.resume or 'settings'}: {e}") from None
+    seed_all(r.seed)  # the same initial weights on every rank
+    r.model = ssd.build_model(config)
+    if hasattr(r.train_source, "category_ids"):  # COCO: labels map back to category ids
+        r.model.config["category_ids"] = list(r.train_source.category_ids)
+    if not r.pretrained:
+        init_from_scratch(r.model)
+    elif not r.resume:
+        weights.load_backbone(r.model, r.pretrained)
+    r.model.to(r.device, memory_format=torch.channels_last)  # faster: GPUs, CPUs (1.6x on 2 cores)
+    if r.optimizer == "adamw":  # from here on r.optimizer is the optimizer
+        r.optimizer = torch.optim.AdamW(r.model.parameters(), lr=r.lr, weight_decay=WEIGHT_DECAY)
     else:
-        r.optimizer = torch.optim.SGD(param_groups(r.model, s["lr"], scratch=not s["pretrained"]),
-                                      lr=s["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        r.optimizer = torch.optim.SGD(param_groups(r.model, r.lr, scratch=not r.pretrained),
+                                      lr=r.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     r.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        r.optimizer, lambda it: lr_factor(it, r.total, s["warmup"]))
+        r.optimizer, lambda it: lr_factor(it, r.total, r.warmup))
     r.scaler = torch.amp.GradScaler("cuda", enabled=r.amp and r.amp_dtype == torch.float16)
-    r.last, r.best = os.path.join(s["out"], "last.pt"), os.path.join(s["out"], "best.pt")
-    r.metrics = os.path.join(s["out"], "metrics.jsonl")
-    if s["resume"]:  # weights, optimizer, schedule, step, RNG
-        ckpt = _read_checkpoint(s["resume"])
+    if r.resume:  # weights, optimizer, schedule, step, RNG
+        ckpt = _read_checkpoint(r.resume)
         try:
             r.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise UsageError(f"{s['resume']}: weights do not fit the model "
+            raise UsageError(f"{r.resume}: weights do not fit the model "
                              f"({str(e).splitlines()[1].strip()})") from None
         r.optimizer.load_state_dict(ckpt["optimizer"])
         r.scheduler.load_state_dict(ckpt["scheduler"])
         if r.scaler.is_enabled() and ckpt.get("scaler"):
             r.scaler.load_state_dict(ckpt["scaler"])
         r.step, r.best_map = int(ckpt["step"]), ckpt.get("best_map")
-        if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"])
-        log(f"resumed {s['resume']} at step {r.step} (epoch {r.step // r.iters})")
+        set_rng_state(ckpt["rng"])
+        log(f"resumed {r.resume} at step {r.step} (epoch {r.step // r.iters})")
     if rank == 0:
-        os.makedirs(s["out"], exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(s["out"]), "*.pt.tmp*")):  # cut short
+        os.makedirs(out, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(out), "*.pt.tmp*")):  # saves cut short
             os.remove(stale)
-        if s["resume"]:
-            _drop_metrics_after(r.metrics, r.step)
-    r.ddp_model = r.model
-    if world > 1:
-        r.ddp_model = wrap_ddp(r.model, r.device_ids, s["norm"] == "bn")
-    if s["compile"]:
+        if r.resume and os.path.isfile(r.metrics):  # drop the lines logged after the checkpoint
+            with open(r.metrics) as f:  # and one cut short by a kill (no newline)
+                keep = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] <= r.step]
+            weights.write_atomic(r.metrics, lambda f: f.writelines(keep))
+    r.ddp_model = wrap_ddp(r.model, r.device_ids, r.norm == "bn") if world > 1 else r.model
+    if r.compile:
         r.ddp_model = torch.compile(r.ddp_model)
     return r
 
 
-def _log_start(r):
-    """The run's data, model, schedule and folder, in three lines."""
-    s, m = r.s, r.model
-    milestones = [round(f * r.total) for f in DECAY_AT]
-    r.log(f"data {s['data']}: {len(r.train_source)} training images, {len(r.val_source)} "
-          f"validation; {len(r.train_source.class_names)} classes")
-    r.log(f"model SSD{s['size']} width {s['width']:g} norm {s['norm']}: "
-          f"{sum(p.numel() for p in m.parameters()):,} parameters; device {r.device.type}, world "
-          f"size {r.world}{f' ({dist.get_backend()})' if r.world > 1 else ''}, {s['workers']} "
-          f"loader workers{'' if s['cuda'] else f', {torch.get_num_threads()} threads'}; amp "
-          f"{str(r.amp_dtype).split('.')[-1] if r.amp else 'off'}")
-    r.log(f"global batch {s['batch_size']} ({r.per_rank} per process), "
-          f"{type(r.optimizer).__name__} lr {s['lr']:.3g}, {r.iters} iterations/epoch x "
-          f"{s['epochs']} epochs = {r.total} iterations; warmup {s['warmup']} from lr/3, "
-          f"x{DECAY:g} at {milestones[0]} and {milestones[1]}; run folder {s['out']}")
-    if r.stop < r.total:
-        r.log(f"stopping at step {r.stop} (--max-steps)")
-
-
-def _train_epoch(r, loader):
-    """Steps to the end of this epoch (or r.stop); -> False on a non-finite loss."""
-    epoch, device = r.step // r.iters, r.device
-    t_wait = time.perf_counter()
-    for images, boxes, labels, _ in itertools.islice(
-            loader, min(r.stop, (epoch + 1) * r.iters) - r.step):
-        r.window["wait"] += time.perf_counter() - t_wait
-        if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
-            images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
-                                        r.model.config["mean"])  # [B, 3, S, S]
-        images = images.to(device, non_blocking=True).contiguous(
-            memory_format=torch.channels_last)  # [B, 3, S, S]
-        boxes = [b.to(device, non_blocking=True) for b in boxes]  # [N_i, 4] each
-        labels = [lab.to(device, non_blocking=True) for lab in labels]  # [N_i] each
-        with torch.autocast(device.type, dtype=r.amp_dtype, enabled=r.amp):
-            cls_logits, box_deltas = r.ddp_model(images)  # [B, A, C+1], [B, A, 4]
-        losses = ssd.multibox_loss(cls_logits, box_deltas, r.model.anchors, boxes, labels)
-        terms = torch.stack([losses["loss_cls"].detach(), losses["loss_box"].detach()]).double()
-        if r.world > 1:
-            dist.all_reduce(terms)
-            terms /= r.world
-        terms = terms.cpu()  # [2]: cls, box, averaged over the ranks
-        if not torch.isfinite(terms).all():
-            if r.rank == 0:
-                print(f"error: non-finite loss at step {r.step + 1} (loss_cls="
-                      f"{terms[0].item():.4g}, loss_box={terms[1].item():.4g}); last good "
-                      f"checkpoint: {r.last if os.path.isfile(r.last) else 'none yet'}",
-                      file=sys.stderr, flush=True)
-            return False
-        r.optimizer.zero_grad(set_to_none=True)
-        r.scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
-        r.scaler.step(r.optimizer)
-        r.scaler.update()
-        r.scheduler.step()
-        r.step += 1
-        r.window["steps"] += 1
-        r.window["terms"] += terms
-        if r.step % r.s["log_every"] == 0 or r.step == r.stop:
-            _log_window(r)
-        t_wait = time.perf_counter()
-    return True
-
-
-def _new_window():
-    return dict(t=time.perf_counter(), wait=0.0, steps=0, terms=torch.zeros(2, dtype=torch.float64))
-
-
-def _log_window(r):
-    """One log line and one metrics.jsonl row: the means over the steps since the last one."""
-    w, s, now = r.window, r.s, time.perf_counter()
-    elapsed = now - w["t"]
+def _step(r, images, boxes, labels):
+    """One step, and a log line and metrics.jsonl row when due; -> False on a non-finite loss."""
+    w, device = r.window, r.device
+    if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
+        images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
+                                    r.model.config["mean"])  # [B, 3, S, S]
+    images = images.to(device, non_blocking=True).contiguous(
+        memory_format=torch.channels_last)  # [B, 3, S, S]
+    boxes = [b.to(device, non_blocking=True) for b in boxes]  # [N_i, 4] each
+    labels = [lab.to(device, non_blocking=True) for lab in labels]  # [N_i] each
+    with torch.autocast(device.type, dtype=r.amp_dtype, enabled=r.amp):
+        cls_logits, box_deltas = r.ddp_model(images)  # [B, A, C+1], [B, A, 4]
+    losses = ssd.multibox_loss(cls_logits, box_deltas, r.model.anchors, boxes, labels)
+    terms = torch.stack([losses["loss_cls"], losses["loss_box"]]).detach().double()
+    if r.world > 1:
+        dist.all_reduce(terms)
+    terms = terms.cpu() / r.world  # [2]: cls, box, averaged over the ranks
+    if not torch.isfinite(terms).all():
+        r.log(f"error: non-finite loss at step {r.step + 1} (loss_cls={terms[0].item():.4g}, "
+              f"loss_box={terms[1].item():.4g}); last good checkpoint: "
+              f"{r.last if os.path.isfile(r.last) else 'none yet'}", file=sys.stderr)
+        return False
+    r.optimizer.zero_grad(set_to_none=True)
+    r.scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    r.scheduler.step()
+    r.step += 1
+    w["steps"] += 1
+    w["terms"] += terms
+    if r.step % r.log_every and r.step != r.stop:
+        return True
+    elapsed = (now := time.perf_counter()) - w["t"]
     cls_loss, box_loss = (w["terms"] / w["steps"]).tolist()
     row = dict(step=r.step, epoch=r.step / r.iters, lr=r.optimizer.param_groups[0]["lr"],
                loss=cls_loss + box_loss, loss_cls=cls_loss, loss_box=box_loss,
-               images_per_s=w["steps"] * s["batch_size"] / elapsed, data_wait=w["wait"] / elapsed,
+               images_per_s=w["steps"] * r.batch_size / elapsed, data_wait=w["wait"] / elapsed,
                eta_s=(r.stop - r.step) * eta_rate(w, elapsed, r.rates), time_s=now - r.start)
-    mem = ""
-    if s["cuda"]:
-        row["mem_gb"] = torch.cuda.max_memory_allocated(r.device) / 2**30
-        mem = f" mem {row['mem_gb']:.1f}G"
-    r.log(f"step {r.step}/{r.total} ep {(r.step - 1) // r.iters + 1}/{s['epochs']} lr "
+    if r.cuda:
+        row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    r.log(f"step {r.step}/{r.total} ep {(r.step - 1) // r.iters + 1}/{r.epochs} lr "
           f"{row['lr']:.1e} loss {row['loss']:.3f} (cls {cls_loss:.3f} box {box_loss:.3f}) "
           f"{row['images_per_s']:.1f} img/s data {100 * row['data_wait']:.0f}% ETA "
-          f"{data.duration(row['eta_s'])}{mem}")
+          f"{data.duration(row['eta_s'])}" + (f" mem {row['mem_gb']:.1f}G" if r.cuda else ""))
     if r.rank == 0:
         with open(r.metrics, "a") as f:
             f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
                                 for k, v in row.items()}) + "\n")
-    r.window = _new_window()
+    w.update(t=time.perf_counter(), wait=0.0, steps=0, terms=0)
+    return True
 
 
 def _end_of_epoch(r):
-    """Check the replicas agree (at the end), evaluate when due, save last.pt (and best.pt)."""
-    s, epoch, finished = r.s, r.step // r.iters, r.step >= r.stop
+    """Check the replicas agree (at the end); rank 0: evaluate when due, save last.pt, best.pt."""
+    epoch, finished = r.step // r.iters, r.step >= r.stop
     if r.world > 1 and finished:  # check it once, at the end: each tensor's sum and sum of squares
         mine = torch.stack([t for p in r.model.parameters() for t in (
             p.detach().double().sum(), p.detach().double().pow(2).sum())])  # [2 * params]
@@ -613,42 +442,34 @@ def _end_of_epoch(r):
         dist.all_gather(prints, mine)
         same = all(torch.equal(prints[0], p) for p in prints[1:])
         r.log(f"weights {'identical' if same else 'DIFFERENT'} across {r.world} processes")
+    improved = False
+    if r.rank == 0 and r.eval_every != 0 and (
+            finished or r.eval_every and r.step % (r.eval_every * r.iters) == 0):
+        t0 = time.perf_counter()
+        result = evaluate.evaluate_model(r.model, r.val_source, batch_size=8, device=r.device,
+                                         workers=min(2, r.workers), log=r.log)
+        secs = time.perf_counter() - t0
+        r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} ({data.duration(secs)})")
+        with open(r.metrics, "a") as f:
+            f.write(json.dumps(dict(step=r.step, epoch=epoch, map=result["map"], eval_s=round(
+                secs, 1), time_s=round(time.perf_counter() - r.start, 1))) + "\n")
+        improved = r.best_map is None or result["map"] > r.best_map
+        r.best_map = max(result["map"], r.best_map or 0.0)
     if r.rank == 0:
-        due = s["eval_every"] != 0 and (finished or (
-            s["eval_every"] and epoch > 0 and r.step % (s["eval_every"] * r.iters) == 0))
-        improved = _evaluate(r, epoch) if due else False
-        weights.save_checkpoint(
-            r.last, model={k: v.detach().cpu() for k, v in r.model.state_dict().items()},
-            config=r.model.config, optimizer=r.optimizer.state_dict(),
-            scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
-            step=r.step, best_map=r.best_map, rng=rng_state(),
-            train_args={k: s[k] for k in RUN_KEYS})
-        if improved or r.best_map is None:  # best.pt: a copy of last.pt
-            with open(r.last, "rb") as f:
-                weights.write_atomic(r.best, lambda out: shutil.copyfileobj(f, out), mode="wb")
+        for path in (r.last, r.best) if improved or r.best_map is None else (r.last,):
+            weights.save_checkpoint(
+                path, model={k: v.detach().cpu() for k, v in r.model.state_dict().items()},
+                config=r.model.config, optimizer=r.optimizer.state_dict(),
+                scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
+                step=r.step, best_map=r.best_map, rng=rng_state(),
+                train_args={k: r.s[k] for k in RUN_KEYS})
         r.log(f"saved {r.last}" + (f" and {r.best}" if improved else ""))
     if r.world > 1:
         dist.barrier(device_ids=r.device_ids)
 
 
-def _evaluate(r, epoch):
-    """Validation mAP (rank 0); -> whether it is the best so far."""
-    t0 = time.perf_counter()
-    result = evaluate.evaluate_model(r.model, r.val_source, batch_size=EVAL_BATCH, device=r.device,
-                                     workers=min(2, r.s["workers"]), log=r.log)
-    seconds = time.perf_counter() - t0
-    r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} ({data.duration(seconds)})")
-    with open(r.metrics, "a") as f:
-        f.write(json.dumps(dict(step=r.step, epoch=epoch, map=result["map"], eval_s=round(
-            seconds, 1), time_s=round(time.perf_counter() - r.start, 1))) + "\n")
-    improved = r.best_map is None or result["map"] > r.best_map
-    r.best_map = max(result["map"], r.best_map or 0.0)
-    return improved
-
-
-def train(s, rank, local_rank, world):
+def _train(s, rank, local_rank, world, log):
     """Train on this rank; -> exit code. Rank 0 alone logs, evaluates and writes files."""
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"recipe: {s['optimizer']} lr {s['lr']:.3g}, batch {s['batch_size']}, width "
         f"{s['width']:g}, norm {s['norm']}, warmup {s['warmup']}, {s['epochs']} epochs" + (
             " (the paper's, for --pretrained)" if s["case"] == "pretrained" else
@@ -657,64 +478,78 @@ def train(s, rank, local_rank, world):
             "VGG16_FILE, or --optimizer sgd --lr 0.001 --batch-size 32 --warmup 500 --width 1 "
             "--norm none)"))
     r = _setup(s, rank, local_rank, world, log)
-    _log_start(r)
+    log(f"data {r.data}: {len(r.train_source)} training images, {len(r.val_source)} "
+        f"validation; {len(r.train_source.class_names)} classes")
+    log(f"model SSD{r.size} width {r.width:g} norm {r.norm}: "
+        f"{sum(p.numel() for p in r.model.parameters()):,} parameters; device {r.device.type}, "
+        f"world size {world}{f' ({dist.get_backend()})' if world > 1 else ''}, {r.workers} "
+        f"loader workers{'' if r.cuda else f', {torch.get_num_threads()} threads'}; amp "
+        f"{str(r.amp_dtype).split('.')[-1] if r.amp else 'off'}")
+    log(f"global batch {r.batch_size} ({r.per_rank} per process), {type(r.optimizer).__name__} "
+        f"lr {r.lr:.3g}, {r.iters} iterations/epoch x {r.epochs} epochs = {r.total} iterations; "
+        f"warmup {r.warmup} from lr/3, x{DECAY:g} at {round(DECAY_AT[0] * r.total)} and "
+        f"{round(DECAY_AT[1] * r.total)}; run folder {r.out}")
+    if r.stop < r.total:
+        log(f"stopping at step {r.stop} (--max-steps)")
     if r.step >= r.stop:
         log(f"nothing to do: the run is at step {r.step} of {r.stop}")
         return 0
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-    r.start, r.rates, r.window = time.perf_counter(), [], _new_window()
-    r.ddp_model.train()
-    transform = data.TrainTransform(s["size"], r.model.config["mean"],
-                                    on_device=s["augment_on"] == "device")
-    dataset = EpochSeeded(data.DetectionDataset(r.train_source, transform), s["seed"])
-    loader = iter(torch.utils.data.DataLoader(  # the run's one loader: its workers live on
-        dataset, batch_sampler=run_batches(len(dataset), s["seed"], rank, world, r.per_rank,
-                                           r.iters, r.step, r.stop),
-        num_workers=s["workers"], collate_fn=data.collate, pin_memory=s["cuda"],
-        prefetch_factor=4 if s["workers"] else None))
-    while r.step < r.stop:
-        if not _train_epoch(r, loader):
+    r.start = t_wait = time.perf_counter()
+    r.window = dict(t=r.start, wait=0.0, steps=0, terms=0)  # the steps since the last log line
+    aug = data.TrainTransform(r.size, r.model.config["mean"], on_device=r.augment_on == "device")
+    loader = torch.utils.data.DataLoader(  # the run's one loader: its workers live on
+        EpochSeeded(data.DetectionDataset(r.train_source, aug), r.seed),
+        batch_sampler=run_batches(len(r.train_source), r.seed, rank, world, r.per_rank, r.iters,
+                                  r.step, r.stop), num_workers=r.workers, collate_fn=data.collate,
+        pin_memory=r.cuda, prefetch_factor=4 if r.workers else None)
+    for images, boxes, labels, _ in loader:  # the batches of steps r.step + 1 to r.stop
+        r.window["wait"] += time.perf_counter() - t_wait
+        if not _step(r, images, boxes, labels):
             return 1
-        _end_of_epoch(r)
-    if rank == 0:
-        pic = os.path.join(s["out"], "detections.jpg")
-        r.model.eval()
-        write_detections(r.model, r.val_source, pic)
+        if r.step % r.iters == 0 or r.step == r.stop:
+            _end_of_epoch(r)
+        t_wait = time.perf_counter()
+    if rank == 0:  # detections.jpg: the first 4 validation images, drawn as detect.py does
+        pic, images = os.path.join(r.out, "detections.jpg"), [
+            r.val_source.load_image(i) for i in range(min(4, len(r.val_source)))]
+        dets = ssd.detect(r.model.eval(), [data.to_tensor(im) for im in images], score_thr=0.5)
+        for im, (boxes, scores, labels) in zip(images, dets):
+            data.draw_detections(im, boxes, scores, labels, r.model.config["class_names"])
+        w, h = max(im.width for im in images), max(im.height for im in images)  # of a cell
+        grid = Image.new("RGB", (min(2, len(images)) * w, (len(images) + 1) // 2 * h), "white")
+        for k, im in enumerate(images):  # in a 2 x 2 grid
+            grid.paste(im, (k % 2 * w, k // 2 * h))
+        weights.write_atomic(pic, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
         best = f", best mAP {r.best_map:.4f}" if r.best_map is not None else ""
         log(f"done: {r.step} steps in {data.duration(time.perf_counter() - r.start)}{best}; "
             f"wrote {pic}")
     return 0
 
 
-# -----------------------------------------------------------------------------------------------
-# Processes
-
 def wrap_ddp(model, device_ids, batchnorm=False):
-    """DistributedDataParallel. With BatchNorm rank 0's running statistics are broadcast at each
-    forward (DDP's default); without, the one buffer (the anchors, fixed) is synced only once."""
-    if batchnorm:
-        return DistributedDataParallel(model, device_ids=device_ids)
+    """DistributedDataParallel, syncing the buffers at each forward only with BatchNorm."""
     # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
-        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    return DistributedDataParallel(model, device_ids=device_ids, **{
+        "forward_sync_buffers" if new else "broadcast_buffers": batchnorm})
 
 
 def run(s, rank, local_rank, world):
     """One rank: join the process group (world > 1), train, leave; -> exit code."""
+    log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
     if world > 1:
         dist.init_process_group("nccl" if s["cuda"] else "gloo", rank=rank, world_size=world,
-                                timeout=DIST_TIMEOUT)
+                                timeout=datetime.timedelta(hours=1))  # rank 0 evaluates alone
     try:
-        return train(s, rank, local_rank, world)
+        return _train(s, rank, local_rank, world, log)
     except (UsageError, data.DataError, weights.CheckpointError) as e:
-        if rank == 0:  # an error raised in a DataLoader worker arrives with its traceback
-            print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr, flush=True)
+        # one line: an error raised in a DataLoader worker arrives with its traceback
+        log(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if rank == 0:
-            print(f"interrupted; continue with --resume {os.path.join(s['out'], 'last.pt')}",
-                  file=sys.stderr, flush=True)
+        log(f"interrupted; continue with --resume {os.path.join(s['out'], 'last.pt')}",
+            file=sys.stderr)
         return 130
     finally:
         if world > 1:
@@ -722,41 +557,30 @@ def run(s, rank, local_rank, world):
 
 
 def _spawned(local_rank, world, s):
-    """Entry point of a process started by --gpus N."""
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
-    code = run(s, local_rank, local_rank, world)
-    if code:
-        sys.exit(code)
+    sys.exit(run(s, local_rank, local_rank, world))
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         s = settings(args)
-    except UsageError as e:
+    except (UsageError, weights.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (one or several nodes)
-        return run(s, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ["WORLD_SIZE"]))
-    if s["gpus"] <= 1:
-        if args.gpus and not s["cuda"]:
-            print("warning: no CUDA: training on the CPU", flush=True)
+    env, gpus = os.environ, s["gpus"]
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (one or several nodes)
+        return run(s, int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    if args.gpus and not s["cuda"]:
+        print("warning: no CUDA: " + (f"--gpus {gpus} runs {gpus} gloo processes on the CPU"
+                                      if gpus > 1 else "training on the CPU"), flush=True)
+    if gpus <= 1:
         return run(s, 0, 0, 1)
-    if not s["cuda"]:
-        print(f"warning: no CUDA: --gpus {s['gpus']} runs {s['gpus']} gloo processes on the CPU",
-              flush=True)
-    elif s["gpus"] > torch.cuda.device_count():
-        print(f"error: --gpus {s['gpus']}: only {torch.cuda.device_count()} CUDA devices",
-              file=sys.stderr)
-        return 2
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:  # a free port
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    with socket.socket() as sock:  # a free port, unless one is given
+        sock.bind(("127.0.0.1", 0))
+        env.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
     try:
-        mp.spawn(_spawned, args=(s["gpus"], s), nprocs=s["gpus"])
+        mp.spawn(_spawned, args=(gpus, s), nprocs=gpus)
     except mp.ProcessExitedException as e:
         return e.exit_code if e.exit_code and e.exit_code > 0 else 1
     return 0
