@@ -1,11 +1,9 @@
 """Evaluate detections: PASCAL VOC mAP and COCO AP, from a checkpoint or from a results file.
 
     python evaluate.py --voc --weights runs/voc/best.pt                     # VOC2007 test
-    python evaluate.py --voc --data-root data/BCCD --split val --weights W --bf16
     python evaluate.py --voc --results dets/          # a folder of comp4_det_test_<class>.txt
     python evaluate.py --coco --weights W --json-out metrics.json       # COCO val2017
-    python evaluate.py --coco --results detections_val2017.json         # no images needed
-    python evaluate.py --coco --ann instances_val2014.json --results dets.json
+    python evaluate.py --coco --ann instances_val2014.json --results dets.json   # no images
     torchrun --nproc_per_node 4 evaluate.py --coco --weights W          # images sharded over GPUs
 
 A results file needs the annotations only (COCO: the json; VOC: Annotations/ and the split file).
@@ -43,7 +41,6 @@ import weights
 IOU_THRESHOLD = 0.5          # devkit minoverlap; a match needs IoU >= 0.5 (py-faster-rcnn uses >)
 METRICS = ("11point", "area")  # VOC2007 test / VOC2010+
 DEFAULT_ROOT = {"voc": "data/VOCdevkit", "coco": "data/coco"}
-PROGRESS_EVERY_S = 2.0
 COCO_STAT_NAMES = [  # (short, COCOeval.summarize's line) for its 12 stats, in its order
     (short, f"{short[:2]:<5} IoU={iou:<9} area={area:<6} maxDets={dets}") for short, iou, area, dets
     in zip("AP AP50 AP75 APs APm APl AR1 AR10 AR100 ARs ARm ARl".split(),
@@ -58,11 +55,10 @@ class EvalError(ValueError):
 
 
 def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD):
-    """PASCAL VOC AP per class and mAP, 11-point and area, as the devkit computes them.
+    """PASCAL VOC AP per class (nan without objects) and mAP, 11-point and area, as the devkit.
     detections: per image (boxes [k,4], scores [k], labels [k] in 1..C) or None; ground_truth: per
-    image {boxes [n,4], labels [n], optional difficult [n]}; boxes xyxy 0-based pixels, no +1.
-    -> {"map_11point", "map_area", "per_class_11point" / "per_class_area": {name: AP, nan for a
-    class without objects}, "num_gt": {name: non-difficult objects}}."""
+    image {boxes [n,4], labels [n], optional difficult [n]}; boxes xyxy 0-based, no +1.
+    -> {map_11point, map_area, per_class_11point, per_class_area: {name: AP}, num_gt: {name: n}}."""
     if len(detections) != len(ground_truth):
         raise ValueError(f"voc_eval: {len(detections)} detection entries for {len(ground_truth)} "
                          "images")
@@ -95,14 +91,13 @@ def voc_ap(rec, prec, metric="11point"):
     rec, prec = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (rec, prec))
     if rec.shape != prec.shape or np.any(np.diff(rec) < 0):
         raise ValueError(f"voc_ap: need as many rec as prec ({rec.size}, {prec.size}), rec sorted")
-    if metric == "11point":  # envelope: the best precision at this rank or later; 0 past the end
-        envelope = np.append(np.maximum.accumulate(prec[::-1])[::-1], 0.0)
+    envelope = np.maximum.accumulate(np.append(prec, 0.0)[::-1])[::-1]  # best from here; 0 after
+    if metric == "11point":
         return float(envelope[np.searchsorted(rec, np.arange(11) / 10, side="left")].mean())
-    if metric == "area":
+    if metric == "area":  # over the recall steps, from 0 to the last recall (then 1 at precision 0)
         mrec = np.concatenate(([0.0], rec, [1.0]))
-        mpre = np.maximum.accumulate(np.concatenate(([0.0], prec, [0.0]))[::-1])[::-1]
         step = np.flatnonzero(mrec[1:] != mrec[:-1])
-        return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
+        return float(np.sum((mrec[step + 1] - mrec[step]) * envelope[step]))
     raise ValueError(f"voc_ap: metric must be one of {METRICS}, not {metric!r}")
 
 
@@ -144,13 +139,10 @@ def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_ima
     iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)  # [D', G]
     iou[~valid] = -1.0
     best = iou.argmax(axis=1)  # first object on ties, like the devkit's strict '>' scan
-    best_iou = iou[np.arange(has_gt.size), best]
-    best_gt = d_start + best
-    hit = best_iou >= iou_thr
+    hit, best_gt = iou[np.arange(has_gt.size), best] >= iou_thr, d_start + best
     on_difficult = hit & gt_difficult[best_gt]
     claim = np.flatnonzero(hit & ~on_difficult)
-    # An object goes to the first detection (in rank order) whose best match it is; the later
-    # ones are duplicates. Their best object is fixed, so no sequential loop is needed.
+    # an object goes to the first detection in rank order that claims it; later ones: duplicates
     _, first = np.unique(best_gt[claim], return_index=True)
     tp[has_gt[claim[first]]] = True
     ignored[has_gt[on_difficult]] = True
@@ -216,11 +208,11 @@ def _rows(detections, image_ids):  # (image_id, [x1, y1, x2, y2], score, label) 
 
 
 def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"):
-    """pycocotools COCOeval (bbox) of results over image_ids (default: all) of coco_gt, a json path
-    or a COCO object; class_names name the categories by ascending id (default: the json's names).
-    EvalError for a result of another image or category; no results score 0. -> {"stats": the 12
-    COCOeval numbers (-1: no object of that area), "per_class" (AP@[.5:.95]) / "per_class_ap50":
-    {name: AP, nan for a category without objects in these images}}."""
+    """pycocotools COCOeval (bbox) of results ([] scores 0) over image_ids (default: all) of
+    coco_gt (a json path or COCO); class_names: the categories' by ascending id (default: the
+    json's). EvalError: a result of another image or category. -> {stats: the 12 (-1: no object of
+    that size), map: stats[0], images, per_class (AP@[.5:.95]), per_class_ap50: {name: AP, nan if
+    no object}}."""
     gt = coco_gt if isinstance(coco_gt, COCO) else _load_coco(coco_gt)
     image_ids, cat_ids = sorted(gt.getImgIds() if image_ids is None else image_ids), gt.getCatIds()
     for key, known, what in (("image_id", set(image_ids), "in the ground truth"),
@@ -244,7 +236,7 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
         for key, iou in (("per_class", slice(None)), ("per_class_ap50", 0)):
             p = precision[iou, :, k, 0, -1]
             result[key][cls] = float(p[p > -1].mean()) if (p > -1).any() else math.nan
-    return result
+    return dict(result, map=result["stats"][0], images=len(image_ids))
 
 
 def coco_results(detections, image_ids, category_ids):
@@ -285,9 +277,8 @@ def _load_coco(ann_file):
             coco = COCO(str(ann_file))
     except FileNotFoundError:
         raise EvalError(f"{ann_file}: annotation file not found") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # json or schema errors
-        raise EvalError(f"{ann_file}: not a COCO annotation file ({type(e).__name__}: {e})"
-                        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:  # json, schema
+        raise EvalError(f"{ann_file}: not a COCO annotation file ({e!r})") from None
     if "images" not in coco.dataset or "categories" not in coco.dataset:
         raise EvalError(f"{ann_file}: not a COCO annotation file (no 'images' or 'categories')")
     return coco
@@ -324,7 +315,6 @@ def score_detections(source, indices, detections, metric="11point", log=print):
         ids = [source.image_id(i) for i in indices]
         result = coco_eval(coco_results(detections, ids, source.category_ids), source.ann_file,
                            ids, source.class_names)
-        result.update(map=result["stats"][0], images=len(indices))
     else:
         result = voc_eval(detections, [source.annotation(i) for i in indices], source.class_names)
         result.update(map=result[f"map_{metric}"], metric=metric, images=len(indices))
@@ -360,9 +350,8 @@ def _class_mapping(model, source, name="model"):
     if cfg.get(by) is None:
         raise EvalError(f"{name}: the model config has no class_names to match the data's classes")
     model_keys, src_keys = list(cfg[by]), list(getattr(source, by))
-    unknown = [c for c, k in enumerate(src_keys, start=1) if k not in set(model_keys)]
-    if unknown:  # only now read every annotation (shapes renders its images to make them)
-        present = {int(label) for i in range(len(source))
+    if unknown := [c for c, k in enumerate(src_keys, start=1) if k not in set(model_keys)]:
+        present = {int(label) for i in range(len(source))  # only now (shapes renders images)
                    for label in source.annotation(i)["labels"]}
         if missing := [source.class_names[c - 1] for c in unknown if c in present]:
             more = ", ..." if len(model_keys) > 8 else ""
@@ -391,7 +380,7 @@ def _predict(model, source, mapping, batch_size, workers, progress, bf16, rank=0
             keep = labels > 0
             detections[i] = (boxes.numpy()[keep], scores.numpy()[keep], labels[keep])
         done, now = len(detections) + len(failed), time.perf_counter()
-        if progress and (now - last >= PROGRESS_EVERY_S or done == len(shard)):
+        if progress and (now - last >= 2.0 or done == len(shard)):
             rate = done / max(now - start, 1e-9)
             print(f"eval {done}/{len(shard)} images  {rate:.1f} img/s  "
                   f"ETA {data.duration((len(shard) - done) / rate)}", file=sys.stderr, flush=True)
@@ -519,7 +508,6 @@ def _run(args, rank, world, device):
         raise EvalError(f"{ann or root}: no images to evaluate")
     if args.results and args.coco:
         result = coco_eval(read_coco_results(args.results), source.coco, name=args.results)
-        result.update(map=result["stats"][0], images=len(source))
         print_result(result)
         return result, 0
     indices, failed = list(range(len(source))), []
@@ -527,12 +515,10 @@ def _run(args, rank, world, device):
         detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
                                       source.class_names)
     else:
-        missing = [p for p in source.image_paths if not os.path.isfile(p)] if args.coco else []
-        if missing and not source.image_dir.is_dir():
-            raise EvalError(f"{source.image_dir}: image folder not found (give --images DIR)")
-        if missing:
+        if args.coco and (missing := [p for p in source.image_paths if not os.path.isfile(p)]):
             more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
-            raise EvalError(f"{missing[0]}: image not found{more}")
+            raise EvalError(f"{missing[0]}: image not found{more}" if source.image_dir.is_dir() else
+                            f"{source.image_dir}: image folder not found (give --images DIR)")
         model = weights.load_model(args.weights, device=device or args.device or (
             "cuda" if torch.cuda.is_available() else "cpu"))
         out = _predict(model, source, _class_mapping(model, source, args.weights),
