@@ -60,8 +60,7 @@ def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD)
     image {boxes [n,4], labels [n], optional difficult [n]}; boxes xyxy 0-based, no +1.
     -> {map_11point, map_area, per_class_11point, per_class_area: {name: AP}, num_gt: {name: n}}."""
     if len(detections) != len(ground_truth):
-        raise ValueError(f"voc_eval: {len(detections)} detection entries for {len(ground_truth)} "
-                         "images")
+        raise ValueError(f"voc_eval: {len(detections)} detections, {len(ground_truth)} images")
     (gt_boxes, gt_labels, gt_difficult), gt_image = _stack(
         [(g["boxes"], g["labels"], np.zeros(len(g["labels"]), bool)
           if g.get("difficult") is None else g["difficult"]) for g in ground_truth],
@@ -150,9 +149,8 @@ def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_ima
 
 
 def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_det_test_"):
-    """Devkit results files <prefix><class>.txt of detections as voc_eval's, aligned with image_ids:
-    `<image_id> <score> <x1> <y1> <x2> <y2>` 1-based, numbers in Python's shortest round-trip form
-    (read back, they are the same). Returns the paths."""
+    """Devkit files <prefix><class>.txt of `<image_id> <score> <x1> <y1> <x2> <y2>` (1-based;
+    shortest round-trip numbers: read back exactly) of voc_eval's detections -> their paths."""
     lines = {}
     for image_id, (x1, y1, x2, y2), score, label in _rows(detections, image_ids):
         lines.setdefault(label, []).append(
@@ -169,19 +167,16 @@ def read_voc_results(folder, image_ids, class_names, log=print):
     unknown image id; files of other classes and classes without a file: a warning to `log`."""
     folder, label_of = Path(folder), {name: c for c, name in enumerate(class_names, start=1)}
     if not folder.is_dir():
-        raise EvalError(f"{folder}: not a folder (--voc --results wants a folder of "
-                        "comp4_det_test_<class>.txt files)")
+        raise EvalError(f"{folder}: not a folder (of comp4_det_test_<class>.txt files)")
     found = [(m[1], p) for p in sorted(folder.iterdir()) if (m := _COMP_FILE.match(p.name))]
     files = {name: path for name, path in found if name in label_of}  # the last one of a class
     for name, path in found:
         if name not in label_of:
             log(f"warning: {path}: class {name!r} is not one of the data's classes; skipped")
         elif files[name] != path:
-            raise EvalError(f"{files[name]}: a second results file for class {name!r} "
-                            f"(first: {path.name})")
+            raise EvalError(f"{files[name]}: a second file for class {name!r} (first: {path.name})")
     if not files:
-        raise EvalError(f"{folder}: no comp4_det_test_<class>.txt file of any of the classes "
-                        f"{', '.join(class_names)}")
+        raise EvalError(f"{folder}: no comp4_det_test_<class>.txt of {', '.join(class_names)}")
     if missing := [n for n in class_names if n not in files]:
         log(f"warning: {folder}: no results file for {', '.join(missing)} (no detections)")
     index, rows = {str(i): k for k, i in enumerate(image_ids)}, [[] for _ in image_ids]
@@ -286,9 +281,8 @@ def _load_coco(ann_file):
 
 def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="11point", log=print,
                    progress=True, name="model", bf16=False, **detect_options):
-    """Detect on every image of a data.py source and score it (train.py's --eval-every) ->
-    score_detections' dict plus "failed_images": unreadable images, reported through `log` and
-    left out. The model's train/eval mode is restored afterwards."""
+    """Detect on every image of a data.py source and score it (train.py's --eval-every) -> as
+    score_detections, plus "failed_images" (unreadable: logged, left out); train/eval mode kept."""
     if metric not in METRICS:
         raise ValueError(f"evaluate_model: metric must be one of {METRICS}, not {metric!r}")
     model = getattr(model, "module", model).to(device)  # a DDP-wrapped model; device None: stays
@@ -306,9 +300,8 @@ def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="
 
 
 def score_detections(source, indices, detections, metric="11point", log=print):
-    """Metrics of detections (source labels, pixels) of the images `indices`, printed through
-    `log`, plus "map" and "images". COCO sources (ann_file and category_ids): coco_eval on their
-    json, "map" = AP@[.5:.95]; others: voc_eval, "map" = the `metric` mAP."""
+    """Printed metrics of detections (source labels, pixels) of images `indices`: coco_eval's on the
+    json of sources with ann_file and category_ids, else voc_eval's + "map" (`metric`), "images"."""
     if not indices:
         raise EvalError("no images to evaluate")
     if hasattr(source, "ann_file") and hasattr(source, "category_ids"):
@@ -458,15 +451,15 @@ def parse_args(argv=None):
     kind.add_argument("--coco", action="store_true", help="COCO metric (pycocotools, bbox)")
     kind.add_argument("--shapes", action="store_true", help="VOC metric, built-in shapes set (val)")
     p.add_argument("--data-root", help=f"VOC: a VOCdevkit or VOC-layout folder (default "
-                   f"{DEFAULT_ROOT['voc']}); COCO: a folder with annotations/ (default "
-                   f"{DEFAULT_ROOT['coco']})")
-    p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt (default test, else val; under "
-                   "a VOCdevkit VOC2007 test); COCO: annotations/instances_<split>.json (default "
-                   "val2017, else the only one)")
+                   f"{DEFAULT_ROOT['voc']}); COCO: one with annotations/instances_<split>.json and "
+                   f"<split>/ (default {DEFAULT_ROOT['coco']})")
+    p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt (default test, else val; "
+                   "VOC2007 test in a VOCdevkit); COCO: instances_<split>.json (default val2017, "
+                   "else the only one)")
     p.add_argument("--ann", metavar="FILE",
-                   help="COCO: any annotation json, instead of --data-root and --split")
+                   help="COCO: any annotation json, instead of --data-root/--split")
     p.add_argument("--images", metavar="DIR", help="COCO with --weights: the image folder (default "
-                   "<root>/<split> beside annotations/instances_<split>.json, else the json's)")
+                   "<root>/<split> for <root>/annotations/instances_<split>.json, else beside it)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--weights", help="checkpoint, any format weights.load_model reads")
     what.add_argument("--results", help="no images needed; COCO: a results json; VOC: a folder of "
@@ -474,9 +467,11 @@ def parse_args(argv=None):
     p.add_argument("--metric", choices=METRICS, default="11point", help="VOC headline metric: "
                    "11point (VOC2007) or area (VOC2010+); both are printed (default %(default)s)")
     p.add_argument("--json-out", help="write every number (per-class APs included) to this json")
-    p.add_argument("--batch-size", type=int, default=8, help="per process (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per batch and process (default %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (default float32)")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
     p.add_argument("--workers", type=int, default=2, help="image loaders (default %(default)s)")
     p.add_argument("--save-results", help="with --weights: also write the detections (VOC: comp4 "
                    "files in this folder; COCO: a results json) to score again with --results")
