@@ -18,8 +18,6 @@ files are 1-based (reading subtracts 1 from x1/y1, writing adds it). COCO: pycoc
 """
 import argparse
 import contextlib
-import functools
-import io
 import json
 import math
 import os
@@ -47,6 +45,7 @@ COCO_STAT_NAMES = [  # (short, COCOeval.summarize's line) for its 12 stats, in i
            ["0.50:0.95", "0.50", "0.75"] + ["0.50:0.95"] * 9,
            (["all"] * 3 + ["small", "medium", "large"]) * 2, [100] * 6 + [1, 10] + [100] * 4)]
 _COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")  # devkit results file name
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # a decimal number, no inf or nan
 _DETECTION = ((np.float64, 4), (np.float64, None), (np.int64, None))  # boxes, scores, labels
 
 
@@ -167,7 +166,7 @@ def read_voc_results(folder, image_ids, class_names, log=print):
     unknown image id; files of other classes and classes without a file: a warning to `log`."""
     folder, label_of = Path(folder), {name: c for c, name in enumerate(class_names, start=1)}
     if not folder.is_dir():
-        raise EvalError(f"{folder}: not a folder (of comp4_det_test_<class>.txt files)")
+        raise EvalError(f"{folder}: not a folder of comp4_det_test_<class>.txt files")
     found = [(m[1], p) for p in sorted(folder.iterdir()) if (m := _COMP_FILE.match(p.name))]
     files = {name: path for name, path in found if name in label_of}  # the last one of a class
     for name, path in found:
@@ -182,10 +181,7 @@ def read_voc_results(folder, image_ids, class_names, log=print):
     index, rows = {str(i): k for k, i in enumerate(image_ids)}, [[] for _ in image_ids]
     for name, path in files.items():
         for n, fields in enumerate(map(str.split, path.read_text().splitlines()), 1):
-            try:
-                values = [float(v) for v in fields[1:]]
-            except ValueError:
-                values = []
+            values = [float(v) for v in fields[1:] if _NUMBER.fullmatch(v)]
             if fields and (len(values) != 5 or not all(map(math.isfinite, values))):
                 raise EvalError(f"{path}:{n}: expected '<image_id> <score> <x1> <y1> <x2> <y2>' "
                                 f"with finite numbers, got {' '.join(fields)!r}")
@@ -217,10 +213,9 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
     names = [gt.cats[c]["name"] for c in sorted(cat_ids)] if class_names is None else class_names
     if len(names) != len(cat_ids):
         raise ValueError(f"coco_eval: {len(names)} class names for {len(cat_ids)} categories")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; we print ours
-        # loadRes adds fields to the dicts it gets, and cannot take an empty list
-        dt = gt.loadRes([dict(r) for r in results]) if results else COCO()
-        dt.dataset.setdefault("annotations", [])
+    with contextlib.redirect_stdout(None):  # pycocotools prints progress; we print ours
+        dt = gt.loadRes([dict(r) for r in results]) if results else COCO()  # loadRes edits them
+        dt.dataset.setdefault("annotations", [])  # COCO(): loadRes cannot take an empty list
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = image_ids
         for step in (ev.evaluate, ev.accumulate, ev.summarize):
@@ -268,7 +263,7 @@ def read_coco_results(path):
 def _load_coco(ann_file):
     """pycocotools COCO object for an annotation json, quietly; EvalError names a bad file."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(None):
             coco = COCO(str(ann_file))
     except FileNotFoundError:
         raise EvalError(f"{ann_file}: annotation file not found") from None
@@ -360,8 +355,8 @@ def _predict(model, source, mapping, batch_size, workers, progress, bf16, rank=0
     """Detect on images rank, rank + world, ... -> on rank 0 (the others get None) for all images:
     (indices read, their (boxes [k,4] pixels, scores, source labels), errors of the others)."""
     shard = range(rank, len(source), world)
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=functools.partial(_load_batch, source))
+    loader = torch.utils.data.DataLoader([(source, i) for i in shard], batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_load_batch)
     detections, failed, start = {}, [], time.perf_counter()
     last = start
     for batch in loader:
@@ -388,10 +383,10 @@ def _predict(model, source, mapping, batch_size, workers, progress, bf16, rank=0
     return sorted(detections), [detections[i] for i in sorted(detections)], failed
 
 
-def _load_batch(source, indices):
-    """DataLoader collate: (index, uint8 [3,H,W] tensor or None, error or None) per image."""
+def _load_batch(batch):
+    """DataLoader collate of (source, index) -> (index, uint8 [3,H,W] or None, error or None)."""
     out = []
-    for i in indices:
+    for source, i in batch:
         try:
             out.append((i, data.to_tensor(source.load_image(i).convert("RGB")), None))  # [3, H, W]
         except (OSError, ValueError) as e:  # data.DataError is a ValueError
