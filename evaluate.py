@@ -106,9 +106,9 @@ def _stack(per_image, fields):
     counts = [len(a) for a in cols[0]]
     if any([len(a) for a in col] != counts for col in cols[1:]):
         raise ValueError("the boxes, scores, labels or difficult of an image differ in length")
-    arrays = [np.concatenate(col + [_numpy(None, dtype, width)])  # the empty one sets the dtype
-              for col, (dtype, width) in zip(cols, fields)]
-    return arrays, np.repeat(np.arange(len(counts)), counts)
+    image = np.repeat(np.arange(len(counts)), counts)  # the image of each row [N]
+    return [np.concatenate(col + [_numpy(None, dtype, width)])  # the empty one sets the dtype
+            for col, (dtype, width) in zip(cols, fields)], image
 
 
 def _numpy(x, dtype, width):
