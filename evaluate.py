@@ -408,7 +408,7 @@ class _CocoJson(data.FileSource):
         self.ids = [im["id"] for im in coco.dataset["images"]]
         self.image_paths = [str(self.image_dir / coco.imgs[i]["file_name"]) for i in self.ids]
         label = {c: k for k, c in enumerate(self.category_ids, start=1)}
-        self._annotations = [{"labels": np.array([label[a["category_id"]] for a in
+        self._annotations = [{"labels": np.array([label.get(a["category_id"], 0) for a in
                                                   coco.imgToAnns[i]], np.int64)} for i in self.ids]
 
 
