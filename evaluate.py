@@ -100,7 +100,7 @@ def voc_ap(rec, prec, metric="11point"):
 
 
 def _stack(per_image, fields):
-    """Per-image tuples (None: no rows) -> (an array per field (dtype, width), row images)."""
+    """Per-image tuples (None: no rows) -> (an array per field (dtype, width), each row's image)."""
     cols = [[_numpy(None if row is None else row[k], dtype, width) for row in per_image]
             for k, (dtype, width) in enumerate(fields)]
     counts = [len(a) for a in cols[0]]

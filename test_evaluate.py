@@ -297,7 +297,8 @@ def test_voc_results_file_errors(tmp_path):
     with pytest.raises(evaluate.EvalError, match=r"comp4_det_test_cat.txt:2: image id 'zzz'"):
         evaluate.read_voc_results(tmp_path, ids, names)
     (tmp_path / "comp4_det_test_cat.txt").write_text("a 0.5 1 1 10\n")
-    with pytest.raises(evaluate.EvalError, match=r"comp4_det_test_cat.txt:1: expected .* got 'a 0.5"):
+    with pytest.raises(evaluate.EvalError,
+                       match=r"comp4_det_test_cat.txt:1: expected .* got 'a 0.5 1 1 10'"):
         evaluate.read_voc_results(tmp_path, ids, names)
     (tmp_path / "comp4_det_test_cat.txt").write_text("a 0.5 1 1 10 ten\n")
     with pytest.raises(evaluate.EvalError,
