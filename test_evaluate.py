@@ -297,10 +297,12 @@ def test_voc_results_file_errors(tmp_path):
     with pytest.raises(evaluate.EvalError, match=r"comp4_det_test_cat.txt:2: image id 'zzz'"):
         evaluate.read_voc_results(tmp_path, ids, names)
     (tmp_path / "comp4_det_test_cat.txt").write_text("a 0.5 1 1 10\n")
-    with pytest.raises(evaluate.EvalError, match=r"comp4_det_test_cat.txt:1: expected"):
+    with pytest.raises(evaluate.EvalError,
+                       match=r"comp4_det_test_cat.txt:1: expected .* got 'a 0.5 1 1 10'"):
         evaluate.read_voc_results(tmp_path, ids, names)
     (tmp_path / "comp4_det_test_cat.txt").write_text("a 0.5 1 1 10 ten\n")
-    with pytest.raises(evaluate.EvalError, match=r"comp4_det_test_cat.txt:1: score and box"):
+    with pytest.raises(evaluate.EvalError,
+                       match=r"comp4_det_test_cat.txt:1: expected .* finite numbers, got '.* ten'"):
         evaluate.read_voc_results(tmp_path, ids, names)
     (tmp_path / "comp4_det_test_cat.txt").write_text("b 0.5 1 1 10 10\n")
     (tmp_path / "comp4_det_test_horse.txt").write_text("b 0.5 1 1 10 10\n")
@@ -689,7 +691,8 @@ def test_voc_checkpoint_and_results_file_paths_agree(voc_run, tiny_checkpoints):
                                 progress=False)
     assert model.training  # mode restored
     assert r["map"] == r["map_11point"] == a["map_11point"]
-    assert evaluate._json_safe(r["per_class_area"]) == a["per_class_area"]
+    assert json.loads(json.dumps(r["per_class_area"]), parse_constant=lambda _: None) == a[
+        "per_class_area"]  # nan -> null, as --json-out writes it
 
 
 def test_coco_checkpoint_and_results_file_paths_agree(tmp_path, tiny_checkpoints, capsys):
