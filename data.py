@@ -1,19 +1,17 @@
 """Data for SSD: image loading, the VOC / COCO / synthetic `shapes` sources, SSD's augmentation
-(on the CPU, or batched on the training device), Dataset + collate, and helpers the scripts share.
-A source: len(src), class_names (label i -> class_names[i-1]), image_id(i), load_image(i) -> PIL
-RGB, annotation(i) -> dict(boxes float32 [n, 4] xyxy in continuous pixels (pixel (i, j) covers
+(on the CPU, or batched on the device), Dataset + collate, and helpers the scripts share. A source:
+len(src), class_names (label i -> class_names[i-1]), image_id(i), load_image(i) -> PIL RGB,
+annotation(i) -> dict(boxes float32 [n, 4] xyxy in continuous pixels (pixel (i, j) covers
 [i, i+1) x [j, j+1)), clipped to the image, none without area; labels int64 [n] in 1..C; difficult
 bool [n]; width; height). A transform: (PIL image, pixel boxes, labels) -> (float [3, S, S] RGB
 0-255 minus the mean, boxes float32 [n, 4] xyxy in [0, 1], labels int64 [n]). Bad input raises
-DataError "<file>: <reason>"; a recoverable one (box clipped, unknown class) is a warning per file.
-"""
+DataError "<file>: <reason>"; a recoverable one (clipped box, unknown class) warns once per file."""
 import colorsys
 import glob
 import json
 import logging
 import math
 import os
-import random
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -151,26 +149,24 @@ class VOCDetection(FileSource):
         if images:
             _require_images(img_dir, [f"{i}.jpg" for i in self.ids], {f"{s}.jpg" for s in files})
         self.image_paths = [str(img_dir / files.get(i, f"{i}.jpg")) for i in self.ids]
-        xmls = [str(ann_dir / f"{i}.xml") for i in self.ids]
-        raws = [_voc_parse(p) for p in xmls]
+        raws = [_voc_parse(ann_dir / f"{i}.xml") for i in self.ids]
         if class_names is None:
             in_split = {name for r in raws for name, _, _ in r["objects"]}
             class_names = VOC_CLASSES if in_split <= set(VOC_CLASSES) else _voc_names(ann_dir)
         self.class_names = list(class_names)
         label_of = {name: k + 1 for k, name in enumerate(self.class_names)}
-        self._annotations = [_voc_annotation(*args, label_of)
-                             for args in zip(xmls, raws, self.image_paths)]
+        self._annotations = [_voc_annotation(raw, path, label_of)
+                             for raw, path in zip(raws, self.image_paths)]
 
 
 def _voc_parse(xml_path):
-    """VOC XML -> dict(width, height (0: absent), objects [(name, xyxy, difficult)], no_box)."""
+    """VOC XML -> dict(path, width, height (0: none), objects [(name, xyxy, difficult)], no_box)."""
     try:
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as e:
         raise DataError(f"{xml_path}: malformed XML ({e})") from None
     except OSError as e:
         raise DataError(f"{xml_path}: cannot read ({e.strerror})") from None
-
     def number(node, tag, what):
         text = node.findtext(tag)
         try:
@@ -190,42 +186,39 @@ def _voc_parse(xml_path):
         xyxy = [number(box, t, f"object {k} ({name})") for t in ("xmin", "ymin", "xmax", "ymax")]
         difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true", "True")
         objects.append((name, xyxy, difficult))
-    return dict(width=width, height=height, objects=objects, no_box=no_box)
+    return dict(path=str(xml_path), width=width, height=height, objects=objects, no_box=no_box)
 
 
 def _voc_names(annotation_dir):
     """Sorted object names of every XML in a folder (a file failing to parse: left to its split)."""
     names = set()
-    for entry in os.scandir(annotation_dir):
+    for path in Path(annotation_dir).glob("*.xml"):
         try:
-            if entry.name.endswith(".xml"):
-                names.update((o.findtext("name") or "").strip()
-                             for o in ET.parse(entry.path).findall("object"))
+            names.update(o.findtext("name", "").strip() for o in ET.parse(path).findall("object"))
         except (ET.ParseError, OSError):
-            continue
+            pass
     return sorted(names - {""})
 
 
-def _voc_annotation(xml_path, raw, image_path, label_of):
+def _voc_annotation(raw, image_path, label_of):
     """_voc_parse's dict -> the source's annotation, warning once per kind of problem."""
     width, height = raw["width"], raw["height"]
     if width <= 0 or height <= 0:
         width, height = _image_size(image_path)
     unknown = sorted({n for n, _, _ in raw["objects"] if n not in label_of})
     objects = [o for o in raw["objects"] if o[0] in label_of]
-    boxes = np.array([o[1] for o in objects], np.float64).reshape(-1, 4)
-    written = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    boxes, changed, valid = _clip_boxes(boxes - [1, 1, 0, 0], width, height)  # to 0-based
-    clipped, empty = int((changed & written).sum()), int((~written).sum())
-    _warn_each(xml_path, [
+    written = [o for o in objects if o[1][2] > o[1][0] and o[1][3] > o[1][1]]  # with extent
+    boxes = np.array([o[1] for o in written], np.float64).reshape(-1, 4) - [1, 1, 0, 0]  # 0-based
+    boxes, changed, keep = _clip_boxes(boxes, width, height)
+    clipped, empty = int(changed.sum()), len(objects) - len(written)
+    _warn_each(raw["path"], [
         (raw["no_box"], f"object(s) without <bndbox> skipped: {', '.join(raw['no_box'])}"),
         (unknown, f"unknown class name(s) skipped: {', '.join(map(repr, unknown))}"),
         (empty, f"{empty} box(es) with no extent (xmax <= xmin or ymax <= ymin) dropped"),
         (clipped, f"{clipped} box(es) outside the {width}x{height} image clipped")])
-    keep = written & valid
     return dict(boxes=boxes[keep].astype(np.float32),
-                labels=np.array([label_of[o[0]] for o in objects], np.int64)[keep],
-                difficult=np.array([o[2] for o in objects], bool)[keep],
+                labels=np.array([label_of[o[0]] for o in written], np.int64)[keep],
+                difficult=np.array([o[2] for o in written], bool)[keep],
                 width=int(width), height=int(height))
 
 
@@ -308,8 +301,6 @@ class ConcatSource(FileSource):
 
     def __init__(self, sources):
         sources = list(sources)
-        if not sources:
-            raise DataError("ConcatSource: no sources")
         self.class_names = list(sources[0].class_names)
         for s in sources[1:]:
             if list(s.class_names) != self.class_names:
@@ -321,9 +312,6 @@ class ConcatSource(FileSource):
 
 
 # shapes: a synthetic set generated on the fly, for a first run with no download
-SHAPE_CLASSES = ["circle", "square", "triangle"]
-
-
 class ShapesDetection:
     """1-4 filled circles, squares and triangles (equilateral, any rotation), any colour, on mildly
     textured size x size backgrounds, generated from (seed, split, index). Shapes span 15-60 % of
@@ -337,7 +325,7 @@ class ShapesDetection:
         self.split, self.seed, self.size = split, int(seed), int(size)
         self._stream, default_len = self.SPLITS[split]
         self.num_images = default_len if num_images is None else int(num_images)
-        self.class_names, self._last = list(SHAPE_CLASSES), None  # _last: (i, _render(i))
+        self.class_names, self._last = ["circle", "square", "triangle"], None
 
     def __len__(self):
         return self.num_images
@@ -360,10 +348,9 @@ class ShapesDetection:
         if self._last is not None and self._last[0] == i:
             return self._last[1]
         rng, s = np.random.default_rng([self.seed, self._stream, i]), self.size
-        img, placed = Image.fromarray(_textured_background(rng, s)), []
-        boxes, labels, colours = [], [], []
+        img, shapes = Image.fromarray(_textured_background(rng, s)), []  # (square, box, label, RGB)
         for _ in range(int(rng.integers(1, 5))):
-            label = int(rng.integers(len(SHAPE_CLASSES))) + 1
+            label = int(rng.integers(len(self.class_names))) + 1
             # any hue, saturated: chroma = s * v * 255 >= 0.65 * 0.55 * 255 = 91
             rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0))
             colour = tuple(round(c * 255) for c in rgb)
@@ -372,11 +359,10 @@ class ShapesDetection:
                 x0, y0 = int(rng.integers(0, s - side + 1)), int(rng.integers(0, s - side + 1))
                 square = (x0, y0, x0 + side, y0 + side)
                 if all(square[0] > p[2] + 3 or p[0] > square[2] + 3 or
-                       square[1] > p[3] + 3 or p[1] > square[3] + 3 for p in placed):
+                       square[1] > p[3] + 3 or p[1] > square[3] + 3 for p, *_ in shapes):
                     break
             else:
                 continue
-            placed.append(square)
             outline, r = square, side / 2
             if label == 3:  # triangle: equilateral, inscribed in the square's circle, any rotation
                 outline = [(round(x0 + r + r * math.cos(t)), round(y0 + r + r * math.sin(t)))
@@ -385,11 +371,9 @@ class ShapesDetection:
             for canvas, fill in ((img, colour), (mask, 1)):
                 draw = ImageDraw.Draw(canvas)
                 getattr(draw, ("ellipse", "rectangle", "polygon")[label - 1])(outline, fill=fill)
-            boxes.append(mask.getbbox())  # pixel edges
-            labels.append(label)
-            colours.append(colour)
-        boxes = np.array(boxes, np.float32).reshape(-1, 4)
-        self._last = (i, (img, boxes, np.array(labels, np.int64), colours))
+            shapes.append((square, mask.getbbox(), label, colour))  # box: pixel edges
+        _, boxes, labels, colours = zip(*shapes)  # the first shape always finds a spot
+        self._last = (i, (img, np.float32(boxes), np.int64(labels), list(colours)))
         return self._last[1]
 
 
@@ -466,20 +450,18 @@ def _voc_folder_split(root, train):
 def _voc_years(data_root, split, train):
     """[(year folder, split)] of the VOCdevkit years build_source takes, or DataError."""
     looked = []
-    wanted = [("VOC2007", "trainval"), ("VOC2012", "trainval")] if train else [("VOC2007", "test")]
+    wanted = [("VOC2007", "trainval"), ("VOC2012", "trainval")] if train else [
+        ("VOC2007", "test"), ("VOC2012", "val")]
     for year_dir in (Path(data_root) / "VOCdevkit", Path(data_root)):
         found = [(year_dir / y, split or s) for y, s in wanted if (year_dir / y).is_dir()]
-        if not found and not train and (year_dir / "VOC2012").is_dir():
-            found = [(year_dir / "VOC2012", split or "val")]
         if found:
-            return found
+            return found if train else found[:1]
         looked += [str(year_dir / y) for y, _ in wanted]
     raise DataError(f"{data_root}: no VOC data (looked for a VOC-layout folder there and for "
                     f"{', '.join(looked)})")
 
 
-# Augmentation (the SSD paper, Liu et al. 2016, section 2.2). Expand, crop, flip and resize stay
-# geometry until one bilinear sampling of the image makes the S x S output (no 4x canvas).
+# Augmentation (the SSD paper, Liu et al. 2016, section 2.2): one bilinear sampling, no canvas
 class TrainTransform:
     """SSD training augmentation (the SSD paper, sections 2.2 and 3.6; mmdetection's and
     amdegroot/ssd.pytorch's order): photometric -> expand -> min-IoU crop -> flip 0.5 -> warp to
@@ -560,14 +542,6 @@ class TestTransform:
         return x, torch.from_numpy((boxes / [w, h, w, h]).astype(np.float32)), torch.tensor(labels)
 
 
-def seed_worker(worker_id):
-    """DataLoader worker_init_fn: seed Python's and numpy's global generators from the worker's
-    torch seed (base_seed + worker_id), as torch >= 1.9 does."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def photometric_distort(img, p):
     """Apply _photometric_params `p` to planar float32 RGB [3, H, W] (0-255), clipped to [0, 255]
     (mmdetection does not clip)."""
@@ -635,15 +609,13 @@ def _photometric_params(rng):
     dict(brightness +U(-32, 32), contrast_before or (50/50) contrast_after xU(0.5, 1.5), saturation
     xU(0.5, 1.5), hue +U(-18, 18) degrees, channels: a permutation), each with probability 0.5,
     else its identity value (0, 1 or None)."""
-    def maybe(draw, otherwise):
-        return draw() if rng.random() < 0.5 else otherwise
-    brightness, first = maybe(lambda: rng.uniform(-32, 32), 0.0), bool(rng.random() < 0.5)
-    contrast = maybe(lambda: rng.uniform(0.5, 1.5), 1.0)
+    def maybe(otherwise, draw, *args):
+        return draw(*args) if rng.random() < 0.5 else otherwise
+    brightness, first = maybe(0.0, rng.uniform, -32, 32), bool(rng.random() < 0.5)
+    contrast = maybe(1.0, rng.uniform, 0.5, 1.5)
     return dict(brightness=brightness, contrast_before=contrast if first else 1.0,
-                saturation=maybe(lambda: rng.uniform(0.5, 1.5), 1.0),
-                hue=maybe(lambda: rng.uniform(-18, 18), 0.0),
-                contrast_after=1.0 if first else contrast,
-                channels=maybe(lambda: rng.permutation(3), None))
+                saturation=maybe(1.0, rng.uniform, 0.5, 1.5), hue=maybe(0.0, rng.uniform, -18, 18),
+                contrast_after=1.0 if first else contrast, channels=maybe(None, rng.permutation, 3))
 
 
 def _colour(x, brightness, contrast_before, saturation, hue, contrast_after):
@@ -680,8 +652,7 @@ def _colour(x, brightness, contrast_before, saturation, hue, contrast_after):
 
 
 def _sample_positions(canvas_offset, patch, flip, size):
-    """Image-pixel (xs [S], ys [S]) that resizing the canvas patch to size x size (mirrored when
-    `flip`) samples, clamped to the patch as F.interpolate(align_corners=False) does."""
+    """Image-pixel (xs [S], ys [S]) where F.interpolate samples the canvas patch (flipped)."""
     (left, top), (x0, y0, x1, y1) = canvas_offset, patch
     centres = np.arange(size, dtype=np.float64) + 0.5
     xs, ys = (np.clip(centres * (n / size) - 0.5, 0, n - 1) for n in (x1 - x0, y1 - y0))
@@ -689,8 +660,7 @@ def _sample_positions(canvas_offset, patch, flip, size):
 
 
 def _sample(x, xs, ys):
-    """Bilinear samples of x [B, 3, h, w] at columns xs [B, S] and rows ys [B, S] -> [B, 3, S, S],
-    zero past the edges (grid_sample, align_corners=False)."""
+    """x [B, 3, h, w] sampled bilinearly at columns xs [B, S] x rows ys [B, S], 0 past the edges."""
     h, w = x.shape[-2:]
     gx, gy = ((2 * xs + 1) / w - 1).float(), ((2 * ys + 1) / h - 1).float()  # [B, S]
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # [B, S, S, 2]
@@ -823,7 +793,6 @@ def _text_colour(background):
 
 if __name__ == "__main__":
     import argparse
-
     parser = argparse.ArgumentParser(description="Write images of the synthetic shapes set.")
     parser.add_argument("folder", help="where to write shapes_<split>_NNN.png")
     parser.add_argument("--split", choices=sorted(ShapesDetection.SPLITS), default="val",

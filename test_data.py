@@ -6,7 +6,6 @@ device path against the per-image one."""
 import colorsys
 import json
 import logging
-import random
 import re
 
 import numpy as np
@@ -736,20 +735,12 @@ def test_workers_draw_different_augmentations():
     assert not torch.equal(x0, x1)
 
 
-def test_seed_worker_seeds_python_and_numpy_from_the_torch_seed():
-    torch.manual_seed(2**40 + 5)  # what a worker sees: base_seed + worker_id
-    data.seed_worker(0)
-    assert np.random.random() == np.random.RandomState(5).random_sample()
-    assert random.random() == random.Random(5).random()
-
-
 # --- Dataset and collate --------------------------------------------------------------------------
 
 def test_detection_dataset_and_collate(tmp_path):
     src = data.ShapesDetection("val", num_images=5, size=64)
     ds = data.DetectionDataset(src, data.TrainTransform(size=64))
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=data.collate,
-                                         worker_init_fn=data.seed_worker)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=data.collate)
     batches = list(loader)
     images, boxes, labels, indices = batches[0]
     assert images.shape == (3, 3, 64, 64) and images.dtype == torch.float32
