@@ -30,12 +30,10 @@ class DataError(ValueError):
     """Bad input data. The message starts with the file's path, then the reason."""
 
 
-# Images
 def load_image(path):
-    """The image at `path` as a loaded PIL RGB image: EXIF orientation applied, transparent pixels
-    composited on white; 16-bit / I / F never clipped: 16-bit (and I in 0-65535) x / 257, F in
-    [0, 1] x 255, I or F in 0-255 as is, other ranges stretched min-max. DataError naming the file
-    when it is missing, empty, not an image, truncated or over PIL.Image.MAX_IMAGE_PIXELS."""
+    """Loaded PIL RGB image at `path`: EXIF orientation applied, alpha composited on white; 16-bit
+    (and I in 0-65535) / 257, F in [0, 1] x 255, I or F in 0-255 as is, others stretched min-max.
+    DataError naming the file if missing, empty, not an image, truncated, over MAX_IMAGE_PIXELS."""
     def rgb(img):
         img.load()  # a truncated file fails here, not deep inside a transform
         img, mode = ImageOps.exif_transpose(img), img.mode
@@ -91,7 +89,6 @@ def _clip_boxes(boxes, width, height):
 
 
 def _require_images(folder, names, present):
-    """DataError naming the first of `names` not in `present`, and how many more are missing."""
     missing = [name for name in names if name not in present]
     if missing:
         more = f" (and {len(missing) - 1} more of {len(names)})" if len(missing) > 1 else ""
@@ -104,7 +101,6 @@ def _warn_each(path, problems):
             log.warning("%s: %s", path, message)
 
 
-# Sources read from files: VOC layout and COCO
 class FileSource:
     """A source parsed into memory: `ids`, `image_paths`, `_annotations` (one dict per image)."""
 
@@ -123,13 +119,12 @@ class FileSource:
 
 
 class VOCDetection(FileSource):
-    """A VOC-layout folder: Annotations/<id>.xml, JPEGImages/<id>.jpg (or another extension),
-    ImageSets/Main/<split>.txt (the id first on each line). VOC XML counts pixels from 1, xmax
-    inclusive (VOC devkit): a box loads as [xmin - 1, ymin - 1, xmax, ymax]. Boxes without extent
-    are dropped, boxes outside the image clipped, a warning per file; `difficult` ones are kept,
-    flagged. Classes: `class_names` (other names reported and skipped), else VOC's 20 when the
-    split's names are among them, else the sorted names of every XML in the folder. Size: <size>,
-    else the image's. images=False: annotations only."""
+    """A VOC-layout folder: Annotations/<id>.xml, JPEGImages/<id>.jpg (or .png etc.),
+    ImageSets/Main/<split>.txt (id first per line). VOC XML counts pixels from 1, xmax inclusive
+    (VOC devkit): boxes load as [xmin - 1, ymin - 1, xmax, ymax]; without extent dropped, outside
+    the image clipped, a warning per file; `difficult` kept, flagged. Classes: `class_names` (others
+    reported, skipped), else VOC's 20 if the split's names are among them, else the sorted names in
+    every XML there. Size: <size>, else the image's. images=False: annotations only."""
 
     def __init__(self, root, split="trainval", class_names=None, images=True):
         self.root, self.split = Path(root), split
@@ -184,8 +179,7 @@ def _voc_parse(xml_path):
             no_box.append(name or f"object {k}")
             continue
         xyxy = [number(box, t, f"object {k} ({name})") for t in ("xmin", "ymin", "xmax", "ymax")]
-        difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true", "True")
-        objects.append((name, xyxy, difficult))
+        objects.append((name, xyxy, obj.findtext("difficult", "").strip() in ("1", "true", "True")))
     return dict(path=str(xml_path), width=width, height=height, objects=objects, no_box=no_box)
 
 
@@ -224,10 +218,9 @@ def _voc_annotation(raw, image_path, label_of):
 
 class COCODetection(FileSource):
     """COCO 2017 layout: root/annotations/instances_<split>.json, images in root/<split>/. Labels
-    are 1..C over the categories by id (ssd.COCO_CLASSES order), `category_ids[label - 1]` the COCO
-    id. bbox [x, y, w, h] -> xyxy, clipped (one warning per json); w or h < 1 pixel dropped (as
-    mmdetection); crowd boxes go to annotation(i)["crowd"]. `skip_empty` (training) drops images
-    without boxes, as torchvision's reference does."""
+    1..C over the categories by id (ssd.COCO_CLASSES order), COCO id category_ids[label - 1]. bbox
+    [x, y, w, h] -> xyxy, clipped (a warning per json); w or h < 1 dropped (as mmdetection); crowd
+    boxes in annotation(i)["crowd"]. skip_empty: images without boxes dropped (as torchvision)."""
 
     def __init__(self, root, split="train2017", skip_empty=False):
         self.root, self.split, img_dir = Path(root), split, Path(root) / split
@@ -235,8 +228,7 @@ class COCODetection(FileSource):
         if not os.path.isfile(ann):
             raise DataError(f"{ann}: annotation file not found")
         try:
-            with open(ann, encoding="utf-8") as f:
-                doc = json.load(f)
+            doc = json.loads(Path(ann).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{ann}: malformed JSON ({e})") from None
         if not isinstance(doc, dict) or not all(
@@ -395,14 +387,12 @@ def _textured_background(rng, size):
     return np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()  # [S, S, 3]
 
 
-# Picking sources by name
 def build_source(name, data_root=None, split=None, train=True, images=True):
-    """The source for `train.py --data NAME` / `evaluate.py`; `split` overrides the defaults.
-    voc: a VOC-layout folder (or a list): with a test split, trainval (training; train if only that
-    exists) / test; without (BCCD), train (trainval if no train) / val. Else VOCdevkit years in
-    data_root/VOCdevkit/ or data_root/: VOC2007 + VOC2012 trainval where present (07+12) / VOC2007
-    test (VOC2012 val without VOC2007). images=False: annotations only. coco: see coco_split.
-    shapes: train / val."""
+    """The source for `train.py --data NAME` / `evaluate.py`; `split` overrides the defaults. voc: a
+    VOC-layout folder (or a list): with a test split, trainval (training; train if only that exists)
+    / test; without (BCCD), train (trainval if no train) / val. Else VOCdevkit years in
+    data_root/VOCdevkit/ or data_root/: VOC2007 + VOC2012 trainval where present / VOC2007 test,
+    else VOC2012 val. images=False: annotations only. coco: see coco_split. shapes: train / val."""
     if name == "shapes":
         return ShapesDetection(split or ("train" if train else "val"))
     if data_root is None:
@@ -464,12 +454,11 @@ def _voc_years(data_root, split, train):
 # Augmentation (the SSD paper, Liu et al. 2016, section 2.2): one bilinear sampling, no canvas
 class TrainTransform:
     """SSD training augmentation (the SSD paper, sections 2.2 and 3.6; mmdetection's and
-    amdegroot/ssd.pytorch's order): photometric -> expand -> min-IoU crop -> flip 0.5 -> warp to
-    size x size -> minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) -> (float
-    [3, S, S], or with on_device (uint8 pixels [H, W, 3], float64 params [10 + 2S], see _PARAMS)
-    for augment_batch; boxes float32 [n', 4] in [0, 1]; labels int64 [n']). Boxes: clipped to the
-    image (none without area), kept if their centre is in the crop (an image with boxes keeps
-    one), clipped to it. Draws: a Generator seeded by torch.initial_seed(), re-made on change."""
+    amdegroot/ssd.pytorch's order): photometric, expand, min-IoU crop, flip 0.5, warp to S x S,
+    minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) -> (float [3, S, S],
+    on_device (uint8 pixels [H, W, 3], float64 _PARAMS [10 + 2S]) for augment_batch; boxes float32
+    [n', 4] in [0, 1]; labels int64 [n']). Boxes: clipped to the image, none without area, kept if
+    centred in the crop (one at least), clipped to it. Draws: Generator(torch.initial_seed())."""
 
     def __init__(self, size=300, mean=MEAN, on_device=False):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
@@ -675,7 +664,6 @@ def _as_arrays(boxes, labels):
     return boxes, labels
 
 
-# torch Dataset and collate
 class DetectionDataset(torch.utils.data.Dataset):
     """source + transform -> items (image [3, S, S], boxes [n, 4] in [0, 1], labels [n], index);
     `difficult` boxes dropped unless keep_difficult."""
