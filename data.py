@@ -133,10 +133,9 @@ class VOCDetection(FileSource):
         for d in (ann_dir, img_dir) if images else (ann_dir,):
             if not d.is_dir():
                 raise DataError(f"{d}: folder not found (not a VOC-layout folder)")
-        if not split_file.is_file():
+        if not split_file.is_file():  # a split, or a class file ("<id> 1"): the id first
             raise DataError(f"{split_file}: split file not found")
-        with open(split_file) as f:  # class files ("<id> 1") list the id first too
-            self.ids = [line.split()[0] for line in f if line.strip()]
+        self.ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
         if not self.ids:
             raise DataError(f"{split_file}: no image ids")
         files = {os.path.splitext(n)[0]: n for n in sorted(  # id -> file name; .jpg (last) wins
@@ -246,33 +245,28 @@ class COCODetection(FileSource):
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{ann}: bad category or image entry ({e!r})") from None
         label_of = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
-        row_of = {image_id: k for k, (image_id, *_) in enumerate(images)}
-        objects = [([], [], []) for _ in images]  # per image: boxes xyxy, labels, crowd boxes
+        objects = {image_id: ([], [], []) for image_id, *_ in images}  # boxes, labels, crowd
         unknown_cat, unknown_img = set(), 0
         for a in doc["annotations"]:
             try:
-                row = row_of.get(a["image_id"])
+                found = objects.get(a["image_id"])
                 x, y, w, h = (float(v) for v in a["bbox"])
                 cat, is_crowd = a["category_id"], bool(a.get("iscrowd", 0))
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{ann}: bad annotation {a.get('id', '?')} ({e!r})") from None
-            if row is None:
+            if found is None:
                 unknown_img += 1
             elif is_crowd:
-                objects[row][2].append((x, y, x + w, y + h))
+                found[2].append((x, y, x + w, y + h))
             elif cat not in label_of:
                 unknown_cat.add(cat)
             elif w >= 1 and h >= 1:
-                objects[row][0].append((x, y, x + w, y + h))
-                objects[row][1].append(label_of[cat])
-        cats = ", ".join(map(str, sorted(unknown_cat)))
-        _warn_each(ann, [
-            (cats, f"annotations with unknown category id(s) skipped: {cats}"),
-            (unknown_img, f"{unknown_img} annotation(s) of images not in 'images' skipped")])
+                found[0].append((x, y, x + w, y + h))
+                found[1].append(label_of[cat])
         _require_images(img_dir, [name for _, name, _, _ in images], set(os.listdir(img_dir)))
         rows, clipped = [], 0  # (id, path, annotation) per image kept
-        for (image_id, name, width, height), (boxes, labels, crowd) in zip(images, objects):
-            path = str(img_dir / name)
+        for image_id, name, width, height in images:
+            (boxes, labels, crowd), path = objects[image_id], str(img_dir / name)
             if width <= 0 or height <= 0:
                 width, height = _image_size(path)
             boxes, changed, valid = _clip_boxes(np.reshape(boxes, (-1, 4)), width, height)
@@ -282,7 +276,11 @@ class COCODetection(FileSource):
                     boxes=boxes[valid].astype(np.float32), labels=np.int64(labels)[valid],
                     difficult=np.zeros(int(valid.sum()), bool), width=width, height=height,
                     crowd=np.float32(crowd).reshape(-1, 4))))
-        _warn_each(ann, [(clipped, f"{clipped} box(es) reaching outside their image clipped")])
+        cats = ", ".join(map(str, sorted(unknown_cat)))
+        _warn_each(ann, [
+            (cats, f"annotations with unknown category id(s) skipped: {cats}"),
+            (unknown_img, f"{unknown_img} annotation(s) of images not in 'images' skipped"),
+            (clipped, f"{clipped} box(es) reaching outside their image clipped")])
         if not rows:
             raise DataError(f"{ann}: no images" + (" with boxes" if skip_empty else ""))
         self.ids, self.image_paths, self._annotations = map(list, zip(*rows))
@@ -303,7 +301,6 @@ class ConcatSource(FileSource):
         self._annotations = [a for s in sources for a in s._annotations]
 
 
-# shapes: a synthetic set generated on the fly, for a first run with no download
 class ShapesDetection:
     """1-4 filled circles, squares and triangles (equilateral, any rotation), any colour, on mildly
     textured size x size backgrounds, generated from (seed, split, index). Shapes span 15-60 % of
@@ -428,7 +425,6 @@ def coco_split(root, split=None, train=True):
 
 
 def _voc_folder_split(root, train):
-    """Default split of one VOC-layout folder (see build_source)."""
     has = {p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if p.is_file()}
     # VOC2007-like: trainval is disjoint from test; else trainval holds val: train on train alone
     first, other = ("trainval", "train") if "test" in has else ("train", "trainval")
@@ -703,16 +699,6 @@ def collate(batch):
     return images, list(boxes), list(labels), torch.tensor(indices, dtype=torch.int64)
 
 
-def write_shapes(folder, split="val", num_images=8):
-    """Save the first `num_images` of a shapes split as PNG files; returns the paths."""
-    os.makedirs(folder, exist_ok=True)
-    source, paths = ShapesDetection(split), []
-    for i in range(min(num_images, len(source))):
-        paths.append(os.path.join(folder, f"shapes_{split}_{i:03d}.png"))
-        source.load_image(i).save(paths[-1])
-    return paths
-
-
 # Shared by train.py, evaluate.py and detect.py: usage errors, durations, runs, drawing
 class UsageError(Exception):
     """A mistake that stops a whole command (exit 2); the message is one line, printed as is."""
@@ -746,7 +732,7 @@ def draw_detections(image, boxes, scores, labels, class_names):
         font = ImageFont.load_default(size=max(12, round(min(w, h) / 32)))
     except (TypeError, OSError):
         font = ImageFont.load_default()
-    draw, rects = ImageDraw.Draw(image), []
+    draw, rects, origins = ImageDraw.Draw(image), [], []  # origins: where each text is drawn
     texts = [f"{class_names[int(c) - 1]} {float(s):.2f}" for s, c in zip(scores, labels)]
     for (x1, y1, _, _), text in zip(boxes.tolist(), texts):
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
@@ -757,13 +743,12 @@ def draw_detections(image, boxes, scores, labels, class_names):
                       and ty < r[3]]:
             ty = max(r[3] for r in hit)  # only ever down: ends after at most len(rects) moves
         rects.append((tx, ty, tx + tw, ty + th))
+        origins.append((tx + line - left, ty + line - top))
     for i in reversed(range(len(scores))):
         colour = _class_colour(int(labels[i]))
         draw.rectangle(boxes[i].tolist(), outline=colour, width=line)
         draw.rectangle(rects[i], fill=colour)
-        left, top = draw.textbbox((0, 0), texts[i], font=font)[:2]
-        draw.text((rects[i][0] + line - left, rects[i][1] + line - top), texts[i],
-                  fill=_text_colour(colour), font=font)
+        draw.text(origins[i], texts[i], fill=_text_colour(colour), font=font)
     return rects
 
 
@@ -787,4 +772,9 @@ if __name__ == "__main__":
                         help="which split (default val)")
     parser.add_argument("--num", type=int, default=8, help="how many images (default 8)")
     args = parser.parse_args()
-    print(f"wrote {len(write_shapes(args.folder, args.split, args.num))} images to {args.folder}")
+    os.makedirs(args.folder, exist_ok=True)
+    source = ShapesDetection(args.split)
+    indices = range(min(args.num, len(source)))
+    for i in indices:
+        source.load_image(i).save(os.path.join(args.folder, f"shapes_{args.split}_{i:03d}.png"))
+    print(f"wrote {len(indices)} images to {args.folder}")

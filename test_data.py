@@ -7,6 +7,8 @@ import colorsys
 import json
 import logging
 import re
+import runpy
+import sys
 
 import numpy as np
 import pytest
@@ -761,10 +763,14 @@ def test_detection_dataset_and_collate(tmp_path):
                                rtol=1e-6)
 
 
-def test_write_shapes_saves_the_generated_images(tmp_path):
-    paths = data.write_shapes(tmp_path / "s", "val", 3)
+def test_main_writes_the_generated_shapes_images(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "s"
+    monkeypatch.setattr(sys, "argv", ["data.py", str(folder), "--split", "val", "--num", "3"])
+    runpy.run_path(data.__file__, run_name="__main__")
+    assert capsys.readouterr().out == f"wrote 3 images to {folder}\n"
+    paths = sorted(folder.iterdir())
+    assert [p.name for p in paths] == [f"shapes_val_{i:03d}.png" for i in range(3)]
     source = data.ShapesDetection("val")
-    assert len(paths) == 3
     for i, p in enumerate(paths):
         saved = np.asarray(Image.open(p).convert("RGB"))
         assert np.array_equal(saved, np.asarray(source.load_image(i)))
