@@ -296,9 +296,8 @@ class ConcatSource(FileSource):
             if list(s.class_names) != self.class_names:
                 raise DataError(f"{getattr(s, 'root', s)}: class list {s.class_names} differs "
                                 f"from {self.class_names}")
-        self.ids = [i for s in sources for i in s.ids]
-        self.image_paths = [p for s in sources for p in s.image_paths]
-        self._annotations = [a for s in sources for a in s._annotations]
+        for key in ("ids", "image_paths", "_annotations"):
+            setattr(self, key, [x for s in sources for x in getattr(s, key)])
 
 
 class ShapesDetection:
@@ -435,16 +434,15 @@ def _voc_folder_split(root, train):
 
 def _voc_years(data_root, split, train):
     """[(year folder, split)] of the VOCdevkit years build_source takes, or DataError."""
-    looked = []
+    dirs = (Path(data_root) / "VOCdevkit", Path(data_root))
     wanted = [("VOC2007", "trainval"), ("VOC2012", "trainval")] if train else [
         ("VOC2007", "test"), ("VOC2012", "val")]
-    for year_dir in (Path(data_root) / "VOCdevkit", Path(data_root)):
+    for year_dir in dirs:
         found = [(year_dir / y, split or s) for y, s in wanted if (year_dir / y).is_dir()]
         if found:
             return found if train else found[:1]
-        looked += [str(year_dir / y) for y, _ in wanted]
-    raise DataError(f"{data_root}: no VOC data (looked for a VOC-layout folder there and for "
-                    f"{', '.join(looked)})")
+    looked = ", ".join(str(d / y) for d in dirs for y, _ in wanted)
+    raise DataError(f"{data_root}: no VOC data (looked for a VOC-layout folder there and {looked})")
 
 
 # Augmentation (the SSD paper, Liu et al. 2016, section 2.2): one bilinear sampling, no canvas
@@ -590,10 +588,9 @@ def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
 
 
 def _photometric_params(rng):
-    """SSD's photometric draws (the SSD paper, section 2.2; mmdetection's PhotoMetricDistortion) ->
+    """Photometric draws (the SSD paper, section 2.2; mmdetection's PhotoMetricDistortion) ->
     dict(brightness +U(-32, 32), contrast_before or (50/50) contrast_after xU(0.5, 1.5), saturation
-    xU(0.5, 1.5), hue +U(-18, 18) degrees, channels: a permutation), each with probability 0.5,
-    else its identity value (0, 1 or None)."""
+    xU(0.5, 1.5), hue +U(-18, 18) degrees, channels permuted), each with p 0.5 (else 0, 1, None)."""
     def maybe(otherwise, draw, *args):
         return draw(*args) if rng.random() < 0.5 else otherwise
     brightness, first = maybe(0.0, rng.uniform, -32, 32), bool(rng.random() < 0.5)
