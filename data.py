@@ -62,7 +62,6 @@ def _image_size(path):
 
 def _read_image(path, use):
     """use(the PIL image at `path`), the file closed after; DataError naming the file."""
-    path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: {'not a file' if os.path.exists(path) else 'file not found'}")
     if os.path.getsize(path) == 0:
@@ -155,19 +154,18 @@ class VOCDetection(FileSource):
 
 def _voc_parse(xml_path):
     """VOC XML -> dict(path, width, height (0: none), objects [(name, xyxy, difficult)], no_box)."""
-    try:
-        root = ET.parse(xml_path).getroot()
-    except ET.ParseError as e:
-        raise DataError(f"{xml_path}: malformed XML ({e})") from None
-    except OSError as e:
-        raise DataError(f"{xml_path}: cannot read ({e.strerror})") from None
     def number(node, tag, what):
         text = node.findtext(tag)
         try:
             return float(text)
         except (TypeError, ValueError):
             raise DataError(f"{xml_path}: {what}: <{tag}> is {text!r}, not a number") from None
-
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as e:
+        raise DataError(f"{xml_path}: malformed XML ({e})") from None
+    except OSError as e:
+        raise DataError(f"{xml_path}: cannot read ({e.strerror})") from None
     size = root.find("size")
     sized = size is not None and size.findtext("width") and size.findtext("height")
     width, height = (int(number(size, t, "size")) if sized else 0 for t in ("width", "height"))
@@ -290,7 +288,6 @@ class ConcatSource(FileSource):
     """File sources with the same class list, one after the other (VOC07+12 trainval)."""
 
     def __init__(self, sources):
-        sources = list(sources)
         self.class_names = list(sources[0].class_names)
         for s in sources[1:]:
             if list(s.class_names) != self.class_names:
@@ -416,10 +413,9 @@ def coco_split(root, split=None, train=True):
     """The COCO split build_source reads: `split`, else train2017 / val2017, else the only
     annotations/instances_*.json there (tiny_coco has only train2017)."""
     chosen = split or ("train2017" if train else "val2017")
-    if split is None and not (Path(root) / "annotations" / f"instances_{chosen}.json").is_file():
-        present = sorted((Path(root) / "annotations").glob("instances_*.json"))
-        if len(present) == 1:
-            chosen = present[0].name[len("instances_"):-len(".json")]
+    present = [p.stem.split("_", 1)[1] for p in Path(root, "annotations").glob("instances_*.json")]
+    if split is None and chosen not in present and len(present) == 1:
+        chosen = present[0]
     return chosen
 
 
@@ -459,9 +455,8 @@ class TrainTransform:
         self.on_device, self._seed, self._rng = on_device, None, None
 
     def __call__(self, image, boxes, labels):
-        if torch.initial_seed() != self._seed:  # a new worker or epoch: its own stream
-            self._seed = torch.initial_seed()
-            self._rng = np.random.default_rng(self._seed)
+        if (seed := torch.initial_seed()) != self._seed:  # a new worker or epoch: its own stream
+            self._seed, self._rng = seed, np.random.default_rng(seed)
         rng, img = self._rng, np.asarray(image)  # [H, W, 3] uint8
         h, w = img.shape[:2]
         boxes, labels = _as_arrays(boxes, labels)
@@ -616,8 +611,7 @@ def _colour(x, brightness, contrast_before, saturation, hue, contrast_after):
     if tensor or hue != 0:  # rotate the HSV hue (each pixel's max and min channel kept)
         r, g, b = x[..., 0:1, :, :], x[..., 1:2, :, :], x[..., 2:3, :, :]  # [..., 1, H, W]
         mx, mn = xp.maximum(xp.maximum(r, g), b), xp.minimum(xp.minimum(r, g), b)
-        chroma = mx - mn
-        is_r = mx == r
+        chroma, is_r = mx - mn, mx == r
         is_g = (mx == g) & ~is_r
         is_b = ~(is_r | is_g)
         # hue in sextants [-1, 5) times chroma: g-b when r is the max, b-r+2c when g, r-g+4c when b
