@@ -3,9 +3,8 @@
 len(src), class_names (label i -> class_names[i-1]), image_id(i), load_image(i) -> PIL RGB,
 annotation(i) -> dict(boxes float32 [n, 4] xyxy in continuous pixels (pixel (i, j) covers
 [i, i+1) x [j, j+1)), clipped to the image, none without area; labels int64 [n] in 1..C; difficult
-bool [n]; width; height). A transform: (PIL image, pixel boxes, labels) -> (float [3, S, S] RGB
-0-255 minus the mean, boxes float32 [n, 4] xyxy in [0, 1], labels int64 [n]). Bad input raises
-DataError "<file>: <reason>"; a recoverable one (clipped box, unknown class) warns once per file."""
+bool [n]; width; height). Bad input raises DataError; a recoverable one (clipped box, unknown
+class) is a warning per file. `python data.py FOLDER` writes shapes images (see --help)."""
 import colorsys
 import glob
 import json
@@ -410,8 +409,7 @@ def build_source(name, data_root=None, split=None, train=True, images=True):
 
 
 def coco_split(root, split=None, train=True):
-    """The COCO split build_source reads: `split`, else train2017 / val2017, else the only
-    annotations/instances_*.json there (tiny_coco has only train2017)."""
+    """`split`, else train2017 / val2017, else the only annotations/instances_*.json's split."""
     chosen = split or ("train2017" if train else "val2017")
     present = [p.stem.split("_", 1)[1] for p in Path(root, "annotations").glob("instances_*.json")]
     if split is None and chosen not in present and len(present) == 1:
@@ -521,8 +519,7 @@ class TestTransform:
 
 
 def photometric_distort(img, p):
-    """Apply _photometric_params `p` to planar float32 RGB [3, H, W] (0-255), clipped to [0, 255]
-    (mmdetection does not clip)."""
+    """`p` (_photometric_params) on float32 RGB [3, H, W] (0-255), clipped (unlike mmdetection)."""
     out, args = np.empty_like(img), [np.float32(p[k]) for k in _PARAMS[2:7]]
     order = [0, 1, 2] if p["channels"] is None else p["channels"]
     rows = max(1, 32768 // max(img.shape[2], 1))  # blocks that keep temporaries in cache: 3x faster
@@ -551,13 +548,12 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     p = patches[:, :, None]  # [T, 4, 1]
     inside = (cx > p[:, 0]) & (cx < p[:, 2]) & (cy > p[:, 1]) & (cy < p[:, 3])  # [T, n]
-    if n:
-        inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
-                        - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
-        area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [T]
-        area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
-        iou = inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)  # [T, n]
-        ok &= (inside & (iou >= mode)).any(1)
+    inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
+                    - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
+    area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [T]
+    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
+    iou = inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)  # [T, n]
+    ok &= (inside & (iou >= mode)).any(1) | (n == 0)  # no boxes: any patch of valid shape
     if not ok.any():
         return whole, np.ones(n, bool)
     t = int(ok.argmax())
