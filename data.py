@@ -82,8 +82,7 @@ def _read_image(path, use):
 def _clip_boxes(boxes, width, height):
     """xyxy pixel boxes [n, 4] -> (clipped to the image, float64; changed [n]; area > 0 [n])."""
     clipped = np.clip(boxes, 0, [width, height, width, height])
-    valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    return clipped, (clipped != boxes).any(1), valid
+    return clipped, (clipped != boxes).any(1), (clipped[:, 2:] > clipped[:, :2]).all(1)
 
 
 def _require_images(folder, names, present):
@@ -94,9 +93,8 @@ def _require_images(folder, names, present):
 
 
 def _warn_each(path, problems):
-    for found, message in problems:
-        if found:
-            log.warning("%s: %s", path, message)
+    for message in (message for found, message in problems if found):
+        log.warning("%s: %s", path, message)
 
 
 class FileSource:
@@ -208,8 +206,7 @@ def _voc_annotation(raw, image_path, label_of):
         (clipped, f"{clipped} box(es) outside the {width}x{height} image clipped")])
     return dict(boxes=boxes[keep].astype(np.float32),
                 labels=np.array([label_of[o[0]] for o in written], np.int64)[keep],
-                difficult=np.array([o[2] for o in written], bool)[keep],
-                width=int(width), height=int(height))
+                difficult=np.array([o[2] for o in written], bool)[keep], width=width, height=height)
 
 
 class COCODetection(FileSource):
@@ -439,10 +436,9 @@ def _voc_years(data_root, split, train):
     raise DataError(f"{data_root}: no VOC data (looked for a VOC-layout folder there and {looked})")
 
 
-# Augmentation (the SSD paper, Liu et al. 2016, section 2.2): one bilinear sampling, no canvas
 class TrainTransform:
-    """SSD training augmentation (the SSD paper, sections 2.2 and 3.6; mmdetection's and
-    amdegroot/ssd.pytorch's order): photometric, expand, min-IoU crop, flip 0.5, warp to S x S,
+    """Training augmentation (the SSD paper, Liu et al. 2016, sections 2.2 and 3.6; mmdetection's
+    and amdegroot/ssd.pytorch's order): photometric, expand, min-IoU crop, flip 0.5, warp to S x S,
     minus mean. __call__(PIL RGB image, boxes px [n, 4] xyxy, labels [n]) -> (float [3, S, S],
     on_device (uint8 pixels [H, W, 3], float64 _PARAMS [10 + 2S]) for augment_batch; boxes float32
     [n', 4] in [0, 1]; labels int64 [n']). Boxes: clipped to the image, none without area, kept if
@@ -506,8 +502,7 @@ def augment_batch(pixels, params, mean):
 
 
 class TestTransform:
-    """Evaluation: ssd.preprocess (what detect() feeds the model) to size x size minus the mean;
-    boxes divided by (width, height). __call__ as TrainTransform's."""
+    """ssd.preprocess (as in detect()), boxes / (width, height); __call__ as TrainTransform's."""
 
     def __init__(self, size=300, mean=MEAN):
         self.size, self.mean = int(size), tuple(float(m) for m in mean)
@@ -564,8 +559,7 @@ def warp(img, canvas_offset, patch, flip, size, mean, colour=None):
     """RGB pixels [H, W, 3] (0-255), `colour` applied, at canvas_offset (left, top) on a `mean`-
     filled canvas: its integer patch (x0, y0, x1, y1), mirrored when `flip`, resized to size x size
     as F.interpolate(bilinear, align_corners=False), minus the mean -> float [3, S, S]."""
-    h, w = img.shape[:2]
-    xs, ys = _sample_positions(canvas_offset, patch, flip, size)
+    (h, w), (xs, ys) = img.shape[:2], _sample_positions(canvas_offset, patch, flip, size)
     # the rows / columns bilinear sampling can touch (floor and floor + 1)
     c0, c1 = max(int(math.floor(xs.min())), 0), min(int(math.floor(xs.max())) + 2, w)
     r0, r1 = max(int(math.floor(ys.min())), 0), min(int(math.floor(ys.max())) + 2, h)
@@ -753,12 +747,11 @@ def _text_colour(background):
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="Write images of the synthetic shapes set.")
-    parser.add_argument("folder", help="where to write shapes_<split>_NNN.png")
-    parser.add_argument("--split", choices=sorted(ShapesDetection.SPLITS), default="val",
-                        help="which split (default val)")
-    parser.add_argument("--num", type=int, default=8, help="how many images (default 8)")
-    args = parser.parse_args()
+    p = argparse.ArgumentParser(description="Write images of the synthetic shapes set.")
+    p.add_argument("folder", help="where to write shapes_<split>_NNN.png")
+    p.add_argument("--split", choices=["train", "val"], default="val", help="(default val)")
+    p.add_argument("--num", type=int, default=8, help="how many images (default 8)")
+    args = p.parse_args()
     os.makedirs(args.folder, exist_ok=True)
     source = ShapesDetection(args.split)
     indices = range(min(args.num, len(source)))
