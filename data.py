@@ -93,8 +93,9 @@ def _require_images(folder, names, present):
 
 
 def _warn_each(path, problems):
-    for message in (message for found, message in problems if found):
-        log.warning("%s: %s", path, message)
+    for found, message in problems:
+        if found:
+            log.warning("%s: %s", path, message)
 
 
 class FileSource:
@@ -409,9 +410,7 @@ def coco_split(root, split=None, train=True):
     """`split`, else train2017 / val2017, else the only annotations/instances_*.json's split."""
     chosen = split or ("train2017" if train else "val2017")
     present = [p.stem.split("_", 1)[1] for p in Path(root, "annotations").glob("instances_*.json")]
-    if split is None and chosen not in present and len(present) == 1:
-        chosen = present[0]
-    return chosen
+    return present[0] if split is None and chosen not in present and len(present) == 1 else chosen
 
 
 def _voc_folder_split(root, train):
@@ -543,12 +542,13 @@ def min_iou_crop(boxes, width, height, rng, trials=50):
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     p = patches[:, :, None]  # [T, 4, 1]
     inside = (cx > p[:, 0]) & (cx < p[:, 2]) & (cy > p[:, 1]) & (cy < p[:, 3])  # [T, n]
-    inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
-                    - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
-    area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [T]
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
-    iou = inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)  # [T, n]
-    ok &= (inside & (iou >= mode)).any(1) | (n == 0)  # no boxes: any patch of valid shape
+    if n:
+        inter = np.clip(np.minimum(patches[:, None, 2:], boxes[None, :, 2:])
+                        - np.maximum(patches[:, None, :2], boxes[None, :, :2]), 0, None).prod(2)
+        area_p = (patches[:, 2] - patches[:, 0]) * (patches[:, 3] - patches[:, 1])  # [T]
+        area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
+        iou = inter / np.maximum(area_p[:, None] + area_b[None] - inter, 1e-12)  # [T, n]
+        ok &= (inside & (iou >= mode)).any(1)
     if not ok.any():
         return whole, np.ones(n, bool)
     t = int(ok.argmax())
