@@ -3,12 +3,10 @@
 The contract, on every engine and device (that of torchvision.ops.box_iou / nms / batched_nms):
 - Boxes are [N, 4] (x1, y1, x2, y2); x2 <= x1 or y2 <= y1: zero area, IoU 0 with everything. A box
   with a NaN or infinite coordinate counts as empty: it never suppresses and is never suppressed.
-- IoU is float32, that of the boxes' float32 copy whatever their dtype, rounded as torchvision's
-  kernels: inter / ((area_a + area_b) - inter).
-- Hard NMS: down the scores, a box is kept unless a kept box has IoU > iou_threshold with it (the
-  float32 IoU against the exact threshold). Kept indices by decreasing score, equal scores lower
-  index first; scores are ordered in their own dtype (float64 scores that float32 would tie stay
-  apart) and a NaN score ranks above every other, as torch.sort does.
+- IoU: float32 (boxes cast to float32), rounded as torchvision: inter / ((area_a + area_b) - inter).
+- Hard NMS: down the scores, a box is kept unless a kept box has float32 IoU > iou_threshold (the
+  exact value) with it. Kept indices by decreasing score in the scores' own dtype (float64 scores
+  equal in float32 stay apart; NaN first, as torch.sort), equal scores lower index first.
 - labels [N] int (any values): boxes only suppress boxes of their own label; None = one class.
 - Soft-NMS (Bodla et al. 2017) decays scores in float32; a NaN score is dropped.
 - Empty input gives empty output. ValueError: a wrong shape, iou_threshold < 0, an unknown method
@@ -29,10 +27,7 @@ except Exception:  # no Triton (macOS, Windows) or a broken install: the torch c
     triton = None
 
 _CHUNK = 64  # boxes resolved per step of the torch NMS; tuned with bench.py on CPU
-_SMALL_GROUP = 1024  # labels up to this many boxes take _sweep_rows, bigger ones _greedy_nms
 _SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels in _sweep_rows; tuned on CPU
-_BAND = 128  # labels of at most this many + 1 boxes take _greedy_nms_band
-_ROWS_GPU, _ROWS_INTERPRETED = 64, 512  # mask-kernel rows per program (the interpreter likes big)
 
 
 def box_iou(a, b):
@@ -65,8 +60,7 @@ def batched_nms(boxes, scores, labels, iou_threshold):
 def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
     """Class-aware greedy NMS of rows (images) in priority order: boxes [B, n, 4], labels [B, n]
     int, valid [B, n] bool (invalid: never kept, suppress nothing) -> keep [B, n] bool: per row the
-    first max_kept entries batched_nms would keep, maybe more up to the end of the _CHUNK-column
-    chunk where the row filled up (it stops there: an untrained SSD has ~36,000 candidates)."""
+    first max_kept that batched_nms keeps, maybe more to the end of the _CHUNK where it fills."""
     if labels.shape[1] == 0 or max_kept <= 0:
         return torch.zeros_like(valid)
     c5 = _coords(boxes.reshape(-1, 4)).view(5, *labels.shape)  # [5, B, n]
@@ -103,7 +97,6 @@ def _check(boxes, scores=None, labels=None):
 
 
 def _use_triton(t):
-    """SSD_KERNELS if set, else Triton for CUDA tensors (when it imports)."""
     mode = os.environ.get("SSD_KERNELS", "")
     if mode not in ("", "torch", "triton"):
         raise ValueError(f"SSD_KERNELS={mode!r}: expected 'torch' or 'triton'")
@@ -177,11 +170,11 @@ def _nms_torch(boxes, scores, labels, thr):
         return _greedy_nms(c5, order, thr)
     order, _, start, counts = _segments(order, labels)
     width = max(int(counts.max()) - 1, 1)  # the most boxes one can be suppressed by
-    if width <= _BAND and pad * width <= _SMALL_BLOCK // 8:
+    if width <= 128 and pad * width <= _SMALL_BLOCK // 8:  # labels of <= 129 boxes: the band
         kept = _greedy_nms_band(c5, order, labels[order], width, thr)
-    else:
+    else:  # labels of <= 1024 boxes: _sweep_rows; a few big labels: one by one
         kept = torch.cat([rows[_sweep_rows(c5[:, rows], rows != pad, thr)]
-                          if rows.shape[1] <= _SMALL_GROUP  # else a few big labels, one by one
+                          if rows.shape[1] <= 1024
                           else torch.cat([_greedy_nms(c5, r[r != pad], thr) for r in rows])
                           for rows in _label_rows(order, start, counts, pad)])
     kept = kept.sort().values
@@ -196,8 +189,7 @@ def _label_rows(order, start, counts, pad):
     for k in size_class.unique().tolist():
         members = size_class == k  # [S]
         pick = members[slot]  # [N] boxes in this size class
-        rows = torch.full((int(members.sum()), int(counts[members].max())), pad,
-                          dtype=torch.long, device=order.device)  # [G, n]
+        rows = order.new_full((int(members.sum()), int(counts[members].max())), pad)  # [G, n]
         rows[(members.long().cumsum(0) - 1)[slot[pick]], rank[pick]] = order[pick]
         yield rows
 
@@ -231,16 +223,15 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
     """Greedy NMS along each row of rc [5, G, n] -> keep [G, n] bool (as nms_rows): _CHUNK columns
     at a time, checked against the row's kept boxes (front-packed buffer), then among themselves."""
     g_all, n = valid.shape
-    keep = torch.zeros(g_all, n, dtype=torch.bool, device=valid.device)
+    keep = torch.zeros_like(valid)
     cap = n if max_kept is None else min(n, max_kept + _CHUNK)  # buffer slots a row can need
     block = max(1, _SMALL_BLOCK // max(n * cap, 1))  # rows per block: [g, c, cap] stays in cache
     for g0 in range(0, g_all, block):
         bc, v = rc[:, g0:g0 + block], valid[g0:g0 + block]  # [5, g, n], [g, n]
         lab = None if labels is None else labels[g0:g0 + block]  # [g, n]
-        g = v.shape[0]
-        buf = bc.new_zeros(5, g, cap)  # [5, g, cap] kept boxes of each row, front-packed
-        buf_label = None if lab is None else lab.new_zeros(g, cap)  # [g, cap]
-        count = kept_count = torch.zeros(g, dtype=torch.long, device=v.device)  # [g] buffer, kept
+        buf = torch.zeros_like(bc[:, :, :cap])  # [5, g, cap] kept boxes of each row, front-packed
+        buf_label = None if lab is None else torch.zeros_like(lab[:, :cap])  # [g, cap]
+        count = kept_count = torch.zeros_like(v[:, 0], dtype=torch.long)  # [g] buffer, kept
         for c0 in range(0, n, _CHUNK):
             cols = slice(c0, c0 + _CHUNK)
             may_keep, cc = v[:, cols], bc[:, :, cols]  # [g, c], [5, g, c]
@@ -258,7 +249,7 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
                 if lab is not None:
                     hit *= lab[:, cols].unsqueeze(2) == buf_label[:, :width].unsqueeze(1)
                 may_keep = may_keep & ~(hit.amax(2) > thr)  # no kept box of an earlier chunk hits
-            k = keep[g0:g0 + g, cols] = _resolve(near, thr, may_keep)  # [g, c]
+            k = keep[g0:g0 + block, cols] = _resolve(near, thr, may_keep)  # [g, c]
             if c0 + _CHUNK < n:
                 kept_count = kept_count + k.sum(1)
                 add = k & (cc[4] > 0)  # [g, c] kept boxes that can suppress
@@ -279,8 +270,7 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
     order, _, start, counts = _segments(_score_order(scores[:pad]), labels)
     new = torch.full_like(scores, math.nan)  # [N + 1] new scores of the picked boxes
     for rows in _label_rows(order, start, counts, pad):  # [G, n]
-        rc = c5[:, rows]  # [5, G, n]
-        cur = scores[rows]  # [G, n] current scores
+        rc, cur = c5[:, rows], scores[rows]  # [5, G, n], [G, n] current scores
         alive = (rows != pad) & (cur >= score_threshold)  # [G, n]
         for step in range(rows.shape[1]):
             if step % 16 == 0 and not alive.any():  # a host sync, so only now and then
@@ -290,10 +280,8 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
             new[idx] = torch.where(alive.gather(1, best), cur.gather(1, best), new[idx, None])[:, 0]
             alive.scatter_(1, best, False)
             iou = _iou(rc.gather(2, best.expand(5, -1, -1)), rc).squeeze(1).nan_to_num_(0.0)
-            if linear:  # [G, n]
-                cur = torch.where(iou > thr, cur * (1.0 - iou), cur)
-            else:
-                cur = cur * torch.exp(-(iou * iou) / sigma)
+            cur = (torch.where(iou > thr, cur * (1.0 - iou), cur) if linear  # [G, n]
+                   else cur * torch.exp(-(iou * iou) / sigma))
             alive &= cur >= score_threshold
     keep = new[:pad].isnan().logical_not_().nonzero().squeeze(1)  # [K]
     return keep, new[keep]
@@ -301,20 +289,17 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
 
 # ----------------------------------------------------------------------------- Triton engine
 def _box_iou_triton(a, b):
-    out = a.new_empty(a.shape[0], b.shape[0])  # [N, M]
-    block = 64 if a.is_cuda else 256
-    grid = (triton.cdiv(a.shape[0], block), triton.cdiv(b.shape[0], block))
-    _iou_kernel[grid](a, b, out, a.shape[0], b.shape[0], BLOCK_N=block, BLOCK_M=block,
-                      enable_fp_fusion=False)
+    out, block = a.new_empty(len(a), len(b)), 64 if a.is_cuda else 256  # [N, M]
+    _iou_kernel[(triton.cdiv(len(a), block), triton.cdiv(len(b), block))](
+        a, b, out, len(a), len(b), BLOCK=block, enable_fp_fusion=False)
     return out
 
 
 def _nms_triton(boxes, scores, labels, thr):
     """batched_nms: a bitmask kernel (bit j of row i: i would suppress j), then a greedy sweep, a
     program per label; very uneven label sizes make one segment whose kernel compares labels."""
-    device, n = boxes.device, boxes.shape[0]
+    n, rows_per_prog = boxes.shape[0], 64 if boxes.is_cuda else 512  # the interpreter likes big
     score_order = _score_order(scores)  # [N]
-    rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
     order, perm, start, counts = _segments(score_order, labels)
     segmented = labels is not None
     if segmented:
@@ -328,12 +313,10 @@ def _nms_triton(boxes, scores, labels, thr):
     if segmented:
         meta = torch.stack([start, counts, sizes.cumsum(0) - sizes, words.cumsum(0) - words])
     else:  # one segment: everything is known on the host
-        nmax, meta, total_words = n, boxes, triton.cdiv(n, 64)
-        total_size = n * total_words
-    mask = torch.empty(total_size, dtype=torch.long, device=device)
-    scratch = torch.zeros(total_words * 8 + n, dtype=torch.uint8, device=device)  # one memset
-    removed = scratch[: total_words * 8].view(torch.long)  # [W] suppressed boxes, 64 a word
-    flags = scratch[total_words * 8:]  # [N] kept, in score order
+        nmax, meta, total_words, total_size = n, boxes, triton.cdiv(n, 64), n * triton.cdiv(n, 64)
+    mask = boxes.new_empty(total_size, dtype=torch.long)
+    scratch = boxes.new_zeros(total_words * 8 + n, dtype=torch.uint8)  # one memset
+    removed, flags = scratch.split([total_words * 8, n])  # [8 W] suppressed, 64 a word; [N] kept
     compare = labels is not None and not segmented
     sorted_labels = labels[order].contiguous() if compare else boxes  # unread without `compare`
     segments = meta.shape[1] if segmented else 1
@@ -342,7 +325,7 @@ def _nms_triton(boxes, scores, labels, thr):
                            COMPARE_LABELS=compare, SEGMENTED=segmented, ROWS=rows_per_prog,
                            enable_fp_fusion=False)
     # CHUNK: later words updated per sweep step (a word per thread of 4 warps; 32 took 5x the steps)
-    _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed,
+    _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed.view(torch.long),
                                    flags if perm is None else perm, flags, SEGMENTED=segmented,
                                    PERMUTED=perm is not None, CHUNK=128 if boxes.is_cuda else 512)
     return score_order[flags.view(torch.bool)]
@@ -394,12 +377,12 @@ if triton is not None:
         return tl.where(union > 0, tl.math.div_rn(inter, tl.where(union > 0, union, 1.0)), 0.0)
 
     @triton.jit
-    def _iou_kernel(a_ptr, b_ptr, out_ptr, n, m, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        iou = _iou_tile(a_ptr, b_ptr, rows, cols, n, m)  # [BLOCK_N, BLOCK_M]
-        inside = (rows < n)[:, None] & (cols < m)[None, :]
-        tl.store(out_ptr + rows[:, None] * m + cols[None, :], iou, mask=inside)
+    def _iou_kernel(a_ptr, b_ptr, out_ptr, n, m, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        iou = _iou_tile(a_ptr, b_ptr, rows, cols, n, m)  # [BLOCK, BLOCK]
+        tl.store(out_ptr + rows[:, None] * m + cols[None, :], iou,
+                 mask=(rows < n)[:, None] & (cols < m)[None, :])
 
     @triton.jit
     def _segment(meta_ptr, seg, segments, n, SEGMENTED: tl.constexpr):
