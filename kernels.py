@@ -32,9 +32,7 @@ _SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels in _sweep_ro
 
 def box_iou(a, b):
     """Pairwise IoU of a [N, 4] and b [M, 4] -> [N, M] float32: entry (i, j) is IoU(a[i], b[j])."""
-    _check(a)
-    _check(b)
-    a, b = a.float().contiguous(), b.float().contiguous()
+    a, b = _check(a), _check(b)
     if a.shape[0] == 0 or b.shape[0] == 0:
         return a.new_zeros(a.shape[0], b.shape[0])
     if _use_triton(a):
@@ -50,10 +48,10 @@ def nms(boxes, scores, iou_threshold):
 def batched_nms(boxes, scores, labels, iou_threshold):
     """Class-aware greedy NMS (torchvision.ops.batched_nms): boxes [N, 4], scores [N], labels [N]
     or None -> int64 indices of the kept boxes over all labels, by decreasing score."""
-    _check(boxes, scores, labels)
+    boxes = _check(boxes, scores, labels)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    boxes, thr = boxes.float().contiguous(), _f32_threshold(iou_threshold)
+    thr = _f32_threshold(iou_threshold)
     return (_nms_triton if _use_triton(boxes) else _nms_torch)(boxes, scores, labels, thr)
 
 
@@ -63,7 +61,7 @@ def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
     first max_kept that batched_nms keeps, maybe more to the end of the _CHUNK where it fills."""
     if labels.shape[1] == 0 or max_kept <= 0:
         return torch.zeros_like(valid)
-    c5 = _coords(boxes.reshape(-1, 4)).view(5, *labels.shape)  # [5, B, n]
+    c5 = _coords(boxes.reshape(-1, 4).float()).view(5, *labels.shape)  # [5, B, n]
     return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
 
 
@@ -73,13 +71,13 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
     score, then lower index), multiply its label's other boxes by exp(-IoU^2 / sigma) ("gaussian")
     or (1 - IoU) where IoU > iou_threshold ("linear"), drop those below score_threshold; repeat.
     -> (keep int64 [K], new_scores [K], scores' dtype) by decreasing new score, ties lower index."""
-    _check(boxes, scores, labels)
+    boxes = _check(boxes, scores, labels)
     if method not in ("gaussian", "linear"):
         raise ValueError(f"soft_nms method must be 'gaussian' or 'linear', got {method!r}")
     out_dtype = scores.dtype if scores.is_floating_point() else torch.float32
     if boxes.shape[0] == 0:
         return scores.new_zeros(0, dtype=torch.long), scores.new_zeros(0, dtype=out_dtype)
-    thr, boxes, scores = _f32_threshold(iou_threshold), boxes.float().contiguous(), scores.float()
+    thr, scores = _f32_threshold(iou_threshold), scores.float()
     run = _soft_nms_triton if _use_triton(boxes) else _soft_nms_torch
     keep, new_scores = run(boxes, scores, labels, sigma, score_threshold, method == "linear", thr)
     order = keep.sort().indices  # unique indices: any sort is stable here
@@ -89,24 +87,24 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
 
 # ----------------------------------------------------------------------------- checks and dispatch
 def _check(boxes, scores=None, labels=None):
+    """Shapes checked (else ValueError) -> boxes as float32, contiguous."""
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
     for name, t in (("scores", scores), ("labels", labels)):
         if t is not None and tuple(t.shape) != (boxes.shape[0],):
             raise ValueError(f"{name} must be [{len(boxes)}] to match boxes, got {tuple(t.shape)}")
+    return boxes.float().contiguous()
 
 
 def _use_triton(t):
-    mode = os.environ.get("SSD_KERNELS", "")
-    if mode not in ("", "torch", "triton"):
+    mode = os.environ.get("SSD_KERNELS") or ("triton" if t.is_cuda and triton else "torch")
+    if mode not in ("torch", "triton"):
         raise ValueError(f"SSD_KERNELS={mode!r}: expected 'torch' or 'triton'")
-    if mode == "torch" or (mode == "" and (not t.is_cuda or triton is None)):
-        return False
-    if triton is None:
+    if mode == "triton" and triton is None:
         raise RuntimeError("SSD_KERNELS=triton but Triton cannot be imported")
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("SSD_KERNELS=triton on CPU needs TRITON_INTERPRET=1 set before import")
-    return True
+    return mode == "triton"
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,7 +133,6 @@ def _segments(order, labels):
 # ----------------------------------------------------------------------------- torch engine
 def _coords(b):
     """[N, 4] xyxy -> [5, N] float32 rows x1, y1, x2, y2, area; a non-finite box becomes 0,0,0,0."""
-    b = b.float()
     if b.is_cuda or not math.isfinite(b.sum().item()):  # finite sum: all finite (1 us on CPU)
         b = torch.where(torch.isfinite(b).all(1, keepdim=True), b, 0.0)
     area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
@@ -165,10 +162,9 @@ def _nms_torch(boxes, scores, labels, thr):
     """batched_nms on CPU: _greedy_nms, _greedy_nms_band or _sweep_rows, by shape (bench.py)."""
     pad = boxes.shape[0]
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
-    order = _score_order(scores)  # [N]
     if labels is None:
-        return _greedy_nms(c5, order, thr)
-    order, _, start, counts = _segments(order, labels)
+        return _greedy_nms(c5, _score_order(scores), thr)
+    order, _, start, counts = _segments(_score_order(scores), labels)  # [N] by label, score
     width = max(int(counts.max()) - 1, 1)  # the most boxes one can be suppressed by
     if width <= 128 and pad * width <= _SMALL_BLOCK // 8:  # labels of <= 129 boxes: the band
         kept = _greedy_nms_band(c5, order, labels[order], width, thr)
@@ -208,14 +204,13 @@ def _greedy_nms(c5, order, thr):
 
 def _greedy_nms_band(c5, order, sorted_labels, width, thr):
     """NMS of order [N] (by label, score), labels of <= width + 1 boxes: IoUs in a band [N, W]."""
-    n = len(order)
 
     def windows(x, pad):  # [..., N] -> [..., N, W]: entry (j, d) is x at position j - W + d
         x = torch.cat([x.new_full(x.shape[:-1] + (width,), pad), x], -1)
-        return x.unfold(-1, width, 1)[..., :n, :]
+        return x.unfold(-1, width, 1)[..., :-1, :]
     c = c5[:, order]  # [5, N]
     same = windows(sorted_labels, 0) == sorted_labels.unsqueeze(1)  # [N, W]; padding is empty
-    near = _iou(c.unsqueeze(2), windows(c, 0.0)).view(n, width) * same  # [N, W]
+    near = _iou(c.unsqueeze(2), windows(c, 0.0)).squeeze(1) * same  # [N, W]
     return order[_resolve(near, thr, spread=lambda keep: windows(keep, False))]
 
 
