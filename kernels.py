@@ -33,9 +33,7 @@ _SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels in _sweep_ro
 def box_iou(a, b):
     """Pairwise IoU of a [N, 4] and b [M, 4] -> [N, M] float32: entry (i, j) is IoU(a[i], b[j])."""
     a, b = _check(a), _check(b)
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        return a.new_zeros(a.shape[0], b.shape[0])
-    if _use_triton(a):
+    if _use_triton(a):  # an empty grid launches nothing
         return _box_iou_triton(a, b)
     return _iou(_coords(a), _coords(b)).nan_to_num_(0.0)  # 0/0 only where both are empty
 
@@ -59,8 +57,6 @@ def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
     """Class-aware greedy NMS of rows (images) in priority order: boxes [B, n, 4], labels [B, n]
     int, valid [B, n] bool (invalid: never kept, suppress nothing) -> keep [B, n] bool: per row the
     first max_kept that batched_nms keeps, maybe more to the end of the _CHUNK where it fills."""
-    if labels.shape[1] == 0 or max_kept <= 0:
-        return torch.zeros_like(valid)
     c5 = _coords(boxes.reshape(-1, 4).float()).view(5, *labels.shape)  # [5, B, n]
     return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
 
@@ -226,7 +222,7 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
         lab = None if labels is None else labels[g0:g0 + block]  # [g, n]
         buf = torch.zeros_like(bc[:, :, :cap])  # [5, g, cap] kept boxes of each row, front-packed
         buf_label = None if lab is None else torch.zeros_like(lab[:, :cap])  # [g, cap]
-        count = kept_count = torch.zeros_like(v[:, 0], dtype=torch.long)  # [g] buffer, kept
+        count = kept_count = v.new_zeros(len(v), dtype=torch.long)  # [g] buffer, kept
         for c0 in range(0, n, _CHUNK):
             cols = slice(c0, c0 + _CHUNK)
             may_keep, cc = v[:, cols], bc[:, :, cols]  # [g, c], [5, g, c]
@@ -399,8 +395,7 @@ if triton is not None:
         bit = tl.arange(0, 64).to(tl.int64)
         # words left of the diagonal (all columns before all rows) are never read: skipped
         if word * 64 + 63 >= tl.program_id(1) * ROWS:
-            cols = word * 64 + bit
-            box = boxes_ptr + start * 4
+            cols, box = word * 64 + bit, boxes_ptr + start * 4
             iou = _iou_tile(box, box, rows, cols, count, count)  # [ROWS, 64]
             hit = (iou > thr) & (cols[None, :] > rows[:, None])  # [ROWS, 64]
             if COMPARE_LABELS:
