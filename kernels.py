@@ -165,8 +165,7 @@ def _nms_torch(boxes, scores, labels, thr):
     if width <= 128 and pad * width <= _SMALL_BLOCK // 8:  # labels of <= 129 boxes: the band
         kept = _greedy_nms_band(c5, order, labels[order], width, thr)
     else:  # labels of <= 1024 boxes: _sweep_rows; a few big labels: one by one
-        kept = torch.cat([rows[_sweep_rows(c5[:, rows], rows != pad, thr)]
-                          if rows.shape[1] <= 1024
+        kept = torch.cat([rows[_sweep_rows(c5[:, rows], rows != pad, thr)] if rows.shape[1] <= 1024
                           else torch.cat([_greedy_nms(c5, r[r != pad], thr) for r in rows])
                           for rows in _label_rows(order, start, counts, pad)])
     kept = kept.sort().values
@@ -200,7 +199,6 @@ def _greedy_nms(c5, order, thr):
 
 def _greedy_nms_band(c5, order, sorted_labels, width, thr):
     """NMS of order [N] (by label, score), labels of <= width + 1 boxes: IoUs in a band [N, W]."""
-
     def windows(x, pad):  # [..., N] -> [..., N, W]: entry (j, d) is x at position j - W + d
         x = torch.cat([x.new_full(x.shape[:-1] + (width,), pad), x], -1)
         return x.unfold(-1, width, 1)[..., :-1, :]
@@ -311,10 +309,9 @@ def _nms_triton(boxes, scores, labels, thr):
     compare = labels is not None and not segmented
     sorted_labels = labels[order].contiguous() if compare else boxes  # unread without `compare`
     segments = meta.shape[1] if segmented else 1
-    grid = (segments, triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))
-    _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, meta, segments, n, mask, thr,
-                           COMPARE_LABELS=compare, SEGMENTED=segmented, ROWS=rows_per_prog,
-                           enable_fp_fusion=False)
+    _nms_mask_kernel[(segments, triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))](
+        boxes[order].contiguous(), sorted_labels, meta, segments, n, mask, thr,
+        COMPARE_LABELS=compare, SEGMENTED=segmented, ROWS=rows_per_prog, enable_fp_fusion=False)
     # CHUNK: later words updated per sweep step (a word per thread of 4 warps; 32 took 5x the steps)
     _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed.view(torch.long),
                                    flags if perm is None else perm, flags, SEGMENTED=segmented,
