@@ -434,7 +434,7 @@ def _best_first(scores, score_thr, topk, box_deltas, anchors, image_sizes, nms_i
     when max_det are kept or v <= score_thr in every image, else None (the NMS on every one)."""
     b, a, c = scores.shape
     v = _last_dim_max(scores).topk(min(4 * max_det, a), dim=1).values[:, -1]  # [B]
-    cut = v.clamp(min=score_thr).view(b, 1, 1)
+    cut = v.clamp(min=score_thr).view(b, 1, 1)  # [B, 1, 1]
     img_idx, anchor_idx, cls_idx = (scores > cut).nonzero(as_tuple=True)  # [N]
     cand_scores = scores[img_idx, anchor_idx, cls_idx]  # [N] in (image, anchor, class) order
     # image by image, by decreasing score; the stable sorts keep the lower anchor, then the lower
