@@ -3,12 +3,10 @@
 The contract, on every engine and device (that of torchvision.ops.box_iou / nms / batched_nms):
 - Boxes are [N, 4] (x1, y1, x2, y2); x2 <= x1 or y2 <= y1: zero area, IoU 0 with everything. A box
   with a NaN or infinite coordinate counts as empty: it never suppresses and is never suppressed.
-- IoU is float32, that of the boxes' float32 copy whatever their dtype, rounded as torchvision's
-  kernels: inter / ((area_a + area_b) - inter).
-- Hard NMS: down the scores, a box is kept unless a kept box has IoU > iou_threshold with it (the
-  float32 IoU against the exact threshold). Kept indices by decreasing score, equal scores lower
-  index first; scores are ordered in their own dtype (float64 scores that float32 would tie stay
-  apart) and a NaN score ranks above every other, as torch.sort does.
+- IoU: float32 (boxes cast to float32), rounded as torchvision: inter / ((area_a + area_b) - inter).
+- Hard NMS: down the scores, a box is kept unless a kept box has float32 IoU > iou_threshold (the
+  exact value) with it. Kept indices by decreasing score in the scores' own dtype (float64 scores
+  equal in float32 stay apart; NaN first, as torch.sort), equal scores lower index first.
 - labels [N] int (any values): boxes only suppress boxes of their own label; None = one class.
 - Soft-NMS (Bodla et al. 2017) decays scores in float32; a NaN score is dropped.
 - Empty input gives empty output. ValueError: a wrong shape, iou_threshold < 0, an unknown method
@@ -29,20 +27,13 @@ except Exception:  # no Triton (macOS, Windows) or a broken install: the torch c
     triton = None
 
 _CHUNK = 64  # boxes resolved per step of the torch NMS; tuned with bench.py on CPU
-_SMALL_GROUP = 1024  # labels up to this many boxes take _sweep_rows, bigger ones _greedy_nms
 _SMALL_BLOCK = 8 << 20  # elements of [g, n, n] per block of labels in _sweep_rows; tuned on CPU
-_BAND = 128  # labels of at most this many + 1 boxes take _greedy_nms_band
-_ROWS_GPU, _ROWS_INTERPRETED = 64, 512  # mask-kernel rows per program (the interpreter likes big)
 
 
 def box_iou(a, b):
     """Pairwise IoU of a [N, 4] and b [M, 4] -> [N, M] float32: entry (i, j) is IoU(a[i], b[j])."""
-    _check(a)
-    _check(b)
-    a, b = a.float().contiguous(), b.float().contiguous()
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        return a.new_zeros(a.shape[0], b.shape[0])
-    if _use_triton(a):
+    a, b = _check(a), _check(b)
+    if _use_triton(a):  # an empty grid launches nothing
         return _box_iou_triton(a, b)
     return _iou(_coords(a), _coords(b)).nan_to_num_(0.0)  # 0/0 only where both are empty
 
@@ -55,21 +46,18 @@ def nms(boxes, scores, iou_threshold):
 def batched_nms(boxes, scores, labels, iou_threshold):
     """Class-aware greedy NMS (torchvision.ops.batched_nms): boxes [N, 4], scores [N], labels [N]
     or None -> int64 indices of the kept boxes over all labels, by decreasing score."""
-    _check(boxes, scores, labels)
+    boxes = _check(boxes, scores, labels)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    boxes, thr = boxes.float().contiguous(), _f32_threshold(iou_threshold)
+    thr = _f32_threshold(iou_threshold)
     return (_nms_triton if _use_triton(boxes) else _nms_torch)(boxes, scores, labels, thr)
 
 
 def nms_rows(boxes, labels, valid, iou_threshold, max_kept):
     """Class-aware greedy NMS of rows (images) in priority order: boxes [B, n, 4], labels [B, n]
     int, valid [B, n] bool (invalid: never kept, suppress nothing) -> keep [B, n] bool: per row the
-    first max_kept entries batched_nms would keep, maybe more up to the end of the _CHUNK-column
-    chunk where the row filled up (it stops there: an untrained SSD has ~36,000 candidates)."""
-    if labels.shape[1] == 0 or max_kept <= 0:
-        return torch.zeros_like(valid)
-    c5 = _coords(boxes.reshape(-1, 4)).view(5, *labels.shape)  # [5, B, n]
+    first max_kept that batched_nms keeps, maybe more to the end of the _CHUNK where it fills."""
+    c5 = _coords(boxes.reshape(-1, 4).float()).view(5, *labels.shape)  # [5, B, n]
     return _sweep_rows(c5, valid, _f32_threshold(iou_threshold), labels, max_kept)
 
 
@@ -79,13 +67,13 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
     score, then lower index), multiply its label's other boxes by exp(-IoU^2 / sigma) ("gaussian")
     or (1 - IoU) where IoU > iou_threshold ("linear"), drop those below score_threshold; repeat.
     -> (keep int64 [K], new_scores [K], scores' dtype) by decreasing new score, ties lower index."""
-    _check(boxes, scores, labels)
+    boxes = _check(boxes, scores, labels)
     if method not in ("gaussian", "linear"):
         raise ValueError(f"soft_nms method must be 'gaussian' or 'linear', got {method!r}")
     out_dtype = scores.dtype if scores.is_floating_point() else torch.float32
     if boxes.shape[0] == 0:
         return scores.new_zeros(0, dtype=torch.long), scores.new_zeros(0, dtype=out_dtype)
-    thr, boxes, scores = _f32_threshold(iou_threshold), boxes.float().contiguous(), scores.float()
+    thr, scores = _f32_threshold(iou_threshold), scores.float()
     run = _soft_nms_triton if _use_triton(boxes) else _soft_nms_torch
     keep, new_scores = run(boxes, scores, labels, sigma, score_threshold, method == "linear", thr)
     order = keep.sort().indices  # unique indices: any sort is stable here
@@ -95,25 +83,24 @@ def soft_nms(boxes, scores, labels=None, sigma=0.5, score_threshold=0.001, metho
 
 # ----------------------------------------------------------------------------- checks and dispatch
 def _check(boxes, scores=None, labels=None):
+    """Shapes checked (else ValueError) -> boxes as float32, contiguous."""
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
     for name, t in (("scores", scores), ("labels", labels)):
         if t is not None and tuple(t.shape) != (boxes.shape[0],):
             raise ValueError(f"{name} must be [{len(boxes)}] to match boxes, got {tuple(t.shape)}")
+    return boxes.float().contiguous()
 
 
 def _use_triton(t):
-    """SSD_KERNELS if set, else Triton for CUDA tensors (when it imports)."""
-    mode = os.environ.get("SSD_KERNELS", "")
-    if mode not in ("", "torch", "triton"):
+    mode = os.environ.get("SSD_KERNELS") or ("triton" if t.is_cuda and triton else "torch")
+    if mode not in ("torch", "triton"):
         raise ValueError(f"SSD_KERNELS={mode!r}: expected 'torch' or 'triton'")
-    if mode == "torch" or (mode == "" and (not t.is_cuda or triton is None)):
-        return False
-    if triton is None:
+    if mode == "triton" and triton is None:
         raise RuntimeError("SSD_KERNELS=triton but Triton cannot be imported")
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("SSD_KERNELS=triton on CPU needs TRITON_INTERPRET=1 set before import")
-    return True
+    return mode == "triton"
 
 
 @functools.lru_cache(maxsize=64)
@@ -142,7 +129,6 @@ def _segments(order, labels):
 # ----------------------------------------------------------------------------- torch engine
 def _coords(b):
     """[N, 4] xyxy -> [5, N] float32 rows x1, y1, x2, y2, area; a non-finite box becomes 0,0,0,0."""
-    b = b.float()
     if b.is_cuda or not math.isfinite(b.sum().item()):  # finite sum: all finite (1 us on CPU)
         b = torch.where(torch.isfinite(b).all(1, keepdim=True), b, 0.0)
     area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
@@ -172,16 +158,14 @@ def _nms_torch(boxes, scores, labels, thr):
     """batched_nms on CPU: _greedy_nms, _greedy_nms_band or _sweep_rows, by shape (bench.py)."""
     pad = boxes.shape[0]
     c5 = _coords(torch.cat([boxes, boxes.new_zeros(1, 4)]))  # [5, N + 1], last = empty padding box
-    order = _score_order(scores)  # [N]
     if labels is None:
-        return _greedy_nms(c5, order, thr)
-    order, _, start, counts = _segments(order, labels)
+        return _greedy_nms(c5, _score_order(scores), thr)
+    order, _, start, counts = _segments(_score_order(scores), labels)  # [N] by label, score
     width = max(int(counts.max()) - 1, 1)  # the most boxes one can be suppressed by
-    if width <= _BAND and pad * width <= _SMALL_BLOCK // 8:
+    if width <= 128 and pad * width <= _SMALL_BLOCK // 8:  # labels of <= 129 boxes: the band
         kept = _greedy_nms_band(c5, order, labels[order], width, thr)
-    else:
-        kept = torch.cat([rows[_sweep_rows(c5[:, rows], rows != pad, thr)]
-                          if rows.shape[1] <= _SMALL_GROUP  # else a few big labels, one by one
+    else:  # labels of <= 1024 boxes: _sweep_rows; a few big labels: one by one
+        kept = torch.cat([rows[_sweep_rows(c5[:, rows], rows != pad, thr)] if rows.shape[1] <= 1024
                           else torch.cat([_greedy_nms(c5, r[r != pad], thr) for r in rows])
                           for rows in _label_rows(order, start, counts, pad)])
     kept = kept.sort().values
@@ -196,8 +180,7 @@ def _label_rows(order, start, counts, pad):
     for k in size_class.unique().tolist():
         members = size_class == k  # [S]
         pick = members[slot]  # [N] boxes in this size class
-        rows = torch.full((int(members.sum()), int(counts[members].max())), pad,
-                          dtype=torch.long, device=order.device)  # [G, n]
+        rows = order.new_full((int(members.sum()), int(counts[members].max())), pad)  # [G, n]
         rows[(members.long().cumsum(0) - 1)[slot[pick]], rank[pick]] = order[pick]
         yield rows
 
@@ -216,14 +199,12 @@ def _greedy_nms(c5, order, thr):
 
 def _greedy_nms_band(c5, order, sorted_labels, width, thr):
     """NMS of order [N] (by label, score), labels of <= width + 1 boxes: IoUs in a band [N, W]."""
-    n = len(order)
-
     def windows(x, pad):  # [..., N] -> [..., N, W]: entry (j, d) is x at position j - W + d
         x = torch.cat([x.new_full(x.shape[:-1] + (width,), pad), x], -1)
-        return x.unfold(-1, width, 1)[..., :n, :]
+        return x.unfold(-1, width, 1)[..., :-1, :]
     c = c5[:, order]  # [5, N]
     same = windows(sorted_labels, 0) == sorted_labels.unsqueeze(1)  # [N, W]; padding is empty
-    near = _iou(c.unsqueeze(2), windows(c, 0.0)).view(n, width) * same  # [N, W]
+    near = _iou(c.unsqueeze(2), windows(c, 0.0)).squeeze(1) * same  # [N, W]
     return order[_resolve(near, thr, spread=lambda keep: windows(keep, False))]
 
 
@@ -231,16 +212,15 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
     """Greedy NMS along each row of rc [5, G, n] -> keep [G, n] bool (as nms_rows): _CHUNK columns
     at a time, checked against the row's kept boxes (front-packed buffer), then among themselves."""
     g_all, n = valid.shape
-    keep = torch.zeros(g_all, n, dtype=torch.bool, device=valid.device)
+    keep = torch.zeros_like(valid)
     cap = n if max_kept is None else min(n, max_kept + _CHUNK)  # buffer slots a row can need
     block = max(1, _SMALL_BLOCK // max(n * cap, 1))  # rows per block: [g, c, cap] stays in cache
     for g0 in range(0, g_all, block):
         bc, v = rc[:, g0:g0 + block], valid[g0:g0 + block]  # [5, g, n], [g, n]
         lab = None if labels is None else labels[g0:g0 + block]  # [g, n]
-        g = v.shape[0]
-        buf = bc.new_zeros(5, g, cap)  # [5, g, cap] kept boxes of each row, front-packed
-        buf_label = None if lab is None else lab.new_zeros(g, cap)  # [g, cap]
-        count = kept_count = torch.zeros(g, dtype=torch.long, device=v.device)  # [g] buffer, kept
+        buf = torch.zeros_like(bc[:, :, :cap])  # [5, g, cap] kept boxes of each row, front-packed
+        buf_label = None if lab is None else torch.zeros_like(lab[:, :cap])  # [g, cap]
+        count = kept_count = v.new_zeros(len(v), dtype=torch.long)  # [g] buffer, kept
         for c0 in range(0, n, _CHUNK):
             cols = slice(c0, c0 + _CHUNK)
             may_keep, cc = v[:, cols], bc[:, :, cols]  # [g, c], [5, g, c]
@@ -258,7 +238,7 @@ def _sweep_rows(rc, valid, thr, labels=None, max_kept=None):
                 if lab is not None:
                     hit *= lab[:, cols].unsqueeze(2) == buf_label[:, :width].unsqueeze(1)
                 may_keep = may_keep & ~(hit.amax(2) > thr)  # no kept box of an earlier chunk hits
-            k = keep[g0:g0 + g, cols] = _resolve(near, thr, may_keep)  # [g, c]
+            k = keep[g0:g0 + block, cols] = _resolve(near, thr, may_keep)  # [g, c]
             if c0 + _CHUNK < n:
                 kept_count = kept_count + k.sum(1)
                 add = k & (cc[4] > 0)  # [g, c] kept boxes that can suppress
@@ -279,8 +259,7 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
     order, _, start, counts = _segments(_score_order(scores[:pad]), labels)
     new = torch.full_like(scores, math.nan)  # [N + 1] new scores of the picked boxes
     for rows in _label_rows(order, start, counts, pad):  # [G, n]
-        rc = c5[:, rows]  # [5, G, n]
-        cur = scores[rows]  # [G, n] current scores
+        rc, cur = c5[:, rows], scores[rows]  # [5, G, n], [G, n] current scores
         alive = (rows != pad) & (cur >= score_threshold)  # [G, n]
         for step in range(rows.shape[1]):
             if step % 16 == 0 and not alive.any():  # a host sync, so only now and then
@@ -290,10 +269,8 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
             new[idx] = torch.where(alive.gather(1, best), cur.gather(1, best), new[idx, None])[:, 0]
             alive.scatter_(1, best, False)
             iou = _iou(rc.gather(2, best.expand(5, -1, -1)), rc).squeeze(1).nan_to_num_(0.0)
-            if linear:  # [G, n]
-                cur = torch.where(iou > thr, cur * (1.0 - iou), cur)
-            else:
-                cur = cur * torch.exp(-(iou * iou) / sigma)
+            cur = (torch.where(iou > thr, cur * (1.0 - iou), cur) if linear  # [G, n]
+                   else cur * torch.exp(-(iou * iou) / sigma))
             alive &= cur >= score_threshold
     keep = new[:pad].isnan().logical_not_().nonzero().squeeze(1)  # [K]
     return keep, new[keep]
@@ -301,20 +278,17 @@ def _soft_nms_torch(boxes, scores, labels, sigma, score_threshold, linear, thr):
 
 # ----------------------------------------------------------------------------- Triton engine
 def _box_iou_triton(a, b):
-    out = a.new_empty(a.shape[0], b.shape[0])  # [N, M]
-    block = 64 if a.is_cuda else 256
-    grid = (triton.cdiv(a.shape[0], block), triton.cdiv(b.shape[0], block))
-    _iou_kernel[grid](a, b, out, a.shape[0], b.shape[0], BLOCK_N=block, BLOCK_M=block,
-                      enable_fp_fusion=False)
+    out, block = a.new_empty(len(a), len(b)), 64 if a.is_cuda else 256  # [N, M]
+    _iou_kernel[(triton.cdiv(len(a), block), triton.cdiv(len(b), block))](
+        a, b, out, len(a), len(b), BLOCK=block, enable_fp_fusion=False)
     return out
 
 
 def _nms_triton(boxes, scores, labels, thr):
     """batched_nms: a bitmask kernel (bit j of row i: i would suppress j), then a greedy sweep, a
     program per label; very uneven label sizes make one segment whose kernel compares labels."""
-    device, n = boxes.device, boxes.shape[0]
+    n, rows_per_prog = boxes.shape[0], 64 if boxes.is_cuda else 512  # the interpreter likes big
     score_order = _score_order(scores)  # [N]
-    rows_per_prog = _ROWS_GPU if boxes.is_cuda else _ROWS_INTERPRETED
     order, perm, start, counts = _segments(score_order, labels)
     segmented = labels is not None
     if segmented:
@@ -328,21 +302,18 @@ def _nms_triton(boxes, scores, labels, thr):
     if segmented:
         meta = torch.stack([start, counts, sizes.cumsum(0) - sizes, words.cumsum(0) - words])
     else:  # one segment: everything is known on the host
-        nmax, meta, total_words = n, boxes, triton.cdiv(n, 64)
-        total_size = n * total_words
-    mask = torch.empty(total_size, dtype=torch.long, device=device)
-    scratch = torch.zeros(total_words * 8 + n, dtype=torch.uint8, device=device)  # one memset
-    removed = scratch[: total_words * 8].view(torch.long)  # [W] suppressed boxes, 64 a word
-    flags = scratch[total_words * 8:]  # [N] kept, in score order
+        nmax, meta, total_words, total_size = n, boxes, triton.cdiv(n, 64), n * triton.cdiv(n, 64)
+    mask = boxes.new_empty(total_size, dtype=torch.long)
+    scratch = boxes.new_zeros(total_words * 8 + n, dtype=torch.uint8)  # one memset
+    removed, flags = scratch.split([total_words * 8, n])  # [8 W] suppressed, 64 a word; [N] kept
     compare = labels is not None and not segmented
     sorted_labels = labels[order].contiguous() if compare else boxes  # unread without `compare`
     segments = meta.shape[1] if segmented else 1
-    grid = (segments, triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))
-    _nms_mask_kernel[grid](boxes[order].contiguous(), sorted_labels, meta, segments, n, mask, thr,
-                           COMPARE_LABELS=compare, SEGMENTED=segmented, ROWS=rows_per_prog,
-                           enable_fp_fusion=False)
+    _nms_mask_kernel[(segments, triton.cdiv(nmax, rows_per_prog), triton.cdiv(nmax, 64))](
+        boxes[order].contiguous(), sorted_labels, meta, segments, n, mask, thr,
+        COMPARE_LABELS=compare, SEGMENTED=segmented, ROWS=rows_per_prog, enable_fp_fusion=False)
     # CHUNK: later words updated per sweep step (a word per thread of 4 warps; 32 took 5x the steps)
-    _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed,
+    _nms_sweep_kernel[(segments,)](mask, meta, segments, n, removed.view(torch.long),
                                    flags if perm is None else perm, flags, SEGMENTED=segmented,
                                    PERMUTED=perm is not None, CHUNK=128 if boxes.is_cuda else 512)
     return score_order[flags.view(torch.bool)]
@@ -394,12 +365,12 @@ if triton is not None:
         return tl.where(union > 0, tl.math.div_rn(inter, tl.where(union > 0, union, 1.0)), 0.0)
 
     @triton.jit
-    def _iou_kernel(a_ptr, b_ptr, out_ptr, n, m, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        iou = _iou_tile(a_ptr, b_ptr, rows, cols, n, m)  # [BLOCK_N, BLOCK_M]
-        inside = (rows < n)[:, None] & (cols < m)[None, :]
-        tl.store(out_ptr + rows[:, None] * m + cols[None, :], iou, mask=inside)
+    def _iou_kernel(a_ptr, b_ptr, out_ptr, n, m, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        iou = _iou_tile(a_ptr, b_ptr, rows, cols, n, m)  # [BLOCK, BLOCK]
+        tl.store(out_ptr + rows[:, None] * m + cols[None, :], iou,
+                 mask=(rows < n)[:, None] & (cols < m)[None, :])
 
     @triton.jit
     def _segment(meta_ptr, seg, segments, n, SEGMENTED: tl.constexpr):
@@ -421,8 +392,7 @@ if triton is not None:
         bit = tl.arange(0, 64).to(tl.int64)
         # words left of the diagonal (all columns before all rows) are never read: skipped
         if word * 64 + 63 >= tl.program_id(1) * ROWS:
-            cols = word * 64 + bit
-            box = boxes_ptr + start * 4
+            cols, box = word * 64 + bit, boxes_ptr + start * 4
             iou = _iou_tile(box, box, rows, cols, count, count)  # [ROWS, 64]
             hit = (iou > thr) & (cols[None, :] > rows[:, None])  # [ROWS, 64]
             if COMPARE_LABELS:

@@ -311,8 +311,7 @@ def multibox_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, neg_pos_
         with torch.no_grad():
             # rank negatives by loss, positives last; stable: equal losses keep the anchor order
             neg_ce = ce.detach().masked_fill(pos, -math.inf)
-            order = neg_ce.sort(dim=1, descending=True, stable=True)[1]
-            rank = order.argsort(1)  # [B, A]
+            rank = neg_ce.sort(dim=1, descending=True, stable=True)[1].argsort(1)  # [B, A]
             hard_neg = (rank < neg_pos_ratio * num_pos) & ~pos
         n = num_pos.sum().clamp(min=1).float()
         loss_cls = ce[pos | hard_neg].sum() / n
@@ -337,8 +336,7 @@ def postprocess(cls_logits, box_deltas, anchors, image_sizes, score_thr=0.01, nm
     if topk < 1 or max_det < 1:
         raise ValueError(f"topk and max_det must be at least 1, got {topk} and {max_det}")
     args = box_deltas, anchors, image_sizes, nms_iou, max_det, nms
-    found = _postprocess_fast(cls_logits.float(), score_thr, topk, *args)
-    if found is not None:
+    if (found := _postprocess_fast(cls_logits.float(), score_thr, topk, *args)) is not None:
         return found
     scores = F.softmax(cls_logits.float(), -1)[..., 1:]  # [B, A, C]
     img_idx, anchor_idx, cls_idx = _top_k_per_class(scores, score_thr, topk)  # each [N]
@@ -353,8 +351,7 @@ def _top_k_per_class(scores, score_thr, topk):
     if passed.sum(1, dtype=torch.int32).max() <= topk:  # int32: faster than int64 here
         return passed.nonzero(as_tuple=True)
     # e.g. an untrained model's flat softmax: the best `topk` anchors of each (image, class)
-    cut = scores.transpose(1, 2).topk(min(topk, scores.shape[1]), dim=2).values[..., -1:]
-    cut = cut.transpose(1, 2)  # [B, 1, C]
+    cut = scores.topk(min(topk, scores.shape[1]), dim=1).values[:, -1:]  # [B, 1, C]
     above = scores > cut  # [B, A, C] surely in the top-k
     free = topk - above.sum(1, keepdim=True)  # [B, 1, C] places left for scores == cut
     chosen = above & passed
@@ -374,17 +371,14 @@ def _nms_and_scale(cand_scores, img_idx, anchor_idx, cls_idx, num_classes, box_d
     if nms == "soft":
         kept, kept_scores = kernels.soft_nms(cand_boxes, cand_scores, group, iou_threshold=nms_iou)
     else:
-        kept, kept_scores = kernels.batched_nms(cand_boxes, cand_scores, group, nms_iou), None
-    # kept is sorted by decreasing score; a stable sort by image keeps that order inside each image
-    img_of_kept = img_idx[kept]
-    if len(image_sizes) > 1:
-        by_img = img_of_kept.sort(stable=True).indices
-        by_img = by_img[_rank_in_group(img_of_kept[by_img], len(image_sizes)) < max_det]
-    else:  # one image (the usual call from detect.py): a plain cut, no sort
-        by_img = slice(0, max_det)
-    kept, img_of_kept = kept[by_img], img_of_kept[by_img]
-    kept_scores = cand_scores[kept] if kept_scores is None else kept_scores[by_img]
-    return _scale_to_pixels(cand_boxes[kept], kept_scores, cls_idx[kept] + 1, img_of_kept,
+        kept = kernels.batched_nms(cand_boxes, cand_scores, group, nms_iou)
+        kept_scores = cand_scores[kept]
+    by_img = slice(0, max_det)  # one image (the usual call from detect.py): a plain cut, no sort
+    if len(image_sizes) > 1:  # a stable sort by image keeps kept's score order in each
+        by_img = img_idx[kept].sort(stable=True).indices
+        by_img = by_img[_rank_in_group(img_idx[kept[by_img]], len(image_sizes)) < max_det]
+    kept, kept_scores = kept[by_img], kept_scores[by_img]
+    return _scale_to_pixels(cand_boxes[kept], kept_scores, cls_idx[kept] + 1, img_idx[kept],
                             image_sizes)
 
 
@@ -412,8 +406,7 @@ def _postprocess_fast(logits, score_thr, topk, box_deltas, anchors, image_sizes,
                       max_det, nms):
     """postprocess's answer from fewer candidates: those near score_thr (a trained model) or the
     best first (_best_first, an untrained one); None where neither shortcut applies."""
-    b, a, k1 = logits.shape  # logits [B, A, C+1] float32
-    c = k1 - 1
+    b, a, c = logits[..., 1:].shape  # logits [B, A, C+1] float32
     args = box_deltas, anchors, image_sizes, nms_iou, max_det, nms
     if score_thr > 0:
         # A probability is exp(x - max) / sum with sum >= 1, so a class passes only if its logit
@@ -430,23 +423,19 @@ def _postprocess_fast(logits, score_thr, topk, box_deltas, anchors, image_sizes,
                 # no class needs its top-k cut: every candidate goes to the NMS
                 return _nms_and_scale(probs[row, cls_idx], img_idx, anchor_idx, cls_idx, c, *args)
     if nms == "hard" and max_det < topk * c:
-        scores = F.softmax(logits, -1)[..., 1:]  # [B, A, C]
-        return _best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk,
-                           max_det)
+        return _best_first(F.softmax(logits, -1)[..., 1:], score_thr, topk, *args[:-1])
     return None
 
 
-def _best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, topk, max_det):
+def _best_first(scores, score_thr, topk, box_deltas, anchors, image_sizes, nms_iou, max_det):
     """postprocess with hard NMS when many candidates pass (up to topk * C per image) but only
     max_det are wanted: each image's candidates above a score v (at least 4 * max_det anchors have
     a class above it) go best first through kernels.nms_rows, which stops at max_det kept. Exact
     when max_det are kept or v <= score_thr in every image, else None (the NMS on every one)."""
     b, a, c = scores.shape
-    device = scores.device
-    best = _last_dim_max(scores)  # [B, A] each anchor's top class score
-    v = best.topk(min(4 * max_det, a), dim=1).values[:, -1]  # [B]
-    cut = v.clamp(min=score_thr)  # [B]
-    img_idx, anchor_idx, cls_idx = (scores > cut.view(b, 1, 1)).nonzero(as_tuple=True)  # [N]
+    v = _last_dim_max(scores).topk(min(4 * max_det, a), dim=1).values[:, -1]  # [B]
+    cut = v.clamp(min=score_thr).view(b, 1, 1)  # [B, 1, 1]
+    img_idx, anchor_idx, cls_idx = (scores > cut).nonzero(as_tuple=True)  # [N]
     cand_scores = scores[img_idx, anchor_idx, cls_idx]  # [N] in (image, anchor, class) order
     # image by image, by decreasing score; the stable sorts keep the lower anchor, then the lower
     # class, first among equal scores
@@ -460,24 +449,17 @@ def _best_first(scores, box_deltas, anchors, image_sizes, score_thr, nms_iou, to
     rank[by_group] = _rank_in_group(group[by_group], b * c)
     order = order[rank < topk]
     img_idx, anchor_idx, cls_idx = img_idx[order], anchor_idx[order], cls_idx[order]
-    # one row per image, padded
+    boxes = decode(box_deltas[img_idx, anchor_idx].float(), anchors[anchor_idx].float())
+    boxes = boxes.clamp(0.0, 1.0)  # [N, 4]
+    # one row per image, padded: at [B, n] holds the candidates' positions, -1 in the padding
     col = _rank_in_group(img_idx, b)  # [N]
-    n = int(col.max()) + 1 if len(order) else 0
-    row_boxes = scores.new_zeros(b, n, 4)  # [B, n, 4]
-    row_boxes[img_idx, col] = decode(box_deltas[img_idx, anchor_idx].float(),
-                                     anchors[anchor_idx].float()).clamp(0.0, 1.0)
-    row_labels = torch.zeros(b, n, dtype=torch.long, device=device)
-    row_labels[img_idx, col] = cls_idx
-    valid = torch.zeros(b, n, dtype=torch.bool, device=device)
-    valid[img_idx, col] = True
-    keep = kernels.nms_rows(row_boxes, row_labels, valid, nms_iou, max_det)  # [B, n]
+    at = torch.full((b, int(col.max()) + 1 if len(order) else 0), -1, device=scores.device)
+    at[img_idx, col] = torch.arange(len(order), device=scores.device)
+    keep = kernels.nms_rows(boxes[at], cls_idx[at], at >= 0, nms_iou, max_det)  # [B, n]
     if not bool(((keep.sum(1) >= max_det) | (v <= score_thr)).all()):
         return None  # some image's first candidates were too few
-    keep &= keep.cumsum(1) <= max_det
-    ri, ci = keep.nonzero(as_tuple=True)  # image by image, by decreasing score
-    row_scores = scores.new_zeros(b, n)
-    row_scores[img_idx, col] = cand_scores[order]
-    return _scale_to_pixels(row_boxes[ri, ci], row_scores[ri, ci], row_labels[ri, ci] + 1, ri,
+    i = at[keep & (keep.cumsum(1) <= max_det)]  # image by image, by decreasing score
+    return _scale_to_pixels(boxes[i], cand_scores[order[i]], cls_idx[i] + 1, img_idx[i],
                             image_sizes)
 
 

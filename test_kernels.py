@@ -432,7 +432,7 @@ target = GPUTarget("cuda", 90, 32)  # H100 / H200
 backend = make_backend(target)
 options = backend.parse_options({"enable_fp_fusion": False})
 for name, types, fixed, flags in [
-        ("_iou_kernel", "*fp32 *fp32 *fp32 i32 i32", dict(BLOCK_N=64, BLOCK_M=64), []),
+        ("_iou_kernel", "*fp32 *fp32 *fp32 i32 i32", dict(BLOCK=64), []),
         ("_nms_mask_kernel", "*fp32 *i64 *i64 i32 i32 *i64 fp32", dict(ROWS=64),
          ["COMPARE_LABELS", "SEGMENTED"]),
         ("_nms_sweep_kernel", "*i64 *i64 i32 i32 *i64 *i64 *u8", dict(CHUNK=128),
