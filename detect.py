@@ -58,7 +58,7 @@ def main(argv=None):
     except (data.UsageError, weights.CheckpointError) as e:
         print(e, file=sys.stderr)
         return 2
-    taken, results = {os.path.realpath(f) for f in files}, []
+    taken, results = {os.path.realpath(f) for f in files}, []  # taken: never overwritten
     stream = {f: _is_stream(f) for f in files}  # one look at each file
     failures += _run_images(args, model, [f for f in files if not stream[f]], taken, results)
     for path in filter(stream.get, files):
@@ -112,9 +112,8 @@ def parse_args(argv):
 
 
 def collect_inputs(paths):
-    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named on
-    stderr). A path that exists is taken literally ('a[1].jpg' is no glob), a file whatever its
-    extension; folders and globs give their media files."""
+    """PATHs -> (files in order, no repeats; how many paths gave none, each named on stderr).
+    An existing path is no glob ('a[1].jpg'); a file is taken whatever its extension."""
     files, errors = {}, 0  # real path -> path as given
     for p in paths:
         literal = os.path.exists(p)  # else a glob (a missing plain path matches nothing)
@@ -138,8 +137,7 @@ def _media_files(paths):
 
 
 def output_path(out_dir, image_path, taken, ext=".jpg"):
-    """<out_dir>/<stem><ext>, else <stem>_<n><ext>: the first real path not in taken (inputs and
-    outputs so far: nothing is overwritten), added to it."""
+    """The first of <out_dir>/<stem><ext>, <stem>_1<ext>, ... whose real path is not in taken."""
     for n in itertools.count():
         candidate = os.path.join(out_dir, Path(image_path).stem + (f"_{n}" if n else "") + ext)
         if os.path.realpath(candidate) not in taken:
@@ -187,10 +185,9 @@ def _run_stream(args, model, path, taken):
             raise data.DataError(f"{path}: a video needs PyAV (pip install av)") from None
         errors += (av.FFmpegError,)
     start = last = time.perf_counter()
-    entry = {"video": path, "width": 0, "height": 0, "fps": 0.0, "frames": []}
-    frames = entry["frames"]  # the JSON of each frame done
+    entry = {"video": path, "width": 0, "height": 0, "fps": 0.0, "frames": (frames := [])}
 
-    def drawn(reader, total, fps):  # (PIL, seconds) frames -> the images drawn; progress on stderr
+    def draw(reader, total, fps):  # (PIL, seconds) frames -> the images drawn; progress on stderr
         nonlocal last
         entry["fps"] = round(fps, 3)
         for image, t, found, _, _ in _detected(args, model, reader):
@@ -205,8 +202,7 @@ def _run_stream(args, model, path, taken):
         if not frames:
             raise ValueError("no frame")
     try:
-        writer = _gif_io if gif else _video_io
-        weights.write_atomic(target, lambda f: writer(path, f, drawn), "wb")
+        weights.write_atomic(target, lambda f: (_gif_io if gif else _video_io)(path, f, draw), "wb")
     except errors as e:
         raise data.DataError(f"{path}: failed at frame {len(frames)} ({e})") from None
     objects = sum(len(f["detections"]) for f in frames)
@@ -239,13 +235,12 @@ def _is_stream(path):
     try:
         with Image.open(path) as im:
             return getattr(im, "n_frames", 1) > 1
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return False  # the image path reports it
 
 
-def _video_io(path, file, drawn):
-    """Decode path; write to file what drawn(frames: (PIL RGB, seconds) iterator, count or 0, fps)
-    yields."""
+def _video_io(path, file, draw):
+    """Decode path, write draw(frames: (PIL RGB, seconds) iterator, count or 0, fps) to file."""
     import av  # optional: only videos need it
     with av.open(path) as source, av.open(file, "w", format="mp4") as out:
         if not source.streams.video:
@@ -258,18 +253,18 @@ def _video_io(path, file, drawn):
         enc.pix_fmt = "yuv420p" if enc.width % 2 == 0 == enc.height % 2 else "yuv444p"  # odd sizes
         frames = ((f.to_image(), float(f.time) if f.time is not None else k / rate)
                   for k, f in enumerate(source.decode(stream)))
-        for image in drawn(frames, stream.frames, float(rate)):
+        for image in draw(frames, stream.frames, float(rate)):
             out.mux(enc.encode(av.VideoFrame.from_image(image)))
         out.mux(enc.encode())  # flush the encoder
 
 
-def _gif_io(path, file, drawn):
+def _gif_io(path, file, draw):
     """As _video_io for an animated GIF (Pillow), durations and loop kept."""
     with Image.open(path) as gif:
         durations = [f.info.get("duration", 100) for f in ImageSequence.Iterator(gif)]
         frames = ((f.convert("RGB"), t / 1000) for f, t in zip(
             ImageSequence.Iterator(gif), itertools.accumulate(durations, initial=0)))
-        images = list(drawn(frames, len(durations), 1000 * len(durations) / max(1, sum(durations))))
+        images = list(draw(frames, len(durations), 1000 * len(durations) / max(1, sum(durations))))
         images[0].save(file, "GIF", save_all=True, append_images=images[1:],
                        duration=durations, loop=gif.info.get("loop", 0))
 
