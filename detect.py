@@ -51,8 +51,7 @@ def main(argv=None):
         try:
             os.makedirs(args.out, exist_ok=True)
         except OSError as e:
-            raise data.UsageError(f"{args.out}: cannot create the output folder "
-                                  f"({e.strerror or e})") from None
+            raise data.UsageError(f"--out {args.out}: cannot create ({e.strerror or e})") from None
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise data.UsageError(f"{args.json}: its folder does not exist")
     except (data.UsageError, weights.CheckpointError) as e:
@@ -130,7 +129,6 @@ def collect_inputs(paths):
 
 
 def _media_files(paths):
-    """The media files among paths and in their folders (not recursive), folders' sorted by name."""
     return [f for m in paths for f in (
         [os.path.join(m, n) for n in sorted(os.listdir(m))] if os.path.isdir(m) else [m])
         if Path(f).suffix.lower() in _MEDIA and os.path.isfile(f)]
@@ -189,9 +187,8 @@ def _run_stream(args, model, path, taken):
 
     def draw(reader, total, fps):  # (PIL, seconds) frames -> the images drawn; progress on stderr
         nonlocal last
-        entry["fps"] = round(fps, 3)
         for image, t, found, _, _ in _detected(args, model, reader):
-            entry["width"], entry["height"] = image.size
+            entry.update(width=image.width, height=image.height, fps=round(fps, 3))
             frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
             if (now := time.perf_counter()) - last >= 2.0:  # a progress line every 2 s
                 rate, last, done = len(frames) / (now - start), now, len(frames)
@@ -212,8 +209,7 @@ def _run_stream(args, model, path, taken):
 
 
 def _detected(args, model, items):
-    """(PIL image, info) items -> (image, boxes drawn; info, detections' JSON, scores, model
-    seconds per image), args.batch_size images per ssd.detect call."""
+    """(image, info) items -> (image drawn on, info, detections' JSON, scores, model s/image)."""
     names = model.config["class_names"]
     options = {k: getattr(args, k) for k in ("score_thr", "nms_iou", "topk", "max_det", "nms")}
     while batch := list(itertools.islice(items, args.batch_size)):
@@ -229,7 +225,6 @@ def _detected(args, model, items):
 
 
 def _is_stream(path):
-    """A video by its extension, or a GIF of more than one frame."""
     if Path(path).suffix.lower() != ".gif":
         return Path(path).suffix.lower() in VIDEO_EXTENSIONS
     try:

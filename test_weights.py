@@ -402,6 +402,10 @@ def test_our_checkpoint_with_a_mismatch(tmp_path):
     torch.save(model.state_dict(), path)
     with pytest.raises(CheckpointError, match=r"w.pt: a bare state_dict.*save_checkpoint"):
         weights.load_model(path)
+    torch.save({"model": [torch.zeros(1)], "config": model.config}, path)  # model: no dict
+    with pytest.raises(CheckpointError, match=r"w.pt: unrecognised format \(first keys: "
+                                              r"\['model', 'config'\]\)"):
+        weights.load_model(path)
 
 
 @pytest.mark.parametrize("fmt", ["torchvision", "amdegroot", "mmdetection", "ours"])
