@@ -3,11 +3,10 @@
     python detect.py photo.jpg holiday/ 'scans/*.png' --weights runs/voc/best.pt --json dets.json
     python detect.py clip.mp4 anim.gif --out annotated/ --json frames.json --bf16
 
-PATHs: image files, folders (not recursive) and globs (quoted: Python expands them). --weights: any
-file weights.load_model reads (ours, torchvision, amdegroot or mmdetection SSDs). Videos (.mp4,
-.mov, .avi, .mkv, .webm, ...; PyAV: pip install av) and animated GIFs are written as they go to
-<out>/<stem>.mp4 (H.264, else MPEG-4 part 2) or .gif, keeping size, frame rate or durations and
-loop; frames/s and ETA go to stderr.
+PATHs: image files, folders (not recursive), globs (quoted: Python expands them). --weights: ours,
+or a torchvision, amdegroot or mmdetection SSD. Videos (.mp4, .mov, .avi, .mkv, .webm, ...; PyAV:
+pip install av) and animated GIFs are written as they go to <out>/<stem>.mp4 (H.264, else MPEG-4
+part 2) or .gif, keeping size, frame rate or durations and loop; frames/s and ETA go to stderr.
 JSON: [{"image": path, "width": w, "height": h, "detections": [{"box": [x1, y1, x2, y2] (pixels of
 the image as displayed, EXIF applied, no +1), "score": s, "label": i, "name": str}]}]; a video or
 GIF: {"video": path, "width", "height", "fps", "frames": [{"frame": k, "time": seconds,
@@ -32,9 +31,6 @@ import weights
 
 VIDEO_EXTENSIONS = set(".mp4 .m4v .mov .avi .mkv .webm .mpg .mpeg .wmv".split())
 _MEDIA = VIDEO_EXTENSIONS | set(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
-NO_WEIGHTS = ("no weights: train a model first (python train.py --data shapes, a few minutes on a "
-              "CPU) or pass --weights FILE (ours, torchvision ssd300_vgg16, amdegroot ssd.pytorch "
-              "or mmdetection SSD)")
 
 
 def main(argv=None):
@@ -48,19 +44,20 @@ def main(argv=None):
         if args.device == "cuda" and not torch.cuda.is_available():
             raise data.UsageError("--device cuda: no CUDA device is available (use --device cpu)")
         if weights_path is None:
-            raise data.UsageError(NO_WEIGHTS)
+            raise data.UsageError("no weights: train a model (python train.py --data shapes, a "
+                                  "few minutes on a CPU) or pass --weights FILE (ours, torchvision "
+                                  "ssd300_vgg16, amdegroot ssd.pytorch or mmdetection SSD)")
         model = weights.load_model(weights_path, args.device)  # CheckpointError names the file
         try:
             os.makedirs(args.out, exist_ok=True)
         except OSError as e:
-            raise data.UsageError(f"{args.out}: cannot create the output folder "
-                                  f"({e.strerror or e})") from None
+            raise data.UsageError(f"--out {args.out}: cannot create ({e.strerror or e})") from None
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise data.UsageError(f"{args.json}: its folder does not exist")
     except (data.UsageError, weights.CheckpointError) as e:
         print(e, file=sys.stderr)
         return 2
-    taken, results = {os.path.realpath(f) for f in files}, []
+    taken, results = {os.path.realpath(f) for f in files}, []  # taken: never overwritten
     stream = {f: _is_stream(f) for f in files}  # one look at each file
     failures += _run_images(args, model, [f for f in files if not stream[f]], taken, results)
     for path in filter(stream.get, files):
@@ -76,10 +73,9 @@ def main(argv=None):
             print(f"{args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
             failures += 1
     objects = sum(len(d["detections"]) for r in results for d in r.get("frames", [r]))
+    where = f"; drawn copies in {args.out}" + (f", detections in {args.json}" if args.json else "")
     print(f"{_plural(len(results), 'input')}, {_plural(objects, 'object')}, {failures} failed, "
-          f"{time.perf_counter() - t0:.1f} s (weights {weights_path})"
-          + (f"; drawn copies in {args.out}" if results else "")
-          + (f", detections in {args.json}" if args.json and results else ""))
+          f"{time.perf_counter() - t0:.1f} s (weights {weights_path}){where if results else ''}")
     return 2 if not results else 1 if failures else 0
 
 
@@ -90,47 +86,40 @@ def parse_args(argv):
     p.add_argument("paths", nargs="+", metavar="PATH", help="images, videos, GIFs, folders, globs")
     p.add_argument("--weights", help="checkpoint (default: the newest runs/*/best.pt)")
 
-    def number(flag, kind, default, text):
-        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
-    number("--score-thr", float, 0.5, "keep detections scoring above this")  # eval: 0.01, Caffe
-    number("--nms-iou", float, 0.45, "IoU above which NMS suppresses a box")  # SSD paper, Caffe
-    p.add_argument("--nms", choices=["hard", "soft"], default="hard",
-                   help="hard NMS or Gaussian soft-NMS (default hard)")
-    number("--topk", int, 400, "candidates per class before NMS")  # Caffe top_k
-    number("--max-det", int, 200, "detections per image")  # Caffe keep_top_k
-    number("--out", str, "runs/detect", "folder for the drawn images")
+    def option(flag, kind, default, text, **kw):
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})", **kw)
+    option("--score-thr", float, 0.5, "keep detections scoring above this")  # eval: 0.01, Caffe
+    option("--nms-iou", float, 0.45, "IoU above which NMS suppresses a box")  # SSD paper, Caffe
+    option("--nms", str, "hard", "hard NMS or Gaussian soft-NMS", choices=["hard", "soft"])
+    option("--topk", int, 400, "candidates per class before NMS")  # Caffe top_k
+    option("--max-det", int, 200, "detections per image")  # Caffe keep_top_k
+    option("--out", str, "runs/detect", "folder for the drawn images")
     p.add_argument("--json", metavar="FILE", help="also write all detections to this JSON file")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default cuda if available, else cpu",
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true",
                    help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
-    number("--batch-size", int, 8, "images or frames per forward pass, any sizes mixed")
+    option("--batch-size", int, 8, "images or frames per forward pass, any sizes mixed")
     args = p.parse_args(argv)
-    if not 0.0 <= args.score_thr < 1.0:
-        p.error("--score-thr must be in [0, 1)")
-    if not 0.0 <= args.nms_iou <= 1.0:
-        p.error("--nms-iou must be in [0, 1]")
-    for name in ("topk", "max_det", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    rules = {"--score-thr must be in [0, 1)": 0.0 <= args.score_thr < 1.0,
+             "--nms-iou must be in [0, 1]": 0.0 <= args.nms_iou <= 1.0,
+             **{f"--{n} must be at least 1": getattr(args, n.replace("-", "_")) >= 1
+                for n in ("topk", "max-det", "batch-size")}}
+    for message in (m for m, ok in rules.items() if not ok):
+        p.error(message)
     return args
 
 
 def collect_inputs(paths):
-    """PATH arguments -> (files in order, without repeats; how many paths gave none, each named on
-    stderr). A path that exists is taken literally ('a[1].jpg' is no glob), a file whatever its
-    extension (reading it reports what it is); folders and globs give their media files."""
+    """PATHs -> (files in order, no repeats; how many paths gave none, each named on stderr).
+    An existing path is no glob ('a[1].jpg'); a file is taken whatever its extension."""
     files, errors = {}, 0  # real path -> path as given
     for p in paths:
-        if os.path.exists(p):
-            found = _files_in(p) if os.path.isdir(p) else [p]
-            why = "no image files in this folder"
-        else:  # a glob (a missing plain path matches nothing)
-            found = [f for m in sorted(glob.glob(p, recursive=True)) for f in (
-                _files_in(m) if os.path.isdir(m) else [m] if Path(m).suffix.lower() in _MEDIA
-                else [])]
-            why = ("no image files match this pattern" if any(ch in p for ch in "*?[")
-                   else "no such file or folder")
+        literal = os.path.exists(p)  # else a glob (a missing plain path matches nothing)
+        found = [p] if literal and not os.path.isdir(p) else _media_files(
+            [p] if literal else sorted(glob.glob(p, recursive=True)))
+        why = ("no image files in this folder" if literal else "no such file or folder"
+               if not any(ch in p for ch in "*?[") else "no image files match this pattern")
         if not found:
             print(f"{p}: {why}", file=sys.stderr)
             errors += 1
@@ -139,14 +128,14 @@ def collect_inputs(paths):
     return list(files.values()), errors
 
 
-def _files_in(folder):
-    return [p for n in sorted(os.listdir(folder)) if Path(n).suffix.lower() in _MEDIA
-            and os.path.isfile(p := os.path.join(folder, n))]
+def _media_files(paths):
+    return [f for m in paths for f in (
+        [os.path.join(m, n) for n in sorted(os.listdir(m))] if os.path.isdir(m) else [m])
+        if Path(f).suffix.lower() in _MEDIA and os.path.isfile(f)]
 
 
 def output_path(out_dir, image_path, taken, ext=".jpg"):
-    """<out_dir>/<stem><ext>, else <stem>_<n><ext>: the first real path not in taken (inputs and
-    outputs so far: no input is overwritten, same-named images all survive), added to it."""
+    """The first of <out_dir>/<stem><ext>, <stem>_1<ext>, ... whose real path is not in taken."""
     for n in itertools.count():
         candidate = os.path.join(out_dir, Path(image_path).stem + (f"_{n}" if n else "") + ext)
         if os.path.realpath(candidate) not in taken:
@@ -193,14 +182,13 @@ def _run_stream(args, model, path, taken):
         except ImportError:
             raise data.DataError(f"{path}: a video needs PyAV (pip install av)") from None
         errors += (av.FFmpegError,)
-    start = time.perf_counter()
-    frames, size = [], None  # frames: the JSON of each frame done
+    start = last = time.perf_counter()
+    entry = {"video": path, "width": 0, "height": 0, "fps": 0.0, "frames": (frames := [])}
 
-    def drawn(reader, total):  # (PIL, seconds) frames -> the images drawn; progress on stderr
-        nonlocal size
-        last = start
+    def draw(reader, total, fps):  # (PIL, seconds) frames -> the images drawn; progress on stderr
+        nonlocal last
         for image, t, found, _, _ in _detected(args, model, reader):
-            size = size or image.size
+            entry.update(width=image.width, height=image.height, fps=round(fps, 3))
             frames.append({"frame": len(frames), "time": round(t, 4), "detections": found})
             if (now := time.perf_counter()) - last >= 2.0:  # a progress line every 2 s
                 rate, last, done = len(frames) / (now - start), now, len(frames)
@@ -211,28 +199,22 @@ def _run_stream(args, model, path, taken):
         if not frames:
             raise ValueError("no frame")
     try:
-        fps = (_gif_io if gif else _video_io)(path, target + ".part", drawn)
-        os.replace(target + ".part", target)
+        weights.write_atomic(target, lambda f: (_gif_io if gif else _video_io)(path, f, draw), "wb")
     except errors as e:
-        if os.path.exists(target + ".part"):
-            os.remove(target + ".part")
         raise data.DataError(f"{path}: failed at frame {len(frames)} ({e})") from None
     objects = sum(len(f["detections"]) for f in frames)
     print(f"{path}: {len(frames)} frames, {_plural(objects, 'object')}, "
           f"{len(frames) / (time.perf_counter() - start):.1f} frames/s -> {target}")
-    return {"video": path, "width": size[0], "height": size[1], "fps": round(fps, 3),
-            "frames": frames}
+    return entry
 
 
 def _detected(args, model, items):
-    """(PIL image, info) items -> (image, info, detections' JSON, scores, model seconds per image),
-    args.batch_size images per ssd.detect call, the boxes drawn on the image."""
+    """(image, info) items -> (image drawn on, info, detections' JSON, scores, model s/image)."""
     names = model.config["class_names"]
+    options = {k: getattr(args, k) for k in ("score_thr", "nms_iou", "topk", "max_det", "nms")}
     while batch := list(itertools.islice(items, args.batch_size)):
         t0 = time.perf_counter()
-        out = ssd.detect(model, [data.to_tensor(im) for im, _ in batch], args.bf16,
-                         score_thr=args.score_thr, nms_iou=args.nms_iou, topk=args.topk,
-                         max_det=args.max_det, nms=args.nms)
+        out = ssd.detect(model, [data.to_tensor(im) for im, _ in batch], args.bf16, **options)
         model_s = (time.perf_counter() - t0) / len(batch)
         for (image, info), (boxes, scores, labels) in zip(batch, out):
             data.draw_detections(image, boxes, scores, labels, names)
@@ -243,49 +225,43 @@ def _detected(args, model, items):
 
 
 def _is_stream(path):
-    """A video by its extension, or a GIF of more than one frame."""
     if Path(path).suffix.lower() != ".gif":
         return Path(path).suffix.lower() in VIDEO_EXTENSIONS
     try:
         with Image.open(path) as im:
             return getattr(im, "n_frames", 1) > 1
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return False  # the image path reports it
 
 
-def _video_io(path, target, drawn):
-    """Decode path, encode drawn(frames: (PIL RGB, seconds) iterator, frame count or 0) -> fps."""
+def _video_io(path, file, draw):
+    """Decode path, write draw(frames: (PIL RGB, seconds) iterator, count or 0, fps) to file."""
     import av  # optional: only videos need it
-    source = av.open(path)
-    if not source.streams.video:
-        raise ValueError("no video stream")
-    stream = source.streams.video[0]
-    stream.thread_type = "AUTO"
-    rate = stream.average_rate or stream.guessed_rate or 25
-    out = av.open(target, "w", format="mp4")
-    enc = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
-    enc.width, enc.height = stream.codec_context.width, stream.codec_context.height
-    enc.pix_fmt = "yuv420p" if enc.width % 2 == 0 == enc.height % 2 else "yuv444p"  # odd sizes
-    frames = ((f.to_image(), float(f.time) if f.time is not None else k / rate)
-              for k, f in enumerate(source.decode(stream)))
-    for image in drawn(frames, stream.frames):
-        out.mux(enc.encode(av.VideoFrame.from_image(image)))
-    out.mux(enc.encode())  # flush the encoder
-    out.close()
-    source.close()
-    return float(rate)
+    with av.open(path) as source, av.open(file, "w", format="mp4") as out:
+        if not source.streams.video:
+            raise ValueError("no video stream")
+        stream = source.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or 25
+        enc = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
+        enc.width, enc.height = stream.codec_context.width, stream.codec_context.height
+        enc.pix_fmt = "yuv420p" if enc.width % 2 == 0 == enc.height % 2 else "yuv444p"  # odd sizes
+        frames = ((f.to_image(), float(f.time) if f.time is not None else k / rate)
+                  for k, f in enumerate(source.decode(stream)))
+        for image in draw(frames, stream.frames, float(rate)):
+            out.mux(enc.encode(av.VideoFrame.from_image(image)))
+        out.mux(enc.encode())  # flush the encoder
 
 
-def _gif_io(path, target, drawn):
+def _gif_io(path, file, draw):
     """As _video_io for an animated GIF (Pillow), durations and loop kept."""
     with Image.open(path) as gif:
         durations = [f.info.get("duration", 100) for f in ImageSequence.Iterator(gif)]
         frames = ((f.convert("RGB"), t / 1000) for f, t in zip(
             ImageSequence.Iterator(gif), itertools.accumulate(durations, initial=0)))
-        images = list(drawn(frames, len(durations)))
-        images[0].save(target, "GIF", save_all=True, append_images=images[1:],
+        images = list(draw(frames, len(durations), 1000 * len(durations) / max(1, sum(durations))))
+        images[0].save(file, "GIF", save_all=True, append_images=images[1:],
                        duration=durations, loop=gif.info.get("loop", 0))
-    return 1000 * len(durations) / max(1, sum(durations))
 
 
 def _plural(n, word):

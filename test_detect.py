@@ -300,6 +300,35 @@ def test_named_non_image_file_is_an_error_but_others_go_on(tmp_path, weights, ca
     assert [r["image"] for r in results] == [str(good)]
 
 
+def test_bad_options_and_output_folders_exit_2(tmp_path, weights, capsys):
+    img = tmp_path / "a.png"
+    square_image(SIZE, SQUARE).save(img)
+    for flag, value, rule in [("--score-thr", "1", "in [0, 1)"), ("--nms-iou", "1.5", "in [0, 1]"),
+                              ("--topk", "0", "at least 1"), ("--max-det", "0", "at least 1"),
+                              ("--batch-size", "0", "at least 1")]:
+        with pytest.raises(SystemExit) as e:
+            detect.parse_args([str(img), flag, value])
+        assert e.value.code == 2 and f"{flag} must be {rule}" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    code, out, err = run_main(capsys, img, "--weights", weights, "--out", tmp_path / "file")
+    assert code == 2 and err.startswith(f"--out {tmp_path / 'file'}: cannot create (")
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = run_main(capsys, img, "--weights", weights, "--out", tmp_path / "o",
+                              "--json", tmp_path / "no" / "d.json")
+    assert code == 2 and err.strip() == f"{tmp_path / 'no' / 'd.json'}: its folder does not exist"
+
+
+def test_gif_too_large_is_one_line(tmp_path, weights, capsys):
+    gif = tmp_path / "bomb.gif"
+    Image.new("P", (2, 2)).save(gif)
+    header = bytearray(gif.read_bytes())
+    header[6:10] = struct.pack("<HH", 40000, 40000)  # the logical screen size
+    gif.write_bytes(bytes(header))
+    code, out, err = run_main(capsys, gif, "--weights", weights, "--out", tmp_path / "o")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{gif}: image too large")
+
+
 # --- folders, globs, output names -----------------------------------------------------------------
 
 def test_folder_and_glob_expansion(tmp_path, weights, capsys):
@@ -603,7 +632,7 @@ def test_video_round_trip(tmp_path, weights, capsys):
     assert code == 1 and len(lines) == 2 and "cut.mp4: " in lines[0] + lines[1], err
     assert "junk.mp4: " in err
     assert [r.get("image") for r in results] == [str(tmp_path / "still.png")]
-    assert not list((tmp_path / "drawn").glob("*.part"))
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["clip.mp4", "still.jpg"]
 
 
 def test_animated_gif_round_trip_and_no_pyav(tmp_path, weights, capsys, monkeypatch):

@@ -402,6 +402,10 @@ def test_our_checkpoint_with_a_mismatch(tmp_path):
     torch.save(model.state_dict(), path)
     with pytest.raises(CheckpointError, match=r"w.pt: a bare state_dict.*save_checkpoint"):
         weights.load_model(path)
+    torch.save({"model": [torch.zeros(1)], "config": model.config}, path)  # model: no dict
+    with pytest.raises(CheckpointError, match=r"w.pt: unrecognised format \(first keys: "
+                                              r"\['model', 'config'\]\)"):
+        weights.load_model(path)
 
 
 @pytest.mark.parametrize("fmt", ["torchvision", "amdegroot", "mmdetection", "ours"])
@@ -551,9 +555,12 @@ def test_backbone_errors(tmp_path, full_width_model):
     sd = vgg_convs("", torch.Generator().manual_seed(0), with_fc_convs=True)
     path = tmp_path / "vgg.pth"
     torch.save(sd, path)
-    with pytest.raises(CheckpointError, match=r"vgg.pth: VGG16 weights fit width 1.0"):
+    with pytest.raises(CheckpointError, match=r"vgg.pth: ImageNet VGG16 weights fit width 1.0 and "
+                                              r"no BatchNorm .*, not width 0.5, norm 'none'$"):
         weights.load_backbone(ssd.ssd300(20, width=0.5), path)
-    with pytest.raises(CheckpointError, match=r"vgg.pth: ImageNet VGG16 files have no BatchNorm"):
+    with pytest.raises(CheckpointError, match=r"vgg.pth: ImageNet VGG16 weights fit width 1.0 and "
+                                              r"no BatchNorm \(train.py --norm none\), not width "
+                                              r"1.0, norm 'bn'$"):
         weights.load_backbone(ssd.ssd300(20, norm="bn"), path)
     torch.save({**sd, "7.weight": torch.zeros(128, 128, 1, 1)}, path)
     with pytest.raises(CheckpointError, match=r"vgg.pth: key '7.weight' has shape "

@@ -9,14 +9,9 @@ import torch
 
 import ssd
 
-# -----------------------------------------------------------------------------------------------
-# Our checkpoints, and what every reader shares
 
 class CheckpointError(ValueError):
     """A weights file we cannot use. The message starts with the file's path, then the reason."""
-
-
-_NOT_LEARNED = ("num_batches_tracked", "anchors", "priors")  # buffers, no learned weights
 
 
 def _strip_prefixes(sd):
@@ -62,8 +57,7 @@ def read_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged files raise many types (zip, EOF, pickle, KeyError...)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:  # e.g. a whole nn.Module saved with torch.save(model, path)
+        if refused := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):  # a whole nn.Module
             raise CheckpointError(
                 f"{path}: holds Python objects other than tensors and plain containers ("
                 f"{refused[1]}); not loaded, for safety (weights_only). Save the weights alone: "
@@ -93,18 +87,15 @@ def _remap(path, sd, key_map, expected):
                    else f"holds a {type(t).__name__}, not a tensor")
             raise CheckpointError(f"{path}: key {key!r} {got}, expected {list(shape)}")
     used = {key_map.get(k, k) for k in expected}
+    buffers = ("num_batches_tracked", "anchors", "priors")  # no learned weights
     for key in sd:
-        if key not in used and key.rsplit(".", 1)[-1] not in _NOT_LEARNED:
+        if key not in used and key.rsplit(".", 1)[-1] not in buffers:
             raise CheckpointError(f"{path}: unexpected key {key!r}")
     return out
 
 
-# -----------------------------------------------------------------------------------------------
-# Other projects' detectors and backbones
-
 _VGG_CONVS = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # conv1_1 ... conv5_3 in model.vgg
 _CONV6, _CONV7 = 31, 33  # fc6 and fc7 as convolutions
-_TORCHVISION_MEAN = tuple(255 * m for m in (0.48235, 0.45882, 0.40784))  # (x/255 - m)*255
 _MMDET_MEAN = (123.675, 116.28, 103.53)  # mmdetection configs/ssd/ssd300_coco.py: RGB, std 1
 # input normalisation each VGG16 file was trained with: x (0-255 RGB) -> (x / scale - mean) / std
 _VGG_NORMALISATION = {"amdegroot": (1.0, ssd.MEAN, (1.0, 1.0, 1.0)),  # (scale, mean, std)
@@ -115,15 +106,13 @@ _VGG_NORMALISATION = {"amdegroot": (1.0, ssd.MEAN, (1.0, 1.0, 1.0)),  # (scale, 
 # tells the format. torchvision's ssd300_vgg16: features = vgg[:23], extra.0 = pool4, conv5_x,
 # (pool5, fc6, fc7); amdegroot's ssd.py: our names; mmdetection v2.14+ (tools/model_converters/
 # upgrade_ssd_version.py): SSDVGG backbone, SSDNeck, SSDHead.
-_FOREIGN = {
-    "torchvision": ("backbone.features.{i}", "backbone.extra.{h1}.{o2}", "backbone.scale_weight",
-                    "head.classification_head.module_list.{i}",
-                    "head.regression_head.module_list.{i}"),
-    "amdegroot": ("vgg.{i}", "extras.{j}", "L2Norm.weight", "conf.{i}", "loc.{i}"),
-    "mmdetection": ("backbone.features.{i}", "neck.extra_layers.{h}.{o}.conv",
-                    "neck.l2_norm.weight", "bbox_head.cls_convs.{i}.0",
-                    "bbox_head.reg_convs.{i}.0"),
-}
+_FOREIGN = {"torchvision": ("backbone.features.{i}", "backbone.extra.{h1}.{o2}",
+                            "backbone.scale_weight", "head.classification_head.module_list.{i}",
+                            "head.regression_head.module_list.{i}"),
+            "amdegroot": ("vgg.{i}", "extras.{j}", "L2Norm.weight", "conf.{i}", "loc.{i}"),
+            "mmdetection": ("backbone.features.{i}", "neck.extra_layers.{h}.{o}.conv",
+                            "neck.l2_norm.weight", "bbox_head.cls_convs.{i}.0",
+                            "bbox_head.reg_convs.{i}.0")}
 _TORCHVISION_EXTRA0 = {24: 1, 26: 3, 28: 5, _CONV6: "7.1", _CONV7: "7.3"}  # -> backbone.extra.0.N
 
 
@@ -158,10 +147,10 @@ def _foreign_config(path, sd, fmt, meta):
     names, extra = None, {}
     conv1 = _FOREIGN[fmt][0].format(i=0) + ".weight"
     width = sd[conv1].shape[0] / 64 if conv1 in sd else 1.0  # if missing, _remap says so
-    if fmt == "torchvision":
+    if fmt == "torchvision":  # mean: its transform does (x/255 - m)*255
         if size != 300:
             raise CheckpointError(f"{path}: a torchvision SSD512 layout; only ssd300_vgg16 is read")
-        anchors, clip, mean = "coco", "wh", _TORCHVISION_MEAN
+        anchors, clip, mean = "coco", "wh", tuple(255 * m for m in (0.48235, 0.45882, 0.40784))
         if nc == 90:  # 91 outputs indexed by raw COCO category id; the 10 unused ids are "N/A"
             by_id = dict(zip(ssd.COCO_CATEGORY_IDS, ssd.COCO_CLASSES))
             names = [by_id.get(i, "N/A") for i in range(1, 91)]
@@ -173,8 +162,7 @@ def _foreign_config(path, sd, fmt, meta):
         anchors, clip, mean = "coco" if nc in (80, 200) else "voc", "all", ssd.MEAN
     else:
         if nc not in (20, 80):
-            warnings.warn(f"{path}: {nc} classes, neither VOC (20) nor COCO (80): using VOC anchor "
-                          "sizes")
+            warnings.warn(f"{path}: {nc} classes, neither VOC (20) nor COCO (80): VOC anchors used")
         names = meta.get("CLASSES") or meta.get("dataset_meta", {}).get("classes")
         names = list(names) if names is not None and len(names) == nc else None
         anchors, clip, mean = "coco" if nc == 80 else "voc", "none", _MMDET_MEAN
@@ -188,12 +176,10 @@ def load_model(path, device="cpu"):
     obj = read_weights(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: unrecognised format (a {type(obj).__name__}, not a dict)")
-    fmt = "ours" if "model" in obj and "config" in obj else None
-    sd = _strip_prefixes(obj["model"] if fmt else obj.get("state_dict", obj))  # mmcv: + "meta"
-    fmt = fmt or next((f for f, names in _FOREIGN.items() if names[2] in sd), None)
+    ours = isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
+    sd = _strip_prefixes(obj["model"] if ours else obj.get("state_dict", obj))  # mmcv: + "meta"
+    fmt = "ours" if ours else next((f for f, names in _FOREIGN.items() if names[2] in sd), None)
     if fmt == "ours":
-        if not isinstance(obj["model"], dict) or not isinstance(obj["config"], dict):
-            raise CheckpointError(f"{path}: not one of our checkpoints (no 'model' and 'config')")
         try:
             model = ssd.build_model(obj["config"])
         except (AssertionError, KeyError, TypeError, ValueError) as e:
@@ -228,12 +214,10 @@ def load_backbone(model, path, source=None):
     is refitted to the config mean. Prints what it loaded; returns the model.vgg indices loaded."""
     if source not in (None, "torchvision", "caffe"):
         raise ValueError("source must be 'torchvision' or 'caffe'")
-    if model.config.get("norm", "none") != "none":
-        raise CheckpointError(f"{path}: ImageNet VGG16 files have no BatchNorm layers; build the "
-                              "model with norm 'none' (train.py --norm none) to load them")
-    if model.config["width"] != 1.0:
-        raise CheckpointError(f"{path}: VGG16 weights fit width 1.0, the model has width "
-                              f"{model.config['width']}")
+    width, norm = model.config["width"], model.config.get("norm", "none")
+    if width != 1.0 or norm != "none":
+        raise CheckpointError(f"{path}: ImageNet VGG16 weights fit width 1.0 and no BatchNorm "
+                              f"(train.py --norm none), not width {width}, norm {norm!r}")
     obj = read_weights(path)
     sd = _strip_prefixes(obj.get("state_dict", obj) if isinstance(obj, dict) else None)  # mmcv
     if "0.weight" in sd:
