@@ -8,13 +8,13 @@
 
 A results file needs the annotations only (COCO: the json; VOC: Annotations/ and the split file).
 
-VOC: VOCevaldet.m of the PASCAL VOC 2007 devkit. Per class, detections ranked by score (stable:
-ties keep image order, then order within the image) each take the object of their class and image
-with the highest IoU (the first on ties), taken or not; at IoU >= 0.5 a difficult one makes them
-neither TP nor FP, a free one a TP (it is then taken), a taken one a FP (duplicate); below, a FP.
-Difficult objects are not positives. Devkit boxes are 1-based with +1 in sizes and intersections;
-ours are 0-based (data.py subtracts 1 from xmin/ymin) without +1, which gives the same IoU; comp4
-files are 1-based (reading subtracts 1 from x1/y1, writing adds it). COCO: pycocotools COCOeval.
+VOC: VOCevaldet.m of the VOC2007 devkit. Per class, detections ranked by score (stable: ties keep
+image order, then order in the image) each take the object of their class and image with the
+highest IoU (the first on ties), taken or not; at IoU >= 0.5 a difficult one makes them neither TP
+nor FP, a free one a TP (now taken), a taken one a FP (duplicate); below, a FP. Difficult objects
+are not positives. Devkit boxes are 1-based, +1 in sizes; ours 0-based (data.py: xmin/ymin - 1)
+without +1: the same IoU. comp4 files are 1-based (x1/y1 - 1 on reading, + 1 on writing).
+COCO: pycocotools COCOeval.
 """
 import argparse
 import contextlib
@@ -61,9 +61,8 @@ def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD)
     if len(detections) != len(ground_truth):
         raise ValueError(f"voc_eval: {len(detections)} detections, {len(ground_truth)} images")
     (gt_boxes, gt_labels, gt_difficult), gt_image = _stack(
-        [(g["boxes"], g["labels"], np.zeros(len(g["labels"]), bool)
-          if g.get("difficult") is None else g["difficult"]) for g in ground_truth],
-        ((np.float64, 4), (np.int64, None), (bool, None)))
+        [(g["boxes"], g["labels"], g.get("difficult", np.zeros(len(g["labels"]), bool)))
+         for g in ground_truth], ((np.float64, 4), (np.int64, None), (bool, None)))
     (det_boxes, det_scores, det_labels), det_image = _stack(detections, _DETECTION)
     result = {"per_class_11point": {}, "per_class_area": {}, "num_gt": {}}
     for c, name in enumerate(class_names, start=1):
@@ -92,10 +91,8 @@ def voc_ap(rec, prec, metric="11point"):
     envelope = np.maximum.accumulate(np.append(prec, 0.0)[::-1])[::-1]  # best from here; 0 after
     if metric == "11point":
         return float(envelope[np.searchsorted(rec, np.arange(11) / 10, side="left")].mean())
-    if metric == "area":  # over the recall steps, from 0 to the last recall (then 1 at precision 0)
-        mrec = np.concatenate(([0.0], rec, [1.0]))
-        step = np.flatnonzero(mrec[1:] != mrec[:-1])
-        return float(np.sum((mrec[step + 1] - mrec[step]) * envelope[step]))
+    if metric == "area":  # sum of recall steps x envelope, from recall 0 to 1 (last: precision 0)
+        return float(np.diff(np.concatenate(([0.0], rec, [1.0]))) @ envelope)
     raise ValueError(f"voc_ap: metric must be one of {METRICS}, not {metric!r}")
 
 
@@ -199,11 +196,10 @@ def _rows(detections, image_ids):  # (image_id, [x1, y1, x2, y2], score, label) 
 
 
 def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"):
-    """pycocotools COCOeval (bbox) of results ([] scores 0) over image_ids (default: all) of
-    coco_gt (a json path or COCO); class_names: the categories' by ascending id (default: the
-    json's). EvalError: a result of another image or category. -> {stats: the 12 (-1: no object of
-    that size), map: stats[0], images, per_class (AP@[.5:.95]), per_class_ap50: {name: AP, nan if
-    no object}}."""
+    """pycocotools COCOeval (bbox) of results ([] scores 0) over image_ids (default all) of coco_gt
+    (a json path or COCO); class_names: the categories' by ascending id (default the json's).
+    EvalError: a result of another image or category. -> {stats: the 12 (-1: no object of that
+    size), map: stats[0], images, per_class (AP@[.5:.95]), per_class_ap50: {name: AP or nan}}."""
     gt = coco_gt if isinstance(coco_gt, COCO) else _load_coco(coco_gt)
     image_ids, cat_ids = sorted(gt.getImgIds() if image_ids is None else image_ids), gt.getCatIds()
     for key, known, what in (("image_id", set(image_ids), "in the ground truth"),
@@ -239,9 +235,8 @@ def coco_results(detections, image_ids, category_ids):
 
 def read_coco_results(path):
     """A COCO results json: a list of {image_id, category_id, bbox [x,y,w,h], score}."""
-    path = Path(path)
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise EvalError(f"{path}: results file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -249,14 +244,12 @@ def read_coco_results(path):
     if not isinstance(results, list):
         raise EvalError(f"{path}: expected a JSON list of detections, got {type(results).__name__}")
     for i, r in enumerate(results):
-        try:  # KeyError: a missing field; TypeError: not a dict, a bbox not a list, not numbers
-            ok = (all(isinstance(r[k], int) for k in ("image_id", "category_id"))
-                  and len(r["bbox"]) == 4 and all(map(math.isfinite, [*r["bbox"], r["score"]])))
-        except (KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
-                            f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
+        with contextlib.suppress(KeyError, TypeError):  # a missing field; not a dict, list, number
+            if (all(isinstance(r[k], int) for k in ("image_id", "category_id"))
+                    and len(r["bbox"]) == 4 and all(map(math.isfinite, [*r["bbox"], r["score"]]))):
+                continue
+        raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
+                        f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
     return results
 
 
@@ -330,15 +323,14 @@ def print_result(result, log=print):
 
 
 def _class_mapping(model, source, name="model"):
-    """int64 [C_model + 1]: the source label of each model label (0: none), by COCO category id
-    when model and source both have them, else by name; EvalError: data classes it does not know."""
+    """int64 [C_model + 1]: each model label's source label (0: none), by COCO id, else by name."""
     cfg = model.config
     by = ("category_ids" if cfg.get("category_ids") is not None
           and getattr(source, "category_ids", None) is not None else "class_names")
     if cfg.get(by) is None:
         raise EvalError(f"{name}: the model config has no class_names to match the data's classes")
-    model_keys, src_keys = list(cfg[by]), list(getattr(source, by))
-    if unknown := [c for c, k in enumerate(src_keys, start=1) if k not in set(model_keys)]:
+    model_keys, label = list(cfg[by]), {k: c for c, k in enumerate(getattr(source, by), start=1)}
+    if unknown := [c for k, c in label.items() if k not in set(model_keys)]:
         present = {int(label) for i in range(len(source))  # only now (shapes renders images)
                    for label in source.annotation(i)["labels"]}
         if missing := [source.class_names[c - 1] for c in unknown if c in present]:
@@ -346,27 +338,23 @@ def _class_mapping(model, source, name="model"):
             raise EvalError(f"{name}: the model does not know {len(missing)} class(es) that the "
                             f"data has objects of ({', '.join(missing)}); it knows "
                             f"{', '.join(map(str, model_keys[:8]))}{more}")
-    src_label = {k: c for c, k in enumerate(src_keys, start=1)}
-    return np.array([0] + [src_label.get(k, 0) for k in model_keys], dtype=np.int64)
+    return np.array([0] + [label.get(k, 0) for k in model_keys], dtype=np.int64)
 
 
 def _predict(model, source, mapping, batch_size, workers, progress, bf16, rank=0, world=1,
              **detect_options):
-    """Detect on images rank, rank + world, ... -> on rank 0 (the others get None) for all images:
-    (indices read, their (boxes [k,4] pixels, scores, source labels), errors of the others)."""
+    """Detect on images rank::world -> rank 0: (indices read, detections, errors); others: None."""
     shard = range(rank, len(source), world)
     loader = torch.utils.data.DataLoader([(source, i) for i in shard], batch_size=batch_size,
                                          num_workers=workers, collate_fn=_load_batch)
-    detections, failed, start = {}, [], time.perf_counter()
-    last = start
-    for batch in loader:
-        failed += [err for _, image, err in batch if image is None]
-        ok = [(i, image) for i, image, _ in batch if image is not None]
+    detections, failed = {}, []
+    start = last = time.perf_counter()
+    for ok, errors in loader:
+        failed += errors
         outputs = ssd.detect(model, [im for _, im in ok], bf16, **detect_options) if ok else []
         for (i, _), (boxes, scores, labels) in zip(ok, outputs):
-            labels = mapping[labels.numpy()]
-            keep = labels > 0
-            detections[i] = (boxes.numpy()[keep], scores.numpy()[keep], labels[keep])
+            labels = mapping[labels.numpy()]  # source labels, 0: not a class of the data
+            detections[i] = tuple(x[labels > 0] for x in (boxes.numpy(), scores.numpy(), labels))
         done, now = len(detections) + len(failed), time.perf_counter()
         if progress and (now - last >= 2.0 or done == len(shard)):
             rate = done / max(now - start, 1e-9)
@@ -384,19 +372,18 @@ def _predict(model, source, mapping, batch_size, workers, progress, bf16, rank=0
 
 
 def _load_batch(batch):
-    """DataLoader collate of (source, index) -> (index, uint8 [3,H,W] or None, error or None)."""
-    out = []
+    """DataLoader collate of (source, index) -> ([(index, uint8 [3,H,W])], [errors])."""
+    ok, failed = [], []
     for source, i in batch:
         try:
-            out.append((i, data.to_tensor(source.load_image(i).convert("RGB")), None))  # [3, H, W]
+            ok.append((i, data.to_tensor(source.load_image(i).convert("RGB"))))  # [3, H, W]
         except (OSError, ValueError) as e:  # data.DataError is a ValueError
-            out.append((i, None, str(e)))
-    return out
+            failed.append(str(e))
+    return ok, failed
 
 
 class _CocoJson(data.FileSource):
-    """data.py's source over any COCO json (labels only: pycocotools scores the json); images in
-    image_dir, default <root>/<split> for <root>/annotations/instances_<split>.json, else beside."""
+    """A COCO json as source (labels only); images: image_dir, else <root>/<split>, else beside."""
 
     def __init__(self, ann_file, image_dir=None):
         self.ann_file, coco, p = str(ann_file), _load_coco(ann_file), Path(ann_file)
@@ -423,9 +410,8 @@ def main(argv=None):
     try:
         result, failed = _run(args, rank, world, device)
         if result is not None and args.json_out:  # nan (a class without objects) -> null
-            text = json.dumps(json.loads(json.dumps(result), parse_constant=lambda _: None),
-                              indent=1) + "\n"
-            weights.write_atomic(args.json_out, lambda f: f.write(text))
+            doc = json.loads(json.dumps(result), parse_constant=lambda _: None)
+            weights.write_atomic(args.json_out, lambda f: print(json.dumps(doc, indent=1), file=f))
     except (EvalError, data.DataError, weights.CheckpointError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
@@ -437,10 +423,8 @@ def main(argv=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n\n".join(__doc__.split("\n\n")[1:3]),
-        description="VOC mAP (11-point and area, difficult objects ignored) or COCO AP "
-                    "(pycocotools) of a checkpoint or a results file; torchrun shards the images.")
+        prog="evaluate.py", description=__doc__.split("\n")[0], epilog="examples:\n"
+        + __doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--voc", action="store_true", help="PASCAL VOC devkit metric")
     kind.add_argument("--coco", action="store_true", help="COCO metric (pycocotools, bbox)")
@@ -465,8 +449,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8,
                    help="images per batch and process (default %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--bf16", action="store_true",
-                   help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA/CPU; default float32)")
     p.add_argument("--workers", type=int, default=2, help="image loaders (default %(default)s)")
     p.add_argument("--save-results", help="with --weights: also write the detections (VOC: comp4 "
                    "files in this folder; COCO: a results json) to score again with --results")
