@@ -6,15 +6,12 @@
     python evaluate.py --coco --ann instances_val2014.json --results dets.json   # no images
     torchrun --nproc_per_node 4 evaluate.py --coco --weights W          # images sharded over GPUs
 
-A results file needs the annotations only (COCO: the json; VOC: Annotations/ and the split file).
-
 VOC: VOCevaldet.m of the VOC2007 devkit. Per class, detections ranked by score (stable: ties keep
-image order, then order in the image) each take the object of their class and image with the
-highest IoU (the first on ties), taken or not; at IoU >= 0.5 a difficult one makes them neither TP
-nor FP, a free one a TP (now taken), a taken one a FP (duplicate); below, a FP. Difficult objects
-are not positives. Devkit boxes are 1-based, +1 in sizes; ours 0-based (data.py: xmin/ymin - 1)
-without +1: the same IoU. comp4 files are 1-based (x1/y1 - 1 on reading, + 1 on writing).
-COCO: pycocotools COCOeval.
+image, then in-image order) each take the object of their class and image with the highest IoU
+(the first on ties), taken or not; at IoU >= 0.5 (py-faster-rcnn: >) a difficult one makes them
+neither TP nor FP, a free one a TP (now taken), a taken one a FP (duplicate); below, a FP.
+Difficult objects are not positives. Devkit boxes are 1-based, +1 in sizes; ours 0-based (data.py
+subtracts 1 from xmin/ymin), no +1: the same IoU. comp4 files are 1-based (x1/y1 -1 read, +1 write).
 """
 import argparse
 import contextlib
@@ -36,7 +33,6 @@ import data
 import ssd
 import weights
 
-IOU_THRESHOLD = 0.5          # devkit minoverlap; a match needs IoU >= 0.5 (py-faster-rcnn uses >)
 METRICS = ("11point", "area")  # VOC2007 test / VOC2010+
 DEFAULT_ROOT = {"voc": "data/VOCdevkit", "coco": "data/coco"}
 COCO_STAT_NAMES = [  # (short, COCOeval.summarize's line) for its 12 stats, in its order
@@ -53,7 +49,7 @@ class EvalError(ValueError):
     """Bad evaluation input; the message starts with the file it concerns where there is one."""
 
 
-def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD):
+def voc_eval(detections, ground_truth, class_names, iou_threshold=0.5):  # devkit minoverlap
     """PASCAL VOC AP per class (nan without objects) and mAP, 11-point and area, as the devkit.
     detections: per image (boxes [k,4], scores [k], labels [k] in 1..C) or None; ground_truth: per
     image {boxes [n,4], labels [n], optional difficult [n]}; boxes xyxy 0-based, no +1.
@@ -226,8 +222,7 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
 
 
 def coco_results(detections, image_ids, category_ids):
-    """COCO results list from per-image (boxes xyxy pixels, scores, labels 1..C) detections:
-    [{"image_id", "category_id": category_ids[label-1], "bbox": [x, y, x2-x, y2-y], "score"}]."""
+    """Per-image (boxes xyxy, scores, labels 1..C) -> COCO results: category_ids[label-1], xywh."""
     return [{"image_id": i, "category_id": category_ids[label - 1],
              "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}  # w = x2 - x1, no +1
             for i, (x1, y1, x2, y2), score, label in _rows(detections, image_ids)]
@@ -330,14 +325,12 @@ def _class_mapping(model, source, name="model"):
     if cfg.get(by) is None:
         raise EvalError(f"{name}: the model config has no class_names to match the data's classes")
     model_keys, label = list(cfg[by]), {k: c for c, k in enumerate(getattr(source, by), start=1)}
-    if unknown := [c for k, c in label.items() if k not in set(model_keys)]:
-        present = {int(label) for i in range(len(source))  # only now (shapes renders images)
-                   for label in source.annotation(i)["labels"]}
+    if unknown := [c for k, c in label.items() if k not in model_keys]:  # only now: slow for shapes
+        present = {int(c) for i in range(len(source)) for c in source.annotation(i)["labels"]}
         if missing := [source.class_names[c - 1] for c in unknown if c in present]:
-            more = ", ..." if len(model_keys) > 8 else ""
+            known = ", ".join(map(str, model_keys[:8])) + (", ..." if len(model_keys) > 8 else "")
             raise EvalError(f"{name}: the model does not know {len(missing)} class(es) that the "
-                            f"data has objects of ({', '.join(missing)}); it knows "
-                            f"{', '.join(map(str, model_keys[:8]))}{more}")
+                            f"data has objects of ({', '.join(missing)}); it knows {known}")
     return np.array([0] + [label.get(k, 0) for k in model_keys], dtype=np.int64)
 
 
@@ -407,8 +400,8 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device else "gloo")
         rank = dist.get_rank()
-    try:
-        result, failed = _run(args, rank, world, device)
+    try:  # a results file is scored by rank 0 alone
+        result, failed = _run(args, rank, world, device) if args.weights or rank == 0 else (None, 0)
         if result is not None and args.json_out:  # nan (a class without objects) -> null
             doc = json.loads(json.dumps(result), parse_constant=lambda _: None)
             weights.write_atomic(args.json_out, lambda f: print(json.dumps(doc, indent=1), file=f))
@@ -471,8 +464,6 @@ def _run(args, rank, world, device):
     if not args.shapes and not args.ann and not Path(root).is_dir():
         raise EvalError(f"{root}: folder does not exist"
                         + ("" if args.data_root else " (the default; give --data-root DIR)"))
-    if args.results and rank > 0:
-        return None, 0
     ann = args.ann or (Path(root, "annotations", "instances_" + data.coco_split(
         root, args.split, train=False) + ".json") if args.coco else None)  # as data.build_source
     source = (_CocoJson(ann, args.images) if args.coco
