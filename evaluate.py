@@ -43,10 +43,7 @@ COCO_STAT_NAMES = [  # (short, COCOeval.summarize's line) for its 12 stats, in i
 _COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")  # devkit results file name
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # a decimal number, no inf or nan
 _DETECTION = ((np.float64, 4), (np.float64, None), (np.int64, None))  # boxes, scores, labels
-
-
-class EvalError(ValueError):
-    """Bad evaluation input; the message starts with the file it concerns where there is one."""
+EvalError = data.DataError  # bad input: the message starts with the file it concerns, if one
 
 
 def voc_eval(detections, ground_truth, class_names, iou_threshold=0.5):  # devkit minoverlap
@@ -133,8 +130,7 @@ def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_ima
     hit, best_gt = iou[np.arange(has_gt.size), best] >= iou_thr, d_start + best
     on_difficult = hit & gt_difficult[best_gt]
     claim = np.flatnonzero(hit & ~on_difficult)
-    # an object goes to the first detection in rank order that claims it; later ones: duplicates
-    _, first = np.unique(best_gt[claim], return_index=True)
+    _, first = np.unique(best_gt[claim], return_index=True)  # the first claim in rank order wins
     tp[has_gt[claim[first]]] = True
     ignored[has_gt[on_difficult]] = True
     return tp, ignored
@@ -144,9 +140,8 @@ def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_
     """Devkit files <prefix><class>.txt of `<image_id> <score> <x1> <y1> <x2> <y2>` (1-based;
     shortest round-trip numbers: read back exactly) of voc_eval's detections -> their paths."""
     lines = {}
-    for image_id, (x1, y1, x2, y2), score, label in _rows(detections, image_ids):
-        lines.setdefault(label, []).append(
-            f"{image_id} {score!r} {x1 + 1!r} {y1 + 1!r} {x2!r} {y2!r}\n")
+    for i, (x1, y1, x2, y2), score, label in _rows(detections, image_ids):
+        lines.setdefault(label, []).append(f"{i} {score!r} {x1 + 1!r} {y1 + 1!r} {x2!r} {y2!r}\n")
     paths = [Path(folder) / f"{prefix}{name}.txt" for name in class_names]
     for c, path in enumerate(paths, start=1):
         weights.write_atomic(path, lambda f: f.write("".join(lines.get(c, []))))
@@ -264,15 +259,13 @@ def _load_coco(ann_file):
 
 def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="11point", log=print,
                    progress=True, name="model", bf16=False, **detect_options):
-    """Detect on every image of a data.py source and score it (train.py's --eval-every) -> as
-    score_detections, plus "failed_images" (unreadable: logged, left out); train/eval mode kept."""
+    """score_detections of every image of a source + failed_images (logged, left out); mode kept."""
     if metric not in METRICS:
         raise ValueError(f"evaluate_model: metric must be one of {METRICS}, not {metric!r}")
     model = getattr(model, "module", model).to(device)  # a DDP-wrapped model; device None: stays
     mapping, was_training = _class_mapping(model, source, name), model.training
-    model.eval()
     try:
-        indices, detections, failed = _predict(model, source, mapping, batch_size, workers,
+        indices, detections, failed = _predict(model.eval(), source, mapping, batch_size, workers,
                                                progress, bf16, **detect_options)
     finally:
         model.train(was_training)
@@ -405,7 +398,7 @@ def main(argv=None):
         if result is not None and args.json_out:  # nan (a class without objects) -> null
             doc = json.loads(json.dumps(result), parse_constant=lambda _: None)
             weights.write_atomic(args.json_out, lambda f: print(json.dumps(doc, indent=1), file=f))
-    except (EvalError, data.DataError, weights.CheckpointError, OSError) as e:
+    except (data.DataError, weights.CheckpointError, OSError) as e:  # EvalError is a DataError
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -428,8 +421,7 @@ def parse_args(argv=None):
     p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt (default test, else val; "
                    "VOC2007 test in a VOCdevkit); COCO: instances_<split>.json (default val2017, "
                    "else the only one)")
-    p.add_argument("--ann", metavar="FILE",
-                   help="COCO: any annotation json, instead of --data-root/--split")
+    p.add_argument("--ann", metavar="FILE", help="COCO: any instances json, no --data-root/--split")
     p.add_argument("--images", metavar="DIR", help="COCO with --weights: the image folder (default "
                    "<root>/<split> for <root>/annotations/instances_<split>.json, else beside it)")
     what = p.add_mutually_exclusive_group(required=True)
@@ -474,22 +466,21 @@ def _run(args, rank, world, device):
         result = coco_eval(read_coco_results(args.results), source.coco, name=args.results)
         print_result(result)
         return result, 0
-    indices, failed = list(range(len(source))), []
     if args.results:
-        detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
-                                      source.class_names)
-    else:
-        if args.coco and (missing := [p for p in source.image_paths if not os.path.isfile(p)]):
-            more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
-            raise EvalError(f"{missing[0]}: image not found{more}" if source.image_dir.is_dir() else
-                            f"{source.image_dir}: image folder not found (give --images DIR)")
-        model = weights.load_model(args.weights, device=device or args.device or (
-            "cuda" if torch.cuda.is_available() else "cpu"))
-        out = _predict(model, source, _class_mapping(model, source, args.weights),
-                       args.batch_size, args.workers, rank == 0, args.bf16, rank, world)
-        if out is None:  # ranks > 0: rank 0 scores
-            return None, 0
-        indices, detections, failed = out
+        ids = [source.image_id(i) for i in range(len(source))]
+        return score_detections(source, range(len(source)), read_voc_results(
+            args.results, ids, source.class_names), args.metric), 0
+    if args.coco and (missing := [p for p in source.image_paths if not os.path.isfile(p)]):
+        more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
+        raise EvalError(f"{missing[0]}: image not found{more}" if source.image_dir.is_dir() else
+                        f"{source.image_dir}: image folder not found (give --images DIR)")
+    model = weights.load_model(args.weights, device=device or args.device or (
+        "cuda" if torch.cuda.is_available() else "cpu"))
+    out = _predict(model, source, _class_mapping(model, source, args.weights), args.batch_size,
+                   args.workers, rank == 0, args.bf16, rank, world)
+    if out is None:  # ranks > 0: rank 0 scores
+        return None, 0
+    indices, detections, failed = out
     for line in failed:
         print(f"evaluate.py: skipped {line}", file=sys.stderr)
     if not indices:
