@@ -202,7 +202,7 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
         raise ValueError(f"coco_eval: {len(names)} class names for {len(cat_ids)} categories")
     with contextlib.redirect_stdout(None):  # pycocotools prints progress; we print ours
         dt = gt.loadRes([dict(r) for r in results]) if results else COCO()  # loadRes edits them
-        dt.dataset.setdefault("annotations", [])  # COCO(): loadRes cannot take an empty list
+        dt.dataset.setdefault("annotations", [])  # COCOeval reads it when image_ids is empty
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = image_ids
         for step in (ev.evaluate, ev.accumulate, ev.summarize):
@@ -421,7 +421,7 @@ def parse_args(argv=None):
     p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt (default test, else val; "
                    "VOC2007 test in a VOCdevkit); COCO: instances_<split>.json (default val2017, "
                    "else the only one)")
-    p.add_argument("--ann", metavar="FILE", help="COCO: any instances json, no --data-root/--split")
+    p.add_argument("--ann", metavar="FILE", help="COCO: an annotation json, no --data-root/--split")
     p.add_argument("--images", metavar="DIR", help="COCO with --weights: the image folder (default "
                    "<root>/<split> for <root>/annotations/instances_<split>.json, else beside it)")
     what = p.add_mutually_exclusive_group(required=True)
