@@ -6,15 +6,12 @@
     python evaluate.py --coco --ann instances_val2014.json --results dets.json   # no images
     torchrun --nproc_per_node 4 evaluate.py --coco --weights W          # images sharded over GPUs
 
-A results file needs the annotations only (COCO: the json; VOC: Annotations/ and the split file).
-
-VOC: VOCevaldet.m of the PASCAL VOC 2007 devkit. Per class, detections ranked by score (stable:
-ties keep image order, then order within the image) each take the object of their class and image
-with the highest IoU (the first on ties), taken or not; at IoU >= 0.5 a difficult one makes them
-neither TP nor FP, a free one a TP (it is then taken), a taken one a FP (duplicate); below, a FP.
-Difficult objects are not positives. Devkit boxes are 1-based with +1 in sizes and intersections;
-ours are 0-based (data.py subtracts 1 from xmin/ymin) without +1, which gives the same IoU; comp4
-files are 1-based (reading subtracts 1 from x1/y1, writing adds it). COCO: pycocotools COCOeval.
+VOC: VOCevaldet.m of the VOC2007 devkit. Per class, detections ranked by score (stable: ties keep
+image, then in-image order) each take the object of their class and image with the highest IoU
+(the first on ties), taken or not; at IoU >= 0.5 (py-faster-rcnn: >) a difficult one makes them
+neither TP nor FP, a free one a TP (now taken), a taken one a FP (duplicate); below, a FP.
+Difficult objects are not positives. Devkit boxes are 1-based, +1 in sizes; ours 0-based (data.py
+subtracts 1 from xmin/ymin), no +1: the same IoU. comp4 files are 1-based (x1/y1 -1 read, +1 write).
 """
 import argparse
 import contextlib
@@ -36,7 +33,6 @@ import data
 import ssd
 import weights
 
-IOU_THRESHOLD = 0.5          # devkit minoverlap; a match needs IoU >= 0.5 (py-faster-rcnn uses >)
 METRICS = ("11point", "area")  # VOC2007 test / VOC2010+
 DEFAULT_ROOT = {"voc": "data/VOCdevkit", "coco": "data/coco"}
 COCO_STAT_NAMES = [  # (short, COCOeval.summarize's line) for its 12 stats, in its order
@@ -47,13 +43,10 @@ COCO_STAT_NAMES = [  # (short, COCOeval.summarize's line) for its 12 stats, in i
 _COMP_FILE = re.compile(r"^comp\d+_det_[A-Za-z0-9]+_(.+)\.txt$")  # devkit results file name
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # a decimal number, no inf or nan
 _DETECTION = ((np.float64, 4), (np.float64, None), (np.int64, None))  # boxes, scores, labels
+EvalError = data.DataError  # bad input: the message starts with the file it concerns, if one
 
 
-class EvalError(ValueError):
-    """Bad evaluation input; the message starts with the file it concerns where there is one."""
-
-
-def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD):
+def voc_eval(detections, ground_truth, class_names, iou_threshold=0.5):  # devkit minoverlap
     """PASCAL VOC AP per class (nan without objects) and mAP, 11-point and area, as the devkit.
     detections: per image (boxes [k,4], scores [k], labels [k] in 1..C) or None; ground_truth: per
     image {boxes [n,4], labels [n], optional difficult [n]}; boxes xyxy 0-based, no +1.
@@ -61,9 +54,8 @@ def voc_eval(detections, ground_truth, class_names, iou_threshold=IOU_THRESHOLD)
     if len(detections) != len(ground_truth):
         raise ValueError(f"voc_eval: {len(detections)} detections, {len(ground_truth)} images")
     (gt_boxes, gt_labels, gt_difficult), gt_image = _stack(
-        [(g["boxes"], g["labels"], np.zeros(len(g["labels"]), bool)
-          if g.get("difficult") is None else g["difficult"]) for g in ground_truth],
-        ((np.float64, 4), (np.int64, None), (bool, None)))
+        [(g["boxes"], g["labels"], g.get("difficult", np.zeros(len(g["labels"]), bool)))
+         for g in ground_truth], ((np.float64, 4), (np.int64, None), (bool, None)))
     (det_boxes, det_scores, det_labels), det_image = _stack(detections, _DETECTION)
     result = {"per_class_11point": {}, "per_class_area": {}, "num_gt": {}}
     for c, name in enumerate(class_names, start=1):
@@ -92,10 +84,8 @@ def voc_ap(rec, prec, metric="11point"):
     envelope = np.maximum.accumulate(np.append(prec, 0.0)[::-1])[::-1]  # best from here; 0 after
     if metric == "11point":
         return float(envelope[np.searchsorted(rec, np.arange(11) / 10, side="left")].mean())
-    if metric == "area":  # over the recall steps, from 0 to the last recall (then 1 at precision 0)
-        mrec = np.concatenate(([0.0], rec, [1.0]))
-        step = np.flatnonzero(mrec[1:] != mrec[:-1])
-        return float(np.sum((mrec[step + 1] - mrec[step]) * envelope[step]))
+    if metric == "area":  # sum of recall steps x envelope, from recall 0 to 1 (last: precision 0)
+        return float(np.diff(np.concatenate(([0.0], rec, [1.0]))) @ envelope)
     raise ValueError(f"voc_ap: metric must be one of {METRICS}, not {metric!r}")
 
 
@@ -140,8 +130,7 @@ def _match_class(det_boxes, det_image, gt_boxes, gt_image, gt_difficult, num_ima
     hit, best_gt = iou[np.arange(has_gt.size), best] >= iou_thr, d_start + best
     on_difficult = hit & gt_difficult[best_gt]
     claim = np.flatnonzero(hit & ~on_difficult)
-    # an object goes to the first detection in rank order that claims it; later ones: duplicates
-    _, first = np.unique(best_gt[claim], return_index=True)
+    _, first = np.unique(best_gt[claim], return_index=True)  # the first claim in rank order wins
     tp[has_gt[claim[first]]] = True
     ignored[has_gt[on_difficult]] = True
     return tp, ignored
@@ -151,9 +140,8 @@ def write_voc_results(folder, detections, image_ids, class_names, prefix="comp4_
     """Devkit files <prefix><class>.txt of `<image_id> <score> <x1> <y1> <x2> <y2>` (1-based;
     shortest round-trip numbers: read back exactly) of voc_eval's detections -> their paths."""
     lines = {}
-    for image_id, (x1, y1, x2, y2), score, label in _rows(detections, image_ids):
-        lines.setdefault(label, []).append(
-            f"{image_id} {score!r} {x1 + 1!r} {y1 + 1!r} {x2!r} {y2!r}\n")
+    for i, (x1, y1, x2, y2), score, label in _rows(detections, image_ids):
+        lines.setdefault(label, []).append(f"{i} {score!r} {x1 + 1!r} {y1 + 1!r} {x2!r} {y2!r}\n")
     paths = [Path(folder) / f"{prefix}{name}.txt" for name in class_names]
     for c, path in enumerate(paths, start=1):
         weights.write_atomic(path, lambda f: f.write("".join(lines.get(c, []))))
@@ -199,11 +187,10 @@ def _rows(detections, image_ids):  # (image_id, [x1, y1, x2, y2], score, label) 
 
 
 def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"):
-    """pycocotools COCOeval (bbox) of results ([] scores 0) over image_ids (default: all) of
-    coco_gt (a json path or COCO); class_names: the categories' by ascending id (default: the
-    json's). EvalError: a result of another image or category. -> {stats: the 12 (-1: no object of
-    that size), map: stats[0], images, per_class (AP@[.5:.95]), per_class_ap50: {name: AP, nan if
-    no object}}."""
+    """pycocotools COCOeval (bbox) of results ([] scores 0) over image_ids (default all) of coco_gt
+    (a json path or COCO); class_names: the categories' by ascending id (default the json's).
+    EvalError: a result of another image or category. -> {stats: the 12 (-1: no object of that
+    size), map: stats[0], images, per_class (AP@[.5:.95]), per_class_ap50: {name: AP or nan}}."""
     gt = coco_gt if isinstance(coco_gt, COCO) else _load_coco(coco_gt)
     image_ids, cat_ids = sorted(gt.getImgIds() if image_ids is None else image_ids), gt.getCatIds()
     for key, known, what in (("image_id", set(image_ids), "in the ground truth"),
@@ -215,7 +202,7 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
         raise ValueError(f"coco_eval: {len(names)} class names for {len(cat_ids)} categories")
     with contextlib.redirect_stdout(None):  # pycocotools prints progress; we print ours
         dt = gt.loadRes([dict(r) for r in results]) if results else COCO()  # loadRes edits them
-        dt.dataset.setdefault("annotations", [])  # COCO(): loadRes cannot take an empty list
+        dt.dataset.setdefault("annotations", [])  # COCOeval reads it when image_ids is empty
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = image_ids
         for step in (ev.evaluate, ev.accumulate, ev.summarize):
@@ -230,8 +217,7 @@ def coco_eval(results, coco_gt, image_ids=None, class_names=None, name="results"
 
 
 def coco_results(detections, image_ids, category_ids):
-    """COCO results list from per-image (boxes xyxy pixels, scores, labels 1..C) detections:
-    [{"image_id", "category_id": category_ids[label-1], "bbox": [x, y, x2-x, y2-y], "score"}]."""
+    """Per-image (boxes xyxy, scores, labels 1..C) -> COCO results: category_ids[label-1], xywh."""
     return [{"image_id": i, "category_id": category_ids[label - 1],
              "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}  # w = x2 - x1, no +1
             for i, (x1, y1, x2, y2), score, label in _rows(detections, image_ids)]
@@ -239,9 +225,8 @@ def coco_results(detections, image_ids, category_ids):
 
 def read_coco_results(path):
     """A COCO results json: a list of {image_id, category_id, bbox [x,y,w,h], score}."""
-    path = Path(path)
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise EvalError(f"{path}: results file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -249,14 +234,12 @@ def read_coco_results(path):
     if not isinstance(results, list):
         raise EvalError(f"{path}: expected a JSON list of detections, got {type(results).__name__}")
     for i, r in enumerate(results):
-        try:  # KeyError: a missing field; TypeError: not a dict, a bbox not a list, not numbers
-            ok = (all(isinstance(r[k], int) for k in ("image_id", "category_id"))
-                  and len(r["bbox"]) == 4 and all(map(math.isfinite, [*r["bbox"], r["score"]])))
-        except (KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
-                            f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
+        with contextlib.suppress(KeyError, TypeError):  # a missing field; not a dict, list, number
+            if (all(isinstance(r[k], int) for k in ("image_id", "category_id"))
+                    and len(r["bbox"]) == 4 and all(map(math.isfinite, [*r["bbox"], r["score"]]))):
+                continue
+        raise EvalError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: "
+                        f"[x, y, w, h], score}} with finite numbers: {json.dumps(r)[:120]}")
     return results
 
 
@@ -276,15 +259,13 @@ def _load_coco(ann_file):
 
 def evaluate_model(model, source, batch_size=8, device=None, workers=2, metric="11point", log=print,
                    progress=True, name="model", bf16=False, **detect_options):
-    """Detect on every image of a data.py source and score it (train.py's --eval-every) -> as
-    score_detections, plus "failed_images" (unreadable: logged, left out); train/eval mode kept."""
+    """score_detections of every image of a source + failed_images (logged, left out); mode kept."""
     if metric not in METRICS:
         raise ValueError(f"evaluate_model: metric must be one of {METRICS}, not {metric!r}")
     model = getattr(model, "module", model).to(device)  # a DDP-wrapped model; device None: stays
     mapping, was_training = _class_mapping(model, source, name), model.training
-    model.eval()
     try:
-        indices, detections, failed = _predict(model, source, mapping, batch_size, workers,
+        indices, detections, failed = _predict(model.eval(), source, mapping, batch_size, workers,
                                                progress, bf16, **detect_options)
     finally:
         model.train(was_training)
@@ -330,43 +311,36 @@ def print_result(result, log=print):
 
 
 def _class_mapping(model, source, name="model"):
-    """int64 [C_model + 1]: the source label of each model label (0: none), by COCO category id
-    when model and source both have them, else by name; EvalError: data classes it does not know."""
+    """int64 [C_model + 1]: each model label's source label (0: none), by COCO id, else by name."""
     cfg = model.config
     by = ("category_ids" if cfg.get("category_ids") is not None
           and getattr(source, "category_ids", None) is not None else "class_names")
     if cfg.get(by) is None:
         raise EvalError(f"{name}: the model config has no class_names to match the data's classes")
-    model_keys, src_keys = list(cfg[by]), list(getattr(source, by))
-    if unknown := [c for c, k in enumerate(src_keys, start=1) if k not in set(model_keys)]:
-        present = {int(label) for i in range(len(source))  # only now (shapes renders images)
-                   for label in source.annotation(i)["labels"]}
+    model_keys, label = list(cfg[by]), {k: c for c, k in enumerate(getattr(source, by), start=1)}
+    if unknown := [c for k, c in label.items() if k not in model_keys]:  # only now: slow for shapes
+        present = {int(c) for i in range(len(source)) for c in source.annotation(i)["labels"]}
         if missing := [source.class_names[c - 1] for c in unknown if c in present]:
-            more = ", ..." if len(model_keys) > 8 else ""
+            known = ", ".join(map(str, model_keys[:8])) + (", ..." if len(model_keys) > 8 else "")
             raise EvalError(f"{name}: the model does not know {len(missing)} class(es) that the "
-                            f"data has objects of ({', '.join(missing)}); it knows "
-                            f"{', '.join(map(str, model_keys[:8]))}{more}")
-    src_label = {k: c for c, k in enumerate(src_keys, start=1)}
-    return np.array([0] + [src_label.get(k, 0) for k in model_keys], dtype=np.int64)
+                            f"data has objects of ({', '.join(missing)}); it knows {known}")
+    return np.array([0] + [label.get(k, 0) for k in model_keys], dtype=np.int64)
 
 
 def _predict(model, source, mapping, batch_size, workers, progress, bf16, rank=0, world=1,
              **detect_options):
-    """Detect on images rank, rank + world, ... -> on rank 0 (the others get None) for all images:
-    (indices read, their (boxes [k,4] pixels, scores, source labels), errors of the others)."""
+    """Detect on images rank::world -> rank 0: (indices read, detections, errors); others: None."""
     shard = range(rank, len(source), world)
     loader = torch.utils.data.DataLoader([(source, i) for i in shard], batch_size=batch_size,
                                          num_workers=workers, collate_fn=_load_batch)
-    detections, failed, start = {}, [], time.perf_counter()
-    last = start
-    for batch in loader:
-        failed += [err for _, image, err in batch if image is None]
-        ok = [(i, image) for i, image, _ in batch if image is not None]
+    detections, failed = {}, []
+    start = last = time.perf_counter()
+    for ok, errors in loader:
+        failed += errors
         outputs = ssd.detect(model, [im for _, im in ok], bf16, **detect_options) if ok else []
         for (i, _), (boxes, scores, labels) in zip(ok, outputs):
-            labels = mapping[labels.numpy()]
-            keep = labels > 0
-            detections[i] = (boxes.numpy()[keep], scores.numpy()[keep], labels[keep])
+            labels = mapping[labels.numpy()]  # source labels, 0: not a class of the data
+            detections[i] = tuple(x[labels > 0] for x in (boxes.numpy(), scores.numpy(), labels))
         done, now = len(detections) + len(failed), time.perf_counter()
         if progress and (now - last >= 2.0 or done == len(shard)):
             rate = done / max(now - start, 1e-9)
@@ -384,19 +358,18 @@ def _predict(model, source, mapping, batch_size, workers, progress, bf16, rank=0
 
 
 def _load_batch(batch):
-    """DataLoader collate of (source, index) -> (index, uint8 [3,H,W] or None, error or None)."""
-    out = []
+    """DataLoader collate of (source, index) -> ([(index, uint8 [3,H,W])], [errors])."""
+    ok, failed = [], []
     for source, i in batch:
         try:
-            out.append((i, data.to_tensor(source.load_image(i).convert("RGB")), None))  # [3, H, W]
+            ok.append((i, data.to_tensor(source.load_image(i).convert("RGB"))))  # [3, H, W]
         except (OSError, ValueError) as e:  # data.DataError is a ValueError
-            out.append((i, None, str(e)))
-    return out
+            failed.append(str(e))
+    return ok, failed
 
 
 class _CocoJson(data.FileSource):
-    """data.py's source over any COCO json (labels only: pycocotools scores the json); images in
-    image_dir, default <root>/<split> for <root>/annotations/instances_<split>.json, else beside."""
+    """A COCO json as source (labels only); images: image_dir, else <root>/<split>, else beside."""
 
     def __init__(self, ann_file, image_dir=None):
         self.ann_file, coco, p = str(ann_file), _load_coco(ann_file), Path(ann_file)
@@ -420,13 +393,12 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device else "gloo")
         rank = dist.get_rank()
-    try:
-        result, failed = _run(args, rank, world, device)
+    try:  # a results file is scored by rank 0 alone
+        result, failed = _run(args, rank, world, device) if args.weights or rank == 0 else (None, 0)
         if result is not None and args.json_out:  # nan (a class without objects) -> null
-            text = json.dumps(json.loads(json.dumps(result), parse_constant=lambda _: None),
-                              indent=1) + "\n"
-            weights.write_atomic(args.json_out, lambda f: f.write(text))
-    except (EvalError, data.DataError, weights.CheckpointError, OSError) as e:
+            doc = json.loads(json.dumps(result), parse_constant=lambda _: None)
+            weights.write_atomic(args.json_out, lambda f: print(json.dumps(doc, indent=1), file=f))
+    except (data.DataError, weights.CheckpointError, OSError) as e:  # EvalError is a DataError
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -437,10 +409,8 @@ def main(argv=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n\n".join(__doc__.split("\n\n")[1:3]),
-        description="VOC mAP (11-point and area, difficult objects ignored) or COCO AP "
-                    "(pycocotools) of a checkpoint or a results file; torchrun shards the images.")
+        prog="evaluate.py", description=__doc__.split("\n")[0], epilog="examples:\n"
+        + __doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--voc", action="store_true", help="PASCAL VOC devkit metric")
     kind.add_argument("--coco", action="store_true", help="COCO metric (pycocotools, bbox)")
@@ -451,8 +421,7 @@ def parse_args(argv=None):
     p.add_argument("--split", help="VOC: ImageSets/Main/<split>.txt (default test, else val; "
                    "VOC2007 test in a VOCdevkit); COCO: instances_<split>.json (default val2017, "
                    "else the only one)")
-    p.add_argument("--ann", metavar="FILE",
-                   help="COCO: any annotation json, instead of --data-root/--split")
+    p.add_argument("--ann", metavar="FILE", help="COCO: an annotation json, no --data-root/--split")
     p.add_argument("--images", metavar="DIR", help="COCO with --weights: the image folder (default "
                    "<root>/<split> for <root>/annotations/instances_<split>.json, else beside it)")
     what = p.add_mutually_exclusive_group(required=True)
@@ -465,8 +434,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8,
                    help="images per batch and process (default %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--bf16", action="store_true",
-                   help="run the model under bfloat16 autocast (CUDA or CPU; default float32)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA/CPU; default float32)")
     p.add_argument("--workers", type=int, default=2, help="image loaders (default %(default)s)")
     p.add_argument("--save-results", help="with --weights: also write the detections (VOC: comp4 "
                    "files in this folder; COCO: a results json) to score again with --results")
@@ -488,8 +456,6 @@ def _run(args, rank, world, device):
     if not args.shapes and not args.ann and not Path(root).is_dir():
         raise EvalError(f"{root}: folder does not exist"
                         + ("" if args.data_root else " (the default; give --data-root DIR)"))
-    if args.results and rank > 0:
-        return None, 0
     ann = args.ann or (Path(root, "annotations", "instances_" + data.coco_split(
         root, args.split, train=False) + ".json") if args.coco else None)  # as data.build_source
     source = (_CocoJson(ann, args.images) if args.coco
@@ -500,22 +466,21 @@ def _run(args, rank, world, device):
         result = coco_eval(read_coco_results(args.results), source.coco, name=args.results)
         print_result(result)
         return result, 0
-    indices, failed = list(range(len(source))), []
     if args.results:
-        detections = read_voc_results(args.results, [source.image_id(i) for i in indices],
-                                      source.class_names)
-    else:
-        if args.coco and (missing := [p for p in source.image_paths if not os.path.isfile(p)]):
-            more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
-            raise EvalError(f"{missing[0]}: image not found{more}" if source.image_dir.is_dir() else
-                            f"{source.image_dir}: image folder not found (give --images DIR)")
-        model = weights.load_model(args.weights, device=device or args.device or (
-            "cuda" if torch.cuda.is_available() else "cpu"))
-        out = _predict(model, source, _class_mapping(model, source, args.weights),
-                       args.batch_size, args.workers, rank == 0, args.bf16, rank, world)
-        if out is None:  # ranks > 0: rank 0 scores
-            return None, 0
-        indices, detections, failed = out
+        ids = [source.image_id(i) for i in range(len(source))]
+        return score_detections(source, range(len(source)), read_voc_results(
+            args.results, ids, source.class_names), args.metric), 0
+    if args.coco and (missing := [p for p in source.image_paths if not os.path.isfile(p)]):
+        more = f" (and {len(missing) - 1} more of {len(source)})" if len(missing) > 1 else ""
+        raise EvalError(f"{missing[0]}: image not found{more}" if source.image_dir.is_dir() else
+                        f"{source.image_dir}: image folder not found (give --images DIR)")
+    model = weights.load_model(args.weights, device=device or args.device or (
+        "cuda" if torch.cuda.is_available() else "cpu"))
+    out = _predict(model, source, _class_mapping(model, source, args.weights), args.batch_size,
+                   args.workers, rank == 0, args.bf16, rank, world)
+    if out is None:  # ranks > 0: rank 0 scores
+        return None, 0
+    indices, detections, failed = out
     for line in failed:
         print(f"evaluate.py: skipped {line}", file=sys.stderr)
     if not indices:
