@@ -12,7 +12,6 @@ on bit for bit. Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage,
 import argparse
 import datetime
 import functools
-import glob
 import inspect
 import itertools
 import json
@@ -61,9 +60,8 @@ RECIPES = {
 }
 DATASETS = sorted({d for d, _ in RECIPES})
 COMMON = dict(size=300, seed=0)  # the same for every data set and case
-# the flags that define a run: a resumed run takes them from its checkpoint (--epochs may grow)
 RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "warmup", "optimizer",
-            "norm", "val_split", "pretrained", "epochs")
+            "norm", "val_split", "pretrained", "epochs")  # kept on --resume (--epochs may grow)
 
 
 def _per_case(key):
@@ -174,21 +172,18 @@ def settings(args):
         if s["pretrained"] and not os.path.isfile(s["pretrained"]):
             raise UsageError(f"{s['pretrained']}: no such file (--pretrained)")
         if args.out and os.path.isfile(os.path.join(args.out, "last.pt")):
-            raise UsageError(f"{args.out}/last.pt exists: continue it with --resume or choose "
-                             "another --out")
+            raise UsageError(f"{args.out}/last.pt exists: --resume it or choose another --out")
         base = os.path.join("runs", f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
         s["out"] = args.out or next(o for o in (f"{base}-{k}" if k > 1 else base for k in
                                                 itertools.count(1)) if not os.path.exists(o))
-    images = len(_sources(s["data"], s["data_root"], s["val_split"])[0])
-    s["epochs"] = args.epochs or s["epochs"] or max(1, round(
-        row["iterations"] / max(1, images // s["batch_size"])))  # a new run's: from the recipe
+    iters = max(1, len(_sources(s["data"], s["data_root"], s["val_split"])[0]) // s["batch_size"])
+    s["epochs"] = args.epochs or s["epochs"] or max(1, round(row["iterations"] / iters))
     gpus = int(torch.cuda.is_available()) if args.gpus is None else args.gpus
     cuda = torch.cuda.is_available() and gpus > 0
     if cuda and gpus > torch.cuda.device_count():
         raise UsageError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA devices")
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(gpus, 1)  # on this machine
     workers = default_workers(cuda, procs) if args.workers is None else args.workers
-    # a worker needs a fraction of a core on the CPU (BCCD: ~0.1 at 10 img/s): the rest go to torch
     s.update({k: getattr(args, k) for k in ("compile", "log_every", "max_steps", "eval_every")},
              amp=args.amp, threads=max(1, _cores() // procs - workers // 2), workers=workers,
              gpus=gpus, cuda=cuda, augment_on=args.augment_on or ("device" if cuda else "cpu"))
@@ -251,7 +246,6 @@ def set_rng_state(state):
 
 
 def seed_all(*key):
-    """Seed torch, numpy and random from a tuple of ints."""
     seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
     for manual_seed in (torch.manual_seed, np.random.seed, random.seed):
         manual_seed(seed)
@@ -259,7 +253,6 @@ def seed_all(*key):
 
 class EpochSeeded(torch.utils.data.Dataset):
     """Items by key (epoch, index), every generator seeded from (seed, epoch, index) first."""
-
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
 
@@ -278,17 +271,15 @@ def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start,
     """This rank's batches of EpochSeeded keys (epoch, index) from step `start` to `stop`; each
     epoch DistributedSampler's shuffle (seed + epoch), less the tail that fills no batch."""
     for epoch in range(start // iters_per_epoch, (stop - 1) // iters_per_epoch + 1):
-        sampler = torch.utils.data.DistributedSampler(range(num_images), world, rank, seed=seed,
-                                                      drop_last=True)
-        sampler.set_epoch(epoch)
-        order, first = list(sampler), epoch * iters_per_epoch
+        order = list(torch.utils.data.DistributedSampler(range(num_images), world, rank,
+                                                         seed=seed + epoch, drop_last=True))
+        first = epoch * iters_per_epoch
         for k in range(max(start - first, 0), min(stop - first, len(order) // per_rank)):
             yield [(epoch, i) for i in order[k * per_rank:(k + 1) * per_rank]]
 
 
 def eta_rate(window, elapsed, rates):
-    """Seconds per step for the ETA: the median of the windows' rates (appended to `rates`) but the
-    first (start-up) once there is another."""
+    """Seconds per step for the ETA: the median window rate (appended to `rates`), bar the first."""
     rates.append(elapsed / window["steps"])
     return float(np.median(rates[1:] or rates))
 
@@ -297,7 +288,7 @@ def _setup(s, rank, local_rank, world, log):
     """-> the run: the settings as attributes, device, data, model, optimizer, schedule, step."""
     cuda, out = s["cuda"], s["out"]
     r = argparse.Namespace(**dict(
-        s, s=s, rank=rank, world=world, log=log, step=0, best_map=None, rates=[],
+        s, rank=rank, world=world, log=log, step=0, best_map=None, rates=[],
         device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"),
         device_ids=[local_rank] if cuda else None, amp=cuda and s["amp"] is not False,
         per_rank=s["batch_size"] // world, last=os.path.join(out, "last.pt"),
@@ -337,8 +328,7 @@ def _setup(s, rank, local_rank, world, log):
              if r.optimizer == "adamw" else torch.optim.SGD(
                  param_groups(r.model, r.lr, scratch=not r.pretrained), lr=r.lr,
                  momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
-    r.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        r.opt, lambda it: lr_factor(it, r.total, r.warmup))
+    r.sched = torch.optim.lr_scheduler.LambdaLR(r.opt, lambda it: lr_factor(it, r.total, r.warmup))
     r.scaler = torch.amp.GradScaler("cuda", enabled=r.amp and r.amp_dtype == torch.float16)
     if r.resume:  # weights, optimizer, schedule, step, RNG
         ckpt = _read_checkpoint(r.resume)
@@ -347,17 +337,16 @@ def _setup(s, rank, local_rank, world, log):
         except RuntimeError as e:
             raise UsageError(f"{r.resume}: weights do not fit the model "
                              f"({str(e).splitlines()[1].strip()})") from None
-        r.opt.load_state_dict(ckpt["optimizer"])
-        r.scheduler.load_state_dict(ckpt["scheduler"])
-        if r.scaler.is_enabled() and ckpt.get("scaler"):
-            r.scaler.load_state_dict(ckpt["scaler"])
+        for obj, key in ((r.opt, "optimizer"), (r.sched, "scheduler"), (r.scaler, "scaler")):
+            if ckpt.get(key):  # no scaler state in older checkpoints; a disabled scaler ignores it
+                obj.load_state_dict(ckpt[key])
         r.step, r.best_map = int(ckpt["step"]), ckpt.get("best_map")
         set_rng_state(ckpt["rng"])
         log(f"resumed {r.resume} at step {r.step} (epoch {r.step // r.iters})")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(out), "*.pt.tmp*")):  # saves cut short
-            os.remove(stale)
+        for stale in (f for f in os.listdir(out) if ".pt.tmp" in f):  # saves cut short
+            os.remove(os.path.join(out, stale))
         if r.resume and os.path.isfile(r.metrics):  # drop the lines logged after the checkpoint
             with open(r.metrics) as f:  # and one cut short by a kill (no newline)
                 keep = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] <= r.step]
@@ -393,7 +382,7 @@ def _step(r, images, boxes, labels):
     r.scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
     r.scaler.step(r.opt)
     r.scaler.update()
-    r.scheduler.step()
+    r.sched.step()
     r.step += 1
     w["steps"] += 1
     w["terms"] += terms
@@ -429,27 +418,26 @@ def _end_of_epoch(r):
         dist.all_gather(prints, mine)
         same = all(torch.equal(prints[0], p) for p in prints[1:])
         r.log(f"weights {'identical' if same else 'DIFFERENT'} across {r.world} processes")
-    improved = False
-    if r.rank == 0 and r.eval_every != 0 and (
-            finished or r.eval_every and r.step % (r.eval_every * r.iters) == 0):
-        t0 = time.perf_counter()
-        result = evaluate.evaluate_model(r.model, r.val_source, batch_size=8, device=r.device,
-                                         workers=min(2, r.workers), log=r.log)
-        secs = time.perf_counter() - t0
-        r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} ({data.duration(secs)})")
-        with open(r.metrics, "a") as f:
-            f.write(json.dumps(dict(step=r.step, epoch=epoch, map=result["map"], eval_s=round(
-                secs, 1), time_s=round(time.perf_counter() - r.start, 1))) + "\n")
-        improved = r.best_map is None or result["map"] > r.best_map
-        r.best_map = max(result["map"], r.best_map or 0.0)
     if r.rank == 0:
+        improved = False
+        if r.eval_every != 0 and (finished or r.eval_every and epoch % r.eval_every == 0):
+            t0 = time.perf_counter()
+            mean_ap = evaluate.evaluate_model(r.model, r.val_source, batch_size=8, device=r.device,
+                                              workers=min(2, r.workers), log=r.log)["map"]
+            secs = time.perf_counter() - t0
+            r.log(f"eval step {r.step} epoch {epoch}: mAP {mean_ap:.4f} ({data.duration(secs)})")
+            with open(r.metrics, "a") as f:
+                print(json.dumps(dict(step=r.step, epoch=epoch, map=mean_ap, eval_s=round(secs, 1),
+                                      time_s=round(time.perf_counter() - r.start, 1))), file=f)
+            improved = r.best_map is None or mean_ap > r.best_map
+            r.best_map = max(mean_ap, r.best_map or 0.0)
         for path in (r.last, r.best) if improved or r.best_map is None else (r.last,):
             weights.save_checkpoint(
                 path, model={k: v.detach().cpu() for k, v in r.model.state_dict().items()},
                 config=r.model.config, optimizer=r.opt.state_dict(),
-                scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
+                scheduler=r.sched.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
                 step=r.step, best_map=r.best_map, rng=rng_state(),
-                train_args={k: r.s[k] for k in RUN_KEYS})
+                train_args={k: getattr(r, k) for k in RUN_KEYS})
         r.log(f"saved {r.last}" + (f" and {r.best}" if improved else ""))
     if r.world > 1:
         dist.barrier(device_ids=r.device_ids)
@@ -533,8 +521,7 @@ def run(s, rank, local_rank, world):
         log(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)  # one line, no traceback
         return 2
     except KeyboardInterrupt:
-        log(f"interrupted; continue with --resume {os.path.join(s['out'], 'last.pt')}",
-            file=sys.stderr)
+        log(f"interrupted; continue with --resume {s['out']}/last.pt", file=sys.stderr)
         return 130
     finally:
         if world > 1:
