@@ -110,6 +110,24 @@ def test_defaults_per_case_and_linear_lr_rule(tmp_path):
                                          "--norm", "bn"]))  # no BatchNorm in ImageNet VGG16s
 
 
+def test_a_resumed_run_keeps_its_recipe_case(tmp_path):
+    # shapes has no pretrained row: with --pretrained it still runs the quick start's recipe, and
+    # its checkpoint resumes as that case too (voc's has the paper's, resumed as the paper's)
+    (tmp_path / "vgg.pth").write_bytes(b"")
+    root = write_voc(tmp_path / "voc", [1] * 4, size=(32, 24))
+    for data_args, case in ((["shapes"], "scratch"),
+                            (["voc", "--data-root", str(root)], "pretrained")):
+        out = tmp_path / data_args[0]
+        s = train.settings(train.parse_args(["--data", *data_args, "--pretrained",
+                                             str(tmp_path / "vgg.pth"), "--out", str(out)]))
+        assert s["case"] == case
+        path = tmp_path / f"{data_args[0]}.pt"
+        torch.save(dict(model={}, config={}, optimizer={}, scheduler={}, step=0, rng={},
+                        train_args={k: s[k] for k in train.RUN_KEYS}), path)
+        resumed = train.settings(train.parse_args(["--resume", str(path)]))
+        assert resumed["case"] == case and all(resumed[k] == s[k] for k in train.RUN_KEYS)
+
+
 def test_eta_uses_the_median_rate_after_the_first_window():
     rates = []
     assert train.eta_rate(dict(steps=10), 50.0, rates) == 5.0  # only the slow first window
@@ -355,7 +373,7 @@ def test_nan_guard_stops_with_the_step_and_terms(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ssd, "multibox_loss", real_loss)
     args = ["--data", "voc", "--data-root", str(root), "--out", str(out), *TINY]
     assert train.main(args) == 2
-    assert "continue it with --resume" in capsys.readouterr().err
+    assert "last.pt exists: --resume it or choose another --out" in capsys.readouterr().err
     assert train.main(["--resume", str(out / "last.pt"), "--width", "0.5"]) == 2
     assert "was trained with 0.0625" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

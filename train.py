@@ -12,7 +12,6 @@ on bit for bit. Exit codes: 0 done; 1 stopped on a non-finite loss; 2 bad usage,
 import argparse
 import datetime
 import functools
-import glob
 import inspect
 import itertools
 import json
@@ -28,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel
 
 import data
 import evaluate
@@ -48,8 +46,7 @@ MAX_UNREADABLE = 10  # consecutive unreadable training images before giving up
 # Run defaults per data set and case ("pretrained": --pretrained given), shown by --help. Schedules
 # in iterations, as Caffe's: --epochs = iterations / (images // batch). lr None: BASE_LR x batch/32.
 PAPER = dict(batch_size=32, lr=None, warmup=500, width=1.0, optimizer="sgd", norm="none")
-# From scratch (the paper's recipe assumes an ImageNet VGG16): AdamW (SGD without BatchNorm learned
-# nothing in a few hundred iterations), 1/8 width; --norm bn learns faster but runs slower on CPUs.
+# From scratch: AdamW (SGD without BatchNorm learned nothing in a few hundred iterations), 1/8 width
 SCRATCH = dict(iterations=1800, batch_size=16, lr=3e-3, warmup=50, width=0.125,
                optimizer="adamw", norm="none")
 RECIPES = {
@@ -63,9 +60,8 @@ RECIPES = {
 }
 DATASETS = sorted({d for d, _ in RECIPES})
 COMMON = dict(size=300, seed=0)  # the same for every data set and case
-# the flags that define a run: a resumed run takes them from its checkpoint (--epochs may grow)
 RUN_KEYS = ("data", "data_root", "size", "width", "batch_size", "lr", "seed", "warmup", "optimizer",
-            "norm", "val_split", "pretrained", "epochs")
+            "norm", "val_split", "pretrained", "epochs")  # kept on --resume (--epochs may grow)
 
 
 def _per_case(key):
@@ -146,11 +142,8 @@ def _read_checkpoint(path):
 
 @functools.lru_cache(maxsize=None)
 def _sources(name, root, val_split):
-    try:
-        return (data.build_source(name, root, None, train=True),
-                data.build_source(name, root, val_split, train=False))
-    except data.DataError as e:
-        raise UsageError(str(e).strip().splitlines()[-1]) from None
+    return (data.build_source(name, root, None, train=True),
+            data.build_source(name, root, val_split, train=False))
 
 
 def settings(args):
@@ -163,41 +156,34 @@ def settings(args):
             raise UsageError("--resume: no runs/*/last.pt to continue (give a path)")
         s = {"norm": "none", **_read_checkpoint(path)["train_args"]}  # older runs: no norm
         for key in RUN_KEYS:
-            given = getattr(args, key)
-            if given is not None and key != "epochs" and given != s.get(key):
+            if key != "epochs" and (given := getattr(args, key)) not in (None, s.get(key)):
                 raise UsageError(f"--{key.replace('_', '-')} {given}: {path} was trained with "
                                  f"{s.get(key)}; a resumed run keeps its settings")
-        s.update(resume=path, out=args.out or os.path.dirname(os.path.abspath(path)),
-                 case="pretrained" if s["pretrained"] else "scratch")
+        s.update(resume=path, out=args.out or os.path.dirname(os.path.abspath(path)))
     else:
-        case = ("pretrained" if args.pretrained and (args.data, "pretrained") in RECIPES
-                else "scratch")
-        row = RECIPES[args.data, case]
-        s = COMMON | {k: row[k] for k in ("width", "batch_size", "warmup", "optimizer", "norm")}
-        s.update({k: getattr(args, k) for k in s if getattr(args, k) is not None}, data=args.data,
-                 data_root=args.data_root, case=case, val_split=args.val_split,
-                 pretrained=args.pretrained, resume=None, epochs=None)
-        s["lr"] = args.lr or row["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
-        if args.pretrained and s["norm"] == "bn":
+        s = {k: getattr(args, k) for k in RUN_KEYS} | dict(resume=None)
+    case = "pretrained" if s["pretrained"] and (s["data"], "pretrained") in RECIPES else "scratch"
+    row, s["case"] = RECIPES[s["data"], case], case
+    if not s["resume"]:  # a new run: the flags given, else the recipe's
+        s.update({k: v for k, v in (COMMON | row).items() if k in s and s[k] is None})
+        s["lr"] = s["lr"] or BASE_LR * s["batch_size"] / BASE_BATCH
+        if s["pretrained"] and s["norm"] == "bn":
             raise UsageError("--norm bn: the VGG16 files --pretrained reads have no BatchNorm")
-        if args.pretrained and not os.path.isfile(args.pretrained):
-            raise UsageError(f"{args.pretrained}: no such file (--pretrained)")
+        if s["pretrained"] and not os.path.isfile(s["pretrained"]):
+            raise UsageError(f"{s['pretrained']}: no such file (--pretrained)")
         if args.out and os.path.isfile(os.path.join(args.out, "last.pt")):
-            raise UsageError(f"{args.out}/last.pt exists: continue it with --resume or choose "
-                             "another --out")
+            raise UsageError(f"{args.out}/last.pt exists: --resume it or choose another --out")
         base = os.path.join("runs", f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
         s["out"] = args.out or next(o for o in (f"{base}-{k}" if k > 1 else base for k in
                                                 itertools.count(1)) if not os.path.exists(o))
-    images = len(_sources(s["data"], s["data_root"], s["val_split"])[0])
-    s["epochs"] = args.epochs or s["epochs"] or max(1, round(
-        row["iterations"] / max(1, images // s["batch_size"])))  # a new run's: from the recipe
+    iters = max(1, len(_sources(s["data"], s["data_root"], s["val_split"])[0]) // s["batch_size"])
+    s["epochs"] = args.epochs or s["epochs"] or max(1, round(row["iterations"] / iters))
     gpus = int(torch.cuda.is_available()) if args.gpus is None else args.gpus
     cuda = torch.cuda.is_available() and gpus > 0
     if cuda and gpus > torch.cuda.device_count():
         raise UsageError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA devices")
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(gpus, 1)  # on this machine
     workers = default_workers(cuda, procs) if args.workers is None else args.workers
-    # a worker needs a fraction of a core on the CPU (BCCD: ~0.1 at 10 img/s): the rest go to torch
     s.update({k: getattr(args, k) for k in ("compile", "log_every", "max_steps", "eval_every")},
              amp=args.amp, threads=max(1, _cores() // procs - workers // 2), workers=workers,
              gpus=gpus, cuda=cuda, augment_on=args.augment_on or ("device" if cuda else "cpu"))
@@ -209,15 +195,13 @@ def _cores():
 
 
 def default_workers(cuda, procs):
-    """--workers default: this process's share of the cores (over `procs` training processes) less
-    one for itself, at most 8; on the CPU a quarter of the share (the rest: torch's threads)."""
+    """--workers default: the cores per process less one (CPU: a quarter of them), 1 to 8."""
     share = _cores() // procs
     return max(1, min(8, share - 1 if cuda else share // 4))
 
 
 def init_from_scratch(model):
-    """He init (He et al. 2015, Sec. 2.2) of the VGG and extra convs, conv1_1's also / PIXEL_STD
-    (input 0-255 minus the mean); ssd.py's Xavier would start conv7 ~50x weaker than conv4_3."""
+    """He init (He et al. 2015, Sec. 2.2) of the VGG and extra convs; conv1_1's / PIXEL_STD."""
     convs = [m for m in [*model.vgg, *model.extras] if isinstance(m, torch.nn.Conv2d)]
     for conv in convs:
         torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
@@ -262,7 +246,6 @@ def set_rng_state(state):
 
 
 def seed_all(*key):
-    """Seed torch, numpy and random from a tuple of ints."""
     seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
     for manual_seed in (torch.manual_seed, np.random.seed, random.seed):
         manual_seed(seed)
@@ -270,7 +253,6 @@ def seed_all(*key):
 
 class EpochSeeded(torch.utils.data.Dataset):
     """Items by key (epoch, index), every generator seeded from (seed, epoch, index) first."""
-
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
 
@@ -289,17 +271,15 @@ def run_batches(num_images, seed, rank, world, per_rank, iters_per_epoch, start,
     """This rank's batches of EpochSeeded keys (epoch, index) from step `start` to `stop`; each
     epoch DistributedSampler's shuffle (seed + epoch), less the tail that fills no batch."""
     for epoch in range(start // iters_per_epoch, (stop - 1) // iters_per_epoch + 1):
-        sampler = torch.utils.data.DistributedSampler(range(num_images), world, rank, seed=seed,
-                                                      drop_last=True)
-        sampler.set_epoch(epoch)
-        order, first = list(sampler), epoch * iters_per_epoch
+        order = list(torch.utils.data.DistributedSampler(range(num_images), world, rank,
+                                                         seed=seed + epoch, drop_last=True))
+        first = epoch * iters_per_epoch
         for k in range(max(start - first, 0), min(stop - first, len(order) // per_rank)):
             yield [(epoch, i) for i in order[k * per_rank:(k + 1) * per_rank]]
 
 
 def eta_rate(window, elapsed, rates):
-    """Seconds per step for the ETA: the median of the log windows' rates (appended to `rates`),
-    leaving out the first (start-up, warm-up) once there is another."""
+    """Seconds per step for the ETA: the median window rate (appended to `rates`), bar the first."""
     rates.append(elapsed / window["steps"])
     return float(np.median(rates[1:] or rates))
 
@@ -308,7 +288,7 @@ def _setup(s, rank, local_rank, world, log):
     """-> the run: the settings as attributes, device, data, model, optimizer, schedule, step."""
     cuda, out = s["cuda"], s["out"]
     r = argparse.Namespace(**dict(
-        s, s=s, rank=rank, world=world, log=log, step=0, best_map=None, rates=[],
+        s, rank=rank, world=world, log=log, step=0, best_map=None, rates=[],
         device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"),
         device_ids=[local_rank] if cuda else None, amp=cuda and s["amp"] is not False,
         per_rank=s["batch_size"] // world, last=os.path.join(out, "last.pt"),
@@ -344,13 +324,11 @@ def _setup(s, rank, local_rank, world, log):
     elif not r.resume:
         weights.load_backbone(r.model, r.pretrained)
     r.model.to(r.device, memory_format=torch.channels_last)  # faster: GPUs, CPUs (1.6x on 2 cores)
-    if r.optimizer == "adamw":  # from here on r.optimizer is the optimizer
-        r.optimizer = torch.optim.AdamW(r.model.parameters(), lr=r.lr, weight_decay=WEIGHT_DECAY)
-    else:
-        r.optimizer = torch.optim.SGD(param_groups(r.model, r.lr, scratch=not r.pretrained),
-                                      lr=r.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    r.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        r.optimizer, lambda it: lr_factor(it, r.total, r.warmup))
+    r.opt = (torch.optim.AdamW(r.model.parameters(), lr=r.lr, weight_decay=WEIGHT_DECAY)
+             if r.optimizer == "adamw" else torch.optim.SGD(
+                 param_groups(r.model, r.lr, scratch=not r.pretrained), lr=r.lr,
+                 momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
+    r.sched = torch.optim.lr_scheduler.LambdaLR(r.opt, lambda it: lr_factor(it, r.total, r.warmup))
     r.scaler = torch.amp.GradScaler("cuda", enabled=r.amp and r.amp_dtype == torch.float16)
     if r.resume:  # weights, optimizer, schedule, step, RNG
         ckpt = _read_checkpoint(r.resume)
@@ -359,17 +337,16 @@ def _setup(s, rank, local_rank, world, log):
         except RuntimeError as e:
             raise UsageError(f"{r.resume}: weights do not fit the model "
                              f"({str(e).splitlines()[1].strip()})") from None
-        r.optimizer.load_state_dict(ckpt["optimizer"])
-        r.scheduler.load_state_dict(ckpt["scheduler"])
-        if r.scaler.is_enabled() and ckpt.get("scaler"):
-            r.scaler.load_state_dict(ckpt["scaler"])
+        for obj, key in ((r.opt, "optimizer"), (r.sched, "scheduler"), (r.scaler, "scaler")):
+            if ckpt.get(key):  # no scaler state in older checkpoints; a disabled scaler ignores it
+                obj.load_state_dict(ckpt[key])
         r.step, r.best_map = int(ckpt["step"]), ckpt.get("best_map")
         set_rng_state(ckpt["rng"])
         log(f"resumed {r.resume} at step {r.step} (epoch {r.step // r.iters})")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(out), "*.pt.tmp*")):  # saves cut short
-            os.remove(stale)
+        for stale in (f for f in os.listdir(out) if ".pt.tmp" in f):  # saves cut short
+            os.remove(os.path.join(out, stale))
         if r.resume and os.path.isfile(r.metrics):  # drop the lines logged after the checkpoint
             with open(r.metrics) as f:  # and one cut short by a kill (no newline)
                 keep = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] <= r.step]
@@ -386,8 +363,7 @@ def _step(r, images, boxes, labels):
     if isinstance(images, tuple):  # --augment-on device: decoded pixels and the draws
         images = data.augment_batch(*(t.to(device, non_blocking=True) for t in images),
                                     r.model.config["mean"])  # [B, 3, S, S]
-    images = images.to(device, non_blocking=True).contiguous(
-        memory_format=torch.channels_last)  # [B, 3, S, S]
+    images = images.to(device, non_blocking=True, memory_format=torch.channels_last)  # [B, 3, S, S]
     boxes = [b.to(device, non_blocking=True) for b in boxes]  # [N_i, 4] each
     labels = [lab.to(device, non_blocking=True) for lab in labels]  # [N_i] each
     with torch.autocast(device.type, dtype=r.amp_dtype, enabled=r.amp):
@@ -402,11 +378,11 @@ def _step(r, images, boxes, labels):
               f"loss_box={terms[1].item():.4g}); last good checkpoint: "
               f"{r.last if os.path.isfile(r.last) else 'none yet'}", file=sys.stderr)
         return False
-    r.optimizer.zero_grad(set_to_none=True)
+    r.opt.zero_grad(set_to_none=True)
     r.scaler.scale(losses["loss_cls"] + losses["loss_box"]).backward()
-    r.scaler.step(r.optimizer)
+    r.scaler.step(r.opt)
     r.scaler.update()
-    r.scheduler.step()
+    r.sched.step()
     r.step += 1
     w["steps"] += 1
     w["terms"] += terms
@@ -414,7 +390,7 @@ def _step(r, images, boxes, labels):
         return True
     elapsed = (now := time.perf_counter()) - w["t"]
     cls_loss, box_loss = (w["terms"] / w["steps"]).tolist()
-    row = dict(step=r.step, epoch=r.step / r.iters, lr=r.optimizer.param_groups[0]["lr"],
+    row = dict(step=r.step, epoch=r.step / r.iters, lr=r.opt.param_groups[0]["lr"],
                loss=cls_loss + box_loss, loss_cls=cls_loss, loss_box=box_loss,
                images_per_s=w["steps"] * r.batch_size / elapsed, data_wait=w["wait"] / elapsed,
                eta_s=(r.stop - r.step) * eta_rate(w, elapsed, r.rates), time_s=now - r.start)
@@ -442,27 +418,26 @@ def _end_of_epoch(r):
         dist.all_gather(prints, mine)
         same = all(torch.equal(prints[0], p) for p in prints[1:])
         r.log(f"weights {'identical' if same else 'DIFFERENT'} across {r.world} processes")
-    improved = False
-    if r.rank == 0 and r.eval_every != 0 and (
-            finished or r.eval_every and r.step % (r.eval_every * r.iters) == 0):
-        t0 = time.perf_counter()
-        result = evaluate.evaluate_model(r.model, r.val_source, batch_size=8, device=r.device,
-                                         workers=min(2, r.workers), log=r.log)
-        secs = time.perf_counter() - t0
-        r.log(f"eval step {r.step} epoch {epoch}: mAP {result['map']:.4f} ({data.duration(secs)})")
-        with open(r.metrics, "a") as f:
-            f.write(json.dumps(dict(step=r.step, epoch=epoch, map=result["map"], eval_s=round(
-                secs, 1), time_s=round(time.perf_counter() - r.start, 1))) + "\n")
-        improved = r.best_map is None or result["map"] > r.best_map
-        r.best_map = max(result["map"], r.best_map or 0.0)
     if r.rank == 0:
+        improved = False
+        if r.eval_every != 0 and (finished or r.eval_every and epoch % r.eval_every == 0):
+            t0 = time.perf_counter()
+            mean_ap = evaluate.evaluate_model(r.model, r.val_source, batch_size=8, device=r.device,
+                                              workers=min(2, r.workers), log=r.log)["map"]
+            secs = time.perf_counter() - t0
+            r.log(f"eval step {r.step} epoch {epoch}: mAP {mean_ap:.4f} ({data.duration(secs)})")
+            with open(r.metrics, "a") as f:
+                print(json.dumps(dict(step=r.step, epoch=epoch, map=mean_ap, eval_s=round(secs, 1),
+                                      time_s=round(time.perf_counter() - r.start, 1))), file=f)
+            improved = r.best_map is None or mean_ap > r.best_map
+            r.best_map = max(mean_ap, r.best_map or 0.0)
         for path in (r.last, r.best) if improved or r.best_map is None else (r.last,):
             weights.save_checkpoint(
                 path, model={k: v.detach().cpu() for k, v in r.model.state_dict().items()},
-                config=r.model.config, optimizer=r.optimizer.state_dict(),
-                scheduler=r.scheduler.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
+                config=r.model.config, optimizer=r.opt.state_dict(),
+                scheduler=r.sched.state_dict(), scaler=r.scaler.state_dict(), epoch=epoch,
                 step=r.step, best_map=r.best_map, rng=rng_state(),
-                train_args={k: r.s[k] for k in RUN_KEYS})
+                train_args={k: getattr(r, k) for k in RUN_KEYS})
         r.log(f"saved {r.last}" + (f" and {r.best}" if improved else ""))
     if r.world > 1:
         dist.barrier(device_ids=r.device_ids)
@@ -485,7 +460,7 @@ def _train(s, rank, local_rank, world, log):
         f"world size {world}{f' ({dist.get_backend()})' if world > 1 else ''}, {r.workers} "
         f"loader workers{'' if r.cuda else f', {torch.get_num_threads()} threads'}; amp "
         f"{str(r.amp_dtype).split('.')[-1] if r.amp else 'off'}")
-    log(f"global batch {r.batch_size} ({r.per_rank} per process), {type(r.optimizer).__name__} "
+    log(f"global batch {r.batch_size} ({r.per_rank} per process), {type(r.opt).__name__} "
         f"lr {r.lr:.3g}, {r.iters} iterations/epoch x {r.epochs} epochs = {r.total} iterations; "
         f"warmup {r.warmup} from lr/3, x{DECAY:g} at {round(DECAY_AT[0] * r.total)} and "
         f"{round(DECAY_AT[1] * r.total)}; run folder {r.out}")
@@ -514,11 +489,10 @@ def _train(s, rank, local_rank, world, log):
         pic, images = os.path.join(r.out, "detections.jpg"), [
             r.val_source.load_image(i) for i in range(min(4, len(r.val_source)))]
         dets = ssd.detect(r.model.eval(), [data.to_tensor(im) for im in images], score_thr=0.5)
-        for im, (boxes, scores, labels) in zip(images, dets):
-            data.draw_detections(im, boxes, scores, labels, r.model.config["class_names"])
         w, h = max(im.width for im in images), max(im.height for im in images)  # of a cell
         grid = Image.new("RGB", (min(2, len(images)) * w, (len(images) + 1) // 2 * h), "white")
-        for k, im in enumerate(images):  # in a 2 x 2 grid
+        for k, (im, (boxes, scores, labels)) in enumerate(zip(images, dets)):  # a 2 x 2 grid
+            data.draw_detections(im, boxes, scores, labels, r.model.config["class_names"])
             grid.paste(im, (k % 2 * w, k // 2 * h))
         weights.write_atomic(pic, lambda f: grid.save(f, format="JPEG", quality=92), mode="wb")
         best = f", best mAP {r.best_map:.4f}" if r.best_map is not None else ""
@@ -529,9 +503,9 @@ def _train(s, rank, local_rank, world, log):
 
 def wrap_ddp(model, device_ids, batchnorm=False):
     """DistributedDataParallel, syncing the buffers at each forward only with BatchNorm."""
-    # torch 2.13 deprecated broadcast_buffers (FutureWarning) for forward_sync_buffers
-    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-    return DistributedDataParallel(model, device_ids=device_ids, **{
+    ddp = torch.nn.parallel.DistributedDataParallel  # torch 2.13 deprecated broadcast_buffers
+    new = "forward_sync_buffers" in inspect.signature(ddp).parameters
+    return ddp(model, device_ids=device_ids, **{
         "forward_sync_buffers" if new else "broadcast_buffers": batchnorm})
 
 
@@ -544,12 +518,10 @@ def run(s, rank, local_rank, world):
     try:
         return _train(s, rank, local_rank, world, log)
     except (UsageError, data.DataError, weights.CheckpointError) as e:
-        # one line: an error raised in a DataLoader worker arrives with its traceback
-        log(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        log(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)  # one line, no traceback
         return 2
     except KeyboardInterrupt:
-        log(f"interrupted; continue with --resume {os.path.join(s['out'], 'last.pt')}",
-            file=sys.stderr)
+        log(f"interrupted; continue with --resume {s['out']}/last.pt", file=sys.stderr)
         return 130
     finally:
         if world > 1:
@@ -564,7 +536,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         s = settings(args)
-    except (UsageError, weights.CheckpointError) as e:
+    except (UsageError, data.DataError, weights.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env, gpus = os.environ, s["gpus"]
