@@ -388,6 +388,17 @@ def test_unreadable_files(tmp_path, full_width_model, kind, reason):
             load(path)
 
 
+def test_a_file_that_cannot_be_read(tmp_path, monkeypatch):
+    path = tmp_path / "w.pt"  # simulated: root may read any file
+
+    def load(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    torch.save(ssd.ssd300(2, width=WIDTH).state_dict(), path)
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot read \(Perm"):
+        weights.load_model(path)
+
+
 def test_our_checkpoint_with_a_mismatch(tmp_path):
     model = ssd.ssd300(3, width=WIDTH)
     path = tmp_path / "w.pt"

@@ -57,6 +57,8 @@ def read_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged files raise many types (zip, EOF, pickle, KeyError...)
+        if isinstance(e, PermissionError):  # (a truncated zip raises an OSError too)
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
         if refused := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):  # a whole nn.Module
             raise CheckpointError(
                 f"{path}: holds Python objects other than tensors and plain containers ("
