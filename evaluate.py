@@ -282,8 +282,9 @@ def score_detections(source, indices, detections, metric="11point", log=print):
         raise EvalError("no images to evaluate")
     if hasattr(source, "ann_file") and hasattr(source, "category_ids"):
         ids = [source.image_id(i) for i in indices]
-        result = coco_eval(coco_results(detections, ids, source.category_ids), source.ann_file,
-                           ids, source.class_names)
+        gt = getattr(source, "coco", source.ann_file)  # _CocoJson has parsed the json already
+        result = coco_eval(coco_results(detections, ids, source.category_ids), gt, ids,
+                           source.class_names)
     else:
         result = voc_eval(detections, [source.annotation(i) for i in indices], source.class_names)
         result.update(map=result[f"map_{metric}"], metric=metric, images=len(indices))

@@ -391,10 +391,11 @@ def test_unreadable_files(tmp_path, full_width_model, kind, reason):
 def test_a_file_that_cannot_be_read(tmp_path, monkeypatch):
     path = tmp_path / "w.pt"  # simulated: root may read any file
 
-    def load(*args, **kwargs):
+    def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
     torch.save(ssd.ssd300(2, width=WIDTH).state_dict(), path)
-    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(torch, "load", denied)
+    monkeypatch.setattr(weights, "open", denied, raising=False)
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot read \(Perm"):
         weights.load_model(path)
 

@@ -57,15 +57,16 @@ def read_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged files raise many types (zip, EOF, pickle, KeyError...)
-        if isinstance(e, PermissionError):  # (a truncated zip raises an OSError too)
-            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
         if refused := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):  # a whole nn.Module
             raise CheckpointError(
                 f"{path}: holds Python objects other than tensors and plain containers ("
                 f"{refused[1]}); not loaded, for safety (weights_only). Save the weights alone: "
                 "torch.save(model.state_dict(), path) or weights.save_checkpoint") from e
-        with open(path, "rb") as f:
-            head = f.read(2)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+        except OSError as err:  # permission denied, I/O error
+            raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from e
         if head != b"PK" and head[:1] != b"\x80":  # torch.save's zip, the legacy format's pickle
             what = "an empty file" if not head else "not the zip or pickle torch.save writes"
             raise CheckpointError(f"{path}: not a checkpoint: not a PyTorch file ({what})") from e
